@@ -1,0 +1,32 @@
+//! `onex contract graph`: the state graph of an FSM as dot, Mermaid or JSON.
+
+use anyhow::bail;
+use onex_contract::{Contract, graph};
+
+use std::io::IsTerminal;
+
+use crate::cli::{GraphArgs, GraphFormat};
+use crate::{EXIT_CLEAN, EXIT_FINDINGS};
+
+pub fn run(args: &GraphArgs) -> anyhow::Result<u8> {
+    let (report, loaded) = super::load_file(&args.file)?;
+    if loaded.has_errors() {
+        // The graph of a broken contract would mislead; show why instead, on stderr.
+        let color = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+        eprint!("{}", onex_diag::render::human::render(&report, color));
+        eprintln!("onex: not drawing {}: it has errors", args.file.display());
+        return Ok(EXIT_FINDINGS);
+    }
+    let Some(Contract::Fsm(fsm)) = loaded.contract else {
+        bail!(
+            "{} is not an FSM contract; only FSMs have a state graph",
+            args.file.display()
+        );
+    };
+    match args.format {
+        GraphFormat::Dot => print!("{}", graph::to_dot(&fsm)),
+        GraphFormat::Mermaid => print!("{}", graph::to_mermaid(&fsm)),
+        GraphFormat::Json => println!("{}", serde_json::to_string_pretty(&graph::to_json(&fsm))?),
+    }
+    Ok(EXIT_CLEAN)
+}

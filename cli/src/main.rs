@@ -1,0 +1,50 @@
+//! `onex`: validate, lint and graph ONEX contracts.
+
+mod cli;
+mod contract;
+mod files;
+mod output;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+/// Documented exit codes (see `--help` and README.md).
+pub const EXIT_CLEAN: u8 = 0;
+pub const EXIT_FINDINGS: u8 = 1;
+pub const EXIT_TROUBLE: u8 = 2;
+
+fn main() -> ExitCode {
+    let args = match cli::Cli::try_parse() {
+        Ok(args) => args,
+        Err(error) => {
+            let _ = error.print();
+            // clap uses 2 for usage errors already; help and version are successes.
+            return ExitCode::from(if error.use_stderr() {
+                EXIT_TROUBLE
+            } else {
+                EXIT_CLEAN
+            });
+        }
+    };
+    match run(args) {
+        Ok(code) => ExitCode::from(code),
+        Err(error) => {
+            eprintln!("onex: error: {error:#}");
+            ExitCode::from(EXIT_TROUBLE)
+        }
+    }
+}
+
+fn run(args: cli::Cli) -> anyhow::Result<u8> {
+    match args.command {
+        cli::Command::Contract { command } => match command {
+            cli::ContractCommand::Validate(check) => contract::check::run(&check, false),
+            cli::ContractCommand::Lint {
+                check,
+                deny_warnings,
+            } => contract::check::run(&check, deny_warnings),
+            cli::ContractCommand::Graph(graph) => contract::graph::run(&graph),
+        },
+    }
+}

@@ -1,0 +1,174 @@
+//! ONEX contracts in, typed model and located diagnostics out.
+//!
+//! The pipeline, each stage named by its type:
+//! 1. text -> [`yaml::Node`], the raw spanned document ([`yaml::parse`]);
+//! 2. JSON Schema check of that document ([`schema::validate`]);
+//! 3. -> [`model::Contract`], the validated, typed contract;
+//! 4. -> [`graph::StateGraph`], the compiled state graph of an FSM, plus the lints.
+//!
+//! [`load`] runs them all and returns the contract together with *every* finding.
+//!
+//! Architecture invariant: pure. No file system, network, clock or threads; the caller
+//! hands in text and gets data back. Nothing here panics on any input.
+
+pub mod condition;
+pub mod graph;
+pub mod lints;
+pub mod model;
+pub mod schema;
+mod suggest;
+pub mod yaml;
+
+use onex_diag::{Diagnostic, Severity, Span};
+
+use lints::{EMPTY_CONTRACT, INVALID_ENCODING, RESOURCE_LIMIT, UNKNOWN_CONTRACT_KIND};
+pub use model::{Contract, ContractKind};
+
+/// Larger files are refused before parsing; the biggest real contract is ~30 KiB.
+pub const MAX_CONTRACT_BYTES: usize = 64 * 1024 * 1024;
+
+/// The result of loading one contract: the model when the text could be read as a
+/// contract at all, and every finding. The caller decides what is fatal.
+#[derive(Debug)]
+pub struct Loaded {
+    pub contract: Option<Contract>,
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+impl Loaded {
+    pub fn has_errors(&self) -> bool {
+        self.diagnostics
+            .iter()
+            .any(|d| d.severity == Severity::Error)
+    }
+
+    fn only(diagnostic: Diagnostic) -> Self {
+        Loaded {
+            contract: None,
+            diagnostics: vec![diagnostic],
+        }
+    }
+}
+
+/// Decodes raw file bytes. Not UTF-8 (or binary with NUL bytes) is a located finding;
+/// the returned text is then a lossy copy, good for rendering that finding.
+pub fn decode(bytes: &[u8]) -> (String, Option<Diagnostic>) {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => match text.find('\0') {
+            Some(at) => (
+                text.to_owned(),
+                Some(
+                    Diagnostic::new(
+                        &INVALID_ENCODING,
+                        "the file contains a NUL byte; it looks binary, not YAML",
+                    )
+                    .at(Span::new(at, at + 1), ""),
+                ),
+            ),
+            None => (text.to_owned(), None),
+        },
+        Err(e) => {
+            let at = e.valid_up_to();
+            (
+                String::from_utf8_lossy(bytes).into_owned(),
+                Some(
+                    Diagnostic::new(
+                        &INVALID_ENCODING,
+                        format!("the file is not UTF-8: invalid byte 0x{:02x}", bytes[at]),
+                    )
+                    .at(Span::new(at, at + 1), "")
+                    .with_help("save the contract as UTF-8"),
+                ),
+            )
+        }
+    }
+}
+
+/// Runs the whole pipeline on one contract's text.
+pub fn load(text: &str) -> Loaded {
+    if text.len() > MAX_CONTRACT_BYTES {
+        return Loaded::only(
+            Diagnostic::new(
+                &RESOURCE_LIMIT,
+                format!(
+                    "the file is {} bytes; contracts are limited to {MAX_CONTRACT_BYTES}",
+                    text.len()
+                ),
+            )
+            .at(Span::point(0), ""),
+        );
+    }
+    let parsed = yaml::parse(text);
+    let mut diagnostics = parsed.diagnostics;
+    let root = match parsed.root {
+        Some(root) if !matches!(root.kind, yaml::NodeKind::Null) => root,
+        Some(_) | None if !diagnostics.is_empty() => {
+            return Loaded {
+                contract: None,
+                diagnostics,
+            };
+        }
+        _ => {
+            return Loaded::only(
+                Diagnostic::new(&EMPTY_CONTRACT, "the file holds no contract")
+                    .at(Span::point(0), ""),
+            );
+        }
+    };
+    if !matches!(root.kind, yaml::NodeKind::Map(_)) {
+        diagnostics.push(
+            Diagnostic::new(
+                &UNKNOWN_CONTRACT_KIND,
+                format!(
+                    "a contract is a mapping; this document is a {}",
+                    root.type_name()
+                ),
+            )
+            .at(first_line(text, root.span), ""),
+        );
+        return Loaded {
+            contract: None,
+            diagnostics,
+        };
+    }
+    let Some(kind) = ContractKind::detect(&root) else {
+        let mut d = Diagnostic::new(
+            &UNKNOWN_CONTRACT_KIND,
+            "not an FSM, effect or orchestrator contract: none of `state_transitions`, `effect_operations` or `workflow_coordination` is present",
+        )
+        .at(first_line(text, root.span), "");
+        let typo = root.entries().iter().find_map(|e| {
+            suggest::closest(&e.key, ContractKind::MARKER_KEYS.iter().copied()).map(|m| (e, m))
+        });
+        if let Some((entry, marker)) = typo {
+            d = d
+                .with_label(entry.key_span, format!("did you mean `{marker}`?"))
+                .with_help(format!("did you mean `{marker}`?"));
+        }
+        diagnostics.push(d);
+        return Loaded {
+            contract: None,
+            diagnostics,
+        };
+    };
+    diagnostics.extend(schema::validate(kind, &root, &root.to_json()));
+    let contract = Contract::build(kind, &root);
+    match &contract {
+        Contract::Fsm(fsm) => lints::fsm(fsm, &mut diagnostics),
+        Contract::Effect(effect) => lints::effect(effect, &mut diagnostics),
+        Contract::Orchestrator(orchestrator) => lints::orchestrator(orchestrator, &mut diagnostics),
+    }
+    lints::apply_levels(&root, &mut diagnostics);
+    diagnostics.sort_by_key(|d| (d.span.map(|s| s.start), d.lint.code));
+    Loaded {
+        contract: Some(contract),
+        diagnostics,
+    }
+}
+
+fn first_line(text: &str, span: Span) -> Span {
+    let end = text[span.start.min(text.len())..]
+        .find('\n')
+        .map_or(text.len(), |i| span.start + i);
+    Span::new(span.start, end)
+}

@@ -1,0 +1,104 @@
+//! Effect contracts in core's declarative `effect_operations` format (shared note §4).
+
+use onex_diag::Span;
+
+use super::{Cursor, Located};
+use crate::yaml::Node;
+
+#[derive(Debug, Clone)]
+pub struct EffectContract {
+    pub name: Option<String>,
+    pub operations: Vec<EffectOperation>,
+}
+
+#[derive(Debug, Clone)]
+pub struct EffectOperation {
+    pub name: Located<String>,
+    /// `idempotent` as written; absent means not declared.
+    pub idempotent: Option<Located<bool>>,
+    /// The retry count in force (the operation's policy, else the default policy), and
+    /// where it was written; `None` when retries are off.
+    pub retries: Option<Located<i64>>,
+    pub handler_type: Option<String>,
+    pub db_operation: Option<String>,
+    pub query_template: Option<Located<String>>,
+    /// `io_config.query_params` when it is a list: how many parameters, and where.
+    pub query_param_count: Option<Located<usize>>,
+    pub pointer: String,
+}
+
+pub(super) fn build(root: &Node) -> EffectContract {
+    let top = Cursor::root(root);
+    let pointer = top.child_pointer("effect_operations");
+    let Some(node) = root.get("effect_operations") else {
+        return EffectContract {
+            name: None,
+            operations: Vec::new(),
+        };
+    };
+    let subcontract = Cursor::with(node, &pointer);
+    let default_retry_pointer = subcontract.child_pointer("default_retry_policy");
+    let default_retries = node
+        .get("default_retry_policy")
+        .and_then(|n| retries(Cursor::with(n, &default_retry_pointer)));
+    let operations = subcontract
+        .items("operations")
+        .into_iter()
+        .filter_map(|(pointer, node)| {
+            let op = Cursor::with(node, &pointer);
+            let name = op.string("operation_name")?;
+            let idempotent = node.entry("idempotent").and_then(|e| {
+                e.value.as_bool().map(|b| Located {
+                    value: b,
+                    span: e.value.span,
+                    pointer: op.child_pointer("idempotent"),
+                })
+            });
+            let retry_pointer = op.child_pointer("retry_policy");
+            let own_retries = node
+                .get("retry_policy")
+                .map(|n| retries(Cursor::with(n, &retry_pointer)));
+            let io_pointer = op.child_pointer("io_config");
+            let io_node = node.get("io_config");
+            let io = io_node.map(|n| Cursor::with(n, &io_pointer));
+            let query_param_count = io.and_then(|io| {
+                let entry = io.node.entry("query_params")?;
+                let list = entry.value.as_seq();
+                (!list.is_empty() || matches!(entry.value.kind, crate::yaml::NodeKind::Seq(_)))
+                    .then(|| Located {
+                        value: list.len(),
+                        span: entry.value.span,
+                        pointer: io.child_pointer("query_params"),
+                    })
+            });
+            Some(EffectOperation {
+                idempotent,
+                retries: own_retries.unwrap_or_else(|| default_retries.clone()),
+                handler_type: io.and_then(|io| io.string("handler_type")).map(|h| h.value),
+                db_operation: io.and_then(|io| io.string("operation")).map(|h| h.value),
+                query_template: io.and_then(|io| io.string("query_template")),
+                query_param_count,
+                name,
+                pointer: pointer.clone(),
+            })
+        })
+        .collect();
+    EffectContract {
+        name: subcontract.string("subcontract_name").map(|n| n.value),
+        operations,
+    }
+}
+
+/// Retries in force under a retry policy: `max_retries` unless the policy is disabled.
+fn retries(policy: Cursor<'_>) -> Option<Located<i64>> {
+    if policy.bool("enabled") == Some(false) {
+        return None;
+    }
+    let entry = policy.node.entry("max_retries")?;
+    let count = entry.value.as_i64().filter(|n| *n > 0)?;
+    Some(Located {
+        value: count,
+        span: Span::new(entry.key_span.start, entry.value.span.end),
+        pointer: policy.child_pointer("max_retries"),
+    })
+}

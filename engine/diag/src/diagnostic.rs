@@ -1,0 +1,94 @@
+use crate::Span;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Severity {
+    Error,
+    Warning,
+}
+
+impl Severity {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Error => "error",
+            Severity::Warning => "warning",
+        }
+    }
+}
+
+/// The static description of one check: its stable code, its kebab-case name, its
+/// default severity and a one-line summary. Every [`Diagnostic`] points at one.
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub struct Lint {
+    /// Stable identifier, never reused: `OX` and three digits.
+    pub code: &'static str,
+    /// Human-friendly identifier, accepted wherever a code is.
+    pub name: &'static str,
+    pub default_severity: Severity,
+    pub summary: &'static str,
+}
+
+impl Lint {
+    /// The documentation page of this lint, relative to the repository root.
+    pub fn doc_path(&self) -> String {
+        format!("docs/lints/{}-{}.md", self.code, self.name)
+    }
+}
+
+/// A secondary location that explains the primary one ("first declared here").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Label {
+    pub span: Span,
+    pub message: String,
+}
+
+/// One finding: which lint, how bad, where (byte span and JSON pointer) and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Diagnostic {
+    pub lint: &'static Lint,
+    pub severity: Severity,
+    pub message: String,
+    /// Where the problem is; `None` only for problems with no place (an unreadable file).
+    pub span: Option<Span>,
+    /// RFC 6901 pointer into the contract document; empty for the whole document.
+    pub pointer: String,
+    pub labels: Vec<Label>,
+    pub help: Option<String>,
+}
+
+impl Diagnostic {
+    /// A diagnostic at the lint's default severity.
+    pub fn new(lint: &'static Lint, message: impl Into<String>) -> Self {
+        Diagnostic {
+            lint,
+            severity: lint.default_severity,
+            message: message.into(),
+            span: None,
+            pointer: String::new(),
+            labels: Vec::new(),
+            help: None,
+        }
+    }
+
+    pub fn at(mut self, span: Span, pointer: impl Into<String>) -> Self {
+        self.span = Some(span);
+        self.pointer = pointer.into();
+        self
+    }
+
+    pub fn with_label(mut self, span: Span, message: impl Into<String>) -> Self {
+        self.labels.push(Label {
+            span,
+            message: message.into(),
+        });
+        self
+    }
+
+    pub fn with_help(mut self, help: impl Into<String>) -> Self {
+        self.help = Some(help.into());
+        self
+    }
+
+    pub fn code(&self) -> &'static str {
+        self.lint.code
+    }
+}

@@ -1,0 +1,29 @@
+//! Diagnostics for `onex`: byte spans into source files, the `Diagnostic` value every
+//! check produces, and renderers for people (`human`) and machines (`json`, `sarif`,
+//! `github`).
+//!
+//! Architecture invariant: this crate knows nothing about contracts. Spans are byte
+//! offsets; they become `line:column` only when rendered.
+
+mod diagnostic;
+pub mod render;
+mod source;
+
+pub use diagnostic::{Diagnostic, Label, Lint, Severity};
+pub use source::{LineCol, SourceFile, Span};
+
+/// The diagnostics found in one source file.
+#[derive(Debug, Clone)]
+pub struct FileReport {
+    pub source: SourceFile,
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+impl FileReport {
+    pub fn count(&self, severity: Severity) -> usize {
+        self.diagnostics
+            .iter()
+            .filter(|d| d.severity == severity)
+            .count()
+    }
+}

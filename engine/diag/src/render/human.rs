@@ -1,0 +1,66 @@
+//! rustc-style output: the offending line with a caret, secondary labels, help.
+
+use codespan_reporting::diagnostic::{
+    Diagnostic as CsDiagnostic, Label as CsLabel, Severity as CsSeverity,
+};
+use codespan_reporting::files::SimpleFile;
+use codespan_reporting::term::{self, Config, termcolor::Buffer};
+
+use crate::{FileReport, Severity};
+
+/// Renders every diagnostic of `report`; `color` adds ANSI escapes.
+pub fn render(report: &FileReport, color: bool) -> String {
+    let file = SimpleFile::new(report.source.name(), report.source.text());
+    let config = Config::default();
+    let mut out = String::new();
+    for diagnostic in &report.diagnostics {
+        let severity = match diagnostic.severity {
+            Severity::Error => CsSeverity::Error,
+            Severity::Warning => CsSeverity::Warning,
+        };
+        let mut labels = Vec::new();
+        if let Some(span) = diagnostic.span {
+            labels.push(CsLabel::primary((), span.start..span.end));
+        }
+        for label in &diagnostic.labels {
+            labels.push(
+                CsLabel::secondary((), label.span.start..label.span.end)
+                    .with_message(&label.message),
+            );
+        }
+        let mut notes = Vec::new();
+        if let Some(help) = &diagnostic.help {
+            notes.push(format!("help: {help}"));
+        }
+        if !diagnostic.pointer.is_empty() {
+            notes.push(format!("pointer: {}", diagnostic.pointer));
+        }
+        notes.push(format!(
+            "lint: {} ({})",
+            diagnostic.lint.name,
+            diagnostic.lint.doc_path()
+        ));
+        let rendered = CsDiagnostic::new(severity)
+            .with_code(diagnostic.lint.code)
+            .with_message(&diagnostic.message)
+            .with_labels(labels)
+            .with_notes(notes);
+        let mut buffer = if color {
+            Buffer::ansi()
+        } else {
+            Buffer::no_color()
+        };
+        match term::emit_to_write_style(&mut buffer, &config, &file, &rendered) {
+            Ok(()) => out.push_str(&String::from_utf8_lossy(buffer.as_slice())),
+            // A span outside the file is a bug in a check; the message still gets out.
+            Err(_) => out.push_str(&format!(
+                "{}[{}]: {}\n  --> {}\n\n",
+                diagnostic.severity.as_str(),
+                diagnostic.lint.code,
+                diagnostic.message,
+                report.source.name()
+            )),
+        }
+    }
+    out
+}
