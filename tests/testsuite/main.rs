@@ -1,1 +1,9 @@
+//! The one integration-test binary: every test here runs the real `onex` executable.
 
+mod cli;
+mod graph;
+mod hostile;
+mod lints;
+mod purity;
+mod reference;
+mod support;

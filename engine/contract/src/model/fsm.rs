@@ -30,6 +30,9 @@ pub struct FsmContract {
     /// Other places that name states: `terminal_states`, `error_states`,
     /// `error_handling.default_error_state`.
     pub other_state_refs: Vec<Located<String>>,
+    /// False when some state or transition lacked what the model needs (already a
+    /// schema finding) and was left out.
+    pub complete: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -121,11 +124,11 @@ pub(super) fn build(root: &Node) -> FsmContract {
     let machine = Cursor::with(machine_node, &machine_pointer);
 
     let terminal_list = string_list(machine, "terminal_states");
-    let states: Vec<State> = machine
-        .items("states")
-        .into_iter()
+    let states_raw = machine.items("states");
+    let states: Vec<State> = states_raw
+        .iter()
         .filter_map(|(pointer, node)| {
-            let cursor = Cursor::with(node, &pointer);
+            let cursor = Cursor::with(node, pointer);
             let name = cursor.string("state_name")?;
             let is_terminal = cursor.bool("is_terminal").unwrap_or(false)
                 || terminal_list.iter().any(|t| t.value == name.value);
@@ -148,7 +151,7 @@ pub(super) fn build(root: &Node) -> FsmContract {
     } else {
         Dialect::A
     };
-    let transitions = transitions_raw
+    let transitions: Vec<Transition> = transitions_raw
         .iter()
         .filter_map(|(pointer, node)| {
             let cursor = Cursor::with(node, pointer);
@@ -198,6 +201,7 @@ pub(super) fn build(root: &Node) -> FsmContract {
             .extend(Cursor::with(node, &error_handling_pointer).string("default_error_state"));
     }
 
+    let complete = states.len() == states_raw.len() && transitions.len() == transitions_raw.len();
     FsmContract {
         name: top.string("name").map(|n| n.value),
         dialect,
@@ -212,6 +216,7 @@ pub(super) fn build(root: &Node) -> FsmContract {
         transitions,
         context_variables,
         other_state_refs,
+        complete,
     }
 }
 

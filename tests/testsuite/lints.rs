@@ -1,0 +1,133 @@
+//! One failing fixture per lint code: `tests/fixtures/lints/<code>-<name>.yaml`, whose
+//! `# expect: CODE LINE:COL` header lines list exactly the findings it must produce.
+
+use std::path::PathBuf;
+
+use onex_contract::lints::ALL;
+
+use crate::support::{onex, repo_root};
+
+fn fixtures() -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(repo_root().join("tests/fixtures/lints"))
+        .expect("fixture dir")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    files.sort();
+    files
+}
+
+fn relative(path: &std::path::Path) -> String {
+    path.strip_prefix(repo_root())
+        .expect("under the repo")
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn expectations(path: &std::path::Path) -> Vec<(String, u64, u64)> {
+    let text = String::from_utf8_lossy(&std::fs::read(path).expect("fixture")).into_owned();
+    let mut out: Vec<(String, u64, u64)> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# expect: "))
+        .map(|e| {
+            let (code, at) = e.split_once(' ').expect("CODE LINE:COL");
+            let (line, col) = at.split_once(':').expect("LINE:COL");
+            (
+                code.to_owned(),
+                line.parse().expect("line"),
+                col.parse().expect("col"),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn every_lint_has_a_fixture_and_a_docs_page() {
+    let names: Vec<String> = fixtures()
+        .iter()
+        .map(|p| p.file_stem().expect("stem").to_string_lossy().into_owned())
+        .collect();
+    for lint in ALL {
+        let stem = format!("{}-{}", lint.code, lint.name);
+        assert!(
+            names.contains(&stem),
+            "no fixture tests/fixtures/lints/{stem}.yaml"
+        );
+        assert!(
+            repo_root().join(lint.doc_path()).is_file(),
+            "no docs page {}",
+            lint.doc_path()
+        );
+    }
+    assert_eq!(
+        names.len(),
+        ALL.len(),
+        "a fixture without a lint: {names:?}"
+    );
+    let pages = std::fs::read_dir(repo_root().join("docs/lints"))
+        .expect("docs/lints")
+        .count();
+    assert_eq!(
+        pages,
+        ALL.len() + 1,
+        "docs/lints holds one page per lint plus its README.md"
+    );
+}
+
+#[test]
+fn fixtures_report_exactly_their_expected_findings() {
+    let mut failures = Vec::new();
+    for path in fixtures() {
+        let expected = expectations(&path);
+        let code = path.file_name().expect("name").to_string_lossy()[..5].to_owned();
+        assert!(
+            expected.iter().any(|(c, ..)| *c == code),
+            "{} expects no {code}",
+            path.display()
+        );
+        let run = onex(&["contract", "validate", "--format", "json", &relative(&path)]);
+        let mut found: Vec<(String, u64, u64)> = run
+            .diagnostics()
+            .iter()
+            .map(|d| {
+                (
+                    d["code"].as_str().expect("code").to_owned(),
+                    d["line"].as_u64().expect("line"),
+                    d["column"].as_u64().expect("column"),
+                )
+            })
+            .collect();
+        found.sort();
+        let has_error = run.diagnostics().iter().any(|d| d["severity"] == "error");
+        if found != expected || run.code != i32::from(has_error) {
+            failures.push(format!(
+                "{}: expected {expected:?}, found {found:?} (exit {})",
+                path.display(),
+                run.code
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn rendered_diagnostics_match_their_snapshots() {
+    let mut settings = insta::Settings::clone_current();
+    settings.set_prepend_module_to_snapshot(false);
+    settings.set_snapshot_path(repo_root().join("tests/testsuite/snapshots"));
+    settings.bind(|| {
+        for path in fixtures() {
+            let stem = path
+                .file_stem()
+                .expect("stem")
+                .to_string_lossy()
+                .into_owned();
+            let file = relative(&path);
+            let human = onex(&["contract", "validate", "--color", "never", &file]);
+            insta::assert_snapshot!(format!("human-{stem}"), human.stdout);
+            let json = onex(&["contract", "validate", "--format", "json", &file]);
+            insta::assert_snapshot!(format!("json-{stem}"), json.stdout);
+        }
+    });
+}
