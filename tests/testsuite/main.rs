@@ -6,4 +6,5 @@ mod hostile;
 mod lints;
 mod purity;
 mod reference;
+mod reference_docs;
 mod support;

@@ -170,7 +170,7 @@ pub fn parse(expression: &str) -> Result<Expression, ConditionError> {
                 None,
             ));
         }
-        Operator::MinLength | Operator::MaxLength if !value.as_u64().is_some() => {
+        Operator::MinLength | Operator::MaxLength if value.as_u64().is_none() => {
             return Err(error(
                 format!("`{op_token}` takes a non-negative integer; found `{value_token}`"),
                 value_range,

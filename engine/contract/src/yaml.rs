@@ -253,6 +253,8 @@ pub fn parse(text: &str) -> ParsedYaml {
     }
 }
 
+// A parse error ends the parse, so its size on the error path costs nothing.
+#[allow(clippy::result_large_err)]
 impl Builder<'_> {
     fn offset(&self, char_index: usize) -> usize {
         match &self.char_offsets {
@@ -510,15 +512,17 @@ fn resolve_plain(value: &str) -> NodeKind {
         _ => {}
     }
     let unsigned = value.strip_prefix(['-', '+']).unwrap_or(value);
-    if let Some(hex) = value.strip_prefix("0x") {
-        if let Ok(i) = i64::from_str_radix(hex, 16) {
-            return NodeKind::Int(i);
-        }
+    if let Some(Ok(i)) = value
+        .strip_prefix("0x")
+        .map(|hex| i64::from_str_radix(hex, 16))
+    {
+        return NodeKind::Int(i);
     }
-    if let Some(octal) = value.strip_prefix("0o") {
-        if let Ok(i) = i64::from_str_radix(octal, 8) {
-            return NodeKind::Int(i);
-        }
+    if let Some(Ok(i)) = value
+        .strip_prefix("0o")
+        .map(|octal| i64::from_str_radix(octal, 8))
+    {
+        return NodeKind::Int(i);
     }
     let digits = unsigned.split(['.', 'e', 'E']).next().unwrap_or("");
     let leading_zero = digits.len() > 1 && digits.starts_with('0');

@@ -40,7 +40,7 @@ pub(crate) fn check(fsm: &FsmContract, out: &mut Vec<Diagnostic>) {
         d = d.with_help(
             match suggest::did_you_mean(root, declared.iter().copied()) {
                 Some(hint) => hint,
-                None => format!("declare it under `context_variables` (name and type)"),
+                None => "declare it under `context_variables` (name and type)".to_owned(),
             },
         );
         out.push(d);

@@ -68,6 +68,8 @@ impl ContractKind {
     ];
 }
 
+/// One contract is loaded at a time, so the variants' size difference does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum Contract {
     Fsm(FsmContract),
