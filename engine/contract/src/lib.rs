@@ -144,6 +144,12 @@ pub fn load(text: &str) -> Loaded {
             d = d
                 .with_label(entry.key_span, format!("did you mean `{marker}`?"))
                 .with_help(format!("did you mean `{marker}`?"));
+        } else if root
+            .get("node_type")
+            .and_then(yaml::Node::as_str)
+            .is_some_and(|t| t.eq_ignore_ascii_case("effect"))
+        {
+            d = d.with_help("this declares an effect node; onex runs effects written in core's declarative `effect_operations` format");
         }
         diagnostics.push(d);
         return Loaded {
