@@ -24,6 +24,35 @@ pub enum Command {
         #[command(subcommand)]
         command: ContractCommand,
     },
+    /// Replay an event log through an FSM contract and print every step.
+    #[command(after_help = REPLAY_EXIT_CODES)]
+    Replay(ReplayArgs),
+}
+
+const REPLAY_EXIT_CODES: &str = "\
+Exit codes:
+  0  every line was replayed (rejected events are results, not failures)
+  1  some lines were malformed (each is reported; the rest were replayed)
+  2  usage or I/O error, or a contract with errors";
+
+#[derive(Debug, Args)]
+pub struct ReplayArgs {
+    /// The FSM contract.
+    #[arg(long, value_name = "FILE", env = "ONEX_CONTRACT")]
+    pub contract: PathBuf,
+    /// The event log (JSON Lines); `-` reads standard input.
+    #[arg(long, value_name = "LOG.jsonl", env = "ONEX_EVENTS")]
+    pub events: PathBuf,
+    /// human: one line per step; json: one step record per line; summary: counts and rate.
+    #[arg(long, value_enum, default_value_t = ReplayFormat::Human, env = "ONEX_FORMAT")]
+    pub format: ReplayFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ReplayFormat {
+    Human,
+    Json,
+    Summary,
 }
 
 #[derive(Debug, Subcommand)]

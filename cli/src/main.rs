@@ -4,6 +4,7 @@ mod cli;
 mod contract;
 mod files;
 mod output;
+mod replay;
 
 use std::process::ExitCode;
 
@@ -46,5 +47,6 @@ fn run(args: cli::Cli) -> anyhow::Result<u8> {
             } => contract::check::run(&check, deny_warnings),
             cli::ContractCommand::Graph(graph) => contract::graph::run(&graph),
         },
+        cli::Command::Replay(replay) => replay::run(&replay),
     }
 }

@@ -6,7 +6,7 @@ use std::process::Command;
 
 use crate::support::repo_root;
 
-const ENGINE_CRATES: &[&str] = &["onex-diag", "onex-contract"];
+const ENGINE_CRATES: &[&str] = &["onex-diag", "onex-contract", "onex-core"];
 /// Async runtimes, network, database, Kafka and TLS stacks. (`libc` and `getrandom` do
 /// appear: jsonschema's hash maps seed themselves; the engine calls neither.)
 const FORBIDDEN_CRATES: &[&str] = &[

@@ -64,6 +64,11 @@ impl Operator {
         )
     }
 
+    /// `exists` and `not_exists`: about presence, not about the value.
+    pub fn is_existence(self) -> bool {
+        matches!(self, Operator::Exists | Operator::NotExists)
+    }
+
     pub fn is_numeric(self) -> bool {
         matches!(
             self,
