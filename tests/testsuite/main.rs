@@ -7,4 +7,5 @@ mod lints;
 mod purity;
 mod reference;
 mod reference_docs;
+mod scenarios;
 mod support;

@@ -1,0 +1,168 @@
+//! Every FSM contract in `contracts/` has scenario logs under `tests/scenarios/<stem>/`;
+//! each is replayed through the real `onex replay` and its step records snapshot-tested.
+
+use std::path::PathBuf;
+
+use crate::support::{onex, repo_root};
+
+fn contracts() -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = walkdir::WalkDir::new(repo_root().join("contracts/fsm"))
+        .into_iter()
+        .filter_map(Result::ok)
+        .map(|e| e.into_path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    out.sort();
+    out
+}
+
+fn relative(path: &std::path::Path) -> String {
+    path.strip_prefix(repo_root())
+        .expect("in repo")
+        .to_string_lossy()
+        .into_owned()
+}
+
+#[test]
+fn every_scenario_of_every_contract_matches_its_snapshot() {
+    let mut settings = insta::Settings::clone_current();
+    settings.set_prepend_module_to_snapshot(false);
+    settings.set_snapshot_path(repo_root().join("tests/testsuite/snapshots"));
+    settings.bind(|| {
+        for contract in contracts() {
+            let stem = contract
+                .file_stem()
+                .expect("stem")
+                .to_string_lossy()
+                .into_owned();
+            let dir = repo_root().join("tests/scenarios").join(&stem);
+            let mut logs: Vec<PathBuf> = std::fs::read_dir(&dir)
+                .unwrap_or_else(|_| panic!("{} has no scenarios in {}", stem, dir.display()))
+                .map(|e| e.expect("entry").path())
+                .collect();
+            logs.sort();
+            assert!(!logs.is_empty(), "{stem} has no scenario logs");
+            for log in logs {
+                let name = log
+                    .file_stem()
+                    .expect("stem")
+                    .to_string_lossy()
+                    .into_owned();
+                let args = [
+                    "replay",
+                    "--contract",
+                    &relative(&contract),
+                    "--events",
+                    &relative(&log),
+                ];
+                let human = onex(&[&args[..], &["--format", "human"]].concat());
+                assert_eq!(human.code, 0, "{name}: {}", human.stderr);
+                insta::assert_snapshot!(format!("scenario-{stem}-{name}"), human.stdout);
+                let json = onex(&[&args[..], &["--format", "json"]].concat());
+                insta::assert_snapshot!(format!("scenario-{stem}-{name}-json"), json.stdout);
+            }
+        }
+    });
+}
+
+#[test]
+fn the_reference_happy_path_goes_round_the_cycle() {
+    let run = onex(&[
+        "replay",
+        "--contract",
+        "contracts/fsm/dual_registration_reducer_fsm.yaml",
+        "--events",
+        "tests/scenarios/dual_registration_reducer_fsm/happy_path.jsonl",
+        "--format",
+        "json",
+    ]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let records = run.json_lines();
+    let path: Vec<&str> = std::iter::once(records[0]["from"].as_str().expect("from"))
+        .chain(records.iter().map(|r| r["to"].as_str().expect("accepted")))
+        .collect();
+    assert_eq!(
+        path,
+        [
+            "idle",
+            "receiving_introspection",
+            "validating_payload",
+            "registering_parallel",
+            "aggregating_results",
+            "registration_complete",
+            "idle"
+        ]
+    );
+    assert_eq!(
+        records[0]["actions"],
+        serde_json::json!([
+            "log_state_transition",
+            "initialize_registration_context",
+            "extract_event_payload",
+            "capture_correlation_id"
+        ])
+    );
+    let intents: usize = records
+        .iter()
+        .map(|r| r["intents"].as_array().expect("intents").len())
+        .sum();
+    assert_eq!(intents, 25);
+    assert_eq!(records[0]["intents"][0]["correlation_id"], "c-1");
+    assert_eq!(records[0]["intents"][0]["causation_id"], "m-1");
+}
+
+#[test]
+fn malformed_lines_are_reported_and_the_rest_replayed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("log.jsonl");
+    std::fs::write(
+        &log,
+        "{\"trigger\": \"introspection_event_received\", \"context\": {\"node_id\": \"x\", \"node_type\": \"effect\"}}\nnot json\n{\"triger\": \"event_parsed\"}\n{\"start_state\": \"nowhere\"}\n{\"trigger\": \"event_parsed\"}\n",
+    )
+    .expect("write");
+    let run = onex(&[
+        "replay",
+        "--contract",
+        "contracts/fsm/dual_registration_reducer_fsm.yaml",
+        "--events",
+        log.to_str().expect("utf-8"),
+        "--format",
+        "json",
+    ]);
+    assert_eq!(run.code, 1, "malformed lines make the exit code 1");
+    let lines = run.json_lines();
+    assert_eq!(
+        lines.len(),
+        5,
+        "one output line per input line: {}",
+        run.stdout
+    );
+    let malformed: Vec<u64> = lines
+        .iter()
+        .filter(|l| l["rejected"] == "malformed_line")
+        .map(|l| l["line"].as_u64().expect("line"))
+        .collect();
+    assert_eq!(malformed, [2, 3, 4]);
+    assert!(
+        lines[2]["reason"]
+            .as_str()
+            .expect("reason")
+            .contains("did you mean `trigger`"),
+        "{}",
+        lines[2]
+    );
+    assert_eq!(
+        lines[4]["to"], "validating_payload",
+        "the default instance went on"
+    );
+    let summary = onex(&[
+        "replay",
+        "--contract",
+        "contracts/fsm/dual_registration_reducer_fsm.yaml",
+        "--events",
+        log.to_str().expect("utf-8"),
+        "--format",
+        "summary",
+    ]);
+    assert!(summary.stdout.starts_with("events 2  transitions 2  rejections 0  intents 8  completed 0  malformed lines 3  instances 1"), "{}", summary.stdout);
+}
