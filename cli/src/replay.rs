@@ -160,9 +160,8 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<u8> {
                 }
                 match args.format {
                     ReplayFormat::Json => {
-                        let mut value = record.to_json(&machine);
-                        value["line"] = json!(number);
-                        writeln!(out, "{value}")?;
+                        record.write_json(&machine, Some(number), &mut out)?;
+                        out.write_all(b"\n")?;
                     }
                     ReplayFormat::Human => write_human(&mut out, &machine, &record, number)?,
                     ReplayFormat::Summary => {}

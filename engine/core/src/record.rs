@@ -3,7 +3,8 @@
 use std::fmt;
 use std::sync::Arc;
 
-use serde_json::{Map, Value, json};
+use serde::Serialize;
+use serde_json::{Map, Value};
 
 use crate::eval::Outcome;
 use crate::machine::{Machine, StateId, TransitionId};
@@ -167,40 +168,125 @@ impl StepRecord {
         })
     }
 
-    /// The record as one JSON object (the `onex replay --format json` line).
+    /// Writes the record as one JSON object (the `onex replay --format json` line),
+    /// straight from borrowed fields; `line` is the log line it came from, if any.
+    pub fn write_json(
+        &self,
+        machine: &Machine,
+        line: Option<usize>,
+        out: &mut impl std::io::Write,
+    ) -> serde_json::Result<()> {
+        serde_json::to_writer(out, &self.view(machine, line))
+    }
+
+    /// The record as a JSON value, for tests and tools that want to inspect it.
     pub fn to_json(&self, machine: &Machine) -> Value {
-        let name = |s: StateId| machine.states[s].name.to_string();
-        json!({
-            "instance": self.instance.as_ref(),
-            "sequence": self.sequence,
-            "from": name(self.from),
-            "trigger": self.trigger.as_ref(),
-            "to": self.to.map(name),
-            "rejected": self.rejection.map(Rejection::as_str),
-            "reason": self.rejection_reason(machine),
-            "transition": self.transition.map(|t| machine.transitions[t].name.to_string()),
-            "conditions": self.conditions.iter().map(|c| {
-                let t = &machine.transitions[c.transition];
-                let guard = &t.guards[c.guard];
-                json!({
-                    "transition": t.name.as_ref(),
-                    "expression": guard.text.as_ref(),
-                    "outcome": c.outcome.as_str(),
-                    "actual": c.actual,
-                    "reason": c.outcome.reason(guard, c.actual.as_ref()),
+        serde_json::to_value(self.view(machine, None)).unwrap_or(Value::Null)
+    }
+
+    fn view<'a>(&'a self, machine: &'a Machine, line: Option<usize>) -> RecordView<'a> {
+        let name = |s: StateId| machine.states[s].name.as_ref();
+        RecordView {
+            instance: &self.instance,
+            sequence: self.sequence,
+            from: name(self.from),
+            trigger: &self.trigger,
+            to: self.to.map(name),
+            rejected: self.rejection.map(Rejection::as_str),
+            reason: self.rejection_reason(machine),
+            transition: self
+                .transition
+                .map(|t| machine.transitions[t].name.as_ref()),
+            conditions: self
+                .conditions
+                .iter()
+                .map(|c| {
+                    let t = &machine.transitions[c.transition];
+                    let guard = &t.guards[c.guard];
+                    ConditionView {
+                        transition: &t.name,
+                        expression: &guard.text,
+                        outcome: c.outcome.as_str(),
+                        actual: c.actual.as_ref(),
+                        reason: c.outcome.reason(guard, c.actual.as_ref()),
+                    }
                 })
-            }).collect::<Vec<_>>(),
-            "actions": self.actions(machine).collect::<Vec<_>>(),
-            "intents": self.step.as_ref().map(|step| self.intents.iter().map(|i| json!({
-                "type": machine.action(i.action).name.as_ref(),
-                "instance": step.instance.as_ref(),
-                "correlation_id": step.correlation_id.as_deref(),
-                "causation_id": step.causation_id.as_deref(),
-                "idempotency_key": step.idempotency_key(i).to_string(),
-                "config": machine.action(i.action).config.as_deref(),
-            })).collect::<Vec<_>>()).unwrap_or_default(),
-            "context_change": self.context_change.as_deref(),
-            "completed": self.completed,
-        })
+                .collect(),
+            actions: self.actions(machine).collect(),
+            intents: self
+                .step
+                .as_ref()
+                .map(|step| {
+                    self.intents
+                        .iter()
+                        .map(|i| IntentView {
+                            intent_type: &machine.action(i.action).name,
+                            instance: &step.instance,
+                            correlation_id: step.correlation_id.as_deref(),
+                            causation_id: step.causation_id.as_deref(),
+                            idempotency_key: KeyView(step, i.index),
+                            config: machine.action(i.action).config.as_deref(),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+            context_change: self.context_change.as_deref(),
+            completed: self.completed,
+            line,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct RecordView<'a> {
+    instance: &'a str,
+    sequence: u64,
+    from: &'a str,
+    trigger: &'a str,
+    to: Option<&'a str>,
+    rejected: Option<&'static str>,
+    reason: Option<String>,
+    transition: Option<&'a str>,
+    conditions: Vec<ConditionView<'a>>,
+    actions: Vec<&'a str>,
+    intents: Vec<IntentView<'a>>,
+    context_change: Option<&'a Map<String, Value>>,
+    completed: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    line: Option<usize>,
+}
+
+#[derive(Serialize)]
+struct ConditionView<'a> {
+    transition: &'a str,
+    expression: &'a str,
+    outcome: &'static str,
+    actual: Option<&'a Value>,
+    reason: String,
+}
+
+#[derive(Serialize)]
+struct IntentView<'a> {
+    #[serde(rename = "type")]
+    intent_type: &'a str,
+    instance: &'a str,
+    correlation_id: Option<&'a str>,
+    causation_id: Option<&'a str>,
+    idempotency_key: KeyView<'a>,
+    config: Option<&'a Value>,
+}
+
+/// Serialises an idempotency key through `Display`, without building a string.
+struct KeyView<'a>(&'a StepShared, u32);
+
+impl Serialize for KeyView<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let key = IdempotencyKey {
+            machine: self.0.machine,
+            instance: self.0.instance.clone(),
+            sequence: self.0.sequence,
+            action: self.1,
+        };
+        serializer.collect_str(&key)
     }
 }
