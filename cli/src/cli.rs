@@ -72,6 +72,33 @@ pub enum ContractCommand {
     /// Print the state graph of an FSM contract.
     #[command(after_help = EXIT_CODES)]
     Graph(GraphArgs),
+    /// Run scenario files (events in, expected states, actions and rejections out).
+    #[command(after_help = TEST_EXIT_CODES)]
+    Test(TestArgs),
+}
+
+const TEST_EXIT_CODES: &str = "\
+Exit codes:
+  0  every scenario passed
+  1  a scenario failed, or a scenario file or its contract is broken
+  2  usage or I/O error";
+
+#[derive(Debug, Args)]
+pub struct TestArgs {
+    /// Scenario files, or directories searched for *.yaml / *.yml.
+    #[arg(required = true, value_name = "FILE")]
+    pub files: Vec<PathBuf>,
+    #[arg(long, value_enum, default_value_t = TestFormat::Human, env = "ONEX_FORMAT")]
+    pub format: TestFormat,
+    /// Also write JUnit XML here, for CI systems.
+    #[arg(long, value_name = "FILE", env = "ONEX_JUNIT")]
+    pub junit: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TestFormat {
+    Human,
+    Json,
 }
 
 #[derive(Debug, Args)]

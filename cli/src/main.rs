@@ -46,6 +46,7 @@ fn run(args: cli::Cli) -> anyhow::Result<u8> {
                 deny_warnings,
             } => contract::check::run(&check, deny_warnings),
             cli::ContractCommand::Graph(graph) => contract::graph::run(&graph),
+            cli::ContractCommand::Test(test) => contract::testing::run(&test),
         },
         cli::Command::Replay(replay) => replay::run(&replay),
     }

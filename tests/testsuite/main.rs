@@ -1,6 +1,7 @@
 //! The one integration-test binary: every test here runs the real `onex` executable.
 
 mod cli;
+mod contract_test;
 mod graph;
 mod hostile;
 mod lints;

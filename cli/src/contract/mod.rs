@@ -1,5 +1,6 @@
 pub mod check;
 pub mod graph;
+pub mod testing;
 
 use std::path::Path;
 
