@@ -59,12 +59,12 @@ pub enum ReplayFormat {
 pub enum ContractCommand {
     /// Check contracts (files, or directories searched for *.yaml / *.yml) and report every finding.
     #[command(after_help = EXIT_CODES)]
-    Validate(CheckArgs),
+    Validate(ValidateArgs),
     /// Like validate; with --deny-warnings, warnings fail too (for CI).
     #[command(after_help = EXIT_CODES)]
     Lint {
         #[command(flatten)]
-        check: CheckArgs,
+        check: ValidateArgs,
         /// Treat warnings as errors for the exit code.
         #[arg(long, env = "ONEX_DENY_WARNINGS")]
         deny_warnings: bool,
@@ -72,6 +72,10 @@ pub enum ContractCommand {
     /// Print the state graph of an FSM contract.
     #[command(after_help = EXIT_CODES)]
     Graph(GraphArgs),
+    /// Explore an FSM exhaustively (bounded): transitions that never fire, states that
+    /// cannot finish, guards always or never true, and a shortest path to every state.
+    #[command(after_help = EXIT_CODES)]
+    Check(CheckArgs),
     /// Run scenario files (events in, expected states, actions and rejections out).
     #[command(after_help = TEST_EXIT_CODES)]
     Test(TestArgs),
@@ -102,7 +106,7 @@ pub enum TestFormat {
 }
 
 #[derive(Debug, Args)]
-pub struct CheckArgs {
+pub struct ValidateArgs {
     /// Contract files or directories.
     #[arg(required = true, value_name = "PATH")]
     pub paths: Vec<PathBuf>,
@@ -127,6 +131,26 @@ pub enum Color {
     Auto,
     Always,
     Never,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// The FSM contract.
+    #[arg(value_name = "FILE")]
+    pub file: PathBuf,
+    #[arg(long, value_enum, default_value_t = Format::Human, env = "ONEX_FORMAT")]
+    pub format: Format,
+    #[arg(long, value_enum, default_value_t = Color::Auto, env = "ONEX_COLOR")]
+    pub color: Color,
+    /// Also write each state's shortest event sequence to DIR/<state>.jsonl.
+    #[arg(long, value_name = "DIR", env = "ONEX_CHECK_PATHS")]
+    pub paths: Option<PathBuf>,
+    /// Context valuations tried per state and trigger.
+    #[arg(long, default_value_t = 512, env = "ONEX_CHECK_MAX_VALUATIONS")]
+    pub max_valuations: usize,
+    /// Steps in the whole exploration.
+    #[arg(long, default_value_t = 2_000_000, env = "ONEX_CHECK_MAX_STEPS")]
+    pub max_steps: usize,
 }
 
 #[derive(Debug, Args)]

@@ -40,13 +40,14 @@ fn main() -> ExitCode {
 fn run(args: cli::Cli) -> anyhow::Result<u8> {
     match args.command {
         cli::Command::Contract { command } => match command {
-            cli::ContractCommand::Validate(check) => contract::check::run(&check, false),
+            cli::ContractCommand::Validate(check) => contract::validate::run(&check, false),
             cli::ContractCommand::Lint {
                 check,
                 deny_warnings,
-            } => contract::check::run(&check, deny_warnings),
+            } => contract::validate::run(&check, deny_warnings),
             cli::ContractCommand::Graph(graph) => contract::graph::run(&graph),
             cli::ContractCommand::Test(test) => contract::testing::run(&test),
+            cli::ContractCommand::Check(check) => contract::explore::run(&check),
         },
         cli::Command::Replay(replay) => replay::run(&replay),
     }

@@ -1,5 +1,6 @@
 //! The one integration-test binary: every test here runs the real `onex` executable.
 
+mod check;
 mod cli;
 mod contract_test;
 mod graph;

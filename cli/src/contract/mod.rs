@@ -1,6 +1,7 @@
-pub mod check;
+pub mod explore;
 pub mod graph;
 pub mod testing;
+pub mod validate;
 
 use std::path::Path;
 

@@ -8,6 +8,7 @@
 //! no threads; the same machine, snapshot and event give the same result, always.
 //! A rejected event or a failing guard is data in the record, never a panic.
 
+pub mod check;
 mod eval;
 mod instance;
 mod machine;

@@ -95,6 +95,8 @@ pub struct Machine {
     /// Every action occurrence (state entry/exit and transition), in declaration order.
     pub actions: Vec<Action>,
     pub initial: StateId,
+    /// Declared context variable types (dialect A), by name.
+    pub context_types: HashMap<String, String>,
     triggers: HashMap<Arc<str>, TriggerTable, FnvBuild>,
 }
 
@@ -231,6 +233,11 @@ impl Machine {
             .unwrap_or("fsm")
             .into();
         let fingerprint = fingerprint(&name, &states, &transitions, &actions);
+        let context_types = fsm
+            .context_variables
+            .iter()
+            .filter_map(|v| Some((v.name.value.clone(), v.declared_type.clone()?)))
+            .collect();
         Ok(Machine {
             name,
             fingerprint,
@@ -238,6 +245,7 @@ impl Machine {
             transitions,
             actions,
             initial,
+            context_types,
             triggers,
         })
     }

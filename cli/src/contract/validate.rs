@@ -1,9 +1,9 @@
 //! `onex contract validate` and `onex contract lint`.
 
-use crate::cli::CheckArgs;
+use crate::cli::ValidateArgs;
 use crate::{EXIT_CLEAN, EXIT_FINDINGS, output};
 
-pub fn run(args: &CheckArgs, deny_warnings: bool) -> anyhow::Result<u8> {
+pub fn run(args: &ValidateArgs, deny_warnings: bool) -> anyhow::Result<u8> {
     let paths = crate::files::expand(&args.paths)?;
     let mut reports = Vec::with_capacity(paths.len());
     for path in &paths {
