@@ -6,10 +6,7 @@ const OWN_FSM: &str = "contracts/fsm/dual_registration_reducer_fsm.yaml";
 
 #[test]
 fn graphs_of_the_registration_fsm_match_their_snapshots() {
-    let mut settings = insta::Settings::clone_current();
-    settings.set_prepend_module_to_snapshot(false);
-    settings.set_snapshot_path(crate::support::repo_root().join("tests/testsuite/snapshots"));
-    settings.bind(|| {
+    crate::support::with_snapshots(|| {
         for format in ["dot", "mermaid", "json"] {
             let run = onex(&["contract", "graph", "--format", format, OWN_FSM]);
             assert_eq!(run.code, 0, "{}", run.stderr);

@@ -113,10 +113,7 @@ fn fixtures_report_exactly_their_expected_findings() {
 
 #[test]
 fn rendered_diagnostics_match_their_snapshots() {
-    let mut settings = insta::Settings::clone_current();
-    settings.set_prepend_module_to_snapshot(false);
-    settings.set_snapshot_path(repo_root().join("tests/testsuite/snapshots"));
-    settings.bind(|| {
+    crate::support::with_snapshots(|| {
         for path in fixtures() {
             let stem = path
                 .file_stem()

@@ -25,10 +25,7 @@ fn relative(path: &std::path::Path) -> String {
 
 #[test]
 fn every_scenario_of_every_contract_matches_its_snapshot() {
-    let mut settings = insta::Settings::clone_current();
-    settings.set_prepend_module_to_snapshot(false);
-    settings.set_snapshot_path(repo_root().join("tests/testsuite/snapshots"));
-    settings.bind(|| {
+    crate::support::with_snapshots(|| {
         for contract in contracts() {
             let stem = contract
                 .file_stem()
@@ -67,15 +64,10 @@ fn every_scenario_of_every_contract_matches_its_snapshot() {
 
 #[test]
 fn the_reference_happy_path_goes_round_the_cycle() {
-    let run = onex(&[
-        "replay",
-        "--contract",
-        "contracts/fsm/dual_registration_reducer_fsm.yaml",
-        "--events",
+    let run = crate::support::replay_own_fsm(
         "tests/scenarios/dual_registration_reducer_fsm/happy_path.jsonl",
-        "--format",
         "json",
-    ]);
+    );
     assert_eq!(run.code, 0, "{}", run.stderr);
     let records = run.json_lines();
     let path: Vec<&str> = std::iter::once(records[0]["from"].as_str().expect("from"))
@@ -120,15 +112,7 @@ fn malformed_lines_are_reported_and_the_rest_replayed() {
         "{\"trigger\": \"introspection_event_received\", \"context\": {\"node_id\": \"x\", \"node_type\": \"effect\"}}\nnot json\n{\"triger\": \"event_parsed\"}\n{\"start_state\": \"nowhere\"}\n{\"trigger\": \"event_parsed\"}\n",
     )
     .expect("write");
-    let run = onex(&[
-        "replay",
-        "--contract",
-        "contracts/fsm/dual_registration_reducer_fsm.yaml",
-        "--events",
-        log.to_str().expect("utf-8"),
-        "--format",
-        "json",
-    ]);
+    let run = crate::support::replay_own_fsm(log.to_str().expect("utf-8"), "json");
     assert_eq!(run.code, 1, "malformed lines make the exit code 1");
     let lines = run.json_lines();
     assert_eq!(
@@ -155,14 +139,6 @@ fn malformed_lines_are_reported_and_the_rest_replayed() {
         lines[4]["to"], "validating_payload",
         "the default instance went on"
     );
-    let summary = onex(&[
-        "replay",
-        "--contract",
-        "contracts/fsm/dual_registration_reducer_fsm.yaml",
-        "--events",
-        log.to_str().expect("utf-8"),
-        "--format",
-        "summary",
-    ]);
+    let summary = crate::support::replay_own_fsm(log.to_str().expect("utf-8"), "summary");
     assert!(summary.stdout.starts_with("events 2  transitions 2  rejections 0  intents 8  completed 0  malformed lines 3  instances 1"), "{}", summary.stdout);
 }

@@ -137,3 +137,24 @@ pub fn reference(dir: &Path, prefix: &str) -> PathBuf {
 pub fn path_str(path: &Path) -> &str {
     path.to_str().expect("UTF-8 path")
 }
+
+/// Runs `body` with snapshots named exactly as asserted, in `tests/testsuite/snapshots/`.
+pub fn with_snapshots(body: impl FnOnce()) {
+    let mut settings = insta::Settings::clone_current();
+    settings.set_prepend_module_to_snapshot(false);
+    settings.set_snapshot_path(repo_root().join("tests/testsuite/snapshots"));
+    settings.bind(body);
+}
+
+/// `onex replay` of a log through the project's dual-registration FSM.
+pub fn replay_own_fsm(log: &str, format: &str) -> Run {
+    onex(&[
+        "replay",
+        "--contract",
+        "contracts/fsm/dual_registration_reducer_fsm.yaml",
+        "--events",
+        log,
+        "--format",
+        format,
+    ])
+}
