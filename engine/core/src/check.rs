@@ -12,7 +12,6 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
 use onex_contract::condition::Operator;
-use onex_diag::{Lint, Severity};
 use serde_json::{Map, Number, Value, json};
 
 use crate::eval::Outcome;
@@ -21,45 +20,15 @@ use crate::machine::{Machine, StateId};
 use crate::record::StepRecord;
 use crate::step::{Event, step_in_place};
 
-/// What the exploration can find. Not contract lints (loading does not run them) but
-/// described the same way, so every output format renders them.
-pub static TRANSITION_NEVER_FIRES: Lint = Lint {
-    code: "OX601",
-    name: "transition-never-fires",
-    default_severity: Severity::Error,
-    summary: "no reachable state and event context makes the transition fire",
-};
-pub static NO_TERMINAL_REACHABLE: Lint = Lint {
-    code: "OX602",
-    name: "no-terminal-reachable",
-    default_severity: Severity::Error,
-    summary: "once in this state, no event sequence reaches a terminal state",
-};
-pub static STATE_NEVER_REACHED: Lint = Lint {
-    code: "OX603",
-    name: "state-never-reached",
-    default_severity: Severity::Warning,
-    summary: "no event sequence from the initial state reaches the state",
-};
-pub static GUARD_NEVER_TRUE: Lint = Lint {
-    code: "OX604",
-    name: "guard-never-true",
-    default_severity: Severity::Warning,
-    summary: "the guard was evaluated but never held",
-};
-pub static GUARD_ALWAYS_TRUE: Lint = Lint {
-    code: "OX605",
-    name: "guard-always-true",
-    default_severity: Severity::Warning,
-    summary: "the guard held for every value tried, so it decides nothing",
-};
-pub static FINDINGS: &[&Lint] = &[
-    &TRANSITION_NEVER_FIRES,
-    &NO_TERMINAL_REACHABLE,
-    &STATE_NEVER_REACHED,
-    &GUARD_NEVER_TRUE,
-    &GUARD_ALWAYS_TRUE,
-];
+// What the exploration can find: not contract lints (loading does not run them) but
+// described the same way, so that every output format renders them.
+onex_diag::declare_lints! { FINDINGS;
+    TRANSITION_NEVER_FIRES = "OX601" "transition-never-fires" Error "no reachable state and event context makes the transition fire";
+    NO_TERMINAL_REACHABLE = "OX602" "no-terminal-reachable" Error "once in this state, no event sequence reaches a terminal state";
+    STATE_NEVER_REACHED = "OX603" "state-never-reached" Warning "no event sequence from the initial state reaches the state";
+    GUARD_NEVER_TRUE = "OX604" "guard-never-true" Warning "the guard was evaluated but never held";
+    GUARD_ALWAYS_TRUE = "OX605" "guard-always-true" Warning "the guard held for every value tried, so it decides nothing";
+}
 
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {

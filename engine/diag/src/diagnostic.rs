@@ -34,6 +34,27 @@ impl Lint {
     }
 }
 
+/// Declares lints as statics plus a registry slice holding them all, in order:
+///
+/// ```text
+/// declare_lints! { ALL;
+///     UNKNOWN_STATE = "OX301" "unknown-state" Error "a reference names an undeclared state";
+/// }
+/// ```
+#[macro_export]
+macro_rules! declare_lints {
+    ($registry:ident; $($ident:ident = $code:literal $name:literal $severity:ident $summary:literal;)*) => {
+        $(pub static $ident: $crate::Lint = $crate::Lint {
+            code: $code,
+            name: $name,
+            default_severity: $crate::Severity::$severity,
+            summary: $summary,
+        };)*
+        /// Every lint declared here, in declaration order.
+        pub static $registry: &[&$crate::Lint] = &[$(&$ident),*];
+    };
+}
+
 /// A secondary location that explains the primary one ("first declared here").
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Label {

@@ -118,20 +118,7 @@ pub(crate) fn apply_levels(root: &Node, diagnostics: &mut Vec<Diagnostic>) {
     });
 }
 
-macro_rules! lints {
-    ($($ident:ident = $code:literal $name:literal $severity:ident $summary:literal;)*) => {
-        $(pub static $ident: Lint = Lint {
-            code: $code,
-            name: $name,
-            default_severity: Severity::$severity,
-            summary: $summary,
-        };)*
-        /// Every lint, in code order.
-        pub static ALL: &[&Lint] = &[$(&$ident),*];
-    };
-}
-
-lints! {
+onex_diag::declare_lints! { ALL;
     INVALID_ENCODING = "OX101" "invalid-encoding" Error "the file is not UTF-8 text";
     YAML_SYNTAX = "OX102" "yaml-syntax" Error "the file is not well-formed YAML";
     DUPLICATE_KEY = "OX103" "duplicate-key" Error "a mapping repeats a key";
