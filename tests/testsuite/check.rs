@@ -38,6 +38,7 @@ state_transitions:
       trigger: retry
       conditions:
         - expression: "code matches a^b"
+        - expression: "note min_length 0"
 "#;
 
 #[test]
@@ -84,7 +85,7 @@ fn contradictions_and_traps_are_found_and_located() {
         .into_iter()
         .find(|l| l["type"] == "summary")
         .expect("summary");
-    assert_eq!(found.len(), 8, "{found:?}");
+    assert_eq!(found.len(), 9, "{found:?}");
     assert_eq!(
         (summary["reached"].as_u64(), summary["fired"].as_u64()),
         (Some(3), Some(2))

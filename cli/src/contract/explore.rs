@@ -186,9 +186,16 @@ fn findings(fsm: &FsmContract, machine: &Machine, exploration: &Exploration) -> 
         let required = transition.conditions.iter().filter(|c| c.required);
         for (guard, condition) in required.enumerate() {
             let seen = &exploration.guards[index][guard];
-            let finding = match (seen.passed, seen.failed) {
-                (false, true) => Some((&check::GUARD_NEVER_TRUE, "never held")),
-                (true, false) => Some((&check::GUARD_ALWAYS_TRUE, "held for every value tried")),
+            let existence = condition.parsed.as_ref().is_ok_and(|e| {
+                use onex_contract::condition::Operator::*;
+                matches!(e.operator, Exists | NotExists | IsEmpty | IsNotEmpty)
+            });
+            let finding = match (seen.passed, seen.failed, seen.failed_when_present) {
+                (false, true, _) => Some((&check::GUARD_NEVER_TRUE, "never held")),
+                (true, _, false) if !existence => Some((
+                    &check::GUARD_ALWAYS_TRUE,
+                    "held for every present value tried; it only checks presence (write `exists`?)",
+                )),
                 _ => None,
             };
             if let Some((lint, what)) = finding {

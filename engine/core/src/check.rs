@@ -27,7 +27,7 @@ onex_diag::declare_lints! { FINDINGS;
     NO_TERMINAL_REACHABLE = "OX602" "no-terminal-reachable" Error "once in this state, no event sequence reaches a terminal state";
     STATE_NEVER_REACHED = "OX603" "state-never-reached" Warning "no event sequence from the initial state reaches the state";
     GUARD_NEVER_TRUE = "OX604" "guard-never-true" Warning "the guard was evaluated but never held";
-    GUARD_ALWAYS_TRUE = "OX605" "guard-always-true" Warning "the guard held for every value tried, so it decides nothing";
+    GUARD_ALWAYS_TRUE = "OX605" "guard-always-true" Warning "the guard held for every present value tried, so it only checks presence";
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -58,6 +58,9 @@ pub struct PathEvent {
 pub struct GuardSeen {
     pub passed: bool,
     pub failed: bool,
+    /// Failed on a value that was present (absent fields fail every non-existence
+    /// guard, so only these failures show that the guard tests the value).
+    pub failed_when_present: bool,
 }
 
 #[derive(Debug)]
@@ -118,9 +121,10 @@ pub fn explore(machine: &Machine, limits: Limits) -> Exploration {
                 for c in &record.conditions {
                     let seen = &mut guards[c.transition][c.guard];
                     if c.outcome == Outcome::Pass {
-                        seen.passed = true
+                        seen.passed = true;
                     } else {
-                        seen.failed = true
+                        seen.failed = true;
+                        seen.failed_when_present |= c.actual.is_some();
                     }
                 }
                 let (Some(transition), Some(to)) = (record.transition, record.to) else {
