@@ -8,13 +8,15 @@ use serde_json::json;
 use crate::cli::{Color, Format};
 
 pub fn use_color(choice: Color) -> bool {
+    color_for(choice, std::io::stdout().is_terminal())
+}
+
+/// The colour decision for a stream: `auto` means a terminal, and never with `NO_COLOR`.
+pub fn color_for(choice: Color, is_terminal: bool) -> bool {
     match choice {
         Color::Always => true,
         Color::Never => false,
-        Color::Auto => {
-            std::io::stdout().is_terminal()
-                && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
-        }
+        Color::Auto => is_terminal && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
     }
 }
 

@@ -52,10 +52,8 @@ fn parse_line(text: &str) -> Result<Line, String> {
         return Err("a log line is a JSON object".into());
     };
     if let Some(key) = map.keys().find(|k| !KEYS.contains(&k.as_str())) {
-        let hint = KEYS
-            .iter()
-            .find(|k| strsim::levenshtein(key, k) <= 2)
-            .map(|k| format!(" (did you mean `{k}`?)"))
+        let hint = onex_contract::suggest::did_you_mean(key, KEYS.iter().copied())
+            .map(|h| format!(" ({h})"))
             .unwrap_or_default();
         return Err(format!("unknown key `{key}`{hint}"));
     }

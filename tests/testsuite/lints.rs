@@ -5,22 +5,10 @@ use std::path::PathBuf;
 
 use onex_contract::lints::ALL;
 
-use crate::support::{onex, repo_root};
+use crate::support::{onex, relative, repo_root, sorted_entries};
 
 fn fixtures() -> Vec<PathBuf> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(repo_root().join("tests/fixtures/lints"))
-        .expect("fixture dir")
-        .map(|e| e.expect("entry").path())
-        .collect();
-    files.sort();
-    files
-}
-
-fn relative(path: &std::path::Path) -> String {
-    path.strip_prefix(repo_root())
-        .expect("under the repo")
-        .to_string_lossy()
-        .into_owned()
+    sorted_entries("tests/fixtures/lints")
 }
 
 fn expectations(path: &std::path::Path) -> Vec<(String, u64, u64)> {

@@ -3,24 +3,12 @@
 
 use std::path::PathBuf;
 
-use crate::support::{onex, repo_root};
+use crate::support::{onex, relative, sorted_entries};
 
 fn contracts() -> Vec<PathBuf> {
-    let mut out: Vec<PathBuf> = walkdir::WalkDir::new(repo_root().join("contracts/fsm"))
-        .into_iter()
-        .filter_map(Result::ok)
-        .map(|e| e.into_path())
-        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
-        .collect();
-    out.sort();
+    let mut out = sorted_entries("contracts/fsm");
+    out.retain(|p| p.extension().is_some_and(|e| e == "yaml"));
     out
-}
-
-fn relative(path: &std::path::Path) -> String {
-    path.strip_prefix(repo_root())
-        .expect("in repo")
-        .to_string_lossy()
-        .into_owned()
 }
 
 #[test]
@@ -32,12 +20,7 @@ fn every_scenario_of_every_contract_matches_its_snapshot() {
                 .expect("stem")
                 .to_string_lossy()
                 .into_owned();
-            let dir = repo_root().join("tests/scenarios").join(&stem);
-            let mut logs: Vec<PathBuf> = std::fs::read_dir(&dir)
-                .unwrap_or_else(|_| panic!("{} has no scenarios in {}", stem, dir.display()))
-                .map(|e| e.expect("entry").path())
-                .collect();
-            logs.sort();
+            let logs = sorted_entries(&format!("tests/scenarios/{stem}"));
             assert!(!logs.is_empty(), "{stem} has no scenario logs");
             for log in logs {
                 let name = log

@@ -158,3 +158,22 @@ pub fn replay_own_fsm(log: &str, format: &str) -> Run {
         format,
     ])
 }
+
+/// The entries of a repository directory, sorted, as absolute paths.
+pub fn sorted_entries(dir: &str) -> Vec<PathBuf> {
+    let path = repo_root().join(dir);
+    let mut out: Vec<PathBuf> = std::fs::read_dir(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .map(|e| e.expect("entry").path())
+        .collect();
+    out.sort();
+    out
+}
+
+/// A repository path as the tests pass it to `onex` (relative, for stable output).
+pub fn relative(path: &Path) -> String {
+    path.strip_prefix(repo_root())
+        .expect("under the repo")
+        .to_string_lossy()
+        .into_owned()
+}

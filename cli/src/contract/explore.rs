@@ -186,10 +186,11 @@ fn findings(fsm: &FsmContract, machine: &Machine, exploration: &Exploration) -> 
         let required = transition.conditions.iter().filter(|c| c.required);
         for (guard, condition) in required.enumerate() {
             let seen = &exploration.guards[index][guard];
-            let existence = condition.parsed.as_ref().is_ok_and(|e| {
-                use onex_contract::condition::Operator::*;
-                matches!(e.operator, Exists | NotExists | IsEmpty | IsNotEmpty)
-            });
+            // Unary guards test presence or emptiness, so "held whenever present" is their point.
+            let existence = condition
+                .parsed
+                .as_ref()
+                .is_ok_and(|e| e.operator.is_unary());
             let finding = match (seen.passed, seen.failed, seen.failed_when_present) {
                 (false, true, _) => Some((&check::GUARD_NEVER_TRUE, "never held")),
                 (true, _, false) if !existence => Some((

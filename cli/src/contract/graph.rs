@@ -5,14 +5,14 @@ use onex_contract::{Contract, graph};
 
 use std::io::IsTerminal;
 
-use crate::cli::{GraphArgs, GraphFormat};
-use crate::{EXIT_CLEAN, EXIT_FINDINGS};
+use crate::cli::{Color, GraphArgs, GraphFormat};
+use crate::{EXIT_CLEAN, EXIT_FINDINGS, output};
 
 pub fn run(args: &GraphArgs) -> anyhow::Result<u8> {
     let (report, loaded) = super::load_file(&args.file)?;
     if loaded.has_errors() {
         // The graph of a broken contract would mislead; show why instead, on stderr.
-        let color = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+        let color = output::color_for(Color::Auto, std::io::stderr().is_terminal());
         eprint!("{}", onex_diag::render::human::render(&report, color));
         eprintln!("onex: not drawing {}: it has errors", args.file.display());
         return Ok(EXIT_FINDINGS);

@@ -159,10 +159,8 @@ fn check_keys(source: &SourceFile, node: &Node, allowed: &[&str], what: &str) ->
         .iter()
         .filter(|e| !allowed.contains(&e.key.as_str()))
         .map(|e| {
-            let hint = allowed
-                .iter()
-                .find(|k| strsim::levenshtein(&e.key, k) <= 2)
-                .map(|k| format!("; did you mean `{k}`?"))
+            let hint = onex_contract::suggest::did_you_mean(&e.key, allowed.iter().copied())
+                .map(|h| format!("; {h}"))
                 .unwrap_or_default();
             at(
                 source,

@@ -16,7 +16,7 @@ pub mod graph;
 pub mod lints;
 pub mod model;
 pub mod schema;
-mod suggest;
+pub mod suggest;
 pub mod yaml;
 
 use onex_diag::{Diagnostic, Severity, Span};
