@@ -11,7 +11,7 @@ Exit codes:
   2  usage, I/O or internal error";
 
 #[derive(Debug, Parser)]
-#[command(name = "onex", version, about = "Validate, lint and graph ONEX contracts", after_help = EXIT_CODES)]
+#[command(name = "onex", version, about = "Validate, test and run ONEX contracts", after_help = EXIT_CODES)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -27,6 +27,140 @@ pub enum Command {
     /// Replay an event log through an FSM contract and print every step.
     #[command(after_help = REPLAY_EXIT_CODES)]
     Replay(ReplayArgs),
+    /// Run an orchestrator contract: events in, reducers advanced, effects executed.
+    #[command(after_help = RUN_EXIT_CODES)]
+    Run(RunArgs),
+    /// Dead letters: events that could not be processed, with the reason.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
+    /// The runtime's stored instances.
+    State {
+        #[command(subcommand)]
+        command: StateCommand,
+    },
+}
+
+const RUN_EXIT_CODES: &str = "\
+Exit codes:
+  0  the run ended cleanly (with --until-idle: all work done, no dead letters in this run)
+  1  the run ended, but events became dead letters or work is unfinished (see the summary)
+  2  contracts with errors, a handler that cannot start, or an I/O error
+
+Every flag can also be set by its ONEX_* environment variable (shown with each flag).";
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The orchestrator contract, or a directory holding exactly one.
+    #[arg(long, value_name = "PATH", env = "ONEX_CONTRACT")]
+    pub contract: PathBuf,
+    /// Event envelopes as JSON Lines; `-` reads standard input. Repeatable.
+    #[arg(long, value_name = "FILE", env = "ONEX_EVENTS", value_delimiter = ',')]
+    pub events: Vec<PathBuf>,
+    /// Simulate N entities as the orchestrator's `demo` block describes.
+    #[arg(long, value_name = "N", env = "ONEX_DEMO")]
+    pub demo: Option<usize>,
+    /// Stop by itself once every event is processed and no work is outstanding.
+    #[arg(long, env = "ONEX_UNTIL_IDLE")]
+    pub until_idle: bool,
+    /// Where instance state, dead letters and the embedded database live.
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = ".onex",
+        env = "ONEX_DATA_DIR"
+    )]
+    pub data_dir: PathBuf,
+    /// Address of /health, /ready and /metrics (port 0 picks a free one); `off` disables.
+    #[arg(
+        long,
+        value_name = "ADDR",
+        default_value = "127.0.0.1:8480",
+        env = "ONEX_LISTEN"
+    )]
+    pub listen: String,
+    /// Consul agent for the `consul` handler; without it, the local catalog stands in.
+    #[arg(long, value_name = "URL", env = "CONSUL_HTTP_ADDR")]
+    pub consul: Option<String>,
+    /// Consul ACL token, sent as X-Consul-Token.
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "CONSUL_HTTP_TOKEN",
+        hide_env_values = true
+    )]
+    pub consul_token: Option<String>,
+    /// Seconds to let work in flight finish on SIGINT/SIGTERM.
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value_t = 10,
+        env = "ONEX_DRAIN_TIMEOUT"
+    )]
+    pub drain_timeout: u64,
+    /// Instance shards (each processes its instances in order); default: 4 per core.
+    #[arg(long, value_name = "N", env = "ONEX_SHARDS")]
+    pub shards: Option<usize>,
+    /// human: a summary a person reads; json: the same summary as one JSON object.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Human, env = "ONEX_FORMAT")]
+    pub format: OutputFormat,
+    /// Log level (error, warn, info, debug, trace) or a tracing filter.
+    #[arg(long, value_name = "FILTER", default_value = "warn", env = "ONEX_LOG")]
+    pub log_level: String,
+    /// Log lines as text or as JSON objects (on stderr).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "ONEX_LOG_FORMAT")]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// List dead letters, oldest first.
+    List(StoreArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum StateCommand {
+    /// List stored instances: key, state, last outcome and chosen context fields.
+    List(StateListArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct StoreArgs {
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = ".onex",
+        env = "ONEX_DATA_DIR"
+    )]
+    pub data_dir: PathBuf,
+    /// human: a table; json: one object per line (JSON Lines).
+    #[arg(long, value_enum, default_value_t = OutputFormat::Human, env = "ONEX_FORMAT")]
+    pub format: OutputFormat,
+}
+
+#[derive(Debug, Args)]
+pub struct StateListArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// Only this reducer's instances.
+    #[arg(long, value_name = "NAME")]
+    pub reducer: Option<String>,
+    /// Context fields to show as columns (comma-separated).
+    #[arg(long, value_name = "FIELDS", value_delimiter = ',')]
+    pub fields: Vec<String>,
 }
 
 const REPLAY_EXIT_CODES: &str = "\

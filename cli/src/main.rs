@@ -1,10 +1,12 @@
-//! `onex`: validate, lint and graph ONEX contracts.
+//! `onex`: validate, test and run ONEX contracts.
 
 mod cli;
 mod contract;
 mod files;
 mod output;
 mod replay;
+mod run;
+mod state;
 
 use std::process::ExitCode;
 
@@ -50,5 +52,12 @@ fn run(args: cli::Cli) -> anyhow::Result<u8> {
             cli::ContractCommand::Check(check) => contract::explore::run(&check),
         },
         cli::Command::Replay(replay) => replay::run(&replay),
+        cli::Command::Run(run) => run::run(&run),
+        cli::Command::Dlq {
+            command: cli::DlqCommand::List(args),
+        } => state::dead_letters(&args),
+        cli::Command::State {
+            command: cli::StateCommand::List(args),
+        } => state::instances(&args),
     }
 }

@@ -1,4 +1,14 @@
 //! `onex contract validate` and `onex contract lint`.
+//!
+//! Each file is checked on its own; an orchestrator with an `execution` block is also
+//! checked against the contracts it references (OX504..OX510), as `onex run` would
+//! load it, and those findings are added to the file they point into.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use onex_contract::Contract;
+use onex_diag::FileReport;
 
 use crate::cli::ValidateArgs;
 use crate::{EXIT_CLEAN, EXIT_FINDINGS, output};
@@ -6,11 +16,75 @@ use crate::{EXIT_CLEAN, EXIT_FINDINGS, output};
 pub fn run(args: &ValidateArgs, deny_warnings: bool) -> anyhow::Result<u8> {
     let paths = crate::files::expand(&args.paths)?;
     let mut reports = Vec::with_capacity(paths.len());
+    let mut orchestrators = Vec::new();
     for path in &paths {
         let (report, loaded) = super::load_file(path)?;
+        if let Some(Contract::Orchestrator(o)) = &loaded.contract
+            && o.root.get("execution").is_some()
+        {
+            orchestrators.push((reports.len(), path.clone()));
+        }
         reports.push((report, loaded.contract.map(|c| c.kind().as_str())));
     }
+    add_project_findings(&mut reports, &orchestrators);
+    // Referenced files join the listing in path order, like the rest.
+    reports.sort_by(|a, b| a.0.source.name().cmp(b.0.source.name()));
     let totals = output::write(&reports, args.format, output::use_color(args.color))?;
     let failed = totals.errors > 0 || (deny_warnings && totals.warnings > 0);
     Ok(if failed { EXIT_FINDINGS } else { EXIT_CLEAN })
+}
+
+fn add_project_findings(
+    reports: &mut Vec<(FileReport, Option<&'static str>)>,
+    orchestrators: &[(usize, PathBuf)],
+) {
+    let canonical =
+        |name: &str| std::fs::canonicalize(name).unwrap_or_else(|_| PathBuf::from(name));
+    let mut index: HashMap<PathBuf, usize> = reports
+        .iter()
+        .enumerate()
+        .map(|(i, (r, _))| (canonical(r.source.name()), i))
+        .collect();
+    for (position, path) in orchestrators {
+        let project = onex_runtime::project::load(path);
+        let mut project_reports = project.reports.into_iter();
+        // The orchestrator's own report holds its file findings and the project's.
+        if let Some(own) = project_reports.next() {
+            reports[*position].0.diagnostics = own.diagnostics;
+        }
+        for report in project_reports {
+            let found: Vec<_> = report
+                .diagnostics
+                .into_iter()
+                .filter(|d| d.lint.code >= "OX504" && d.lint.code <= "OX510")
+                .collect();
+            if found.is_empty() {
+                continue;
+            }
+            let key = canonical(report.source.name());
+            let at = match index.get(&key) {
+                Some(&i) => i,
+                None => {
+                    reports.push((
+                        FileReport {
+                            source: report.source,
+                            diagnostics: Vec::new(),
+                        },
+                        None,
+                    ));
+                    index.insert(key, reports.len() - 1);
+                    reports.len() - 1
+                }
+            };
+            let target = &mut reports[at].0.diagnostics;
+            for d in found {
+                if !target.iter().any(|t| {
+                    t.lint.code == d.lint.code && t.span == d.span && t.message == d.message
+                }) {
+                    target.push(d);
+                }
+            }
+            target.sort_by_key(|d| (d.span.map(|s| s.start), d.lint.code));
+        }
+    }
 }

@@ -3,7 +3,9 @@
 //! per code under `docs/lints/` (a test keeps the three in step).
 //!
 //! Codes are grouped by stage: `OX1xx` reading the text, `OX2xx` the JSON Schema,
-//! `OX3xx` FSM semantics, `OX4xx` effect semantics, `OX5xx` orchestrator semantics.
+//! `OX3xx` FSM semantics, `OX4xx` effect semantics, `OX5xx` orchestrator semantics
+//! (OX504 and up check an orchestrator against the contracts it references; the
+//! runtime's project loader emits them, because they need those files read).
 
 use onex_diag::{Lint, Severity};
 
@@ -147,6 +149,13 @@ onex_diag::declare_lints! { ALL;
     UNKNOWN_STEP = "OX501" "unknown-step" Error "a reference names an execution-graph step that is not declared";
     DUPLICATE_STEP = "OX502" "duplicate-step" Error "two execution-graph steps share an id";
     STEP_CYCLE = "OX503" "step-cycle" Error "execution-graph dependencies form a cycle";
+    UNRESOLVED_REFERENCE = "OX504" "unresolved-reference" Error "a referenced contract, schema or SQL file is missing or of the wrong kind";
+    UNKNOWN_REDUCER = "OX505" "unknown-reducer" Error "a route names a reducer the orchestrator does not declare";
+    UNKNOWN_TRIGGER = "OX506" "unknown-trigger" Error "a route or follow-up names a trigger the reducer's FSM does not have";
+    UNBOUND_ACTION = "OX507" "unbound-action" Error "an FSM action is run by no effect operation and is not a declared runtime action";
+    INVALID_TEMPLATE = "OX508" "invalid-template" Error "a template does not compile";
+    ACTION_BOUND_TWICE = "OX509" "action-bound-twice" Error "two effect operations run the same intent";
+    UNKNOWN_ACTION = "OX510" "unknown-action" Warning "a binding names an action that no reducer emits";
 }
 
 /// Finds a lint by code (`OX301`) or name (`unknown-state`).

@@ -2,13 +2,19 @@
 
 use onex_diag::Span;
 
-use super::{Cursor, Located};
+use super::execution::EffectOperationsSpec;
+use super::{Cursor, Located, string_list};
 use crate::yaml::Node;
 
 #[derive(Debug, Clone)]
 pub struct EffectContract {
     pub name: Option<String>,
     pub operations: Vec<EffectOperation>,
+    /// `effect_operations` typed for the runtime, when well-formed.
+    pub spec: Option<EffectOperationsSpec>,
+    /// `setup.db`: SQL files run once when the runtime starts, relative to the contract.
+    pub setup_db: Vec<Located<String>>,
+    pub root: Node,
 }
 
 #[derive(Debug, Clone)]
@@ -34,6 +40,9 @@ pub(super) fn build(root: &Node) -> EffectContract {
         return EffectContract {
             name: None,
             operations: Vec::new(),
+            spec: None,
+            setup_db: Vec::new(),
+            root: root.clone(),
         };
     };
     let subcontract = Cursor::with(node, &pointer);
@@ -83,9 +92,17 @@ pub(super) fn build(root: &Node) -> EffectContract {
             })
         })
         .collect();
+    let setup_pointer = top.child_pointer("setup");
+    let setup_db = root
+        .get("setup")
+        .map(|setup| string_list(Cursor::with(setup, &setup_pointer), "db"))
+        .unwrap_or_default();
     EffectContract {
         name: subcontract.string("subcontract_name").map(|n| n.value),
         operations,
+        spec: serde_json::from_value(node.to_json()).ok(),
+        setup_db,
+        root: root.clone(),
     }
 }
 

@@ -4,6 +4,7 @@
 //! semantic lints still run and every problem is reported in one pass.
 
 mod effect;
+pub mod execution;
 mod fsm;
 mod orchestrator;
 

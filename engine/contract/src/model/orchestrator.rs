@@ -1,5 +1,6 @@
 //! Orchestrator contracts: ONEX's shape (shared note §4) plus onex's `execution` block.
 
+use super::execution::Execution;
 use super::{Cursor, Located, string_list};
 use crate::yaml::Node;
 
@@ -7,6 +8,11 @@ use crate::yaml::Node;
 pub struct OrchestratorContract {
     pub name: Option<String>,
     pub steps: Vec<Step>,
+    /// The `execution` block, when present and well-formed (a malformed one is a
+    /// schema finding).
+    pub execution: Option<Execution>,
+    /// The spanned document, so that references checked across contracts can be located.
+    pub root: Node,
 }
 
 /// A node of `workflow_definition.execution_graph`.
@@ -38,5 +44,9 @@ pub(super) fn build(root: &Node) -> OrchestratorContract {
     OrchestratorContract {
         name: top.string("name").map(|n| n.value),
         steps,
+        execution: root
+            .get("execution")
+            .and_then(|n| serde_json::from_value(n.to_json()).ok()),
+        root: root.clone(),
     }
 }

@@ -1,0 +1,250 @@
+//! `onex run`: load the project, pick the handlers, run, print the summary.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use onex_runtime::bus::{Bus, EmbeddedBus};
+use onex_runtime::runtime::{Options, Source, Summary};
+use onex_runtime::work::Work;
+
+use crate::cli::{LogFormat, OutputFormat, RunArgs};
+use crate::{EXIT_CLEAN, EXIT_FINDINGS, EXIT_TROUBLE};
+
+pub fn run(args: &RunArgs) -> anyhow::Result<u8> {
+    init_logging(args)?;
+    let path = orchestrator_path(&args.contract)?;
+    let loaded = onex_runtime::project::load(&path);
+    if loaded.has_errors() {
+        for report in &loaded.reports {
+            if !report.diagnostics.is_empty() {
+                eprint!(
+                    "{}",
+                    onex_diag::render::human::render(
+                        report,
+                        crate::output::color_for(
+                            crate::cli::Color::Auto,
+                            std::io::IsTerminal::is_terminal(&std::io::stderr())
+                        )
+                    )
+                );
+            }
+        }
+        eprintln!("onex: error: the contracts have errors; nothing was run");
+        return Ok(EXIT_TROUBLE);
+    }
+    let Some(project) = loaded.project else {
+        bail!("{} could not be loaded", path.display());
+    };
+    let listen: Option<SocketAddr> = match args.listen.as_str() {
+        "off" | "none" | "" => None,
+        addr => Some(
+            addr.parse()
+                .with_context(|| format!("--listen {addr}: expected HOST:PORT"))?,
+        ),
+    };
+    let sources = args
+        .events
+        .iter()
+        .map(|p| {
+            if p.as_os_str() == "-" {
+                Source::Stdin
+            } else {
+                Source::File(p.clone())
+            }
+        })
+        .collect();
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let options = Options {
+        data_dir: args.data_dir.clone(),
+        sources,
+        demo: args.demo,
+        until_idle: args.until_idle,
+        listen,
+        drain: Duration::from_secs(args.drain_timeout),
+        shards: args.shards.unwrap_or(cores * 4),
+    };
+    let settings = onex_handlers::Settings {
+        data_dir: args.data_dir.clone(),
+        consul: args.consul.clone().filter(|a| !a.is_empty()),
+        consul_token: args.consul_token.clone().filter(|t| !t.is_empty()),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let summary = runtime.block_on(async move {
+        let work = Work::new();
+        let bus: Arc<dyn Bus> = EmbeddedBus::new(Arc::clone(&work));
+        let handlers = onex_handlers::builtin(&settings, Arc::clone(&bus));
+        onex_runtime::runtime::run(project, handlers, bus, work, options, shutdown_signal()).await
+    });
+    let summary = match summary {
+        Ok(summary) => summary,
+        Err(e) => {
+            eprintln!("onex: error: {e}");
+            return Ok(EXIT_TROUBLE);
+        }
+    };
+    match args.format {
+        OutputFormat::Json => println!("{}", serde_json::to_string(&summary)?),
+        OutputFormat::Human => print!("{}", human(&summary)),
+    }
+    let unfinished = summary.reducers.iter().any(|r| r.busy > 0) && summary.stopped_by == "idle";
+    let lost = summary.demo.as_ref().is_some_and(|d| d.lost > 0);
+    Ok(if summary.events.dead_letters > 0 || unfinished || lost {
+        EXIT_FINDINGS
+    } else {
+        EXIT_CLEAN
+    })
+}
+
+/// A directory must hold exactly one orchestrator.
+fn orchestrator_path(path: &PathBuf) -> anyhow::Result<PathBuf> {
+    if !path.is_dir() {
+        return Ok(path.clone());
+    }
+    let found = onex_runtime::project::find_orchestrators(std::slice::from_ref(path));
+    match found.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => bail!(
+            "{} holds no orchestrator contract (one with `workflow_coordination` or node_type ORCHESTRATOR)",
+            path.display()
+        ),
+        many => bail!(
+            "{} holds {} orchestrator contracts; pass one: {}",
+            path.display(),
+            many.len(),
+            many.iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
+fn init_logging(args: &RunArgs) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
+        .with_context(|| format!("--log-level {}: not a level or filter", args.log_level))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let result = match args.log_format {
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Text => builder
+            .with_ansi(crate::output::color_for(
+                crate::cli::Color::Auto,
+                std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            ))
+            .try_init(),
+    };
+    result.map_err(|e| anyhow::anyhow!("cannot set up logging: {e}"))
+}
+
+/// SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(signal) => signal,
+                Err(_) => {
+                    let _ = interrupt.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+}
+
+fn human(summary: &Summary) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let seconds = summary.elapsed_ms as f64 / 1000.0;
+    let _ = writeln!(
+        out,
+        "onex run: {} ({} after {seconds:.2} s)",
+        summary.orchestrator,
+        if summary.stopped_by == "idle" {
+            "all work done"
+        } else {
+            "stopped by signal"
+        }
+    );
+    let width = summary
+        .reducers
+        .iter()
+        .map(|r| r.name.len())
+        .chain([11])
+        .max()
+        .unwrap_or(11);
+    let e = &summary.events;
+    let _ = writeln!(
+        out,
+        "  {:<width$} {} received, {} duplicates skipped, {} dead letters ({} stored in all)",
+        "events", e.received, e.duplicates, e.dead_letters, e.dead_letters_total
+    );
+    for reducer in &summary.reducers {
+        let what = reducer
+            .entity
+            .clone()
+            .map_or_else(|| "instances".to_owned(), |e| format!("{e}s"));
+        let mut line = format!("  {:<width$} {} {what}", reducer.name, reducer.instances);
+        if !reducer.outcomes.is_empty() {
+            let parts: Vec<String> = reducer
+                .outcomes
+                .iter()
+                .map(|(label, n)| format!("{label} {n}"))
+                .collect();
+            let _ = write!(line, ": {}", parts.join(", "));
+        } else {
+            let parts: Vec<String> = reducer
+                .states
+                .iter()
+                .map(|(state, n)| format!("{state} {n}"))
+                .collect();
+            let _ = write!(line, ": {}", parts.join(", "));
+        }
+        if reducer.busy > 0 {
+            let _ = write!(line, " ({} still busy)", reducer.busy);
+        }
+        let _ = writeln!(out, "{line}");
+    }
+    if let Some(demo) = &summary.demo {
+        let verdict = if demo.lost == 0 {
+            "none lost".to_owned()
+        } else {
+            format!("{} LOST, e.g. {}", demo.lost, demo.lost_examples.join(", "))
+        };
+        let _ = writeln!(
+            out,
+            "  {:<width$} {} of {} simulated entities reached an outcome; {verdict}",
+            "demo", demo.reached_outcome, demo.entities
+        );
+    }
+    for (name, description) in &summary.handlers {
+        let _ = writeln!(out, "  {:<width$} {description}", format!("{name}:"));
+    }
+    let _ = writeln!(out, "  {:<width$} {}", "bus", summary.bus);
+    let _ = writeln!(
+        out,
+        "  {:<width$} {} (runtime {})",
+        "state", summary.state, summary.runtime_id
+    );
+    if let Some(listen) = &summary.listen {
+        let _ = writeln!(
+            out,
+            "  {:<width$} http://{listen}/health /ready /metrics",
+            "endpoints"
+        );
+    }
+    out
+}

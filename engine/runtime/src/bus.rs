@@ -1,0 +1,94 @@
+//! The bus interface and the embedded in-process bus, the default.
+//!
+//! Delivery order is publish order for every subscriber, so events of one entity stay
+//! in order; the runtime then keeps per-instance order by sharding on the instance
+//! key. The embedded bus holds messages in memory only: what must survive a restart
+//! is kept by the runtime's store (processed ids, instance inboxes, the event log).
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::mpsc;
+
+use crate::envelope::Envelope;
+use crate::work::{Work, WorkGuard};
+
+/// One delivered message; holding it keeps the run from counting as idle.
+#[derive(Debug)]
+pub struct Delivery {
+    pub envelope: Envelope,
+    pub work: WorkGuard,
+}
+
+pub type Subscription = mpsc::UnboundedReceiver<Delivery>;
+
+pub trait Bus: Send + Sync + std::fmt::Debug {
+    /// Publishes to every subscriber of the event type. Fails only when the bus is
+    /// closed (shutting down).
+    fn publish(&self, envelope: Envelope) -> Result<(), String>;
+    /// Subscribes to the given event types (`None`: all).
+    fn subscribe(&self, event_types: Option<HashSet<String>>) -> Subscription;
+    /// Where messages go, for people: "embedded (in-process)".
+    fn describe(&self) -> String;
+}
+
+#[derive(Debug)]
+struct Subscriber {
+    event_types: Option<HashSet<String>>,
+    sender: mpsc::UnboundedSender<Delivery>,
+}
+
+#[derive(Debug)]
+pub struct EmbeddedBus {
+    subscribers: Mutex<Vec<Subscriber>>,
+    work: Arc<Work>,
+}
+
+impl EmbeddedBus {
+    pub fn new(work: Arc<Work>) -> Arc<EmbeddedBus> {
+        Arc::new(EmbeddedBus {
+            subscribers: Mutex::new(Vec::new()),
+            work,
+        })
+    }
+}
+
+impl Bus for EmbeddedBus {
+    fn publish(&self, envelope: Envelope) -> Result<(), String> {
+        let mut subscribers = self
+            .subscribers
+            .lock()
+            .map_err(|_| "the bus is unavailable".to_owned())?;
+        subscribers.retain(|s| !s.sender.is_closed());
+        for subscriber in subscribers.iter() {
+            let wanted = subscriber
+                .event_types
+                .as_ref()
+                .is_none_or(|types| types.contains(&envelope.event_type));
+            if wanted {
+                let delivery = Delivery {
+                    envelope: envelope.clone(),
+                    work: self.work.guard(),
+                };
+                // A receiver that closed in between simply stops receiving.
+                let _ = subscriber.sender.send(delivery);
+            }
+        }
+        Ok(())
+    }
+
+    fn subscribe(&self, event_types: Option<HashSet<String>>) -> Subscription {
+        let (sender, receiver) = mpsc::unbounded_channel();
+        if let Ok(mut subscribers) = self.subscribers.lock() {
+            subscribers.push(Subscriber {
+                event_types,
+                sender,
+            });
+        }
+        receiver
+    }
+
+    fn describe(&self) -> String {
+        "embedded (in-process)".into()
+    }
+}

@@ -1,0 +1,141 @@
+//! `onex run --demo N`: N simulated entities driven by the orchestrator's `demo` block.
+//! Each publishes its `on_start` events, answers the events listed under `answers`
+//! (all entities, or the one named by the payload's `target_node_id`), and sends its
+//! heartbeat: once with `--until-idle`, else every interval. Entity ids and message ids
+//! are derived from the entity's index, so a restarted demo repeats the same events
+//! and the runtime recognises them.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde_json::{Value, json};
+use tokio::task::JoinHandle;
+
+use crate::project::{Demo, EventSpec};
+use crate::runtime::{Shared, render_event};
+
+/// Starts the simulation; returns the entities' ids.
+pub fn start(
+    shared: Arc<Shared>,
+    count: usize,
+    until_idle: bool,
+    received: Arc<AtomicU64>,
+    tasks: &mut Vec<JoinHandle<()>>,
+    spec: &Demo,
+) -> Vec<String> {
+    let ids: Vec<String> = (0..count).map(entity_uuid).collect();
+    let answered: HashSet<String> = spec.answers.keys().cloned().collect();
+    if !answered.is_empty() {
+        let mut requests = shared.bus.subscribe(Some(answered));
+        let shared = Arc::clone(&shared);
+        let received = Arc::clone(&received);
+        let ids = ids.clone();
+        tasks.push(tokio::spawn(async move {
+            while let Some(delivery) = requests.recv().await {
+                let Some(demo) = &shared.project.demo else {
+                    return;
+                };
+                let Some(answers) = demo.answers.get(&delivery.envelope.event_type) else {
+                    continue;
+                };
+                let target = delivery
+                    .envelope
+                    .payload
+                    .get("target_node_id")
+                    .and_then(Value::as_str);
+                for (index, id) in ids.iter().enumerate() {
+                    if target.is_some_and(|t| t != id) {
+                        continue;
+                    }
+                    publish(
+                        &shared,
+                        demo,
+                        answers,
+                        index,
+                        0,
+                        Some(&delivery.envelope),
+                        &received,
+                    );
+                }
+                drop(delivery);
+            }
+        }));
+    }
+    let guard = shared.work.guard();
+    let heartbeat = spec.heartbeat.as_ref().map(|(interval, _)| *interval);
+    tasks.push(tokio::spawn(async move {
+        let Some(demo) = &shared.project.demo else {
+            return;
+        };
+        for index in 0..count {
+            publish(&shared, demo, &demo.on_start, index, 0, None, &received);
+        }
+        let Some(interval) = heartbeat else { return };
+        let Some((_, event)) = &demo.heartbeat else {
+            return;
+        };
+        let beats = std::slice::from_ref(event);
+        let mut sequence = 1;
+        loop {
+            for index in 0..count {
+                publish(&shared, demo, beats, index, sequence, None, &received);
+            }
+            if until_idle {
+                break;
+            }
+            tokio::time::sleep(interval).await;
+            sequence += 1;
+        }
+        drop(guard);
+    }));
+    ids
+}
+
+fn entity_uuid(index: usize) -> String {
+    uuid::Uuid::new_v5(
+        &uuid::Uuid::NAMESPACE_OID,
+        format!("onex-demo-entity/{index}").as_bytes(),
+    )
+    .to_string()
+}
+
+fn publish(
+    shared: &Shared,
+    demo: &Demo,
+    events: &[EventSpec],
+    index: usize,
+    sequence: u64,
+    cause: Option<&crate::envelope::Envelope>,
+    received: &AtomicU64,
+) {
+    let entity = json!({
+        "index": index,
+        "uuid": entity_uuid(index),
+        "sequence": sequence,
+        "uptime_seconds": sequence * 30,
+    });
+    let runtime = Value::Null;
+    for event in events {
+        match render_event(shared, event, &runtime, Some((&entity, cause))) {
+            Ok(mut envelope) => {
+                if envelope.entity_id.is_none()
+                    && let Some(template) = &demo.entity_id
+                {
+                    let scope = crate::template::scope(&[("entity", &entity)]);
+                    envelope.entity_id = template
+                        .render(&scope)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_owned));
+                }
+                received.fetch_add(1, Ordering::Relaxed);
+                if let Err(e) = shared.bus.publish(envelope) {
+                    tracing::error!(error = %e, "demo cannot publish");
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, event_type = %event.event_type, "demo event template failed")
+            }
+        }
+    }
+}

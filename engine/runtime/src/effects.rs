@@ -1,0 +1,292 @@
+//! Runs effect operations: the handler call wrapped in the operation's timeout, retry
+//! policy (fixed, linear or exponential backoff with jitter, capped) and a circuit
+//! breaker per handler target. Every path ends in an outcome; nothing here panics.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use onex_contract::model::execution::{Backoff, CircuitBreakerSpec, RetryPolicy};
+use serde_json::Value;
+
+use crate::handler::{Call, Failure, Handlers, Outcome};
+use crate::metrics::Metrics;
+use crate::project::Operation;
+
+#[derive(Debug)]
+pub struct EffectRunner {
+    handlers: Handlers,
+    breakers: Mutex<HashMap<String, Breaker>>,
+    metrics: Arc<Metrics>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Breaker {
+    Closed { failures: u32 },
+    Open { until: Instant },
+    HalfOpen { trials: u32, successes: u32 },
+}
+
+impl EffectRunner {
+    pub fn new(handlers: Handlers, metrics: Arc<Metrics>) -> EffectRunner {
+        EffectRunner {
+            handlers,
+            breakers: Mutex::new(HashMap::new()),
+            metrics,
+        }
+    }
+
+    pub fn handlers(&self) -> &Handlers {
+        &self.handlers
+    }
+
+    /// Runs `call` for `operation` until it succeeds, fails permanently, or its retries
+    /// are spent. The result is the handler's response, or why it failed.
+    pub async fn run(&self, operation: &Operation, call: Call) -> Outcome {
+        let Some(handler) = self.handlers.get(&operation.handler) else {
+            return Err(Failure::Permanent(format!(
+                "no `{}` handler is configured in this run",
+                operation.handler
+            )));
+        };
+        let target = format!("{}:{}", operation.handler, handler.target(&call.config));
+        let mut attempt: u32 = 0;
+        loop {
+            let outcome = match self.admit(&target, operation.breaker.as_ref()) {
+                Err(message) => Err(Failure::Transient(message)),
+                Ok(()) => {
+                    let started = Instant::now();
+                    let outcome =
+                        match tokio::time::timeout(operation.timeout, handler.call(&call)).await {
+                            Ok(outcome) => check_success(outcome, &operation.success_codes),
+                            Err(_) => Err(Failure::Transient(format!(
+                                "no answer within {} ms",
+                                operation.timeout.as_millis()
+                            ))),
+                        };
+                    self.metrics
+                        .handler_seconds
+                        .get_or_create(&vec![("handler", operation.handler.clone())])
+                        .observe(started.elapsed().as_secs_f64());
+                    self.record(&target, operation.breaker.as_ref(), outcome.is_ok());
+                    outcome
+                }
+            };
+            let retry = match (&outcome, &operation.retry) {
+                (Err(Failure::Transient(_)), Some(policy)) if attempt < policy.max_retries => {
+                    Some(delay(policy, attempt))
+                }
+                _ => None,
+            };
+            match retry {
+                Some(wait) => {
+                    tokio::time::sleep(wait).await;
+                    attempt += 1;
+                }
+                None => {
+                    let result = if outcome.is_ok() {
+                        "success"
+                    } else {
+                        "failure"
+                    };
+                    self.metrics
+                        .effects
+                        .get_or_create(&vec![
+                            ("operation", operation.name.clone()),
+                            ("result", result.to_owned()),
+                        ])
+                        .inc();
+                    return outcome.map_err(|f| match f {
+                        Failure::Transient(m) if attempt > 0 => {
+                            Failure::Transient(format!("{m} (after {} attempts)", attempt + 1))
+                        }
+                        other => other,
+                    });
+                }
+            }
+        }
+    }
+
+    fn admit(&self, target: &str, spec: Option<&CircuitBreakerSpec>) -> Result<(), String> {
+        let Some(spec) = spec else { return Ok(()) };
+        let Ok(mut breakers) = self.breakers.lock() else {
+            return Ok(());
+        };
+        let breaker = breakers
+            .entry(target.to_owned())
+            .or_insert(Breaker::Closed { failures: 0 });
+        match *breaker {
+            Breaker::Closed { .. } => Ok(()),
+            Breaker::Open { until } if Instant::now() >= until => {
+                *breaker = Breaker::HalfOpen {
+                    trials: 1,
+                    successes: 0,
+                };
+                self.gauge(target, 1);
+                Ok(())
+            }
+            Breaker::Open { until } => Err(format!(
+                "circuit breaker for {target} is open for another {} ms after repeated failures",
+                until.saturating_duration_since(Instant::now()).as_millis()
+            )),
+            Breaker::HalfOpen { trials, successes } if trials < spec.half_open_requests => {
+                *breaker = Breaker::HalfOpen {
+                    trials: trials + 1,
+                    successes,
+                };
+                Ok(())
+            }
+            Breaker::HalfOpen { .. } => Err(format!(
+                "circuit breaker for {target} is half-open and its trial requests are in flight"
+            )),
+        }
+    }
+
+    fn record(&self, target: &str, spec: Option<&CircuitBreakerSpec>, ok: bool) {
+        let Some(spec) = spec else { return };
+        let Ok(mut breakers) = self.breakers.lock() else {
+            return;
+        };
+        let breaker = breakers
+            .entry(target.to_owned())
+            .or_insert(Breaker::Closed { failures: 0 });
+        let open = Breaker::Open {
+            until: Instant::now() + Duration::from_millis(spec.timeout_ms),
+        };
+        let next = match (*breaker, ok) {
+            (Breaker::Closed { .. }, true) => Breaker::Closed { failures: 0 },
+            (Breaker::Closed { failures }, false) if failures + 1 >= spec.failure_threshold => open,
+            (Breaker::Closed { failures }, false) => Breaker::Closed {
+                failures: failures + 1,
+            },
+            (Breaker::HalfOpen { successes, .. }, true)
+                if successes + 1 >= spec.success_threshold =>
+            {
+                Breaker::Closed { failures: 0 }
+            }
+            (Breaker::HalfOpen { trials, successes }, true) => Breaker::HalfOpen {
+                trials,
+                successes: successes + 1,
+            },
+            (Breaker::HalfOpen { .. }, false) => open,
+            // A call admitted before the breaker opened: the breaker stays as it is.
+            (state @ Breaker::Open { .. }, _) => state,
+        };
+        *breaker = next;
+        self.gauge(
+            target,
+            match next {
+                Breaker::Closed { .. } => 0,
+                Breaker::HalfOpen { .. } => 1,
+                Breaker::Open { .. } => 2,
+            },
+        );
+    }
+
+    fn gauge(&self, target: &str, value: i64) {
+        self.metrics
+            .breaker_state
+            .get_or_create(&vec![("target", target.to_owned())])
+            .set(value);
+    }
+}
+
+/// A response with an HTTP-like `status` outside `success_codes` is a failure; 5xx,
+/// 408 and 429 are worth retrying, other codes are not.
+fn check_success(outcome: Outcome, success_codes: &[u16]) -> Outcome {
+    let response = outcome?;
+    let Some(status) = response.get("status").and_then(Value::as_u64) else {
+        return Ok(response);
+    };
+    let ok = if success_codes.is_empty() {
+        (200..300).contains(&status)
+    } else {
+        success_codes.iter().any(|c| u64::from(*c) == status)
+    };
+    if ok {
+        return Ok(response);
+    }
+    let message = format!("status {status}: {}", short(&response["body"]));
+    if status >= 500 || status == 408 || status == 429 {
+        Err(Failure::Transient(message))
+    } else {
+        Err(Failure::Permanent(message))
+    }
+}
+
+fn short(body: &Value) -> String {
+    let text = match body {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    if text.chars().count() > 200 {
+        format!("{}…", text.chars().take(200).collect::<String>())
+    } else {
+        text
+    }
+}
+
+/// The wait before retry number `attempt + 1`.
+pub fn delay(policy: &RetryPolicy, attempt: u32) -> Duration {
+    let base = policy.base_delay_ms as f64;
+    let raw = match policy.backoff_strategy {
+        Backoff::Fixed => base,
+        Backoff::Linear => base * f64::from(attempt + 1),
+        Backoff::Exponential => base * 2f64.powi(attempt.min(30) as i32),
+    };
+    let capped = raw.min(policy.max_delay_ms as f64);
+    let jitter = policy.jitter_factor.clamp(0.0, 1.0);
+    let spread = capped * jitter * (fastrand::f64() * 2.0 - 1.0);
+    Duration::from_millis((capped + spread).max(0.0) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(strategy: Backoff, jitter: f64) -> RetryPolicy {
+        RetryPolicy {
+            enabled: true,
+            max_retries: 5,
+            backoff_strategy: strategy,
+            base_delay_ms: 100,
+            max_delay_ms: 1000,
+            jitter_factor: jitter,
+        }
+    }
+
+    #[test]
+    fn backoff_curves_are_capped() {
+        let ms = |s, a| delay(&policy(s, 0.0), a).as_millis();
+        assert_eq!([ms(Backoff::Fixed, 0), ms(Backoff::Fixed, 3)], [100, 100]);
+        assert_eq!([ms(Backoff::Linear, 0), ms(Backoff::Linear, 2)], [100, 300]);
+        assert_eq!(
+            [0, 1, 2, 3, 4].map(|a| ms(Backoff::Exponential, a)),
+            [100, 200, 400, 800, 1000]
+        );
+    }
+
+    #[test]
+    fn jitter_stays_within_its_factor() {
+        for _ in 0..200 {
+            let d = delay(&policy(Backoff::Fixed, 0.2), 0).as_millis();
+            assert!((80..=120).contains(&d), "{d}");
+        }
+    }
+
+    #[test]
+    fn status_codes_decide_success_and_retry() {
+        let response = |s: u64| Ok(serde_json::json!({"status": s, "body": "x"}));
+        assert!(check_success(response(204), &[]).is_ok());
+        assert!(matches!(
+            check_success(response(503), &[]),
+            Err(Failure::Transient(_))
+        ));
+        assert!(matches!(
+            check_success(response(400), &[]),
+            Err(Failure::Permanent(_))
+        ));
+        assert!(check_success(response(304), &[200, 304]).is_ok());
+        assert!(check_success(Ok(serde_json::json!({"rows": 1})), &[]).is_ok());
+    }
+}

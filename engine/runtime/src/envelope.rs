@@ -1,0 +1,87 @@
+//! The message envelope (shared note §5): every event on the bus is one.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Envelope {
+    pub message_id: String,
+    pub event_type: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topic: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub correlation_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub causation_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub emitted_at: Option<String>,
+    /// Partition key: events with the same entity are delivered in order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entity_id: Option<String>,
+    #[serde(default)]
+    pub payload: Value,
+}
+
+impl Envelope {
+    /// Reads one JSON Lines record; the error says what is wrong in words a person
+    /// can act on.
+    pub fn decode(line: &str) -> Result<Envelope, String> {
+        let value: Value = serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))?;
+        let Value::Object(map) = &value else {
+            return Err("an envelope is a JSON object".into());
+        };
+        for required in ["message_id", "event_type"] {
+            match map.get(required) {
+                Some(Value::String(s)) if !s.is_empty() => {}
+                Some(_) => return Err(format!("`{required}` must be a non-empty string")),
+                None => return Err(format!("`{required}` is missing")),
+            }
+        }
+        serde_json::from_value(value).map_err(|e| {
+            let text = e.to_string();
+            match text.strip_prefix("unknown field ") {
+                Some(rest) => format!("unknown envelope field {rest}"),
+                None => text,
+            }
+        })
+    }
+
+    /// The envelope as template variables: `payload`, `event_type`, `message_id`...
+    pub fn to_map(&self) -> Map<String, Value> {
+        match serde_json::to_value(self) {
+            Ok(Value::Object(map)) => map,
+            _ => Map::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decoding_explains_what_is_wrong() {
+        assert!(
+            Envelope::decode("{")
+                .expect_err("invalid")
+                .starts_with("not JSON")
+        );
+        assert_eq!(
+            Envelope::decode("[]").expect_err("invalid"),
+            "an envelope is a JSON object"
+        );
+        assert_eq!(
+            Envelope::decode(r#"{"event_type": "X"}"#).expect_err("invalid"),
+            "`message_id` is missing"
+        );
+        assert!(
+            Envelope::decode(r#"{"message_id": "m", "event_type": "X", "paylod": {}}"#)
+                .expect_err("invalid")
+                .contains("unknown envelope field `paylod`")
+        );
+        let ok = Envelope::decode(r#"{"message_id": "m", "event_type": "X", "payload": {"a": 1}}"#)
+            .expect("valid");
+        assert_eq!(ok.payload["a"], 1);
+    }
+}

@@ -1,0 +1,132 @@
+//! `/metrics`: Prometheus text exposition of what the runtime did.
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+type Labels = Vec<(&'static str, String)>;
+
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    pub events: Family<Labels, Counter>,
+    pub transitions: Family<Labels, Counter>,
+    pub rejections: Family<Labels, Counter>,
+    pub intents: Family<Labels, Counter>,
+    pub actions: Family<Labels, Counter>,
+    pub effects: Family<Labels, Counter>,
+    pub handler_seconds: Family<Labels, Histogram>,
+    /// 0 closed, 1 half-open, 2 open.
+    pub breaker_state: Family<Labels, Gauge<i64, std::sync::atomic::AtomicI64>>,
+    pub dead_letters: Family<Labels, Counter>,
+    pub outcomes: Family<Labels, Counter>,
+    pub duplicates: Counter<u64, AtomicU64>,
+}
+
+fn handler_histogram() -> Histogram {
+    Histogram::new([
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+    ])
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("onex");
+        let events = Family::default();
+        let transitions = Family::default();
+        let rejections = Family::default();
+        let intents = Family::default();
+        let actions = Family::default();
+        let effects = Family::default();
+        let handler_seconds = Family::<Labels, Histogram>::new_with_constructor(
+            handler_histogram as fn() -> Histogram,
+        );
+        let breaker_state = Family::default();
+        let dead_letters = Family::default();
+        let outcomes = Family::default();
+        let duplicates = Counter::default();
+        registry.register(
+            "events",
+            "Events routed to reducer instances, by event type",
+            events.clone(),
+        );
+        registry.register(
+            "transitions",
+            "Transitions taken, by reducer, from and to state",
+            transitions.clone(),
+        );
+        registry.register(
+            "rejections",
+            "Triggers the FSM rejected, by reducer and reason",
+            rejections.clone(),
+        );
+        registry.register(
+            "intents",
+            "Intents emitted, by reducer and action",
+            intents.clone(),
+        );
+        registry.register(
+            "actions",
+            "Runtime actions counted with `metric`, by action",
+            actions.clone(),
+        );
+        registry.register(
+            "effects",
+            "Effect operations finished, by operation and result",
+            effects.clone(),
+        );
+        registry.register(
+            "handler_duration_seconds",
+            "Handler attempt latency, by handler",
+            handler_seconds.clone(),
+        );
+        registry.register(
+            "circuit_breaker_state",
+            "Circuit breaker per handler target: 0 closed, 1 half-open, 2 open",
+            breaker_state.clone(),
+        );
+        registry.register(
+            "dead_letters",
+            "Events kept as dead letters, by stage",
+            dead_letters.clone(),
+        );
+        registry.register(
+            "outcomes",
+            "Instances reaching a reported outcome, by reducer and outcome",
+            outcomes.clone(),
+        );
+        registry.register(
+            "duplicate_events",
+            "Events skipped because their message id was already processed",
+            duplicates.clone(),
+        );
+        Metrics {
+            registry,
+            events,
+            transitions,
+            rejections,
+            intents,
+            actions,
+            effects,
+            handler_seconds,
+            breaker_state,
+            dead_letters,
+            outcomes,
+            duplicates,
+        }
+    }
+}
+
+impl Metrics {
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}

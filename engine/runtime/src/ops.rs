@@ -1,0 +1,84 @@
+//! Operations endpoints on loopback by default: `/health` (the process is up),
+//! `/ready` (contracts loaded and every handler the contracts use reachable) and
+//! `/metrics` (Prometheus text).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use serde_json::{Map, Value, json};
+
+use crate::runtime::Shared;
+
+/// Binds `addr` and serves in the background; returns the bound address (port 0
+/// picks a free one).
+pub async fn serve(addr: SocketAddr, shared: Arc<Shared>) -> Result<SocketAddr, String> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("cannot listen on {addr}: {e} (choose another with --listen)"))?;
+    let bound = listener.local_addr().map_err(|e| e.to_string())?;
+    let app = Router::new()
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .with_state(shared);
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "operations endpoint stopped");
+        }
+    });
+    tracing::info!(addr = %bound, "operations endpoints: /health /ready /metrics");
+    Ok(bound)
+}
+
+async fn health() -> impl IntoResponse {
+    (StatusCode::OK, axum::Json(json!({"status": "ok"})))
+}
+
+async fn ready(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+    let mut handlers = Map::new();
+    let mut all = true;
+    for name in shared.project.handler_names() {
+        let status = match shared.effects.handlers().get(name) {
+            Some(handler) => match handler.ready().await {
+                Ok(()) => Value::String("ready".into()),
+                Err(e) => {
+                    all = false;
+                    Value::String(format!("unreachable: {e}"))
+                }
+            },
+            None => {
+                all = false;
+                Value::String("missing".into())
+            }
+        };
+        handlers.insert(name.to_owned(), status);
+    }
+    let status = if all {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        axum::Json(json!({
+            "ready": all,
+            "contracts": shared.project.name,
+            "handlers": handlers,
+        })),
+    )
+}
+
+async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        shared.metrics.render(),
+    )
+}

@@ -1,0 +1,1134 @@
+//! The project: an orchestrator contract and everything it references (reducer FSMs,
+//! effect contracts, payload schemas, SQL set-up files), loaded, cross-checked and
+//! compiled into what the runtime executes. Every problem in every file is reported in
+//! one pass (OX504..OX510 plus each file's own findings); the project is built only
+//! when there is no error.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use onex_contract::lints::{
+    ACTION_BOUND_TWICE, INVALID_TEMPLATE, UNBOUND_ACTION, UNKNOWN_ACTION, UNKNOWN_REDUCER,
+    UNKNOWN_STATE, UNKNOWN_TRIGGER, UNRESOLVED_REFERENCE,
+};
+use onex_contract::model::execution::{
+    After, CircuitBreakerSpec, EffectOperationsSpec, EventTemplate, Execution, RetryPolicy,
+    RuntimeAction,
+};
+use onex_contract::model::{EffectContract, OrchestratorContract};
+use onex_contract::yaml::Node;
+use onex_contract::{Contract, suggest};
+use onex_core::Machine;
+use onex_diag::{Diagnostic, FileReport, Severity, SourceFile, Span};
+use serde_json::{Map, Value};
+
+use crate::template::{Template, TemplateError};
+
+pub type ReducerId = usize;
+pub type OperationId = usize;
+
+/// A loaded, checked, compiled project.
+#[derive(Debug)]
+pub struct Project {
+    pub name: String,
+    pub orchestrator_path: PathBuf,
+    pub reducers: Vec<Reducer>,
+    /// Consumed event type -> the routes it takes (one per reducer it drives).
+    pub routes: HashMap<String, Vec<Route>>,
+    pub operations: Vec<Operation>,
+    /// Event type -> topic, from the orchestrator's consumed and published events.
+    pub topics: HashMap<String, String>,
+    pub on_start: Vec<EventSpec>,
+    pub demo: Option<Demo>,
+    /// SQL set-up files for the `db` handler, in order.
+    pub setup_sql: Vec<(PathBuf, String)>,
+}
+
+impl Project {
+    /// Handler names the operations use, sorted.
+    pub fn handler_names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.operations.iter().map(|o| o.handler.as_str()).collect();
+        names.sort_unstable();
+        names.dedup();
+        names
+    }
+
+    pub fn reducer(&self, name: &str) -> Option<ReducerId> {
+        self.reducers.iter().position(|r| r.name == name)
+    }
+}
+
+#[derive(Debug)]
+pub struct Reducer {
+    pub name: String,
+    pub machine: Arc<Machine>,
+    /// Per state: the instance takes its next external event there.
+    pub rest: Vec<bool>,
+    /// Per state: what happens on entering it.
+    pub on_enter: Vec<Option<EnterRule>>,
+    /// Per action: who performs it.
+    pub bindings: Vec<Binding>,
+    /// Per action: context updates from its effect's result.
+    pub results: Vec<Option<ResultRule>>,
+    pub report: Option<Report>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Binding {
+    Effect(OperationId),
+    Runtime(RuntimeAction),
+}
+
+#[derive(Debug)]
+pub struct EnterRule {
+    pub set: Vec<(String, Template)>,
+    pub then: Option<ThenRule>,
+}
+
+#[derive(Debug)]
+pub struct ThenRule {
+    pub when: When,
+    pub triggers: Vec<Arc<str>>,
+}
+
+#[derive(Debug)]
+pub enum When {
+    Entry,
+    Settled { timeout: Duration },
+    Delay(Template),
+}
+
+#[derive(Debug)]
+pub struct ResultRule {
+    pub success: Vec<(String, Template)>,
+    pub failure: Vec<(String, Template)>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub entity: String,
+    /// Per state: its outcome label, if it is one.
+    pub outcomes: Vec<Option<String>>,
+    pub labels: Vec<String>,
+}
+
+#[derive(Debug)]
+pub struct Route {
+    pub reducer: ReducerId,
+    pub trigger: Arc<str>,
+    pub key: Template,
+    pub context: Vec<(String, Template)>,
+    pub validate: Option<Validation>,
+}
+
+#[derive(Debug)]
+pub struct Validation {
+    pub schema: jsonschema::Validator,
+    pub errors_into: String,
+}
+
+#[derive(Debug)]
+pub struct Operation {
+    pub name: String,
+    pub handler: String,
+    pub when: Option<Template>,
+    /// `io_config` with its templates compiled; `handler_type`, `operation` and
+    /// `query_template` are never templated.
+    pub config: Template,
+    pub retry: Option<RetryPolicy>,
+    pub breaker: Option<CircuitBreakerSpec>,
+    pub timeout: Duration,
+    pub success_codes: Vec<u16>,
+}
+
+#[derive(Debug)]
+pub struct EventSpec {
+    pub topic: Option<String>,
+    pub event_type: String,
+    pub entity_id: Option<Template>,
+    pub payload: Template,
+}
+
+#[derive(Debug)]
+pub struct Demo {
+    pub entity_id: Option<Template>,
+    pub on_start: Vec<EventSpec>,
+    pub heartbeat: Option<(Duration, EventSpec)>,
+    pub answers: BTreeMap<String, Vec<EventSpec>>,
+}
+
+const DEFAULT_SETTLE_SECONDS: u64 = 30;
+const DEFAULT_OPERATION_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What loading a project gives: the project when nothing is wrong, and a report per
+/// file read (with its findings, possibly none).
+#[derive(Debug)]
+pub struct Loaded {
+    pub project: Option<Project>,
+    pub reports: Vec<FileReport>,
+}
+
+impl Loaded {
+    pub fn has_errors(&self) -> bool {
+        self.reports
+            .iter()
+            .any(|r| r.diagnostics.iter().any(|d| d.severity == Severity::Error))
+    }
+}
+
+/// One contract file read and loaded, with its findings so far.
+struct File {
+    path: PathBuf,
+    text: String,
+    contract: Option<Contract>,
+    diagnostics: Vec<Diagnostic>,
+}
+
+impl File {
+    fn read(path: &Path) -> Result<File, String> {
+        let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
+        let (text, encoding) = onex_contract::decode(&bytes);
+        let loaded = match encoding {
+            Some(d) => onex_contract::Loaded {
+                contract: None,
+                diagnostics: vec![d],
+            },
+            None => onex_contract::load(&text),
+        };
+        Ok(File {
+            path: path.to_owned(),
+            text,
+            contract: loaded.contract,
+            diagnostics: loaded.diagnostics,
+        })
+    }
+
+    fn report(self) -> FileReport {
+        FileReport {
+            source: SourceFile::new(self.path.display().to_string(), self.text),
+            diagnostics: self.diagnostics,
+        }
+    }
+}
+
+/// Finds the orchestrator contracts among `paths` (files, or directories searched
+/// recursively for `.yaml`/`.yml`), in path order.
+pub fn find_orchestrators(paths: &[PathBuf]) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    for path in paths {
+        let files: Vec<PathBuf> = if path.is_dir() {
+            let mut files = Vec::new();
+            collect_yaml(path, &mut files);
+            files
+        } else {
+            vec![path.clone()]
+        };
+        for file in files {
+            let Ok(text) = std::fs::read_to_string(&file) else {
+                continue;
+            };
+            if let Some(root) = onex_contract::yaml::parse(&text).root
+                && onex_contract::ContractKind::detect(&root)
+                    == Some(onex_contract::ContractKind::Orchestrator)
+            {
+                found.push(file);
+            }
+        }
+    }
+    found.sort();
+    found
+}
+
+fn collect_yaml(dir: &Path, out: &mut Vec<PathBuf>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            collect_yaml(&path, out);
+        } else if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+            out.push(path);
+        }
+    }
+}
+
+/// Loads the orchestrator at `path` and everything it references.
+pub fn load(path: &Path) -> Loaded {
+    let mut orchestrator_file = match File::read(path) {
+        Ok(file) => file,
+        Err(e) => {
+            return Loaded {
+                project: None,
+                reports: vec![FileReport {
+                    source: SourceFile::new(path.display().to_string(), String::new()),
+                    diagnostics: vec![
+                        Diagnostic::new(
+                            &UNRESOLVED_REFERENCE,
+                            format!("cannot read {}: {e}", path.display()),
+                        )
+                        .with_help("pass an orchestrator contract or a directory holding one"),
+                    ],
+                }],
+            };
+        }
+    };
+    let orchestrator = match orchestrator_file.contract.take() {
+        Some(Contract::Orchestrator(o)) => o,
+        other => {
+            if other.is_some() {
+                orchestrator_file.diagnostics.push(
+                    Diagnostic::new(
+                        &UNRESOLVED_REFERENCE,
+                        "`onex run` needs an orchestrator contract; this is another kind",
+                    )
+                    .at(Span::point(0), ""),
+                );
+            }
+            return Loaded {
+                project: None,
+                reports: vec![orchestrator_file.report()],
+            };
+        }
+    };
+    let mut builder = Builder {
+        base: path.parent().unwrap_or(Path::new(".")).to_owned(),
+        orchestrator: &orchestrator,
+        own: Vec::new(),
+        others: Vec::new(),
+        effects_complete: true,
+    };
+    let project = builder.build(path);
+    orchestrator_file.diagnostics.append(&mut builder.own);
+    orchestrator_file
+        .diagnostics
+        .sort_by_key(|d| (d.span.map(|s| s.start), d.lint.code));
+    let mut reports = vec![orchestrator_file.report()];
+    reports.extend(builder.others.into_iter().map(File::report));
+    let failed = reports
+        .iter()
+        .any(|r| r.diagnostics.iter().any(|d| d.severity == Severity::Error));
+    Loaded {
+        project: if failed { None } else { project },
+        reports,
+    }
+}
+
+struct Builder<'a> {
+    base: PathBuf,
+    orchestrator: &'a OrchestratorContract,
+    /// Findings located in the orchestrator.
+    own: Vec<Diagnostic>,
+    /// The referenced files, with their findings.
+    others: Vec<File>,
+    effects_complete: bool,
+}
+
+impl Builder<'_> {
+    fn root(&self) -> &Node {
+        &self.orchestrator.root
+    }
+
+    /// A finding at a pointer of the orchestrator.
+    fn at(&self, lint: &'static onex_diag::Lint, pointer: &str, message: String) -> Diagnostic {
+        let span = self
+            .root()
+            .at_pointer(pointer)
+            .map_or(Span::point(0), |(node, _)| node.span);
+        Diagnostic::new(lint, message).at(span, pointer)
+    }
+
+    fn template(&mut self, value: &Value, pointer: &str) -> Template {
+        match Template::compile(value) {
+            Ok(t) => t,
+            Err(TemplateError {
+                pointer: inner,
+                message,
+            }) => {
+                let at = format!("{pointer}{inner}");
+                let d = self.at(&INVALID_TEMPLATE, &at, message);
+                self.own.push(d);
+                Template::literal(Value::Null)
+            }
+        }
+    }
+
+    fn templates(&mut self, map: &Map<String, Value>, pointer: &str) -> Vec<(String, Template)> {
+        map.iter()
+            .map(|(k, v)| {
+                let t = self.template(v, &format!("{pointer}/{}", escape(k)));
+                (k.clone(), t)
+            })
+            .collect()
+    }
+
+    /// Reads a referenced contract file; a missing one is a finding at `pointer`.
+    fn reference(&mut self, relative: &str, pointer: &str) -> Option<usize> {
+        let path = normalize(&self.base.join(relative));
+        match File::read(&path) {
+            Ok(file) => {
+                self.others.push(file);
+                Some(self.others.len() - 1)
+            }
+            Err(e) => {
+                let d = self
+                    .at(
+                        &UNRESOLVED_REFERENCE,
+                        pointer,
+                        format!("cannot read `{relative}` ({}): {e}", path.display()),
+                    )
+                    .with_help("paths are relative to the orchestrator contract");
+                self.own.push(d);
+                None
+            }
+        }
+    }
+
+    fn build(&mut self, path: &Path) -> Option<Project> {
+        let Some(execution) = self.orchestrator.execution.clone() else {
+            if self.root().get("execution").is_none() {
+                let d = Diagnostic::new(
+                    &UNRESOLVED_REFERENCE,
+                    "this orchestrator has no `execution` block, so there is nothing to run",
+                )
+                .at(Span::point(0), "")
+                .with_help("docs/orchestration.md shows how routes and reducers are declared");
+                self.own.push(d);
+            }
+            return None;
+        };
+        let findings_before = self.own.len();
+        let effects = self.load_effects(&execution);
+        // Without every effect contract the bindings are unknown: no OX507 cascade.
+        self.effects_complete =
+            self.own.len() == findings_before && effects.iter().all(|(_, e)| e.spec.is_some());
+        let mut operations = Vec::new();
+        let mut intent_owner: HashMap<String, (OperationId, String)> = HashMap::new();
+        for (file_index, effect) in &effects {
+            let Some(spec) = &effect.spec else { continue };
+            self.compile_operations(*file_index, spec, &mut operations, &mut intent_owner);
+        }
+        let reducers = self.load_reducers(&execution, &intent_owner);
+        let routes = self.compile_routes(&execution, &reducers);
+        self.check_results_and_runtime_actions(&execution, &reducers, &intent_owner);
+        let on_start = self.events(&execution.on_start, "/execution/on_start");
+        let demo = execution.demo.as_ref().map(|demo| Demo {
+            entity_id: demo
+                .entity_id
+                .as_ref()
+                .map(|t| self.template(&Value::String(t.clone()), "/execution/demo/entity_id")),
+            on_start: self.events(&demo.on_start, "/execution/demo/on_start"),
+            heartbeat: demo.heartbeat.as_ref().map(|h| {
+                (
+                    Duration::from_millis(h.interval_ms),
+                    self.event(&h.event, "/execution/demo/heartbeat/event"),
+                )
+            }),
+            answers: demo
+                .answers
+                .iter()
+                .map(|(event_type, events)| {
+                    let pointer = format!("/execution/demo/answers/{}", escape(event_type));
+                    (event_type.clone(), self.events(events, &pointer))
+                })
+                .collect(),
+        });
+        let setup_sql = self.setup_sql(&effects);
+        let topics = self.topics();
+        Some(Project {
+            name: self
+                .orchestrator
+                .name
+                .clone()
+                .unwrap_or_else(|| "orchestrator".into()),
+            orchestrator_path: path.to_owned(),
+            reducers: reducers.into_iter().flatten().collect(),
+            routes,
+            operations,
+            topics,
+            on_start,
+            demo,
+            setup_sql,
+        })
+    }
+
+    fn load_effects(&mut self, execution: &Execution) -> Vec<(usize, EffectContract)> {
+        let mut effects = Vec::new();
+        for (i, relative) in execution.effects.iter().enumerate() {
+            let pointer = format!("/execution/effects/{i}");
+            let Some(index) = self.reference(relative, &pointer) else {
+                continue;
+            };
+            match self.others[index].contract.clone() {
+                Some(Contract::Effect(effect)) => effects.push((index, effect)),
+                Some(other) => {
+                    let d = self.at(
+                        &UNRESOLVED_REFERENCE,
+                        &pointer,
+                        format!(
+                            "`{relative}` is an {} contract, not an effect contract",
+                            other.kind().as_str()
+                        ),
+                    );
+                    self.own.push(d);
+                }
+                None => {}
+            }
+        }
+        effects
+    }
+
+    fn compile_operations(
+        &mut self,
+        file_index: usize,
+        spec: &EffectOperationsSpec,
+        operations: &mut Vec<Operation>,
+        intent_owner: &mut HashMap<String, (OperationId, String)>,
+    ) {
+        for (i, op) in spec.operations.iter().enumerate() {
+            let pointer = format!("/effect_operations/operations/{i}");
+            let mut config = op.io_config.clone();
+            let handler = config
+                .get("handler_type")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_owned();
+            // Fixed parts are taken out before compiling so that they are never templated.
+            let fixed: Vec<(String, Value)> = ["handler_type", "operation", "query_template"]
+                .iter()
+                .filter_map(|k| {
+                    config
+                        .as_object_mut()
+                        .and_then(|m| m.remove(*k))
+                        .map(|v| ((*k).to_owned(), v))
+                })
+                .collect();
+            let mut compiled =
+                self.effect_template(file_index, &config, &format!("{pointer}/io_config"));
+            if !fixed.is_empty() {
+                compiled = Template::with_fixed(compiled, fixed);
+            }
+            let when = op.when.as_ref().map(|w| {
+                self.effect_template(
+                    file_index,
+                    &Value::String(w.clone()),
+                    &format!("{pointer}/when"),
+                )
+            });
+            let id = operations.len();
+            for (j, intent) in op.intent_names().into_iter().enumerate() {
+                if let Some((_, earlier)) = intent_owner.get(intent) {
+                    let file = &self.others[file_index];
+                    let intent_pointer = if op.intents.is_some() {
+                        format!("{pointer}/intents/{j}")
+                    } else {
+                        format!("{pointer}/operation_name")
+                    };
+                    let d = located(
+                        file,
+                        &ACTION_BOUND_TWICE,
+                        &intent_pointer,
+                        format!("intent `{intent}` is already run by operation `{earlier}`"),
+                    )
+                    .with_help("an intent runs exactly one operation; remove it from one of them");
+                    self.others[file_index].diagnostics.push(d);
+                } else {
+                    intent_owner.insert(intent.to_owned(), (id, op.operation_name.clone()));
+                }
+            }
+            operations.push(Operation {
+                name: op.operation_name.clone(),
+                handler,
+                when,
+                config: compiled,
+                retry: op
+                    .retry_policy
+                    .clone()
+                    .or_else(|| spec.default_retry_policy.clone())
+                    .filter(|r| r.enabled && r.max_retries > 0),
+                breaker: op
+                    .circuit_breaker
+                    .clone()
+                    .or_else(|| spec.default_circuit_breaker.clone())
+                    .filter(|b| b.enabled),
+                timeout: op
+                    .operation_timeout_ms
+                    .map_or(DEFAULT_OPERATION_TIMEOUT, Duration::from_millis),
+                success_codes: op
+                    .response_handling
+                    .as_ref()
+                    .map(|r| r.success_codes.clone())
+                    .unwrap_or_default(),
+            });
+        }
+    }
+
+    fn effect_template(&mut self, file_index: usize, value: &Value, pointer: &str) -> Template {
+        match Template::compile(value) {
+            Ok(t) => t,
+            Err(e) => {
+                let file = &self.others[file_index];
+                let d = located(
+                    file,
+                    &INVALID_TEMPLATE,
+                    &format!("{pointer}{}", e.pointer),
+                    e.message,
+                );
+                self.others[file_index].diagnostics.push(d);
+                Template::literal(Value::Null)
+            }
+        }
+    }
+
+    fn load_reducers(
+        &mut self,
+        execution: &Execution,
+        intent_owner: &HashMap<String, (OperationId, String)>,
+    ) -> Vec<Option<Reducer>> {
+        let mut reducers = Vec::new();
+        for (name, spec) in &execution.reducers {
+            let pointer = format!("/execution/reducers/{}", escape(name));
+            let contract_pointer = format!("{pointer}/contract");
+            let Some(index) = self.reference(&spec.contract, &contract_pointer) else {
+                reducers.push(None);
+                continue;
+            };
+            let fsm = match self.others[index].contract.clone() {
+                Some(Contract::Fsm(fsm)) => fsm,
+                Some(other) => {
+                    let d = self.at(
+                        &UNRESOLVED_REFERENCE,
+                        &contract_pointer,
+                        format!(
+                            "`{}` is an {} contract, not an FSM",
+                            spec.contract,
+                            other.kind().as_str()
+                        ),
+                    );
+                    self.own.push(d);
+                    reducers.push(None);
+                    continue;
+                }
+                None => {
+                    reducers.push(None);
+                    continue;
+                }
+            };
+            if self.others[index]
+                .diagnostics
+                .iter()
+                .any(|d| d.severity == Severity::Error)
+            {
+                reducers.push(None);
+                continue;
+            }
+            let Ok(machine) = Machine::compile(&fsm) else {
+                reducers.push(None);
+                continue;
+            };
+            let machine = Arc::new(machine);
+            let timeout_seconds = fsm_timeout_seconds(&self.others[index]);
+            let state_count = machine.states.len();
+            let mut on_enter: Vec<Option<EnterRule>> = (0..state_count).map(|_| None).collect();
+            for (state, rule) in &spec.on_enter {
+                let rule_pointer = format!("{pointer}/on_enter/{}", escape(state));
+                let Some(id) = self.state(&machine, state, &rule_pointer) else {
+                    continue;
+                };
+                let set = self.templates(&rule.set, &format!("{rule_pointer}/set"));
+                let then = rule.then.as_ref().map(|then| {
+                    let then_pointer = format!("{rule_pointer}/then");
+                    let triggers = self.triggers(
+                        &machine,
+                        name,
+                        &then.try_triggers,
+                        &format!("{then_pointer}/try"),
+                    );
+                    let when = match (&then.after_ms, then.after) {
+                        (Some(delay), _) => {
+                            When::Delay(self.template(delay, &format!("{then_pointer}/after_ms")))
+                        }
+                        (None, After::Settled) => When::Settled {
+                            timeout: Duration::from_secs(
+                                then.timeout_seconds
+                                    .or(timeout_seconds)
+                                    .unwrap_or(DEFAULT_SETTLE_SECONDS),
+                            ),
+                        },
+                        (None, After::Entry) => When::Entry,
+                    };
+                    ThenRule { when, triggers }
+                });
+                on_enter[id as usize] = Some(EnterRule { set, then });
+            }
+            let mut rest = vec![false; state_count];
+            match &spec.rest_states {
+                Some(states) => {
+                    for (i, state) in states.iter().enumerate() {
+                        if let Some(id) =
+                            self.state(&machine, state, &format!("{pointer}/rest_states/{i}"))
+                        {
+                            rest[id as usize] = true;
+                        }
+                    }
+                }
+                None => rest[machine.initial] = true,
+            }
+            let bindings = self.bind_actions(&machine, name, spec, intent_owner, index);
+            let results = machine
+                .actions
+                .iter()
+                .map(|action| {
+                    spec.results.get(&*action.name).map(|r| {
+                        let result_pointer = format!("{pointer}/results/{}", escape(&action.name));
+                        ResultRule {
+                            success: self
+                                .templates(&r.success, &format!("{result_pointer}/success")),
+                            failure: self
+                                .templates(&r.failure, &format!("{result_pointer}/failure")),
+                        }
+                    })
+                })
+                .collect();
+            let report = spec.report.as_ref().map(|report| {
+                let mut outcomes = vec![None; state_count];
+                for (state, label) in &report.outcomes {
+                    let at = format!("{pointer}/report/outcomes/{}", escape(state));
+                    if let Some(id) = self.state(&machine, state, &at) {
+                        outcomes[id as usize] = Some(label.clone());
+                    }
+                }
+                let mut labels: Vec<String> = report.outcomes.values().cloned().collect();
+                labels.dedup();
+                Report {
+                    entity: report.entity.clone(),
+                    outcomes,
+                    labels,
+                }
+            });
+            reducers.push(Some(Reducer {
+                name: name.clone(),
+                machine,
+                rest,
+                on_enter,
+                bindings,
+                results,
+                report,
+            }));
+        }
+        reducers
+    }
+
+    /// Every FSM action must be run by an effect operation or be a declared runtime
+    /// action; a finding in the FSM file otherwise.
+    fn bind_actions(
+        &mut self,
+        machine: &Machine,
+        reducer: &str,
+        spec: &onex_contract::model::execution::ReducerSpec,
+        intent_owner: &HashMap<String, (OperationId, String)>,
+        fsm_file: usize,
+    ) -> Vec<Binding> {
+        let mut bindings = Vec::with_capacity(machine.actions.len());
+        for action in &machine.actions {
+            let name = &*action.name;
+            if let Some((op, _)) = intent_owner.get(name) {
+                bindings.push(Binding::Effect(*op));
+            } else if let Some(kind) = spec.runtime_actions.get(name) {
+                bindings.push(Binding::Runtime(*kind));
+            } else {
+                bindings.push(Binding::Runtime(RuntimeAction::Log));
+                if !self.effects_complete {
+                    continue;
+                }
+                let file = &self.others[fsm_file];
+                let pointer = find_action_pointer(&file.contract, name).unwrap_or_default();
+                let d = located(
+                    file,
+                    &UNBOUND_ACTION,
+                    &pointer,
+                    format!("action `{name}` is run by no effect operation and is not a runtime action of reducer `{reducer}`"),
+                )
+                .with_help(format!(
+                    "add `{name}` to an effect operation's `intents`, or declare it under execution.reducers.{reducer}.runtime_actions in {} (route, log, metric, timer, results, effects)",
+                    self.orchestrator.name.as_deref().unwrap_or("the orchestrator")
+                ));
+                self.others[fsm_file].diagnostics.push(d);
+            }
+        }
+        bindings
+    }
+
+    fn state(&mut self, machine: &Machine, name: &str, pointer: &str) -> Option<u32> {
+        if let Some(id) = machine.state_id(name) {
+            return Some(id as u32);
+        }
+        let mut d = self.at(
+            &UNKNOWN_STATE,
+            pointer,
+            format!("state `{name}` is not declared in FSM `{}`", machine.name),
+        );
+        if let Some(help) = suggest::did_you_mean(name, machine.states.iter().map(|s| &*s.name)) {
+            d = d.with_help(help);
+        }
+        self.own.push(d);
+        None
+    }
+
+    fn triggers(
+        &mut self,
+        machine: &Machine,
+        reducer: &str,
+        names: &[String],
+        pointer: &str,
+    ) -> Vec<Arc<str>> {
+        let known = machine.triggers();
+        let mut out = Vec::new();
+        for (i, name) in names.iter().enumerate() {
+            if known.iter().any(|t| **t == **name) {
+                out.push(machine.trigger_name(name));
+                continue;
+            }
+            let mut d = self.at(
+                &UNKNOWN_TRIGGER,
+                &format!("{pointer}/{i}"),
+                format!("reducer `{reducer}` has no trigger `{name}`"),
+            );
+            if let Some(help) = suggest::did_you_mean(name, known.iter().map(|t| &**t)) {
+                d = d.with_help(help);
+            }
+            self.own.push(d);
+        }
+        out
+    }
+
+    fn compile_routes(
+        &mut self,
+        execution: &Execution,
+        reducers: &[Option<Reducer>],
+    ) -> HashMap<String, Vec<Route>> {
+        let mut routes: HashMap<String, Vec<Route>> = HashMap::new();
+        for (i, spec) in execution.routes.iter().enumerate() {
+            let pointer = format!("/execution/routes/{i}");
+            let Some(position) = execution.reducers.keys().position(|k| *k == spec.reducer) else {
+                let mut d = self.at(
+                    &UNKNOWN_REDUCER,
+                    &format!("{pointer}/reducer"),
+                    format!(
+                        "reducer `{}` is not declared under execution.reducers",
+                        spec.reducer
+                    ),
+                );
+                if let Some(help) = suggest::did_you_mean(
+                    &spec.reducer,
+                    execution.reducers.keys().map(String::as_str),
+                ) {
+                    d = d.with_help(help);
+                }
+                self.own.push(d);
+                continue;
+            };
+            let key = self.template(
+                &Value::String(spec.instance_key.clone()),
+                &format!("{pointer}/instance_key"),
+            );
+            let context = self.templates(&spec.context, &format!("{pointer}/context"));
+            let validate = spec
+                .validate
+                .as_ref()
+                .and_then(|v| self.validation(v, &format!("{pointer}/validate/schema")));
+            let Some(reducer) = &reducers[position] else {
+                continue;
+            };
+            let triggers = self.triggers(
+                &reducer.machine,
+                &spec.reducer,
+                std::slice::from_ref(&spec.trigger),
+                &format!("{pointer}/trigger_list"),
+            );
+            let Some(trigger) = triggers.into_iter().next() else {
+                // Re-point the finding from the synthetic list at the trigger itself.
+                let orchestrator = self.orchestrator;
+                if let Some(last) = self.own.last_mut() {
+                    *last = relocate(
+                        last.clone(),
+                        &orchestrator.root,
+                        &format!("{pointer}/trigger"),
+                    );
+                }
+                continue;
+            };
+            let reducer_id = reducers[..position].iter().filter(|r| r.is_some()).count();
+            routes
+                .entry(spec.event_type.clone())
+                .or_default()
+                .push(Route {
+                    reducer: reducer_id,
+                    trigger,
+                    key,
+                    context,
+                    validate,
+                });
+        }
+        routes
+    }
+
+    fn validation(
+        &mut self,
+        spec: &onex_contract::model::execution::ValidateSpec,
+        pointer: &str,
+    ) -> Option<Validation> {
+        let path = normalize(&self.base.join(&spec.schema));
+        let schema = std::fs::read_to_string(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|text| serde_json::from_str::<Value>(&text).map_err(|e| e.to_string()))
+            .and_then(|schema| jsonschema::validator_for(&schema).map_err(|e| e.to_string()));
+        match schema {
+            Ok(schema) => Some(Validation {
+                schema,
+                errors_into: spec.errors_into.clone(),
+            }),
+            Err(e) => {
+                let d = self.at(
+                    &UNRESOLVED_REFERENCE,
+                    pointer,
+                    format!(
+                        "payload schema `{}` ({}) cannot be used: {e}",
+                        spec.schema,
+                        path.display()
+                    ),
+                );
+                self.own.push(d);
+                None
+            }
+        }
+    }
+
+    /// `results` and `runtime_actions` entries must name actions the reducer emits.
+    fn check_results_and_runtime_actions(
+        &mut self,
+        execution: &Execution,
+        reducers: &[Option<Reducer>],
+        intent_owner: &HashMap<String, (OperationId, String)>,
+    ) {
+        let emitted: Vec<&str> = reducers
+            .iter()
+            .flatten()
+            .flat_map(|r| r.machine.actions.iter().map(|a| &*a.name))
+            .collect();
+        for (name, spec) in &execution.reducers {
+            let Some(reducer) = reducers.iter().flatten().find(|r| &r.name == name) else {
+                continue;
+            };
+            let own: Vec<&str> = reducer.machine.actions.iter().map(|a| &*a.name).collect();
+            for (section, keys) in [
+                ("results", spec.results.keys().collect::<Vec<_>>()),
+                ("runtime_actions", spec.runtime_actions.keys().collect()),
+            ] {
+                for key in keys {
+                    if own.contains(&key.as_str()) {
+                        continue;
+                    }
+                    let pointer = format!(
+                        "/execution/reducers/{}/{section}/{}",
+                        escape(name),
+                        escape(key)
+                    );
+                    let mut d = self.at(
+                        &UNKNOWN_ACTION,
+                        &pointer,
+                        format!("FSM of reducer `{name}` has no action `{key}`"),
+                    );
+                    if let Some(help) = suggest::did_you_mean(key, own.iter().copied()) {
+                        d = d.with_help(help);
+                    }
+                    self.own.push(d);
+                }
+            }
+        }
+        let unknown: Vec<String> = intent_owner
+            .keys()
+            .filter(|intent| !emitted.contains(&intent.as_str()))
+            .cloned()
+            .collect();
+        for intent in unknown {
+            let (op, _) = &intent_owner[&intent];
+            // Located in the effect file that declares it.
+            for file in self.others.iter_mut() {
+                let Some(Contract::Effect(effect)) = &file.contract else {
+                    continue;
+                };
+                let Some(spec) = &effect.spec else { continue };
+                let Some((i, o)) = spec
+                    .operations
+                    .iter()
+                    .enumerate()
+                    .find(|(_, o)| o.intent_names().contains(&intent.as_str()))
+                else {
+                    continue;
+                };
+                let pointer = match &o.intents {
+                    Some(list) => format!(
+                        "/effect_operations/operations/{i}/intents/{}",
+                        list.iter().position(|x| *x == intent).unwrap_or(0)
+                    ),
+                    None => format!("/effect_operations/operations/{i}/operation_name"),
+                };
+                let mut d = located(
+                    file,
+                    &UNKNOWN_ACTION,
+                    &pointer,
+                    format!(
+                        "no reducer emits action `{intent}`; operation `{}` never runs for it",
+                        o.operation_name
+                    ),
+                );
+                if let Some(help) = suggest::did_you_mean(&intent, emitted.iter().copied()) {
+                    d = d.with_help(help);
+                }
+                file.diagnostics.push(d);
+                let _ = op;
+                break;
+            }
+        }
+    }
+
+    fn events(&mut self, events: &[EventTemplate], pointer: &str) -> Vec<EventSpec> {
+        events
+            .iter()
+            .enumerate()
+            .map(|(i, e)| self.event(e, &format!("{pointer}/{i}")))
+            .collect()
+    }
+
+    fn event(&mut self, event: &EventTemplate, pointer: &str) -> EventSpec {
+        EventSpec {
+            topic: event.topic.clone(),
+            event_type: event.event_type.clone(),
+            entity_id: event
+                .entity_id
+                .as_ref()
+                .map(|t| self.template(&Value::String(t.clone()), &format!("{pointer}/entity_id"))),
+            payload: self.template(&event.payload, &format!("{pointer}/payload")),
+        }
+    }
+
+    fn setup_sql(&mut self, effects: &[(usize, EffectContract)]) -> Vec<(PathBuf, String)> {
+        let mut out = Vec::new();
+        for (file_index, effect) in effects {
+            let base = self.others[*file_index]
+                .path
+                .parent()
+                .unwrap_or(Path::new("."))
+                .to_owned();
+            for sql in &effect.setup_db {
+                let path = normalize(&base.join(&sql.value));
+                match std::fs::read_to_string(&path) {
+                    Ok(text) => out.push((path, text)),
+                    Err(e) => {
+                        let d = Diagnostic::new(
+                            &UNRESOLVED_REFERENCE,
+                            format!(
+                                "cannot read SQL file `{}` ({}): {e}",
+                                sql.value,
+                                path.display()
+                            ),
+                        )
+                        .at(sql.span, sql.pointer.clone());
+                        self.others[*file_index].diagnostics.push(d);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn topics(&self) -> HashMap<String, String> {
+        let mut topics = HashMap::new();
+        for key in ["consumed_events", "published_events"] {
+            let Some(list) = self.root().get(key) else {
+                continue;
+            };
+            for item in list.as_seq() {
+                if let (Some(topic), Some(event_type)) = (
+                    item.get("topic").and_then(Node::as_str),
+                    item.get("event_type").and_then(Node::as_str),
+                ) {
+                    topics
+                        .entry(event_type.to_owned())
+                        .or_insert_with(|| topic.to_owned());
+                }
+            }
+        }
+        topics
+    }
+}
+
+fn fsm_timeout_seconds(file: &File) -> Option<u64> {
+    let Some(Contract::Fsm(_)) = &file.contract else {
+        return None;
+    };
+    let root = onex_contract::yaml::parse(&file.text).root?;
+    root.get("error_handling")?
+        .get("timeout_seconds")?
+        .as_i64()
+        .and_then(|n| u64::try_from(n).ok())
+}
+
+/// The pointer of the first place an action is written in an FSM contract.
+fn find_action_pointer(contract: &Option<Contract>, name: &str) -> Option<String> {
+    let Some(Contract::Fsm(fsm)) = contract else {
+        return None;
+    };
+    fsm.states
+        .iter()
+        .flat_map(|s| s.entry_actions.iter().chain(&s.exit_actions))
+        .chain(fsm.transitions.iter().flat_map(|t| &t.actions))
+        .find(|a| a.name.value == name)
+        .map(|a| a.name.pointer.clone())
+}
+
+/// A finding at a pointer of a referenced file.
+fn located(
+    file: &File,
+    lint: &'static onex_diag::Lint,
+    pointer: &str,
+    message: String,
+) -> Diagnostic {
+    let span = onex_contract::yaml::parse(&file.text)
+        .root
+        .and_then(|root| root.at_pointer(pointer).map(|(node, _)| node.span))
+        .unwrap_or(Span::point(0));
+    Diagnostic::new(lint, message).at(span, pointer)
+}
+
+fn relocate(mut d: Diagnostic, root: &Node, pointer: &str) -> Diagnostic {
+    if let Some((node, _)) = root.at_pointer(pointer) {
+        d.span = Some(node.span);
+        d.pointer = pointer.to_owned();
+    }
+    d
+}
+
+/// `a/b/../c` -> `a/c`, without touching the file system, so that paths in findings
+/// read as the user would write them.
+fn normalize(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for component in path.components() {
+        match component {
+            Component::ParentDir if out.file_name().is_some() && !out.ends_with("..") => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+fn escape(key: &str) -> String {
+    onex_contract::yaml::pointer_segment(key)
+}

@@ -1,0 +1,661 @@
+//! `onex run`: wires the project, the bus, the handlers, the store and the shards
+//! together, feeds events in, and stops when told to (or, with `until_idle`, when all
+//! work is done), draining what is in flight within a deadline.
+
+use std::collections::{BTreeMap, HashSet};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde_json::{Value, json};
+use tokio::io::AsyncBufReadExt;
+use tokio::sync::mpsc;
+
+use crate::bus::{Bus, Delivery};
+use crate::effects::EffectRunner;
+use crate::envelope::Envelope;
+use crate::handler::Handlers;
+use crate::metrics::Metrics;
+use crate::project::{EventSpec, Project};
+use crate::shard::{Message, Shard, shard_of};
+use crate::slot::Snapshot;
+use crate::store::{DeadLetter, Store, Write};
+use crate::template;
+use crate::work::Work;
+
+/// What the shards share.
+#[derive(Debug)]
+pub struct Shared {
+    pub project: Arc<Project>,
+    pub effects: EffectRunner,
+    pub bus: Arc<dyn Bus>,
+    pub store: Store,
+    pub metrics: Arc<Metrics>,
+    pub work: Arc<Work>,
+    /// `env` in operation templates: the process environment.
+    pub env: Value,
+    dead_letters: AtomicU64,
+}
+
+impl Shared {
+    pub fn dead_letter(&self, letter: DeadLetter) {
+        self.metrics
+            .dead_letters
+            .get_or_create(&vec![("stage", letter.stage.clone())])
+            .inc();
+        self.dead_letters.fetch_add(1, Ordering::Relaxed);
+        self.store.write(Write::DeadLetter(letter));
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum Source {
+    File(PathBuf),
+    Stdin,
+}
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub data_dir: PathBuf,
+    pub sources: Vec<Source>,
+    pub demo: Option<usize>,
+    pub until_idle: bool,
+    /// Where `/health`, `/ready` and `/metrics` listen; `None`: nowhere.
+    pub listen: Option<SocketAddr>,
+    /// How long shutdown waits for work in flight.
+    pub drain: Duration,
+    pub shards: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Summary {
+    pub orchestrator: String,
+    pub runtime_id: String,
+    /// `idle` or `signal`.
+    pub stopped_by: String,
+    pub elapsed_ms: u64,
+    pub events: EventCounts,
+    pub reducers: Vec<ReducerSummary>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub demo: Option<DemoSummary>,
+    pub handlers: BTreeMap<String, String>,
+    pub bus: String,
+    pub state: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct EventCounts {
+    /// Read from the sources and the demo in this run.
+    pub received: u64,
+    pub duplicates: u64,
+    pub dead_letters: u64,
+    pub dead_letters_total: i64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ReducerSummary {
+    pub name: String,
+    pub entity: Option<String>,
+    pub instances: usize,
+    pub states: BTreeMap<String, usize>,
+    /// Instances by their last outcome; every declared outcome appears, zero or not.
+    pub outcomes: BTreeMap<String, usize>,
+    /// Instances with effects in flight, a pending timer or queued events.
+    pub busy: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DemoSummary {
+    pub entities: usize,
+    /// Entities whose reported reducer instance reached an outcome.
+    pub reached_outcome: usize,
+    pub lost: usize,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub lost_examples: Vec<String>,
+}
+
+/// Runs until `shutdown` resolves or, with `until_idle`, until all work is done.
+pub async fn run(
+    project: Project,
+    handlers: Handlers,
+    bus: Arc<dyn Bus>,
+    work: Arc<Work>,
+    options: Options,
+    shutdown: impl Future<Output = ()>,
+) -> Result<Summary, String> {
+    let started = Instant::now();
+    let project = Arc::new(project);
+    let (store, writer) = Store::open(&options.data_dir).await?;
+    let runtime_id = match store.meta("runtime_id").await? {
+        Some(id) => id,
+        None => {
+            let id = uuid::Uuid::new_v4().to_string();
+            store.set_meta("runtime_id", &id).await?;
+            id
+        }
+    };
+    for name in project.handler_names() {
+        let handler = handlers.get(name).ok_or_else(|| {
+            format!("the contracts use the `{name}` handler, which this build does not provide")
+        })?;
+        handler
+            .prepare(&project)
+            .await
+            .map_err(|e| format!("handler `{name}` cannot start: {e}"))?;
+    }
+    let metrics = Arc::new(Metrics::default());
+    let env: serde_json::Map<String, Value> = std::env::vars()
+        .map(|(k, v)| (k, Value::String(v)))
+        .collect();
+    let handler_lines = project
+        .handler_names()
+        .into_iter()
+        .filter_map(|n| handlers.get(n).map(|h| (n.to_owned(), h.describe())))
+        .collect();
+    let shared = Arc::new(Shared {
+        project: Arc::clone(&project),
+        effects: EffectRunner::new(handlers, Arc::clone(&metrics)),
+        bus: Arc::clone(&bus),
+        store: store.clone(),
+        metrics: Arc::clone(&metrics),
+        work: Arc::clone(&work),
+        env: Value::Object(env),
+        dead_letters: AtomicU64::new(0),
+    });
+
+    // Shards, then the instances they take over from the last run.
+    let shard_count = options.shards.max(1);
+    let mut shard_senders = Vec::with_capacity(shard_count);
+    let mut shard_tasks = Vec::with_capacity(shard_count);
+    for _ in 0..shard_count {
+        let (sender, receiver) = mpsc::unbounded_channel();
+        let shard = Shard::new(Arc::clone(&shared), sender.clone());
+        shard_tasks.push(tokio::spawn(shard.run(receiver)));
+        shard_senders.push(sender);
+    }
+    restore(&shared, &shard_senders).await?;
+
+    // The event log: everything on the bus, kept in the store.
+    let mut tap = bus.subscribe(None);
+    let tap_store = store.clone();
+    let tap_task = tokio::spawn(async move {
+        while let Some(Delivery { envelope, work }) = tap.recv().await {
+            tap_store.write(Write::Event(envelope));
+            drop(work);
+        }
+    });
+
+    // The router: consumed events -> instances.
+    let routed: HashSet<String> = project.routes.keys().cloned().collect();
+    let mut subscription = bus.subscribe(Some(routed));
+    let router_shared = Arc::clone(&shared);
+    let router_senders = shard_senders.clone();
+    let router = tokio::spawn(async move {
+        while let Some(delivery) = subscription.recv().await {
+            route(&router_shared, &router_senders, delivery);
+        }
+    });
+
+    let listen = match options.listen {
+        Some(addr) => Some(crate::ops::serve(addr, Arc::clone(&shared)).await?),
+        None => None,
+    };
+    let runtime_vars = json!({
+        "id": runtime_id,
+        "version": env!("CARGO_PKG_VERSION"),
+        "health_url": listen.map(|a| format!("http://{a}/health")),
+    });
+
+    let received = Arc::new(AtomicU64::new(0));
+    let mut sources = Vec::new();
+    let demo = match (options.demo, &project.demo) {
+        (Some(count), Some(spec)) => Some(crate::demo::start(
+            Arc::clone(&shared),
+            count,
+            options.until_idle,
+            Arc::clone(&received),
+            &mut sources,
+            spec,
+        )),
+        (Some(_), None) => {
+            return Err(format!(
+                "--demo needs a `demo` block in the orchestrator ({})",
+                project.orchestrator_path.display()
+            ));
+        }
+        _ => None,
+    };
+    publish_all(&shared, &project.on_start, &runtime_vars, None);
+    for source in options.sources.clone() {
+        let shared = Arc::clone(&shared);
+        let received = Arc::clone(&received);
+        let guard = work.guard();
+        sources.push(tokio::spawn(async move {
+            read_source(&shared, source, &received).await;
+            drop(guard);
+        }));
+    }
+
+    let stopped_by = if options.until_idle {
+        tokio::select! {
+            () = until_idle(&work) => "idle",
+            () = shutdown => "signal",
+        }
+    } else {
+        shutdown.await;
+        "signal"
+    };
+    for source in &sources {
+        source.abort();
+    }
+    if stopped_by == "signal" {
+        tracing::info!(
+            outstanding = work.outstanding(),
+            deadline_ms = options.drain.as_millis() as u64,
+            "shutting down: draining work in flight"
+        );
+        if tokio::time::timeout(options.drain, work.idle())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                outstanding = work.outstanding(),
+                "drain deadline passed; unfinished work is kept in the store and resumes on the next start"
+            );
+        }
+    }
+    router.abort();
+    tap_task.abort();
+    for task in &shard_tasks {
+        task.abort();
+    }
+    store.flush().await;
+
+    let summary = summarise(
+        &shared,
+        &runtime_id,
+        stopped_by,
+        started,
+        &received,
+        demo,
+        handler_lines,
+        listen,
+    )
+    .await?;
+    // Everything is committed (flushed above); the writer ends with the process.
+    drop(writer);
+    Ok(summary)
+}
+
+/// Idle: nothing outstanding, twice in a row a tick apart, so that a message handed
+/// from one task to the next in between is not missed.
+async fn until_idle(work: &Work) {
+    loop {
+        work.idle().await;
+        tokio::time::sleep(crate::shard::TICK).await;
+        if work.outstanding() == 0 {
+            return;
+        }
+    }
+}
+
+async fn restore(
+    shared: &Arc<Shared>,
+    senders: &[mpsc::UnboundedSender<Message>],
+) -> Result<(), String> {
+    let project = &shared.project;
+    let mut processed: std::collections::HashMap<(String, String), Vec<String>> =
+        std::collections::HashMap::new();
+    for (reducer, key, message_id) in shared.store.processed().await? {
+        processed
+            .entry((reducer, key))
+            .or_default()
+            .push(message_id);
+    }
+    let mut restored = 0;
+    for stored in shared.store.instances().await? {
+        let Some(reducer) = project.reducer(&stored.reducer) else {
+            tracing::warn!(reducer = %stored.reducer, "stored instances of a reducer the contracts no longer declare are left alone");
+            continue;
+        };
+        let snapshot: Snapshot = match serde_json::from_str(&stored.snapshot) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(reducer = %stored.reducer, key = %stored.key, error = %e, "stored snapshot is unreadable; the instance starts afresh");
+                continue;
+            }
+        };
+        let ids = processed
+            .remove(&(stored.reducer.clone(), stored.key.clone()))
+            .unwrap_or_default();
+        let shard = shard_of(reducer, &stored.key, senders.len());
+        let _ = senders[shard].send(Message::Restore {
+            reducer,
+            key: stored.key,
+            snapshot: Box::new(snapshot),
+            processed: ids,
+        });
+        restored += 1;
+    }
+    if restored > 0 {
+        tracing::info!(instances = restored, "resumed instances from the store");
+    }
+    Ok(())
+}
+
+/// Sends an event to the instance of every route it takes.
+fn route(shared: &Arc<Shared>, senders: &[mpsc::UnboundedSender<Message>], delivery: Delivery) {
+    let Delivery { envelope, work } = delivery;
+    let Some(routes) = shared.project.routes.get(&envelope.event_type) else {
+        return;
+    };
+    let map = envelope.to_map();
+    let scope = minijinja::Value::from(minijinja::value::Serde(&map));
+    for (index, route) in routes.iter().enumerate() {
+        let reducer = &shared.project.reducers[route.reducer];
+        let key = match route.key.render(&scope) {
+            Ok(Value::String(s)) if !s.trim().is_empty() => s,
+            Ok(Value::Number(n)) => n.to_string(),
+            Ok(other) => {
+                shared.dead_letter(letter(
+                    &envelope,
+                    "route",
+                    format!(
+                        "cannot route to reducer `{}`: the instance key gave {} (is the key field missing from the payload?)",
+                        reducer.name,
+                        if other.is_null() { "nothing".to_owned() } else { format!("`{other}`, not a string") }
+                    ),
+                ));
+                continue;
+            }
+            Err(e) => {
+                shared.dead_letter(letter(
+                    &envelope,
+                    "route",
+                    format!("instance key for reducer `{}`: {e}", reducer.name),
+                ));
+                continue;
+            }
+        };
+        let shard = shard_of(route.reducer, &key, senders.len());
+        let _ = senders[shard].send(Message::Event {
+            reducer: route.reducer,
+            key,
+            route: index,
+            envelope: envelope.clone(),
+            source: "bus".into(),
+            work: shared.work.guard(),
+        });
+    }
+    drop(work);
+}
+
+fn letter(envelope: &Envelope, stage: &str, reason: String) -> DeadLetter {
+    tracing::warn!(stage, %reason, message_id = %envelope.message_id, "dead letter");
+    DeadLetter {
+        id: None,
+        at: jiff::Timestamp::now().to_string(),
+        stage: stage.into(),
+        reason,
+        event_type: Some(envelope.event_type.clone()),
+        message_id: Some(envelope.message_id.clone()),
+        source: "bus".into(),
+        raw: serde_json::to_string(envelope).unwrap_or_default(),
+    }
+}
+
+/// Renders and publishes events; `entity` adds the demo's entity variables.
+pub fn publish_all(
+    shared: &Shared,
+    events: &[EventSpec],
+    runtime: &Value,
+    entity: Option<(&Value, Option<&Envelope>)>,
+) {
+    for event in events {
+        match render_event(shared, event, runtime, entity) {
+            Ok(envelope) => {
+                if let Err(e) = shared.bus.publish(envelope) {
+                    tracing::error!(error = %e, event_type = %event.event_type, "cannot publish");
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, event_type = %event.event_type, "event template failed")
+            }
+        }
+    }
+}
+
+pub fn render_event(
+    shared: &Shared,
+    event: &EventSpec,
+    runtime: &Value,
+    entity: Option<(&Value, Option<&Envelope>)>,
+) -> Result<Envelope, String> {
+    let now = Value::String(jiff::Timestamp::now().to_string());
+    let null = Value::Null;
+    let (entity_value, cause) = entity.unwrap_or((&null, None));
+    let cause_value = cause
+        .map(|c| serde_json::to_value(c).unwrap_or_default())
+        .unwrap_or_default();
+    let scope = template::scope(&[
+        ("runtime", runtime),
+        ("now", &now),
+        ("entity", entity_value),
+        ("cause", &cause_value),
+    ]);
+    let payload = event.payload.render(&scope).map_err(|e| e.to_string())?;
+    let entity_id = match &event.entity_id {
+        Some(t) => t
+            .render(&scope)
+            .map_err(|e| e.to_string())?
+            .as_str()
+            .map(str::to_owned),
+        None => None,
+    };
+    // Deterministic ids for the demo (a restarted demo repeats the same events, which
+    // the runtime then recognises); fresh ones for everything else.
+    let message_id = match entity_value.get("uuid").and_then(Value::as_str) {
+        Some(uuid) => {
+            let seed = format!(
+                "{uuid}/{}/{}/{}",
+                event.event_type,
+                entity_value
+                    .get("sequence")
+                    .map(Value::to_string)
+                    .unwrap_or_default(),
+                cause.map(|c| c.message_id.as_str()).unwrap_or("")
+            );
+            uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, seed.as_bytes()).to_string()
+        }
+        None => uuid::Uuid::new_v4().to_string(),
+    };
+    Ok(Envelope {
+        message_id,
+        topic: event
+            .topic
+            .clone()
+            .or_else(|| shared.project.topics.get(&event.event_type).cloned()),
+        event_type: event.event_type.clone(),
+        correlation_id: cause
+            .and_then(|c| c.correlation_id.clone())
+            .or_else(|| Some(uuid::Uuid::new_v4().to_string())),
+        causation_id: cause.map(|c| c.message_id.clone()),
+        emitted_at: Some(now.as_str().unwrap_or_default().to_owned()),
+        entity_id,
+        payload,
+    })
+}
+
+/// Reads JSON Lines envelopes; a line that cannot be decoded or routed becomes a dead
+/// letter with its line number and stays out of the bus.
+async fn read_source(shared: &Arc<Shared>, source: Source, received: &AtomicU64) {
+    let (name, reader): (String, Box<dyn tokio::io::AsyncBufRead + Unpin + Send>) = match &source {
+        Source::File(path) => match tokio::fs::File::open(path).await {
+            Ok(file) => (
+                path.display().to_string(),
+                Box::new(tokio::io::BufReader::new(file)),
+            ),
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, "cannot read events");
+                return;
+            }
+        },
+        Source::Stdin => (
+            "stdin".to_owned(),
+            Box::new(tokio::io::BufReader::new(tokio::io::stdin())),
+        ),
+    };
+    let mut lines = reader.lines();
+    let mut number = 0u64;
+    loop {
+        let line = match lines.next_line().await {
+            Ok(Some(line)) => line,
+            Ok(None) => break,
+            Err(e) => {
+                tracing::error!(source = %name, error = %e, "reading events failed");
+                break;
+            }
+        };
+        number += 1;
+        if line.trim().is_empty() {
+            continue;
+        }
+        received.fetch_add(1, Ordering::Relaxed);
+        let at = format!("{name}:{number}");
+        let dead = |stage: &str, reason: String, envelope: Option<&Envelope>| DeadLetter {
+            id: None,
+            at: jiff::Timestamp::now().to_string(),
+            stage: stage.into(),
+            reason,
+            event_type: envelope.map(|e| e.event_type.clone()),
+            message_id: envelope.map(|e| e.message_id.clone()),
+            source: at.clone(),
+            raw: line.clone(),
+        };
+        match Envelope::decode(&line) {
+            Err(reason) => {
+                tracing::warn!(source = %at, %reason, "undecodable event kept as a dead letter");
+                shared.dead_letter(dead("decode", reason, None));
+            }
+            Ok(mut envelope) => {
+                if !shared.project.routes.contains_key(&envelope.event_type) {
+                    let known: Vec<&str> =
+                        shared.project.routes.keys().map(String::as_str).collect();
+                    let mut reason = format!("no route for event type `{}`", envelope.event_type);
+                    if let Some(help) = onex_contract::suggest::did_you_mean(
+                        &envelope.event_type,
+                        known.iter().copied(),
+                    ) {
+                        reason.push_str(&format!(" ({help})"));
+                    }
+                    tracing::warn!(source = %at, %reason, "unroutable event kept as a dead letter");
+                    shared.dead_letter(dead("route", reason, Some(&envelope)));
+                    continue;
+                }
+                if envelope.topic.is_none() {
+                    envelope.topic = shared.project.topics.get(&envelope.event_type).cloned();
+                }
+                if let Err(e) = shared.bus.publish(envelope) {
+                    tracing::error!(source = %at, error = %e, "cannot publish");
+                }
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn summarise(
+    shared: &Shared,
+    runtime_id: &str,
+    stopped_by: &str,
+    started: Instant,
+    received: &AtomicU64,
+    demo: Option<Vec<String>>,
+    handlers: BTreeMap<String, String>,
+    listen: Option<SocketAddr>,
+) -> Result<Summary, String> {
+    let project = &shared.project;
+    let stored = shared.store.instances().await?;
+    let mut reducers = Vec::new();
+    for reducer in &project.reducers {
+        let mine: Vec<_> = stored
+            .iter()
+            .filter(|s| s.reducer == reducer.name)
+            .collect();
+        let mut states = BTreeMap::new();
+        let mut outcomes: BTreeMap<String, usize> = reducer
+            .report
+            .iter()
+            .flat_map(|r| r.labels.iter().map(|l| (l.clone(), 0)))
+            .collect();
+        let mut busy = 0;
+        for s in &mine {
+            *states.entry(s.state.clone()).or_insert(0) += 1;
+            if let Some(outcome) = &s.outcome {
+                *outcomes.entry(outcome.clone()).or_insert(0) += 1;
+            }
+            // Busy: waiting for effects, holding queued events, or not at rest (a timer
+            // on a rest state, such as a liveness window, is not outstanding work).
+            let snapshot: Option<Snapshot> = serde_json::from_str(&s.snapshot).ok();
+            if snapshot.is_some_and(|s| !s.pending.is_empty() || !s.inbox.is_empty())
+                || reducer
+                    .machine
+                    .state_id(&s.state)
+                    .is_some_and(|id| !reducer.rest[id])
+            {
+                busy += 1;
+            }
+        }
+        reducers.push(ReducerSummary {
+            name: reducer.name.clone(),
+            entity: reducer.report.as_ref().map(|r| r.entity.clone()),
+            instances: mine.len(),
+            states,
+            outcomes,
+            busy,
+        });
+    }
+    let demo = demo.map(|ids| {
+        let reported = project.reducers.iter().find(|r| r.report.is_some());
+        let reached: HashSet<&str> = stored
+            .iter()
+            .filter(|s| reported.is_some_and(|r| r.name == s.reducer) && s.outcome.is_some())
+            .map(|s| s.key.as_str())
+            .collect();
+        let lost: Vec<String> = ids
+            .iter()
+            .filter(|id| !reached.contains(id.as_str()))
+            .cloned()
+            .collect();
+        DemoSummary {
+            entities: ids.len(),
+            reached_outcome: ids.len() - lost.len(),
+            lost: lost.len(),
+            lost_examples: lost.into_iter().take(5).collect(),
+        }
+    });
+    Ok(Summary {
+        orchestrator: project.name.clone(),
+        runtime_id: runtime_id.to_owned(),
+        stopped_by: stopped_by.to_owned(),
+        elapsed_ms: started.elapsed().as_millis() as u64,
+        events: EventCounts {
+            received: received.load(Ordering::Relaxed),
+            duplicates: shared.metrics.duplicates.get(),
+            dead_letters: shared.dead_letters.load(Ordering::Relaxed),
+            dead_letters_total: shared.store.dead_letter_count().await?,
+        },
+        reducers,
+        demo,
+        handlers,
+        bus: shared.bus.describe(),
+        state: shared.store.path().display().to_string(),
+        listen: listen.map(|a| a.to_string()),
+    })
+}

@@ -1,0 +1,859 @@
+//! A shard owns a share of the reducer instances (by hash of reducer and instance key)
+//! and processes their messages one at a time, in arrival order: per-instance order
+//! is guaranteed, different instances advance concurrently on other shards. Every FSM
+//! step goes through `onex_core::step_in_place`, the same step that replay, contract
+//! tests and the checker use.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use onex_contract::model::execution::RuntimeAction;
+use onex_core::{Event, StepRecord};
+use serde_json::{Map, Value, json};
+use tokio::sync::mpsc;
+
+use crate::envelope::Envelope;
+use crate::handler::{Call, Outcome};
+use crate::project::{Binding, ReducerId, When};
+use crate::runtime::Shared;
+use crate::slot::{Pending, Queued, Slot, Snapshot, Timer, TimerKind};
+use crate::store::{DeadLetter, Write};
+use crate::template::{self, Template};
+use crate::work::WorkGuard;
+
+/// Follow-up transitions one message may cause before the runtime calls it a loop.
+const MAX_FOLLOW_UPS: u32 = 64;
+/// How often timers are checked.
+pub const TICK: Duration = Duration::from_millis(20);
+
+/// An effect to run again after a restart: intent key, operation, input, intent.
+type Redo = (String, usize, Arc<Map<String, Value>>, Value);
+
+#[derive(Debug)]
+pub enum Message {
+    Event {
+        reducer: ReducerId,
+        key: String,
+        route: usize,
+        envelope: Envelope,
+        source: String,
+        work: WorkGuard,
+    },
+    Result {
+        reducer: ReducerId,
+        key: String,
+        intent_key: String,
+        outcome: Outcome,
+        work: WorkGuard,
+    },
+    /// A stored instance to take over at start.
+    Restore {
+        reducer: ReducerId,
+        key: String,
+        snapshot: Box<Snapshot>,
+        processed: Vec<String>,
+    },
+}
+
+#[derive(Debug)]
+pub struct Shard {
+    shared: Arc<Shared>,
+    sender: mpsc::UnboundedSender<Message>,
+    slots: HashMap<(ReducerId, String), Slot>,
+    timers: BinaryHeap<Reverse<(u64, ReducerId, String, u64)>>,
+    record: StepRecord,
+}
+
+impl Shard {
+    pub fn new(shared: Arc<Shared>, sender: mpsc::UnboundedSender<Message>) -> Shard {
+        Shard {
+            shared,
+            sender,
+            slots: HashMap::new(),
+            timers: BinaryHeap::new(),
+            record: StepRecord::default(),
+        }
+    }
+
+    pub async fn run(mut self, mut inbox: mpsc::UnboundedReceiver<Message>) {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                message = inbox.recv() => match message {
+                    Some(message) => self.handle(message),
+                    None => return,
+                },
+                _ = tick.tick() => self.expire_timers(),
+            }
+        }
+    }
+
+    fn handle(&mut self, message: Message) {
+        match message {
+            Message::Event {
+                reducer,
+                key,
+                route,
+                envelope,
+                source,
+                work,
+            } => {
+                self.on_event(reducer, &key, route, envelope, source);
+                drop(work);
+            }
+            Message::Result {
+                reducer,
+                key,
+                intent_key,
+                outcome,
+                work,
+            } => {
+                self.on_result(reducer, &key, &intent_key, outcome);
+                drop(work);
+            }
+            Message::Restore {
+                reducer,
+                key,
+                snapshot,
+                processed,
+            } => {
+                self.restore(reducer, &key, *snapshot, processed);
+            }
+        }
+    }
+
+    fn restore(
+        &mut self,
+        reducer: ReducerId,
+        key: &str,
+        snapshot: Snapshot,
+        processed: Vec<String>,
+    ) {
+        let project = Arc::clone(&self.shared.project);
+        let machine = &project.reducers[reducer].machine;
+        let mut slot = match Slot::restore(machine, &project.operations, key, snapshot) {
+            Ok(slot) => slot,
+            Err(reason) => {
+                tracing::error!(reducer = %project.reducers[reducer].name, key, %reason, "stored instance cannot be resumed; starting it afresh");
+                Slot::new(machine, key)
+            }
+        };
+        slot.processed.extend(processed);
+        // Effects that were in flight when the runtime stopped run again: their
+        // idempotency keys make the repeat harmless.
+        for pending in &mut slot.pending {
+            pending.work = Some(self.shared.work.guard());
+        }
+        let redo: Vec<Redo> = slot
+            .pending
+            .iter()
+            .map(|p| {
+                (
+                    p.key.clone(),
+                    p.operation,
+                    Arc::clone(&p.input),
+                    p.intent.clone(),
+                )
+            })
+            .collect();
+        if let Some(timer) = slot.timer {
+            if !project.reducers[reducer].rest[slot.instance.state] {
+                slot.timer_work = Some(self.shared.work.guard());
+            }
+            self.timers.push(Reverse((
+                timer.deadline_ms,
+                reducer,
+                key.to_owned(),
+                timer.generation,
+            )));
+        }
+        self.slots.insert((reducer, key.to_owned()), slot);
+        for (intent_key, operation, input, intent) in redo {
+            self.dispatch(reducer, key, intent_key, operation, input, intent);
+        }
+    }
+
+    fn on_event(
+        &mut self,
+        reducer: ReducerId,
+        key: &str,
+        route: usize,
+        envelope: Envelope,
+        source: String,
+    ) {
+        let project = Arc::clone(&self.shared.project);
+        let machine = &project.reducers[reducer].machine;
+        let slot = self
+            .slots
+            .entry((reducer, key.to_owned()))
+            .or_insert_with(|| Slot::new(machine, key));
+        if !slot.processed.insert(envelope.message_id.clone()) {
+            self.shared.metrics.duplicates.inc();
+            tracing::debug!(message_id = %envelope.message_id, key, "duplicate event skipped");
+            return;
+        }
+        self.shared.store.write(Write::Processed {
+            reducer: project.reducers[reducer].name.clone(),
+            key: key.to_owned(),
+            message_id: envelope.message_id.clone(),
+        });
+        if project.reducers[reducer].rest[slot.instance.state] {
+            self.deliver(
+                reducer,
+                key,
+                Queued {
+                    envelope,
+                    route,
+                    source,
+                },
+            );
+            self.drain_inbox(reducer, key);
+        } else {
+            slot.inbox.push_back(Queued {
+                envelope,
+                route,
+                source,
+            });
+        }
+        self.persist(reducer, key);
+    }
+
+    /// Hands queued events to the instance while it is at rest.
+    fn drain_inbox(&mut self, reducer: ReducerId, key: &str) {
+        let project = Arc::clone(&self.shared.project);
+        loop {
+            let Some(slot) = self.slots.get_mut(&(reducer, key.to_owned())) else {
+                return;
+            };
+            if !project.reducers[reducer].rest[slot.instance.state] {
+                return;
+            }
+            let Some(next) = slot.inbox.pop_front() else {
+                return;
+            };
+            self.deliver(reducer, key, next);
+        }
+    }
+
+    /// Maps the event through its route and fires the route's trigger.
+    fn deliver(&mut self, reducer: ReducerId, key: &str, queued: Queued) {
+        let project = Arc::clone(&self.shared.project);
+        let Some(route) = project
+            .routes
+            .get(&queued.envelope.event_type)
+            .and_then(|routes| routes.get(queued.route))
+        else {
+            return;
+        };
+        let envelope_map = queued.envelope.to_map();
+        let scope = minijinja::Value::from(minijinja::value::Serde(&envelope_map));
+        let mut patch = Map::new();
+        for (name, template) in &route.context {
+            match template.render(&scope) {
+                Ok(value) => {
+                    patch.insert(name.clone(), value);
+                }
+                Err(e) => {
+                    self.dead_letter(
+                        &queued,
+                        "route",
+                        format!("context `{name}` of route to `{}`: {e}", route.trigger),
+                    );
+                    return;
+                }
+            }
+        }
+        if let Some(validation) = &route.validate {
+            let errors: Vec<Value> = validation
+                .schema
+                .iter_errors(&queued.envelope.payload)
+                .map(|e| {
+                    let at = e.instance_path().to_string();
+                    Value::String(if at.is_empty() {
+                        e.to_string()
+                    } else {
+                        format!("{at}: {e}")
+                    })
+                })
+                .collect();
+            if !errors.is_empty() {
+                tracing::info!(message_id = %queued.envelope.message_id, key, errors = ?errors, "payload failed validation");
+            }
+            patch.insert(validation.errors_into.clone(), Value::Array(errors));
+        }
+        self.shared
+            .metrics
+            .events
+            .get_or_create(&vec![("event_type", queued.envelope.event_type.clone())])
+            .inc();
+        let patch = Arc::new(patch);
+        let correlation: Option<Arc<str>> =
+            queued.envelope.correlation_id.as_deref().map(Arc::from);
+        let message_id: Arc<str> = Arc::from(queued.envelope.message_id.as_str());
+        let accepted = self.step(
+            reducer,
+            key,
+            &route.trigger,
+            Some(&patch),
+            correlation.as_ref(),
+            Some(&message_id),
+            0,
+        );
+        if let Err(reason) = accepted {
+            self.dead_letter(&queued, "reject", reason);
+        }
+    }
+
+    /// One FSM step and everything it sets off. `Err` says why the trigger was rejected.
+    #[allow(clippy::too_many_arguments)]
+    fn step(
+        &mut self,
+        reducer: ReducerId,
+        key: &str,
+        trigger: &str,
+        context: Option<&Arc<Map<String, Value>>>,
+        correlation: Option<&Arc<str>>,
+        message_id: Option<&Arc<str>>,
+        depth: u32,
+    ) -> Result<(), String> {
+        let project = Arc::clone(&self.shared.project);
+        let spec = &project.reducers[reducer];
+        let machine = &spec.machine;
+        let Some(slot) = self.slots.get_mut(&(reducer, key.to_owned())) else {
+            return Err("instance vanished".into());
+        };
+        let carried = match correlation {
+            Some(id) => Some(Arc::clone(id)),
+            None => slot.correlation.clone(),
+        };
+        let event = Event {
+            trigger,
+            context,
+            correlation_id: carried.as_ref(),
+            message_id,
+        };
+        onex_core::step_in_place(machine, &mut slot.instance, &event, &mut self.record);
+        if self.record.rejection.is_some() {
+            let reason = self
+                .record
+                .rejection_reason(machine)
+                .unwrap_or_else(|| "rejected".into());
+            self.shared
+                .metrics
+                .rejections
+                .get_or_create(&vec![
+                    ("reducer", spec.name.clone()),
+                    ("trigger", trigger.to_owned()),
+                ])
+                .inc();
+            return Err(format!(
+                "{}: `{trigger}` rejected in state `{}`: {reason}",
+                spec.name, machine.states[self.record.from].name
+            ));
+        }
+        let Some(to) = self.record.to else {
+            return Ok(());
+        };
+        slot.correlation = carried;
+        slot.generation += 1;
+        let generation = slot.generation;
+        self.shared
+            .metrics
+            .transitions
+            .get_or_create(&vec![
+                ("reducer", spec.name.clone()),
+                ("from", machine.states[self.record.from].name.to_string()),
+                ("to", machine.states[to].name.to_string()),
+            ])
+            .inc();
+        if self.record.completed
+            && let Some(label) = spec.report.as_ref().and_then(|r| r.outcomes[to].clone())
+        {
+            self.shared
+                .metrics
+                .outcomes
+                .get_or_create(&vec![
+                    ("reducer", spec.name.clone()),
+                    ("outcome", label.clone()),
+                ])
+                .inc();
+            slot.outcome = Some(label);
+        }
+        // Intents, in the order the FSM emitted them.
+        let mut dispatches = Vec::new();
+        if let Some(shared) = self.record.step.clone() {
+            for intent in &self.record.intents {
+                let action = machine.action(intent.action);
+                self.shared
+                    .metrics
+                    .intents
+                    .get_or_create(&vec![
+                        ("reducer", spec.name.clone()),
+                        ("action", action.name.to_string()),
+                    ])
+                    .inc();
+                match spec.bindings[intent.action as usize] {
+                    Binding::Runtime(RuntimeAction::Metric) => {
+                        self.shared
+                            .metrics
+                            .actions
+                            .get_or_create(&vec![("action", action.name.to_string())])
+                            .inc();
+                    }
+                    Binding::Runtime(kind) => {
+                        tracing::debug!(reducer = %spec.name, key, action = %action.name, performed_by = kind.as_str(), "runtime action");
+                    }
+                    Binding::Effect(operation) => {
+                        let intent_key = shared.idempotency_key(intent).to_string();
+                        let intent_value = json!({
+                            "type": &*action.name,
+                            "instance": key,
+                            "idempotency_key": intent_key,
+                            "correlation_id": shared.correlation_id.as_deref(),
+                            "causation_id": shared.causation_id.as_deref(),
+                            "emitted_at": jiff::Timestamp::now().to_string(),
+                            "config": action.config.as_deref(),
+                        });
+                        let input = Arc::clone(&shared.context);
+                        if let Some(when) = &project.operations[operation].when {
+                            let scope = template::scope(&[
+                                ("input", &Value::Object((*input).clone())),
+                                ("intent", &intent_value),
+                            ]);
+                            match when.truthy(&scope) {
+                                Ok(true) => {}
+                                Ok(false) => continue,
+                                Err(e) => {
+                                    tracing::warn!(operation = %project.operations[operation].name, error = %e, "`when` failed to evaluate; running the operation")
+                                }
+                            }
+                        }
+                        dispatches.push((
+                            intent_key,
+                            intent.action,
+                            operation,
+                            input,
+                            intent_value,
+                        ));
+                    }
+                }
+            }
+        }
+        for (intent_key, action, operation, input, intent_value) in dispatches {
+            let work = self.shared.work.guard();
+            if let Some(slot) = self.slots.get_mut(&(reducer, key.to_owned())) {
+                slot.pending.push(Pending {
+                    key: intent_key.clone(),
+                    action,
+                    operation,
+                    generation,
+                    input: Arc::clone(&input),
+                    intent: intent_value.clone(),
+                    work: Some(work),
+                });
+            }
+            self.dispatch(reducer, key, intent_key, operation, input, intent_value);
+        }
+        self.enter(reducer, key, to, depth);
+        Ok(())
+    }
+
+    /// What the orchestrator says to do on entering `state`.
+    fn enter(&mut self, reducer: ReducerId, key: &str, state: usize, depth: u32) {
+        let project = Arc::clone(&self.shared.project);
+        let spec = &project.reducers[reducer];
+        let Some(slot) = self.slots.get_mut(&(reducer, key.to_owned())) else {
+            return;
+        };
+        slot.timer = None;
+        slot.timer_work = None;
+        let Some(rule) = &spec.on_enter[state] else {
+            return;
+        };
+        if !rule.set.is_empty() {
+            let scope =
+                template::scope(&[("context", &Value::Object((*slot.instance.context).clone()))]);
+            let updates = render_all(&rule.set, &scope);
+            apply(slot, updates, &spec.name, key);
+        }
+        let Some(then) = &rule.then else { return };
+        let generation = slot.generation;
+        match &then.when {
+            When::Entry => self.fire(reducer, key, &then.triggers, depth),
+            When::Settled { timeout } => {
+                if slot.pending.iter().any(|p| p.generation == generation) {
+                    self.arm(reducer, key, TimerKind::Settle, *timeout, generation);
+                } else {
+                    self.fire(reducer, key, &then.triggers, depth);
+                }
+            }
+            When::Delay(template) => {
+                let scope = template::scope(&[(
+                    "context",
+                    &Value::Object((*slot.instance.context).clone()),
+                )]);
+                let delay = match template.render(&scope) {
+                    Ok(Value::Number(n)) => n.as_f64().unwrap_or(0.0).max(0.0) as u64,
+                    Ok(other) => {
+                        tracing::warn!(reducer = %spec.name, key, value = %other, "after_ms is not a number; firing now");
+                        0
+                    }
+                    Err(e) => {
+                        tracing::warn!(reducer = %spec.name, key, error = %e, "after_ms failed to evaluate; firing now");
+                        0
+                    }
+                };
+                self.arm(
+                    reducer,
+                    key,
+                    TimerKind::Delay,
+                    Duration::from_millis(delay),
+                    generation,
+                );
+            }
+        }
+    }
+
+    fn arm(
+        &mut self,
+        reducer: ReducerId,
+        key: &str,
+        kind: TimerKind,
+        after: Duration,
+        generation: u64,
+    ) {
+        let rest = {
+            let project = &self.shared.project;
+            let Some(slot) = self.slots.get(&(reducer, key.to_owned())) else {
+                return;
+            };
+            project.reducers[reducer].rest[slot.instance.state]
+        };
+        let deadline_ms = now_ms() + after.as_millis() as u64;
+        let work = (!rest).then(|| self.shared.work.guard());
+        if let Some(slot) = self.slots.get_mut(&(reducer, key.to_owned())) {
+            slot.timer = Some(Timer {
+                deadline_ms,
+                kind,
+                generation,
+            });
+            slot.timer_work = work;
+        }
+        self.timers
+            .push(Reverse((deadline_ms, reducer, key.to_owned(), generation)));
+    }
+
+    /// Tries the follow-up triggers in order; the first accepted wins.
+    fn fire(&mut self, reducer: ReducerId, key: &str, triggers: &[Arc<str>], depth: u32) {
+        let name = self.shared.project.reducers[reducer].name.clone();
+        if depth >= MAX_FOLLOW_UPS {
+            tracing::error!(reducer = %name, key, "more than {MAX_FOLLOW_UPS} follow-up transitions in a row; stopping this instance's loop");
+            self.dead_letter_state(reducer, key, format!("{name}: more than {MAX_FOLLOW_UPS} follow-up transitions in a row (a cycle of automatic triggers?)"));
+            return;
+        }
+        let mut reasons = Vec::new();
+        for trigger in triggers {
+            match self.step(reducer, key, trigger, None, None, None, depth + 1) {
+                Ok(()) => return,
+                Err(reason) => reasons.push(reason),
+            }
+        }
+        tracing::warn!(reducer = %name, key, reasons = ?reasons, "no follow-up trigger was accepted; the instance waits");
+        self.dead_letter_state(
+            reducer,
+            key,
+            format!("no follow-up trigger accepted: {}", reasons.join("; ")),
+        );
+    }
+
+    fn on_result(&mut self, reducer: ReducerId, key: &str, intent_key: &str, outcome: Outcome) {
+        let project = Arc::clone(&self.shared.project);
+        let spec = &project.reducers[reducer];
+        let Some(slot) = self.slots.get_mut(&(reducer, key.to_owned())) else {
+            return;
+        };
+        let Some(position) = slot.pending.iter().position(|p| p.key == intent_key) else {
+            // Settled already (timed out): the late result changes nothing.
+            return;
+        };
+        let pending = slot.pending.remove(position);
+        let action_name = spec.machine.action(pending.action).name.to_string();
+        let operation = &project.operations[pending.operation];
+        if let Err(failure) = &outcome {
+            tracing::warn!(reducer = %spec.name, key, action = %action_name, operation = %operation.name, error = %failure.message(), "effect failed");
+        }
+        match &spec.results[pending.action as usize] {
+            Some(rule) => {
+                let (templates, result, error) = match &outcome {
+                    Ok(response) => (&rule.success, response.clone(), Value::Null),
+                    Err(failure) => (
+                        &rule.failure,
+                        Value::Null,
+                        Value::String(failure.message().to_owned()),
+                    ),
+                };
+                let scope = template::scope(&[
+                    ("context", &Value::Object((*slot.instance.context).clone())),
+                    ("result", &result),
+                    ("error", &error),
+                    ("intent", &pending.intent),
+                ]);
+                let updates = render_all(templates, &scope);
+                apply(slot, updates, &spec.name, key);
+            }
+            None => {
+                if let Err(failure) = &outcome {
+                    // Nobody reads this failure back: keep it, so that nothing is lost.
+                    let raw =
+                        json!({"intent": pending.intent, "input": *pending.input}).to_string();
+                    self.shared.dead_letter(DeadLetter {
+                        id: None,
+                        at: jiff::Timestamp::now().to_string(),
+                        stage: "effect".into(),
+                        reason: format!(
+                            "{}: operation `{}` for `{action_name}` failed: {}",
+                            spec.name,
+                            operation.name,
+                            failure.message()
+                        ),
+                        event_type: None,
+                        message_id: pending.intent["causation_id"].as_str().map(str::to_owned),
+                        source: format!("{}/{key}", spec.name),
+                        raw,
+                    });
+                }
+            }
+        }
+        self.settle_check(reducer, key, pending.generation);
+        self.drain_inbox(reducer, key);
+        self.persist(reducer, key);
+    }
+
+    /// Fires an `after: settled` follow-up once the entering step's effects are all in.
+    fn settle_check(&mut self, reducer: ReducerId, key: &str, generation: u64) {
+        let project = Arc::clone(&self.shared.project);
+        let spec = &project.reducers[reducer];
+        let Some(slot) = self.slots.get_mut(&(reducer, key.to_owned())) else {
+            return;
+        };
+        if slot.generation != generation || slot.pending.iter().any(|p| p.generation == generation)
+        {
+            return;
+        }
+        let Some(then) = spec.on_enter[slot.instance.state]
+            .as_ref()
+            .and_then(|r| r.then.as_ref())
+        else {
+            return;
+        };
+        if !matches!(then.when, When::Settled { .. }) {
+            return;
+        }
+        slot.timer = None;
+        slot.timer_work = None;
+        self.fire(reducer, key, &then.triggers, 0);
+    }
+
+    fn expire_timers(&mut self) {
+        let now = now_ms();
+        while let Some(Reverse((deadline, ..))) = self.timers.peek() {
+            if *deadline > now {
+                break;
+            }
+            let Some(Reverse((_, reducer, key, generation))) = self.timers.pop() else {
+                break;
+            };
+            self.on_timer(reducer, &key, generation);
+        }
+    }
+
+    fn on_timer(&mut self, reducer: ReducerId, key: &str, generation: u64) {
+        let project = Arc::clone(&self.shared.project);
+        let spec = &project.reducers[reducer];
+        let Some(slot) = self.slots.get_mut(&(reducer, key.to_owned())) else {
+            return;
+        };
+        let Some(timer) = slot
+            .timer
+            .filter(|t| t.generation == generation && slot.generation == generation)
+        else {
+            return; // a stale timer: the instance moved on
+        };
+        slot.timer = None;
+        slot.timer_work = None;
+        let Some(then) = spec.on_enter[slot.instance.state]
+            .as_ref()
+            .and_then(|r| r.then.as_ref())
+        else {
+            return;
+        };
+        if timer.kind == TimerKind::Settle {
+            // Effects that did not answer in time count as failed.
+            let late: Vec<Pending> = {
+                let (late, keep): (Vec<Pending>, Vec<Pending>) = slot
+                    .pending
+                    .drain(..)
+                    .partition(|p| p.generation == generation);
+                slot.pending = keep;
+                late
+            };
+            let seconds = match then.when {
+                When::Settled { timeout } => timeout.as_secs(),
+                _ => 0,
+            };
+            for pending in late {
+                if let Some(rule) = &spec.results[pending.action as usize] {
+                    let error = Value::String(format!("no result within {seconds} s"));
+                    let scope = template::scope(&[
+                        ("context", &Value::Object((*slot.instance.context).clone())),
+                        ("result", &Value::Null),
+                        ("error", &error),
+                        ("intent", &pending.intent),
+                    ]);
+                    let updates = render_all(&rule.failure, &scope);
+                    apply(slot, updates, &spec.name, key);
+                }
+            }
+        }
+        self.fire(reducer, key, &then.triggers, 0);
+        self.drain_inbox(reducer, key);
+        self.persist(reducer, key);
+    }
+
+    /// Renders the operation's templates and runs it on the effect runner.
+    fn dispatch(
+        &self,
+        reducer: ReducerId,
+        key: &str,
+        intent_key: String,
+        operation: usize,
+        input: Arc<Map<String, Value>>,
+        intent: Value,
+    ) {
+        let shared = Arc::clone(&self.shared);
+        let sender = self.sender.clone();
+        let key = key.to_owned();
+        let work = shared.work.guard();
+        let op = &shared.project.operations[operation];
+        let scope = template::scope(&[
+            ("input", &Value::Object((*input).clone())),
+            ("intent", &intent),
+            ("env", &shared.env),
+        ]);
+        let rendered = op.config.render(&scope);
+        let call = rendered.map(|config| Call {
+            operation: op.name.clone(),
+            config,
+            idempotency_key: intent_key.clone(),
+            correlation_id: intent["correlation_id"].as_str().map(str::to_owned),
+            causation_id: intent["causation_id"].as_str().map(str::to_owned),
+        });
+        tokio::spawn(async move {
+            let op = &shared.project.operations[operation];
+            let outcome = match call {
+                Ok(call) => shared.effects.run(op, call).await,
+                Err(e) => Err(crate::handler::Failure::Permanent(format!("template {e}"))),
+            };
+            let _ = sender.send(Message::Result {
+                reducer,
+                key,
+                intent_key,
+                outcome,
+                work,
+            });
+        });
+    }
+
+    fn persist(&self, reducer: ReducerId, key: &str) {
+        let Some(slot) = self.slots.get(&(reducer, key.to_owned())) else {
+            return;
+        };
+        let project = &self.shared.project;
+        let machine = &project.reducers[reducer].machine;
+        let snapshot = slot.snapshot(machine, &project.operations);
+        self.shared.store.write(Write::Instance {
+            reducer: project.reducers[reducer].name.clone(),
+            key: key.to_owned(),
+            state: snapshot.state.clone(),
+            outcome: slot.outcome.clone(),
+            snapshot: serde_json::to_string(&snapshot).unwrap_or_default(),
+        });
+    }
+
+    fn dead_letter(&self, queued: &Queued, stage: &str, reason: String) {
+        tracing::warn!(stage, %reason, message_id = %queued.envelope.message_id, "dead letter");
+        self.shared.dead_letter(DeadLetter {
+            id: None,
+            at: jiff::Timestamp::now().to_string(),
+            stage: stage.into(),
+            reason,
+            event_type: Some(queued.envelope.event_type.clone()),
+            message_id: Some(queued.envelope.message_id.clone()),
+            source: queued.source.clone(),
+            raw: serde_json::to_string(&queued.envelope).unwrap_or_default(),
+        });
+    }
+
+    /// A dead letter for an instance that cannot go on by itself.
+    fn dead_letter_state(&self, reducer: ReducerId, key: &str, reason: String) {
+        let project = &self.shared.project;
+        let Some(slot) = self.slots.get(&(reducer, key.to_owned())) else {
+            return;
+        };
+        let snapshot = slot.snapshot(&project.reducers[reducer].machine, &project.operations);
+        self.shared.dead_letter(DeadLetter {
+            id: None,
+            at: jiff::Timestamp::now().to_string(),
+            stage: "follow-up".into(),
+            reason,
+            event_type: None,
+            message_id: None,
+            source: format!("{}/{key}", project.reducers[reducer].name),
+            raw: serde_json::to_string(&snapshot).unwrap_or_default(),
+        });
+    }
+}
+
+fn render_all(
+    templates: &[(String, Template)],
+    scope: &minijinja::Value,
+) -> Vec<(String, Result<Value, String>)> {
+    templates
+        .iter()
+        .map(|(name, t)| (name.clone(), t.render(scope).map_err(|e| e.to_string())))
+        .collect()
+}
+
+/// Writes rendered values into the instance context; one that failed to render is
+/// logged and left as it was.
+fn apply(slot: &mut Slot, updates: Vec<(String, Result<Value, String>)>, reducer: &str, key: &str) {
+    let context = Arc::make_mut(&mut slot.instance.context);
+    for (name, value) in updates {
+        match value {
+            Ok(value) => {
+                context.insert(name, value);
+            }
+            Err(error) => {
+                tracing::warn!(reducer, key, field = %name, %error, "context update failed to evaluate")
+            }
+        }
+    }
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The shard that owns an instance.
+pub fn shard_of(reducer: ReducerId, key: &str, shards: usize) -> usize {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    reducer.hash(&mut hasher);
+    key.hash(&mut hasher);
+    (hasher.finish() % shards as u64) as usize
+}

@@ -1,0 +1,200 @@
+//! One reducer instance as the runtime holds it: the FSM instance plus what the
+//! runtime is waiting for (effects in flight, a timer, events queued until the
+//! instance is at rest), and its persisted form.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::Arc;
+
+use onex_core::{Instance, Machine};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::envelope::Envelope;
+use crate::project::OperationId;
+use crate::work::WorkGuard;
+
+#[derive(Debug)]
+pub struct Slot {
+    pub instance: Instance,
+    /// Bumped on every accepted step; effects and timers belong to the step that
+    /// entered the current state, so late ones from earlier states are recognised.
+    pub generation: u64,
+    pub pending: Vec<Pending>,
+    pub timer: Option<Timer>,
+    /// Held while a timer on a state that is not at rest is armed.
+    pub timer_work: Option<WorkGuard>,
+    pub inbox: VecDeque<Queued>,
+    /// Last reported outcome label (`complete`, `partial`, ...).
+    pub outcome: Option<String>,
+    /// Message ids already taken by this instance.
+    pub processed: HashSet<String>,
+    /// Correlation id of the event that started the current run of the workflow;
+    /// follow-up steps and their intents carry it on.
+    pub correlation: Option<Arc<str>>,
+}
+
+/// An effect in flight.
+#[derive(Debug)]
+pub struct Pending {
+    pub key: String,
+    pub action: u32,
+    pub operation: OperationId,
+    pub generation: u64,
+    /// What the operation's templates see as `input` and `intent`.
+    pub input: Arc<Map<String, Value>>,
+    pub intent: Value,
+    pub work: Option<WorkGuard>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TimerKind {
+    /// Effects of the entering step did not all answer in time.
+    Settle,
+    /// `then.after_ms` elapsed.
+    Delay,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Timer {
+    /// Milliseconds since the Unix epoch, so that it survives a restart.
+    pub deadline_ms: u64,
+    pub kind: TimerKind,
+    pub generation: u64,
+}
+
+/// An event waiting for its instance to come to rest.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Queued {
+    pub envelope: Envelope,
+    pub route: usize,
+    pub source: String,
+}
+
+/// The persisted form of a slot.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub state: String,
+    pub context: Map<String, Value>,
+    pub sequence: u64,
+    pub completed_runs: u64,
+    pub generation: u64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pending: Vec<PendingSnapshot>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timer: Option<Timer>,
+    #[serde(default, skip_serializing_if = "VecDeque::is_empty")]
+    pub inbox: VecDeque<Queued>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub correlation_id: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PendingSnapshot {
+    pub key: String,
+    pub action: String,
+    pub operation: String,
+    pub generation: u64,
+    pub input: Map<String, Value>,
+    pub intent: Value,
+}
+
+impl Slot {
+    pub fn new(machine: &Machine, key: &str) -> Slot {
+        Slot {
+            instance: Instance::new(machine, key),
+            generation: 0,
+            pending: Vec::new(),
+            timer: None,
+            timer_work: None,
+            inbox: VecDeque::new(),
+            outcome: None,
+            processed: HashSet::new(),
+            correlation: None,
+        }
+    }
+
+    pub fn snapshot(
+        &self,
+        machine: &Machine,
+        operations: &[crate::project::Operation],
+    ) -> Snapshot {
+        Snapshot {
+            state: machine.states[self.instance.state].name.to_string(),
+            context: (*self.instance.context).clone(),
+            sequence: self.instance.sequence,
+            completed_runs: self.instance.completed_runs,
+            generation: self.generation,
+            pending: self
+                .pending
+                .iter()
+                .map(|p| PendingSnapshot {
+                    key: p.key.clone(),
+                    action: machine.action(p.action).name.to_string(),
+                    operation: operations[p.operation].name.clone(),
+                    generation: p.generation,
+                    input: (*p.input).clone(),
+                    intent: p.intent.clone(),
+                })
+                .collect(),
+            timer: self.timer,
+            inbox: self.inbox.clone(),
+            outcome: self.outcome.clone(),
+            correlation_id: self.correlation.as_deref().map(str::to_owned),
+        }
+    }
+
+    /// Rebuilds a slot from its snapshot. Effects in flight come back without their
+    /// work guards; the caller re-dispatches them. A snapshot that no longer fits the
+    /// contract (a state or action was renamed) is refused with the reason.
+    pub fn restore(
+        machine: &Machine,
+        operations: &[crate::project::Operation],
+        key: &str,
+        snapshot: Snapshot,
+    ) -> Result<Slot, String> {
+        let state = machine
+            .state_id(&snapshot.state)
+            .ok_or_else(|| format!("state `{}` is no longer in the contract", snapshot.state))?;
+        let mut instance = Instance::in_state(state, key);
+        instance.context = Arc::new(snapshot.context);
+        instance.sequence = snapshot.sequence;
+        instance.completed_runs = snapshot.completed_runs;
+        let mut pending = Vec::with_capacity(snapshot.pending.len());
+        for p in snapshot.pending {
+            let action = machine
+                .actions
+                .iter()
+                .position(|a| *a.name == *p.action)
+                .ok_or_else(|| format!("action `{}` is no longer in the contract", p.action))?;
+            let operation = operations
+                .iter()
+                .position(|o| o.name == p.operation)
+                .ok_or_else(|| {
+                    format!("operation `{}` is no longer in the effects", p.operation)
+                })?;
+            pending.push(Pending {
+                key: p.key,
+                action: action as u32,
+                operation,
+                generation: p.generation,
+                input: Arc::new(p.input),
+                intent: p.intent,
+                work: None,
+            });
+        }
+        Ok(Slot {
+            instance,
+            generation: snapshot.generation,
+            pending,
+            timer: snapshot.timer,
+            timer_work: None,
+            inbox: snapshot.inbox,
+            outcome: snapshot.outcome,
+            processed: HashSet::new(),
+            correlation: snapshot.correlation_id.map(Arc::from),
+        })
+    }
+}

@@ -1,0 +1,367 @@
+//! The runtime's own state, in one SQLite file under `--data-dir` (`state.db`):
+//! instance snapshots, processed message ids, dead letters and the log of published
+//! events. Writes go through one writer task that commits them in batches (one
+//! transaction per batch, the last snapshot of an instance winning), so that many
+//! instances advancing at once cost few fsyncs. A batch is atomic: an event's
+//! processed mark, the snapshot it produced and its dead letters land together or not
+//! at all, which is what makes a restart lose and duplicate nothing.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Serialize;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::{Row, Sqlite, Transaction};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::envelope::Envelope;
+
+pub const STATE_FILE: &str = "state.db";
+/// Writes per transaction at most; more wait for the next one.
+const BATCH: usize = 4096;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS instances (
+    reducer    TEXT NOT NULL,
+    key        TEXT NOT NULL,
+    state      TEXT NOT NULL,
+    outcome    TEXT,
+    snapshot   TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    PRIMARY KEY (reducer, key)
+);
+CREATE TABLE IF NOT EXISTS processed (
+    reducer    TEXT NOT NULL,
+    key        TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    PRIMARY KEY (reducer, key, message_id)
+);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    at         TEXT NOT NULL,
+    stage      TEXT NOT NULL,
+    reason     TEXT NOT NULL,
+    event_type TEXT,
+    message_id TEXT,
+    source     TEXT NOT NULL,
+    raw        TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS events (
+    message_id TEXT PRIMARY KEY,
+    at         TEXT NOT NULL,
+    topic      TEXT,
+    event_type TEXT NOT NULL,
+    entity_id  TEXT,
+    envelope   TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+";
+
+/// An event that could not be processed, kept with the reason.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DeadLetter {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<i64>,
+    pub at: String,
+    /// `decode`, `route`, `validate`, `reject` or `effect`.
+    pub stage: String,
+    pub reason: String,
+    pub event_type: Option<String>,
+    pub message_id: Option<String>,
+    /// Where it came from: `file.jsonl:12`, `stdin:3`, `bus`.
+    pub source: String,
+    /// The event as received.
+    pub raw: String,
+}
+
+#[derive(Debug)]
+pub enum Write {
+    Instance {
+        reducer: String,
+        key: String,
+        state: String,
+        outcome: Option<String>,
+        snapshot: String,
+    },
+    Processed {
+        reducer: String,
+        key: String,
+        message_id: String,
+    },
+    DeadLetter(DeadLetter),
+    Event(Envelope),
+    Flush(oneshot::Sender<()>),
+}
+
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: SqlitePool,
+    writer: mpsc::UnboundedSender<Write>,
+    path: PathBuf,
+}
+
+/// A stored instance.
+#[derive(Debug, Clone)]
+pub struct StoredInstance {
+    pub reducer: String,
+    pub key: String,
+    pub state: String,
+    pub outcome: Option<String>,
+    pub snapshot: String,
+}
+
+pub async fn connect(path: &Path, create: bool) -> Result<SqlitePool, String> {
+    let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))
+        .map_err(|e| e.to_string())?
+        .create_if_missing(create)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Normal)
+        .busy_timeout(Duration::from_secs(10));
+    SqlitePoolOptions::new()
+        .max_connections(4)
+        .connect_with(options)
+        .await
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))
+}
+
+impl Store {
+    /// Opens (creating) `state.db` in `data_dir` and starts its writer.
+    pub async fn open(data_dir: &Path) -> Result<(Store, tokio::task::JoinHandle<()>), String> {
+        std::fs::create_dir_all(data_dir)
+            .map_err(|e| format!("cannot create data directory {}: {e}", data_dir.display()))?;
+        let path = data_dir.join(STATE_FILE);
+        let pool = connect(&path, true).await?;
+        sqlx::raw_sql(SCHEMA)
+            .execute(&pool)
+            .await
+            .map_err(|e| format!("cannot prepare {}: {e}", path.display()))?;
+        let (writer, receiver) = mpsc::unbounded_channel();
+        let task = tokio::spawn(write_loop(pool.clone(), receiver));
+        Ok((Store { pool, writer, path }, task))
+    }
+
+    /// Opens an existing `state.db` for reading (the `dlq` and `state` commands).
+    pub async fn open_existing(data_dir: &Path) -> Result<SqlitePool, String> {
+        let path = data_dir.join(STATE_FILE);
+        if !path.is_file() {
+            return Err(format!(
+                "no runtime state at {} (run `onex run --data-dir {}` first)",
+                path.display(),
+                data_dir.display()
+            ));
+        }
+        connect(&path, false).await
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn write(&self, write: Write) {
+        // The writer ends only after every sender is gone; a send cannot fail before.
+        let _ = self.writer.send(write);
+    }
+
+    /// Resolves when everything written before it is committed.
+    pub async fn flush(&self) {
+        let (done, wait) = oneshot::channel();
+        self.write(Write::Flush(done));
+        let _ = wait.await;
+    }
+
+    pub async fn meta(&self, key: &str) -> Result<Option<String>, String> {
+        sqlx::query("SELECT value FROM meta WHERE key = ?1")
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await
+            .map(|row| row.map(|r| r.get::<String, _>(0)))
+            .map_err(|e| e.to_string())
+    }
+
+    pub async fn set_meta(&self, key: &str, value: &str) -> Result<(), String> {
+        sqlx::query("INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = excluded.value")
+            .bind(key)
+            .bind(value)
+            .execute(&self.pool)
+            .await
+            .map(drop)
+            .map_err(|e| e.to_string())
+    }
+
+    pub async fn instances(&self) -> Result<Vec<StoredInstance>, String> {
+        instances(&self.pool, None).await
+    }
+
+    pub async fn processed(&self) -> Result<Vec<(String, String, String)>, String> {
+        sqlx::query("SELECT reducer, key, message_id FROM processed")
+            .fetch_all(&self.pool)
+            .await
+            .map(|rows| {
+                rows.iter()
+                    .map(|r| (r.get(0), r.get(1), r.get(2)))
+                    .collect()
+            })
+            .map_err(|e| e.to_string())
+    }
+
+    pub async fn dead_letter_count(&self) -> Result<i64, String> {
+        sqlx::query("SELECT count(*) FROM dead_letters")
+            .fetch_one(&self.pool)
+            .await
+            .map(|r| r.get(0))
+            .map_err(|e| e.to_string())
+    }
+}
+
+pub async fn instances(
+    pool: &SqlitePool,
+    reducer: Option<&str>,
+) -> Result<Vec<StoredInstance>, String> {
+    sqlx::query("SELECT reducer, key, state, outcome, snapshot FROM instances WHERE ?1 IS NULL OR reducer = ?1 ORDER BY reducer, key")
+        .bind(reducer)
+        .fetch_all(pool)
+        .await
+        .map(|rows| {
+            rows.iter()
+                .map(|r| StoredInstance {
+                    reducer: r.get(0),
+                    key: r.get(1),
+                    state: r.get(2),
+                    outcome: r.get(3),
+                    snapshot: r.get(4),
+                })
+                .collect()
+        })
+        .map_err(|e| e.to_string())
+}
+
+pub async fn dead_letters(pool: &SqlitePool) -> Result<Vec<DeadLetter>, String> {
+    sqlx::query("SELECT id, at, stage, reason, event_type, message_id, source, raw FROM dead_letters ORDER BY id")
+        .fetch_all(pool)
+        .await
+        .map(|rows| {
+            rows.iter()
+                .map(|r| DeadLetter {
+                    id: Some(r.get(0)),
+                    at: r.get(1),
+                    stage: r.get(2),
+                    reason: r.get(3),
+                    event_type: r.get(4),
+                    message_id: r.get(5),
+                    source: r.get(6),
+                    raw: r.get(7),
+                })
+                .collect()
+        })
+        .map_err(|e| e.to_string())
+}
+
+async fn write_loop(pool: SqlitePool, mut receiver: mpsc::UnboundedReceiver<Write>) {
+    let mut batch = Vec::with_capacity(BATCH);
+    let mut flushes = Vec::new();
+    while let Some(first) = receiver.recv().await {
+        let mut next = Some(first);
+        while let Some(write) = next.take() {
+            match write {
+                Write::Flush(done) => flushes.push(done),
+                other => batch.push(other),
+            }
+            if batch.len() < BATCH {
+                next = receiver.try_recv().ok();
+            }
+        }
+        if let Err(e) = commit(&pool, &batch).await {
+            // The state file is unusable (disk full, deleted): say so loudly; the
+            // batch stays unprocessed and will be redone after a restart.
+            tracing::error!(error = %e, "cannot write runtime state");
+        }
+        batch.clear();
+        for done in flushes.drain(..) {
+            let _ = done.send(());
+        }
+    }
+}
+
+async fn commit(pool: &SqlitePool, batch: &[Write]) -> Result<(), sqlx::Error> {
+    // Only the last snapshot of each instance in the batch is written.
+    let mut last: HashMap<(&str, &str), usize> = HashMap::new();
+    for (i, write) in batch.iter().enumerate() {
+        if let Write::Instance { reducer, key, .. } = write {
+            last.insert((reducer.as_str(), key.as_str()), i);
+        }
+    }
+    let keep: Vec<bool> = batch
+        .iter()
+        .enumerate()
+        .map(|(i, w)| match w {
+            Write::Instance { reducer, key, .. } => {
+                last.get(&(reducer.as_str(), key.as_str())) == Some(&i)
+            }
+            _ => true,
+        })
+        .collect();
+    let now = jiff::Timestamp::now().to_string();
+    let mut tx: Transaction<'_, Sqlite> = pool.begin().await?;
+    for (i, write) in batch.iter().enumerate() {
+        if !keep[i] {
+            continue;
+        }
+        match write {
+            Write::Instance {
+                reducer,
+                key,
+                state,
+                outcome,
+                snapshot,
+            } => {
+                sqlx::query("INSERT INTO instances (reducer, key, state, outcome, snapshot, updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (reducer, key) DO UPDATE SET state = excluded.state, outcome = excluded.outcome, snapshot = excluded.snapshot, updated_at = excluded.updated_at")
+                    .bind(reducer).bind(key).bind(state).bind(outcome.as_deref()).bind(snapshot).bind(&now)
+                    .execute(&mut *tx).await?;
+            }
+            Write::Processed {
+                reducer,
+                key,
+                message_id,
+            } => {
+                sqlx::query("INSERT OR IGNORE INTO processed (reducer, key, message_id) VALUES (?1, ?2, ?3)")
+                    .bind(reducer).bind(key).bind(message_id)
+                    .execute(&mut *tx).await?;
+            }
+            Write::DeadLetter(d) => {
+                sqlx::query("INSERT INTO dead_letters (at, stage, reason, event_type, message_id, source, raw) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)")
+                    .bind(&d.at).bind(&d.stage).bind(&d.reason).bind(&d.event_type).bind(&d.message_id).bind(&d.source).bind(&d.raw)
+                    .execute(&mut *tx).await?;
+            }
+            Write::Event(envelope) => {
+                let text = serde_json::to_string(envelope).unwrap_or_default();
+                sqlx::query("INSERT OR IGNORE INTO events (message_id, at, topic, event_type, entity_id, envelope) VALUES (?1, ?2, ?3, ?4, ?5, ?6)")
+                    .bind(&envelope.message_id).bind(&now).bind(&envelope.topic).bind(&envelope.event_type).bind(&envelope.entity_id).bind(text)
+                    .execute(&mut *tx).await?;
+            }
+            Write::Flush(_) => {} // taken out by the write loop
+        }
+    }
+    tx.commit().await
+}
+
+/// Dead letters stored under `data_dir`, oldest first (`onex dlq list`).
+pub async fn read_dead_letters(data_dir: &Path) -> Result<Vec<DeadLetter>, String> {
+    let pool = Store::open_existing(data_dir).await?;
+    dead_letters(&pool).await
+}
+
+/// Instances stored under `data_dir` (`onex state list`).
+pub async fn read_instances(
+    data_dir: &Path,
+    reducer: Option<&str>,
+) -> Result<Vec<StoredInstance>, String> {
+    let pool = Store::open_existing(data_dir).await?;
+    instances(&pool, reducer).await
+}

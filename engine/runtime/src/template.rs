@@ -1,0 +1,417 @@
+//! Templates in contracts: minijinja expressions inside `{{ }}`. ONEX's `${input.x}`
+//! form is accepted and means `{{ input.x }}`.
+//!
+//! - A string that is exactly one `{{ expression }}` keeps the expression's type
+//!   (`"{{ context.count + 1 }}"` is a number, `"{{ payload }}"` an object).
+//! - Any other string with `{{ }}` is text: each expression is printed into it.
+//! - In structured values (payloads, service definitions) a key whose expression
+//!   gives none is left out, so optional fields need no `if`.
+//! - Statement blocks (`{% %}`) are refused: contracts hold values, not programs.
+//!
+//! Everything is compiled once, when the contracts load; a template that does not
+//! compile is a located error then, not at run time. Expressions cannot loop; fuel and
+//! minijinja's own caps (`range` is limited) bound what one evaluation may cost.
+
+use std::sync::OnceLock;
+
+use minijinja::{Environment, Expression, UndefinedBehavior};
+use serde_json::{Map, Value};
+
+/// Evaluation budget per expression: generous for values, fatal for runaway loops.
+const FUEL: u64 = 50_000;
+
+fn environment() -> &'static Environment<'static> {
+    static ENV: OnceLock<Environment<'static>> = OnceLock::new();
+    ENV.get_or_init(|| {
+        let mut env = Environment::new();
+        // `payload.endpoints.health` on a payload without endpoints is none, not an error.
+        env.set_undefined_behavior(UndefinedBehavior::Chainable);
+        env.set_fuel(Some(FUEL));
+        env.add_filter("url_host", |url: Option<String>| {
+            url.and_then(|u| split_url(&u).map(|(host, _)| host))
+        });
+        env.add_filter("url_port", |url: Option<String>| {
+            url.and_then(|u| split_url(&u).and_then(|(_, port)| port))
+        });
+        env
+    })
+}
+
+/// Host and port of `scheme://host[:port][/path]`; the port defaults by scheme.
+fn split_url(url: &str) -> Option<(String, Option<u16>)> {
+    let (scheme, rest) = url.split_once("://")?;
+    let authority = rest.split(['/', '?', '#']).next()?;
+    let authority = authority.rsplit('@').next()?;
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((host, port)) if !host.ends_with(']') || authority.starts_with('[') => {
+            (host, port.parse().ok())
+        }
+        _ => (authority, None),
+    };
+    let port = port.or(match scheme {
+        "http" => Some(80),
+        "https" => Some(443),
+        _ => None,
+    });
+    Some((host.trim_matches(['[', ']']).to_owned(), port))
+}
+
+/// A compiled template for a JSON value.
+#[derive(Debug)]
+pub struct Template(Kind);
+
+#[derive(Debug)]
+enum Kind {
+    Literal(Value),
+    Expr(Expression<'static, 'static>),
+    Text(Vec<Segment>),
+    Map(Vec<(String, Template)>),
+    List(Vec<Template>),
+}
+
+#[derive(Debug)]
+enum Segment {
+    Literal(String),
+    Expr(Expression<'static, 'static>),
+}
+
+/// Why a template does not compile, or does not evaluate.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TemplateError {
+    /// JSON pointer below the compiled value (empty for the value itself).
+    pub pointer: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for TemplateError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.pointer.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "at {}: {}", self.pointer, self.message)
+        }
+    }
+}
+
+impl Template {
+    pub fn compile(value: &Value) -> Result<Template, TemplateError> {
+        compile_at(value, "")
+    }
+
+    /// A template for one string.
+    pub fn compile_str(text: &str) -> Result<Template, TemplateError> {
+        compile_at(&Value::String(text.to_owned()), "")
+    }
+
+    pub fn literal(value: Value) -> Template {
+        Template(Kind::Literal(value))
+    }
+
+    /// Adds keys whose values are taken as written (never templated) to an object
+    /// template.
+    pub fn with_fixed(template: Template, fixed: Vec<(String, Value)>) -> Template {
+        match template.0 {
+            Kind::Literal(Value::Object(mut map)) => {
+                map.extend(fixed);
+                Template(Kind::Literal(Value::Object(map)))
+            }
+            Kind::Map(mut entries) => {
+                entries.extend(fixed.into_iter().map(|(k, v)| (k, Template::literal(v))));
+                Template(Kind::Map(entries))
+            }
+            _ => Template(Kind::Literal(Value::Object(fixed.into_iter().collect()))),
+        }
+    }
+
+    /// Whether rendering can give anything but the value as written.
+    pub fn is_literal(&self) -> bool {
+        matches!(self.0, Kind::Literal(_))
+    }
+
+    pub fn render(&self, scope: &minijinja::Value) -> Result<Value, TemplateError> {
+        render_at(self, scope, "")
+    }
+
+    /// Renders and reads the result as a boolean, the way conditions read it
+    /// (none, false, 0, "" and empty collections are false).
+    pub fn truthy(&self, scope: &minijinja::Value) -> Result<bool, TemplateError> {
+        Ok(match self.render(scope)? {
+            Value::Null | Value::Bool(false) => false,
+            Value::Bool(true) => true,
+            Value::Number(n) => n.as_f64() != Some(0.0),
+            Value::String(s) => !s.is_empty(),
+            Value::Array(a) => !a.is_empty(),
+            Value::Object(o) => !o.is_empty(),
+        })
+    }
+}
+
+fn compile_at(value: &Value, pointer: &str) -> Result<Template, TemplateError> {
+    match value {
+        Value::String(text) => compile_string(text).map_err(|message| TemplateError {
+            pointer: pointer.to_owned(),
+            message,
+        }),
+        Value::Object(map) => {
+            let mut entries = Vec::with_capacity(map.len());
+            let mut all_literal = true;
+            for (key, item) in map {
+                let child = compile_at(item, &format!("{pointer}/{}", escape(key)))?;
+                all_literal &= child.is_literal();
+                entries.push((key.clone(), child));
+            }
+            Ok(if all_literal {
+                Template(Kind::Literal(value.clone()))
+            } else {
+                Template(Kind::Map(entries))
+            })
+        }
+        Value::Array(items) => {
+            let compiled = items
+                .iter()
+                .enumerate()
+                .map(|(i, item)| compile_at(item, &format!("{pointer}/{i}")))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(if compiled.iter().all(Template::is_literal) {
+                Template(Kind::Literal(value.clone()))
+            } else {
+                Template(Kind::List(compiled))
+            })
+        }
+        other => Ok(Template(Kind::Literal(other.clone()))),
+    }
+}
+
+fn escape(key: &str) -> String {
+    key.replace('~', "~0").replace('/', "~1")
+}
+
+fn compile_string(text: &str) -> Result<Template, String> {
+    let text = dollar_to_jinja(text);
+    if text.contains("{%") || text.contains("{#") {
+        return Err("statement and comment blocks (`{% %}`, `{# #}`) are not allowed; use `{{ expression }}`".into());
+    }
+    if !text.contains("{{") {
+        if text.contains("}}") {
+            return Err("`}}` without a matching `{{`".into());
+        }
+        return Ok(Template(Kind::Literal(Value::String(text))));
+    }
+    let mut segments = Vec::new();
+    let mut rest = text.as_str();
+    while let Some(start) = rest.find("{{") {
+        if start > 0 {
+            segments.push(Segment::Literal(rest[..start].to_owned()));
+        }
+        let after = &rest[start + 2..];
+        let end = after
+            .find("}}")
+            .ok_or_else(|| "`{{` without a matching `}}`".to_owned())?;
+        let source = after[..end].trim();
+        if source.is_empty() {
+            return Err("an empty `{{ }}`".into());
+        }
+        let expression = environment()
+            .compile_expression_owned(source.to_owned())
+            .map_err(|e| format!("`{source}` does not compile: {}", describe(&e)))?;
+        segments.push(Segment::Expr(expression));
+        rest = &after[end + 2..];
+    }
+    if !rest.is_empty() {
+        segments.push(Segment::Literal(rest.to_owned()));
+    }
+    if let [Segment::Expr(_)] = segments.as_slice()
+        && let Some(Segment::Expr(expression)) = segments.pop()
+    {
+        return Ok(Template(Kind::Expr(expression)));
+    }
+    Ok(Template(Kind::Text(segments)))
+}
+
+/// `${input.x}` -> `{{ input.x }}`; `$$` stays a literal `$`.
+fn dollar_to_jinja(text: &str) -> String {
+    if !text.contains("${") {
+        return text.to_owned();
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    let mut rest = text;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        match rest[start + 2..].find('}') {
+            Some(end) => {
+                out.push_str("{{ ");
+                out.push_str(rest[start + 2..start + 2 + end].trim());
+                out.push_str(" }}");
+                rest = &rest[start + 3 + end..];
+            }
+            None => {
+                out.push_str(&rest[start..]);
+                rest = "";
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+fn describe(error: &minijinja::Error) -> String {
+    match error.detail() {
+        Some(detail) => format!("{}: {detail}", error.kind()),
+        None => error.kind().to_string(),
+    }
+}
+
+fn render_at(
+    template: &Template,
+    scope: &minijinja::Value,
+    pointer: &str,
+) -> Result<Value, TemplateError> {
+    let fail = |e: minijinja::Error| TemplateError {
+        pointer: pointer.to_owned(),
+        message: describe(&e),
+    };
+    match &template.0 {
+        Kind::Literal(value) => Ok(value.clone()),
+        Kind::Expr(expression) => {
+            let value = expression.eval(scope).map_err(fail)?;
+            to_json(&value).map_err(|message| TemplateError {
+                pointer: pointer.to_owned(),
+                message,
+            })
+        }
+        Kind::Text(segments) => {
+            let mut out = String::new();
+            for segment in segments {
+                match segment {
+                    Segment::Literal(text) => out.push_str(text),
+                    Segment::Expr(expression) => {
+                        let value = expression.eval(scope).map_err(fail)?;
+                        if !value.is_undefined() && !value.is_none() {
+                            out.push_str(&value.to_string());
+                        }
+                    }
+                }
+            }
+            Ok(Value::String(out))
+        }
+        Kind::Map(entries) => {
+            let mut map = Map::with_capacity(entries.len());
+            for (key, child) in entries {
+                let value = render_at(child, scope, &format!("{pointer}/{}", escape(key)))?;
+                let omit = value.is_null() && !child.is_literal();
+                if !omit {
+                    map.insert(key.clone(), value);
+                }
+            }
+            Ok(Value::Object(map))
+        }
+        Kind::List(items) => items
+            .iter()
+            .enumerate()
+            .map(|(i, item)| render_at(item, scope, &format!("{pointer}/{i}")))
+            .collect::<Result<Vec<_>, _>>()
+            .map(Value::Array),
+    }
+}
+
+fn to_json(value: &minijinja::Value) -> Result<Value, String> {
+    if value.is_undefined() || value.is_none() {
+        return Ok(Value::Null);
+    }
+    serde_json::to_value(value).map_err(|e| format!("the value cannot be represented as JSON: {e}"))
+}
+
+/// The variables a template sees, built from JSON values.
+pub fn scope(pairs: &[(&str, &Value)]) -> minijinja::Value {
+    let map: std::collections::BTreeMap<&str, minijinja::Value> = pairs
+        .iter()
+        .map(|(name, value)| {
+            (
+                *name,
+                minijinja::Value::from(minijinja::value::Serde(value)),
+            )
+        })
+        .collect();
+    minijinja::Value::from(map)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn render(template: Value, vars: Value) -> Value {
+        let t = Template::compile(&template).expect("compiles");
+        let map = vars.as_object().expect("object");
+        let pairs: Vec<(&str, &Value)> = map.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        t.render(&scope(&pairs)).expect("renders")
+    }
+
+    #[test]
+    fn a_lone_expression_keeps_its_type() {
+        assert_eq!(render(json!("{{ a + 1 }}"), json!({"a": 1})), json!(2));
+        assert_eq!(
+            render(json!("{{ p }}"), json!({"p": {"x": [1]}})),
+            json!({"x": [1]})
+        );
+        assert_eq!(
+            render(json!("{{ missing.deeper }}"), json!({})),
+            json!(null)
+        );
+    }
+
+    #[test]
+    fn text_interpolates_and_dollar_form_is_accepted() {
+        assert_eq!(
+            render(
+                json!("onex-${input.t}-{{ input.id }}"),
+                json!({"input": {"t": "effect", "id": 7}})
+            ),
+            json!("onex-effect-7")
+        );
+    }
+
+    #[test]
+    fn structured_values_drop_keys_whose_expression_is_none() {
+        assert_eq!(
+            render(
+                json!({"a": "{{ x }}", "b": "{{ nothing }}", "c": null}),
+                json!({"x": 1})
+            ),
+            json!({"a": 1, "c": null})
+        );
+    }
+
+    #[test]
+    fn url_filters() {
+        assert_eq!(
+            render(
+                json!(["{{ u | url_host }}", "{{ u | url_port }}"]),
+                json!({"u": "http://10.0.0.5:8080/health"})
+            ),
+            json!(["10.0.0.5", 8080])
+        );
+        assert_eq!(
+            render(json!("{{ u | url_port }}"), json!({"u": "https://h/x"})),
+            json!(443)
+        );
+        assert_eq!(render(json!("{{ u | url_host }}"), json!({})), json!(null));
+    }
+
+    #[test]
+    fn errors_are_located_and_explained() {
+        let e = Template::compile(&json!({"a": ["ok", "{{ 1 + }}"]})).expect_err("bad");
+        assert_eq!(e.pointer, "/a/1");
+        assert!(e.message.contains("does not compile"), "{}", e.message);
+        let e = Template::compile_str("{% if x %}y{% endif %}").expect_err("blocks refused");
+        assert!(e.message.contains("not allowed"));
+        assert!(Template::compile_str("{{ open").is_err());
+    }
+
+    #[test]
+    fn oversized_evaluation_is_refused() {
+        let t = Template::compile_str("{{ range(10000000) | join }}").expect("compiles");
+        assert!(t.render(&scope(&[])).is_err());
+    }
+}

@@ -1,0 +1,242 @@
+//! `consul`: service registration. Two targets, one contract:
+//! - a Consul agent (`--consul URL` or `CONSUL_HTTP_ADDR`): `PUT /v1/agent/service/register`
+//!   with the rendered `service` definition, `PUT /v1/agent/service/deregister/<id>`, the
+//!   ACL token (`--consul-token` or `CONSUL_HTTP_TOKEN`) in `X-Consul-Token`;
+//! - without an address, the local catalog: a `service_catalog` table in the embedded
+//!   database, a stand-in that keeps the same service definitions so that the workflow
+//!   runs on a machine without Consul. It is named as such wherever it is reported.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use onex_runtime::handler::{BoxFuture, Call, Failure, Handler, Outcome};
+use serde_json::{Value, json};
+
+use crate::db::Database;
+
+const CATALOG_TABLE: &str = "CREATE TABLE IF NOT EXISTS service_catalog (
+    id            TEXT PRIMARY KEY,
+    name          TEXT NOT NULL,
+    tags          TEXT NOT NULL,
+    address       TEXT,
+    port          INTEGER,
+    service_check TEXT,
+    definition    TEXT NOT NULL,
+    registered_at TEXT NOT NULL,
+    updated_at    TEXT NOT NULL
+)";
+
+#[derive(Debug)]
+enum Target {
+    Agent {
+        address: String,
+        token: Option<String>,
+        client: reqwest::Client,
+    },
+    LocalCatalog(Arc<Database>),
+}
+
+#[derive(Debug)]
+pub struct ConsulHandler {
+    target: Target,
+}
+
+impl ConsulHandler {
+    pub fn agent(address: &str, token: Option<String>) -> ConsulHandler {
+        let address = address.trim_end_matches('/');
+        let address = if address.contains("://") {
+            address.to_owned()
+        } else {
+            format!("http://{address}")
+        };
+        ConsulHandler {
+            target: Target::Agent {
+                address,
+                token,
+                client: reqwest::Client::builder()
+                    .connect_timeout(Duration::from_secs(5))
+                    .build()
+                    .unwrap_or_default(),
+            },
+        }
+    }
+
+    pub fn local_catalog(database: Arc<Database>) -> ConsulHandler {
+        ConsulHandler {
+            target: Target::LocalCatalog(database),
+        }
+    }
+}
+
+impl Handler for ConsulHandler {
+    fn name(&self) -> &'static str {
+        "consul"
+    }
+
+    fn target(&self, _config: &Value) -> String {
+        match &self.target {
+            Target::Agent { address, .. } => address.clone(),
+            Target::LocalCatalog(_) => "local-catalog".into(),
+        }
+    }
+
+    fn call<'a>(&'a self, call: &'a Call) -> BoxFuture<'a, Outcome> {
+        Box::pin(async move {
+            let operation = call.config["operation"].as_str().unwrap_or("");
+            match (&self.target, operation) {
+                (
+                    Target::Agent {
+                        address,
+                        token,
+                        client,
+                    },
+                    "register",
+                ) => {
+                    let service = service(call)?;
+                    let request = client
+                        .put(format!("{address}/v1/agent/service/register"))
+                        .json(service);
+                    send(request, token).await
+                }
+                (
+                    Target::Agent {
+                        address,
+                        token,
+                        client,
+                    },
+                    "deregister",
+                ) => {
+                    let id = service_id(call)?;
+                    let request = client.put(format!("{address}/v1/agent/service/deregister/{id}"));
+                    send(request, token).await
+                }
+                (Target::LocalCatalog(db), "register") => {
+                    let service = service(call)?;
+                    let Some(id) = service["ID"].as_str().or(service["Name"].as_str()) else {
+                        return Err(Failure::Permanent(
+                            "the service definition has no ID or Name".into(),
+                        ));
+                    };
+                    let now = jiff::Timestamp::now().to_string();
+                    db.execute(
+                        "INSERT INTO service_catalog (id, name, tags, address, port, service_check, definition, registered_at, updated_at) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8) ON CONFLICT (id) DO UPDATE SET name = excluded.name, tags = excluded.tags, \
+                         address = excluded.address, port = excluded.port, service_check = excluded.service_check, \
+                         definition = excluded.definition, updated_at = excluded.updated_at",
+                        vec![
+                            json!(id),
+                            service.get("Name").cloned().unwrap_or(json!(id)),
+                            json!(service.get("Tags").cloned().unwrap_or(json!([])).to_string()),
+                            service.get("Address").cloned().unwrap_or(Value::Null),
+                            service.get("Port").cloned().unwrap_or(Value::Null),
+                            service.get("Check").map_or(Value::Null, |c| json!(c.to_string())),
+                            json!(service.to_string()),
+                            json!(now),
+                        ],
+                    )
+                    .await
+                    .map(|_| json!({"status": 200, "body": "", "catalog": "local"}))
+                    .map_err(Failure::Transient)
+                }
+                (Target::LocalCatalog(db), "deregister") => {
+                    let id = service_id(call)?;
+                    db.execute("DELETE FROM service_catalog WHERE id = $1", vec![json!(id)])
+                        .await
+                        .map(|done| json!({"status": 200, "body": "", "catalog": "local", "removed": done["rows_affected"]}))
+                        .map_err(Failure::Transient)
+                }
+                (_, other) => Err(Failure::Permanent(format!(
+                    "consul operation `{other}` is not one of register, deregister"
+                ))),
+            }
+        })
+    }
+
+    fn prepare<'a>(
+        &'a self,
+        _project: &'a onex_runtime::project::Project,
+    ) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            match &self.target {
+                Target::LocalCatalog(db) => db.execute_script(CATALOG_TABLE).await,
+                Target::Agent { .. } => Ok(()),
+            }
+        })
+    }
+
+    fn ready(&self) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move {
+            match &self.target {
+                Target::LocalCatalog(db) => db
+                    .query("SELECT count(*) FROM service_catalog")
+                    .await
+                    .map(drop),
+                Target::Agent {
+                    address,
+                    token,
+                    client,
+                } => {
+                    let request = client
+                        .get(format!("{address}/v1/status/leader"))
+                        .timeout(Duration::from_secs(2));
+                    match send(request, token).await {
+                        Ok(response)
+                            if response["status"]
+                                .as_u64()
+                                .is_some_and(|s| (200..300).contains(&s)) =>
+                        {
+                            Ok(())
+                        }
+                        Ok(response) => {
+                            Err(format!("{address} answered status {}", response["status"]))
+                        }
+                        Err(e) => Err(e.message().to_owned()),
+                    }
+                }
+            }
+        })
+    }
+
+    fn describe(&self) -> String {
+        match &self.target {
+            Target::Agent { address, .. } => format!("Consul agent at {address}"),
+            Target::LocalCatalog(db) => format!(
+                "local catalog (stand-in for Consul; no --consul address given) in {}",
+                db.path().display()
+            ),
+        }
+    }
+}
+
+fn service(call: &Call) -> Result<&Value, Failure> {
+    match &call.config["service"] {
+        service @ Value::Object(_) => Ok(service),
+        _ => Err(Failure::Permanent(
+            "io_config.service must be an object".into(),
+        )),
+    }
+}
+
+fn service_id(call: &Call) -> Result<String, Failure> {
+    match call.config["service_id"].as_str() {
+        Some(id) if !id.is_empty() => Ok(id.to_owned()),
+        _ => Err(Failure::Permanent(
+            "io_config.service_id rendered empty".into(),
+        )),
+    }
+}
+
+/// Sends with the ACL token; the runtime judges the status against success codes.
+async fn send(request: reqwest::RequestBuilder, token: &Option<String>) -> Outcome {
+    let request = match token {
+        Some(token) => request.header("X-Consul-Token", token),
+        None => request,
+    };
+    let response = request
+        .send()
+        .await
+        .map_err(|e| Failure::Transient(format!("consul unreachable: {e}")))?;
+    let status = response.status().as_u16();
+    let body = response.text().await.unwrap_or_default();
+    Ok(json!({"status": status, "body": body}))
+}

@@ -1,0 +1,110 @@
+//! `http`: one request per attempt. `url_template`, `headers`, `query_params`,
+//! `body_template` (text) are rendered by the runtime; the intent's idempotency key is
+//! sent as `Idempotency-Key` unless the contract sets that header itself. Plain HTTP;
+//! HTTPS needs a TLS build of reqwest (not in this build, see docs/handlers.md).
+
+use std::time::Duration;
+
+use onex_runtime::handler::{BoxFuture, Call, Failure, Handler, Outcome};
+use serde_json::{Value, json};
+
+#[derive(Debug)]
+pub struct HttpHandler {
+    client: reqwest::Client,
+}
+
+impl HttpHandler {
+    pub fn new() -> HttpHandler {
+        HttpHandler {
+            client: reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(5))
+                .build()
+                .unwrap_or_default(),
+        }
+    }
+}
+
+impl Default for HttpHandler {
+    fn default() -> Self {
+        HttpHandler::new()
+    }
+}
+
+impl Handler for HttpHandler {
+    fn name(&self) -> &'static str {
+        "http"
+    }
+
+    fn target(&self, config: &Value) -> String {
+        let url = config["url_template"].as_str().unwrap_or("");
+        url.split('/').take(3).collect::<Vec<_>>().join("/")
+    }
+
+    fn call<'a>(&'a self, call: &'a Call) -> BoxFuture<'a, Outcome> {
+        Box::pin(async move {
+            let config = &call.config;
+            let url = config["url_template"]
+                .as_str()
+                .ok_or_else(|| Failure::Permanent("io_config.url_template is missing".into()))?;
+            let method =
+                reqwest::Method::from_bytes(config["method"].as_str().unwrap_or("GET").as_bytes())
+                    .map_err(|e| Failure::Permanent(format!("method: {e}")))?;
+            let mut request = self.client.request(method, url);
+            let mut has_idempotency_header = false;
+            if let Some(headers) = config["headers"].as_object() {
+                for (name, value) in headers {
+                    has_idempotency_header |= name.eq_ignore_ascii_case("idempotency-key");
+                    let value = match value {
+                        Value::String(s) => s.clone(),
+                        other => other.to_string(),
+                    };
+                    request = request.header(name, value);
+                }
+            }
+            if !has_idempotency_header {
+                request = request.header("Idempotency-Key", &call.idempotency_key);
+            }
+            if let Some(query) = config["query_params"].as_object() {
+                let pairs: Vec<(String, String)> = query
+                    .iter()
+                    .map(|(k, v)| {
+                        (
+                            k.clone(),
+                            v.as_str().map_or_else(|| v.to_string(), str::to_owned),
+                        )
+                    })
+                    .collect();
+                let mut url = reqwest::Url::parse(url)
+                    .map_err(|e| Failure::Permanent(format!("url: {e}")))?;
+                url.query_pairs_mut().extend_pairs(pairs);
+                request = self.client.request(
+                    reqwest::Method::from_bytes(
+                        config["method"].as_str().unwrap_or("GET").as_bytes(),
+                    )
+                    .map_err(|e| Failure::Permanent(format!("method: {e}")))?,
+                    url,
+                );
+            }
+            if let Some(timeout) = config["timeout_ms"].as_u64() {
+                request = request.timeout(Duration::from_millis(timeout));
+            }
+            match &config["body_template"] {
+                Value::Null => {}
+                Value::String(body) => request = request.body(body.clone()),
+                other => request = request.json(other),
+            }
+            let response = request
+                .send()
+                .await
+                .map_err(|e| Failure::Transient(format!("request failed: {e}")))?;
+            let status = response.status().as_u16();
+            let text = response.text().await.unwrap_or_default();
+            let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+            Ok(json!({"status": status, "body": body}))
+        })
+    }
+
+    fn describe(&self) -> String {
+        "HTTP requests to the URLs in the effect contracts".into()
+    }
+}

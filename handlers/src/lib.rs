@@ -1,0 +1,39 @@
+//! onex's built-in effect handlers, one module each: `consul`, `db`, `kafka`, `http`,
+//! `log` (docs/handlers.md). The CLI registers them; the runtime only knows the
+//! [`onex_runtime::handler::Handler`] interface.
+
+pub mod consul;
+pub mod db;
+pub mod http;
+pub mod kafka;
+pub mod log;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use onex_runtime::bus::Bus;
+use onex_runtime::handler::Handlers;
+
+/// Where the handlers' targets are.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub data_dir: PathBuf,
+    /// Consul agent address; `None`: the local catalog in the embedded database.
+    pub consul: Option<String>,
+    pub consul_token: Option<String>,
+}
+
+/// Every built-in handler, configured by `settings`.
+pub fn builtin(settings: &Settings, bus: Arc<dyn Bus>) -> Handlers {
+    let database = Arc::new(db::Database::new(settings.data_dir.join(db::DATA_FILE)));
+    let mut handlers = Handlers::new();
+    handlers.register(Arc::new(db::DbHandler::new(Arc::clone(&database))));
+    handlers.register(Arc::new(match &settings.consul {
+        Some(address) => consul::ConsulHandler::agent(address, settings.consul_token.clone()),
+        None => consul::ConsulHandler::local_catalog(database),
+    }));
+    handlers.register(Arc::new(kafka::KafkaHandler::new(bus)));
+    handlers.register(Arc::new(http::HttpHandler::new()));
+    handlers.register(Arc::new(log::LogHandler));
+    handlers
+}

@@ -1,0 +1,44 @@
+//! `log`: writes the rendered `message_template` to the log at `level`.
+
+use onex_runtime::handler::{BoxFuture, Call, Handler, Outcome};
+use serde_json::{Value, json};
+
+#[derive(Debug)]
+pub struct LogHandler;
+
+impl Handler for LogHandler {
+    fn name(&self) -> &'static str {
+        "log"
+    }
+
+    fn call<'a>(&'a self, call: &'a Call) -> BoxFuture<'a, Outcome> {
+        Box::pin(async move {
+            let message = match &call.config["message_template"] {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            let operation = call.operation.as_str();
+            let correlation_id = call.correlation_id.as_deref().unwrap_or("");
+            match call.config["level"].as_str().unwrap_or("info") {
+                "trace" => {
+                    tracing::trace!(target: "onex::effect", operation, correlation_id, "{message}")
+                }
+                "debug" => {
+                    tracing::debug!(target: "onex::effect", operation, correlation_id, "{message}")
+                }
+                "warn" => {
+                    tracing::warn!(target: "onex::effect", operation, correlation_id, "{message}")
+                }
+                "error" => {
+                    tracing::error!(target: "onex::effect", operation, correlation_id, "{message}")
+                }
+                _ => tracing::info!(target: "onex::effect", operation, correlation_id, "{message}"),
+            }
+            Ok(json!({"logged": message}))
+        })
+    }
+
+    fn describe(&self) -> String {
+        "the run's log (stderr)".into()
+    }
+}
