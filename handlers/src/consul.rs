@@ -1,4 +1,4 @@
-//! `consul`: service registration. Two targets, one contract:
+//! `consul`: service catalog entries (register, deregister). Two targets, one contract:
 //! - a Consul agent (`--consul URL` or `CONSUL_HTTP_ADDR`): `PUT /v1/agent/service/register`
 //!   with the rendered `service` definition, `PUT /v1/agent/service/deregister/<id>`, the
 //!   ACL token (`--consul-token` or `CONSUL_HTTP_TOKEN`) in `X-Consul-Token`;

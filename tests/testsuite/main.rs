@@ -9,5 +9,6 @@ mod lints;
 mod purity;
 mod reference;
 mod reference_docs;
+mod run;
 mod scenarios;
 mod support;

@@ -98,3 +98,51 @@ fn engine_sources_use_no_io_clock_or_thread_apis() {
     }
     assert!(offences.is_empty(), "{}", offences.join("\n"));
 }
+
+/// "No node code": registration lives in contracts/. The generic crates' sources may
+/// not name its concepts; a workflow-specific name here means workflow logic crept in.
+/// (`node_id` and `node_type` are not on the list: they are keys of ONEX's contract
+/// formats themselves, such as an execution-graph step's `node_id`.)
+#[test]
+fn generic_crates_hold_no_registration_identifiers() {
+    const REGISTRATION_WORDS: &[&str] = &[
+        "registration",
+        "introspect",
+        "heartbeat",
+        "liveness",
+        "dual_",
+        "partial_failure",
+        "consul_registered",
+        "postgres_registered",
+    ];
+    let mut offences = Vec::new();
+    for dir in [
+        "engine/diag/src",
+        "engine/contract/src",
+        "engine/core/src",
+        "engine/runtime/src",
+        "handlers/src",
+    ] {
+        for entry in walkdir::WalkDir::new(repo_root().join(dir)) {
+            let entry = entry.expect("walk");
+            if entry.path().extension().is_none_or(|e| e != "rs") {
+                continue;
+            }
+            let text = std::fs::read_to_string(entry.path())
+                .expect("source")
+                .to_lowercase();
+            for (n, line) in text.lines().enumerate() {
+                for word in REGISTRATION_WORDS {
+                    if line.contains(word) {
+                        offences.push(format!("{}:{}: {word}", entry.path().display(), n + 1));
+                    }
+                }
+            }
+        }
+    }
+    assert!(
+        offences.is_empty(),
+        "registration-specific names in generic code:\n{}",
+        offences.join("\n")
+    );
+}

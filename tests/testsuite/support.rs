@@ -46,6 +46,18 @@ impl Run {
     }
 }
 
+/// Removes the settings a developer's shell may hold (`ONEX_*`, `CONSUL_HTTP_*`), so
+/// that tests see the defaults.
+pub fn clean_env(command: &mut Command) -> &mut Command {
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        if name.starts_with("ONEX_") || name.starts_with("CONSUL_HTTP_") {
+            command.env_remove(name.as_ref());
+        }
+    }
+    command
+}
+
 pub fn onex(args: &[&str]) -> Run {
     onex_limited(args, Duration::from_secs(120), None)
 }
@@ -69,11 +81,8 @@ pub fn onex_limited(args: &[&str], limit: Duration, memory_kib: Option<u64>) -> 
             c
         }
     };
-    let child = command
+    let child = clean_env(&mut command)
         .current_dir(repo_root())
-        .env_remove("ONEX_FORMAT")
-        .env_remove("ONEX_COLOR")
-        .env_remove("ONEX_DENY_WARNINGS")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -280,10 +280,10 @@ mod tests {
 
     #[test]
     fn parses_the_reference_guards() {
-        let e = parse("consul_registered equals true").expect("parses");
+        let e = parse("backend_ok equals true").expect("parses");
         assert_eq!(
             (e.field_path().as_str(), e.operator, e.value.clone()),
-            ("consul_registered", Operator::Equals, json!(true))
+            ("backend_ok", Operator::Equals, json!(true))
         );
         let e = parse("success_count greater_than 0").expect("parses");
         assert_eq!(e.value, json!(0));

@@ -30,7 +30,14 @@ pub trait Bus: Send + Sync + std::fmt::Debug {
     fn subscribe(&self, event_types: Option<HashSet<String>>) -> Subscription;
     /// Where messages go, for people: "embedded (in-process)".
     fn describe(&self) -> String;
+    /// Keeps every published message before it is delivered (the runtime's event
+    /// log). A bus that is durable by itself ignores it.
+    fn set_journal(&self, journal: Journal) {
+        let _ = journal;
+    }
 }
+
+pub type Journal = Box<dyn Fn(&Envelope) + Send + Sync>;
 
 #[derive(Debug)]
 struct Subscriber {
@@ -38,10 +45,16 @@ struct Subscriber {
     sender: mpsc::UnboundedSender<Delivery>,
 }
 
-#[derive(Debug)]
 pub struct EmbeddedBus {
     subscribers: Mutex<Vec<Subscriber>>,
     work: Arc<Work>,
+    journal: std::sync::OnceLock<Journal>,
+}
+
+impl std::fmt::Debug for EmbeddedBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedBus").finish_non_exhaustive()
+    }
 }
 
 impl EmbeddedBus {
@@ -49,12 +62,18 @@ impl EmbeddedBus {
         Arc::new(EmbeddedBus {
             subscribers: Mutex::new(Vec::new()),
             work,
+            journal: std::sync::OnceLock::new(),
         })
     }
 }
 
 impl Bus for EmbeddedBus {
     fn publish(&self, envelope: Envelope) -> Result<(), String> {
+        // Journalled first: once publish returns, the message is in the store's
+        // write queue ahead of anything its consequences write.
+        if let Some(journal) = self.journal.get() {
+            journal(&envelope);
+        }
         let mut subscribers = self
             .subscribers
             .lock()
@@ -90,5 +109,9 @@ impl Bus for EmbeddedBus {
 
     fn describe(&self) -> String {
         "embedded (in-process)".into()
+    }
+
+    fn set_journal(&self, journal: Journal) {
+        let _ = self.journal.set(journal);
     }
 }

@@ -1,7 +1,7 @@
 //! `onex run --demo N`: N simulated entities driven by the orchestrator's `demo` block.
 //! Each publishes its `on_start` events, answers the events listed under `answers`
-//! (all entities, or the one named by the payload's `target_node_id`), and sends its
-//! heartbeat: once with `--until-idle`, else every interval. Entity ids and message ids
+//! (all entities, or the one `answer_target` names), and sends its `periodic` event:
+//! once with `--until-idle`, else every interval. Entity ids and message ids
 //! are derived from the entity's index, so a restarted demo repeats the same events
 //! and the runtime recognises them.
 
@@ -39,13 +39,16 @@ pub fn start(
                 let Some(answers) = demo.answers.get(&delivery.envelope.event_type) else {
                     continue;
                 };
-                let target = delivery
-                    .envelope
-                    .payload
-                    .get("target_node_id")
-                    .and_then(Value::as_str);
+                let target = demo.answer_target.as_ref().and_then(|t| {
+                    let cause = serde_json::to_value(&delivery.envelope).unwrap_or_default();
+                    let scope = crate::template::scope(&[("cause", &cause)]);
+                    t.render(&scope)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_owned))
+                        .filter(|s| !s.is_empty())
+                });
                 for (index, id) in ids.iter().enumerate() {
-                    if target.is_some_and(|t| t != id) {
+                    if target.as_ref().is_some_and(|t| t != id) {
                         continue;
                     }
                     publish(
@@ -63,7 +66,7 @@ pub fn start(
         }));
     }
     let guard = shared.work.guard();
-    let heartbeat = spec.heartbeat.as_ref().map(|(interval, _)| *interval);
+    let periodic = spec.periodic.as_ref().map(|(interval, _)| *interval);
     tasks.push(tokio::spawn(async move {
         let Some(demo) = &shared.project.demo else {
             return;
@@ -71,15 +74,15 @@ pub fn start(
         for index in 0..count {
             publish(&shared, demo, &demo.on_start, index, 0, None, &received);
         }
-        let Some(interval) = heartbeat else { return };
-        let Some((_, event)) = &demo.heartbeat else {
+        let Some(interval) = periodic else { return };
+        let Some((_, event)) = &demo.periodic else {
             return;
         };
-        let beats = std::slice::from_ref(event);
+        let events = std::slice::from_ref(event);
         let mut sequence = 1;
         loop {
             for index in 0..count {
-                publish(&shared, demo, beats, index, sequence, None, &received);
+                publish(&shared, demo, events, index, sequence, None, &received);
             }
             if until_idle {
                 break;

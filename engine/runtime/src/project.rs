@@ -155,8 +155,9 @@ pub struct EventSpec {
 pub struct Demo {
     pub entity_id: Option<Template>,
     pub on_start: Vec<EventSpec>,
-    pub heartbeat: Option<(Duration, EventSpec)>,
+    pub periodic: Option<(Duration, EventSpec)>,
     pub answers: BTreeMap<String, Vec<EventSpec>>,
+    pub answer_target: Option<Template>,
 }
 
 const DEFAULT_SETTLE_SECONDS: u64 = 30;
@@ -420,12 +421,16 @@ impl Builder<'_> {
                 .as_ref()
                 .map(|t| self.template(&Value::String(t.clone()), "/execution/demo/entity_id")),
             on_start: self.events(&demo.on_start, "/execution/demo/on_start"),
-            heartbeat: demo.heartbeat.as_ref().map(|h| {
+            periodic: demo.periodic.as_ref().map(|h| {
                 (
                     Duration::from_millis(h.interval_ms),
-                    self.event(&h.event, "/execution/demo/heartbeat/event"),
+                    self.event(&h.event, "/execution/demo/periodic/event"),
                 )
             }),
+            answer_target: demo
+                .answer_target
+                .as_ref()
+                .map(|t| self.template(&Value::String(t.clone()), "/execution/demo/answer_target")),
             answers: demo
                 .answers
                 .iter()

@@ -169,6 +169,13 @@ pub async fn run(
         dead_letters: AtomicU64::new(0),
     });
 
+    // The event log: everything published, kept in the store. Set before any
+    // effect can run, resumed ones included.
+    let journal_store = store.clone();
+    bus.set_journal(Box::new(move |envelope| {
+        journal_store.write(Write::Event(envelope.clone()))
+    }));
+
     // Shards, then the instances they take over from the last run.
     let shard_count = options.shards.max(1);
     let mut shard_senders = Vec::with_capacity(shard_count);
@@ -180,16 +187,6 @@ pub async fn run(
         shard_senders.push(sender);
     }
     restore(&shared, &shard_senders).await?;
-
-    // The event log: everything on the bus, kept in the store.
-    let mut tap = bus.subscribe(None);
-    let tap_store = store.clone();
-    let tap_task = tokio::spawn(async move {
-        while let Some(Delivery { envelope, work }) = tap.recv().await {
-            tap_store.write(Write::Event(envelope));
-            drop(work);
-        }
-    });
 
     // The router: consumed events -> instances.
     let routed: HashSet<String> = project.routes.keys().cloned().collect();
@@ -271,7 +268,6 @@ pub async fn run(
         }
     }
     router.abort();
-    tap_task.abort();
     for task in &shard_tasks {
         task.abort();
     }
@@ -357,29 +353,26 @@ fn route(shared: &Arc<Shared>, senders: &[mpsc::UnboundedSender<Message>], deliv
     };
     let map = envelope.to_map();
     let scope = minijinja::Value::from(minijinja::value::Serde(&map));
+    let mut failures = Vec::new();
     for (index, route) in routes.iter().enumerate() {
         let reducer = &shared.project.reducers[route.reducer];
         let key = match route.key.render(&scope) {
             Ok(Value::String(s)) if !s.trim().is_empty() => s,
             Ok(Value::Number(n)) => n.to_string(),
             Ok(other) => {
-                shared.dead_letter(letter(
-                    &envelope,
-                    "route",
-                    format!(
-                        "cannot route to reducer `{}`: the instance key gave {} (is the key field missing from the payload?)",
-                        reducer.name,
-                        if other.is_null() { "nothing".to_owned() } else { format!("`{other}`, not a string") }
-                    ),
+                let got = if other.is_null() {
+                    "nothing".to_owned()
+                } else {
+                    format!("`{other}`, not a string")
+                };
+                failures.push(format!(
+                    "cannot route to reducer `{}`: the instance key gave {got} (is the key field missing from the payload?)",
+                    reducer.name
                 ));
                 continue;
             }
             Err(e) => {
-                shared.dead_letter(letter(
-                    &envelope,
-                    "route",
-                    format!("instance key for reducer `{}`: {e}", reducer.name),
-                ));
+                failures.push(format!("instance key for reducer `{}`: {e}", reducer.name));
                 continue;
             }
         };
@@ -392,6 +385,10 @@ fn route(shared: &Arc<Shared>, senders: &[mpsc::UnboundedSender<Message>], deliv
             source: "bus".into(),
             work: shared.work.guard(),
         });
+    }
+    // One dead letter per event, with every route that could not take it.
+    if !failures.is_empty() {
+        shared.dead_letter(letter(&envelope, "route", failures.join("; ")));
     }
     drop(work);
 }
@@ -601,7 +598,7 @@ async fn summarise(
                 *outcomes.entry(outcome.clone()).or_insert(0) += 1;
             }
             // Busy: waiting for effects, holding queued events, or not at rest (a timer
-            // on a rest state, such as a liveness window, is not outstanding work).
+            // on a rest state, such as an expiry window, is not outstanding work).
             let snapshot: Option<Snapshot> = serde_json::from_str(&s.snapshot).ok();
             if snapshot.is_some_and(|s| !s.pending.is_empty() || !s.inbox.is_empty())
                 || reducer

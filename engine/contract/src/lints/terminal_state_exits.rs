@@ -1,6 +1,6 @@
 //! OX311 terminal-state-exits: a terminal state completes a run, so a transition out of
-//! it is unusual. It is a warning, not an error: ONEX's dual-registration contract
-//! recycles instances with `*_emitted -> idle` transitions on purpose.
+//! it is unusual. It is a warning, not an error: ONEX's infra reducer contracts
+//! recycle instances with `*_emitted -> idle` transitions on purpose.
 
 use std::collections::HashSet;
 

@@ -170,16 +170,19 @@ pub struct EventTemplate {
 pub struct DemoSpec {
     #[serde(default)]
     pub on_start: Vec<EventTemplate>,
-    pub heartbeat: Option<HeartbeatSpec>,
+    pub periodic: Option<PeriodicSpec>,
     /// Consumed event type -> events each simulated entity answers with.
     #[serde(default)]
     pub answers: BTreeMap<String, Vec<EventTemplate>>,
+    /// Template over `cause` (the event answered): the one entity id that answers;
+    /// none or empty: every entity answers.
+    pub answer_target: Option<String>,
     pub entity_id: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct HeartbeatSpec {
+pub struct PeriodicSpec {
     pub interval_ms: u64,
     pub event: EventTemplate,
 }

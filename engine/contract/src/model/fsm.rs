@@ -10,7 +10,7 @@ use crate::yaml::{Node, NodeKind};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dialect {
-    /// The dual-registration dialect: `from`/`to`, actions as `{action, description}`.
+    /// Dialect A (ONEX's infra reducer contracts): `from`/`to`, actions as `{action, description}`.
     A,
     /// Core's `ModelFSMSubcontract`: `from_state`/`to_state`, `transition_name`, priorities.
     B,

@@ -1,0 +1,667 @@
+//! `onex run` end to end: the real process on the project's own contracts, with the
+//! embedded bus, store and database, and an HTTP stand-in (wiremock) playing Consul.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use sqlx::Row;
+
+use crate::support::{Run, clean_env, onex, path_str, repo_root};
+
+const REGISTRATION: &str = "registration";
+
+fn node_id(n: usize) -> String {
+    format!("00000000-0000-4000-8000-{n:012}")
+}
+
+fn introspection(message: &str, payload: Value) -> String {
+    json!({
+        "message_id": message,
+        "event_type": "NodeIntrospectionEvent",
+        "correlation_id": format!("c-{message}"),
+        "payload": payload,
+    })
+    .to_string()
+}
+
+fn node(n: usize) -> String {
+    introspection(
+        &format!("m-{n}"),
+        json!({"node_id": node_id(n), "node_type": "effect", "node_version": "1.2.0",
+               "endpoints": {"health": "http://10.0.0.7:8080/health"}, "reason": "startup"}),
+    )
+}
+
+fn write_events(dir: &Path, lines: &[String]) -> String {
+    let path = dir.join("events.jsonl");
+    std::fs::write(&path, lines.join("\n") + "\n").expect("events file");
+    path_str(&path).to_owned()
+}
+
+fn run(data: &Path, extra: &[&str]) -> (Run, Value) {
+    let mut args = vec![
+        "run",
+        "--contract",
+        "contracts/",
+        "--until-idle",
+        "--format",
+        "json",
+        "--listen",
+        "off",
+        "--data-dir",
+        path_str(data),
+    ];
+    args.extend_from_slice(extra);
+    let run = onex(&args);
+    let summary: Value = serde_json::from_str(run.stdout.trim())
+        .unwrap_or_else(|e| panic!("summary is not JSON ({e}): {}\n{}", run.stdout, run.stderr));
+    (run, summary)
+}
+
+fn reducer<'a>(summary: &'a Value, name: &str) -> &'a Value {
+    summary["reducers"]
+        .as_array()
+        .and_then(|r| r.iter().find(|r| r["name"] == name))
+        .unwrap_or_else(|| panic!("no reducer {name} in {summary}"))
+}
+
+/// Rows of a query on one of the run's SQLite files.
+fn query(file: &Path, sql: &'static str) -> Vec<Vec<Value>> {
+    // On a thread of its own, so that async tests can call it too.
+    let file = file.to_owned();
+    std::thread::spawn(move || query_here(&file, sql))
+        .join()
+        .expect("query thread")
+}
+
+fn query_here(file: &Path, sql: &'static str) -> Vec<Vec<Value>> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let url = format!("sqlite://{}?mode=ro", file.display());
+        let pool = sqlx::SqlitePool::connect(&url).await.expect("open");
+        let rows = sqlx::query(sql).fetch_all(&pool).await.expect("query");
+        rows.iter()
+            .map(|row| {
+                (0..sqlx::Row::len(row))
+                    .map(|i| {
+                        row.try_get::<i64, _>(i)
+                            .map(Value::from)
+                            .or_else(|_| row.try_get::<String, _>(i).map(Value::from))
+                            .unwrap_or(Value::Null)
+                    })
+                    .collect()
+            })
+            .collect()
+    })
+}
+
+fn count(file: &Path, sql: &'static str) -> i64 {
+    query(file, sql)[0][0].as_i64().expect("a count")
+}
+
+#[test]
+fn the_demo_registers_every_node_and_loses_none() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (run, summary) = run(dir.path(), &["--demo", "100"]);
+    assert_eq!(run.code, 0, "{}\n{}", run.stdout, run.stderr);
+    assert_eq!(
+        summary["demo"],
+        json!({"entities": 100, "reached_outcome": 100, "lost": 0})
+    );
+    // 100 simulated nodes and the registry, which registers itself.
+    let registration = reducer(&summary, REGISTRATION);
+    assert_eq!(registration["instances"], 101);
+    assert_eq!(
+        registration["outcomes"],
+        json!({"complete": 101, "failed": 0, "partial": 0})
+    );
+    assert_eq!(summary["events"]["dead_letters"], 0);
+    assert!(
+        summary["handlers"]["consul"]
+            .as_str()
+            .expect("consul")
+            .starts_with("local catalog (stand-in for Consul")
+    );
+    let data = dir.path().join("data.db");
+    assert_eq!(count(&data, "SELECT count(*) FROM node_registrations"), 101);
+    assert_eq!(count(&data, "SELECT count(*) FROM service_catalog"), 101);
+    // Every node answered the registry's request-introspection too, and sent a heartbeat.
+    let state = dir.path().join("state.db");
+    assert_eq!(
+        count(
+            &state,
+            "SELECT count(*) FROM events WHERE event_type = 'RegistryRequestIntrospectionEvent'"
+        ),
+        1
+    );
+    assert_eq!(
+        count(
+            &state,
+            "SELECT count(*) FROM events WHERE event_type = 'NodeHeartbeatEvent'"
+        ),
+        100
+    );
+    assert_eq!(
+        count(
+            &data,
+            "SELECT count(*) FROM node_registrations WHERE last_heartbeat IS NULL"
+        ),
+        0
+    );
+
+    let listed = onex(&[
+        "state",
+        "list",
+        "--data-dir",
+        path_str(dir.path()),
+        "--reducer",
+        REGISTRATION,
+        "--format",
+        "json",
+    ]);
+    let rows = listed.json_lines();
+    assert_eq!(rows.len(), 101);
+    assert!(
+        rows.iter()
+            .all(|r| r["outcome"] == "complete" && r["state"] == "idle"),
+        "{}",
+        listed.stdout
+    );
+
+    let human = onex(&[
+        "run",
+        "--contract",
+        "contracts/",
+        "--until-idle",
+        "--listen",
+        "off",
+        "--data-dir",
+        path_str(dir.path()),
+        "--demo",
+        "3",
+    ]);
+    assert!(
+        human
+            .stdout
+            .contains("registration 101 nodes: complete 101, failed 0, partial 0"),
+        "{}",
+        human.stdout
+    );
+    assert!(
+        human
+            .stdout
+            .contains("3 of 3 simulated entities reached an outcome; none lost"),
+        "{}",
+        human.stdout
+    );
+}
+
+#[test]
+fn invalid_introspections_fail_with_their_reason_and_unroutable_events_are_kept() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let events = write_events(
+        dir.path(),
+        &[
+            introspection(
+                "bad-type",
+                json!({"node_id": node_id(1), "node_type": "toaster"}),
+            ),
+            introspection("no-id", json!({"node_type": "effect"})),
+            "{ not json".to_owned(),
+            json!({"message_id": "x", "event_type": "NodeIntrospectonEvent", "payload": {}})
+                .to_string(),
+        ],
+    );
+    let (run, summary) = run(dir.path(), &["--events", &events]);
+    assert_eq!(
+        run.code, 1,
+        "dead letters make the run exit 1: {}",
+        run.stderr
+    );
+    let registration = reducer(&summary, REGISTRATION);
+    assert_eq!(registration["outcomes"]["failed"], 1, "{summary}");
+    assert_eq!(summary["events"]["dead_letters"], 3);
+
+    let listed = onex(&[
+        "state",
+        "list",
+        "--data-dir",
+        path_str(dir.path()),
+        "--reducer",
+        REGISTRATION,
+        "--fields",
+        "validation_errors",
+        "--format",
+        "json",
+    ]);
+    let failed: Vec<Value> = listed
+        .json_lines()
+        .into_iter()
+        .filter(|r| r["key"] == node_id(1))
+        .collect();
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0]["outcome"], "failed");
+    let errors = failed[0]["fields"]["validation_errors"].to_string();
+    assert!(
+        errors.contains("/node_type") && errors.contains("toaster"),
+        "{errors}"
+    );
+
+    let letters = onex(&[
+        "dlq",
+        "list",
+        "--data-dir",
+        path_str(dir.path()),
+        "--format",
+        "json",
+    ])
+    .json_lines();
+    let reasons: Vec<(String, String)> = letters
+        .iter()
+        .map(|l| {
+            (
+                l["stage"].as_str().expect("stage").to_owned(),
+                l["reason"].as_str().expect("reason").to_owned(),
+            )
+        })
+        .collect();
+    assert!(
+        reasons
+            .iter()
+            .any(|(stage, r)| stage == "route" && r.contains("instance key gave nothing")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons
+            .iter()
+            .any(|(stage, r)| stage == "decode" && r.starts_with("not JSON")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|(stage, r)| stage == "route"
+            && r.contains("no route for event type `NodeIntrospectonEvent`")
+            && r.contains("did you mean `NodeIntrospectionEvent`")),
+        "{reasons:?}"
+    );
+    assert!(letters.iter().any(|l| {
+        l["raw"] == "{ not json"
+            && l["source"]
+                .as_str()
+                .is_some_and(|s| s.ends_with("events.jsonl:3"))
+    }));
+    let human = onex(&["dlq", "list", "--data-dir", path_str(dir.path())]);
+    assert!(
+        human.stdout.contains("[decode] not JSON"),
+        "{}",
+        human.stdout
+    );
+}
+
+#[test]
+fn a_duplicated_event_registers_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let events = write_events(dir.path(), &[node(1), node(1), node(2), node(1)]);
+    let (run, summary) = run(dir.path(), &["--events", &events]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(
+        summary["events"]["duplicates"], 4,
+        "two repeats, each skipped by both reducers: {summary}"
+    );
+    let state = dir.path().join("state.db");
+    let runs = query(
+        &state,
+        "SELECT key, json_extract(snapshot, '$.completed_runs') FROM instances WHERE reducer = 'registration'",
+    );
+    for row in &runs {
+        assert_eq!(row[1], 1, "each node registered exactly once: {runs:?}");
+    }
+    assert_eq!(
+        count(
+            &state,
+            "SELECT count(*) FROM events WHERE event_type = 'NodeRegistrationResultEvent' AND entity_id = '00000000-0000-4000-8000-000000000001'"
+        ),
+        1
+    );
+}
+
+/// Kill the runtime (SIGKILL) in the middle of a stream, restart it on the whole
+/// stream: every node ends registered once, with one result event each.
+#[test]
+fn a_killed_runtime_resumes_without_loss_or_duplicates() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let lines: Vec<String> = (1..=300).map(node).collect();
+    let events = write_events(dir.path(), &lines);
+    let mut child = clean_env(&mut Command::new(env!("CARGO_BIN_EXE_onex")))
+        .args([
+            "run",
+            "--contract",
+            "contracts/",
+            "--listen",
+            "off",
+            "--events",
+            "-",
+            "--data-dir",
+            path_str(dir.path()),
+        ])
+        .current_dir(repo_root())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("onex starts");
+    let mut stdin = child.stdin.take().expect("stdin");
+    for line in &lines[..150] {
+        writeln!(stdin, "{line}").expect("write event");
+    }
+    stdin.flush().expect("flush");
+    let state = dir.path().join("state.db");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if state.exists()
+            && count(
+                &state,
+                "SELECT count(*) FROM instances WHERE reducer = 'registration'",
+            ) >= 50
+        {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().expect("SIGKILL");
+    child.wait().expect("reaped");
+
+    let (run, summary) = run(dir.path(), &["--events", &events]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let registration = reducer(&summary, REGISTRATION);
+    assert_eq!(
+        registration["outcomes"]["complete"], 301,
+        "300 nodes and the registry: {summary}"
+    );
+    assert_eq!(registration["busy"], 0);
+    let runs = query(
+        &state,
+        "SELECT key, json_extract(snapshot, '$.completed_runs') FROM instances WHERE reducer = 'registration' AND key LIKE '00000000-%'",
+    );
+    assert_eq!(runs.len(), 300);
+    assert!(
+        runs.iter().all(|r| r[1] == 1),
+        "a node registered twice: {runs:?}"
+    );
+    let results = query(
+        &state,
+        "SELECT entity_id, count(*) FROM events WHERE event_type = 'NodeRegistrationResultEvent' AND entity_id LIKE '00000000-%' GROUP BY entity_id",
+    );
+    assert_eq!(results.len(), 300, "a node without its result event");
+    assert!(
+        results.iter().all(|r| r[1] == 1),
+        "a duplicated result event: {results:?}"
+    );
+    let data = dir.path().join("data.db");
+    assert_eq!(
+        count(
+            &data,
+            "SELECT count(*) FROM node_registrations WHERE node_id LIKE '00000000-%'"
+        ),
+        300
+    );
+    assert_eq!(
+        count(
+            &data,
+            "SELECT count(*) FROM service_catalog WHERE id LIKE 'onex-effect-00000000-%'"
+        ),
+        300
+    );
+}
+
+fn http_get(addr: &str, path: &str) -> (u16, String) {
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("response");
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status");
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+fn spawn_service(data: &Path) -> (Child, String, mpsc::Receiver<String>) {
+    let mut child = clean_env(&mut Command::new(env!("CARGO_BIN_EXE_onex")))
+        .args([
+            "run",
+            "--contract",
+            "contracts/",
+            "--demo",
+            "5",
+            "--listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+            "--log-level",
+            "info",
+            "--format",
+            "json",
+            "--data-dir",
+            path_str(data),
+        ])
+        .current_dir(repo_root())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("onex starts");
+    let stderr = child.stderr.take().expect("stderr");
+    let (sender, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = sender.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        let Ok(line) = lines.recv_timeout(Duration::from_secs(1)) else {
+            continue;
+        };
+        let log: Value = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("log line is not JSON ({e}): {line}"));
+        if log["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("operations endpoints"))
+        {
+            let addr = log["addr"].as_str().expect("addr").to_owned();
+            return (child, addr, lines);
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("no operations endpoint was announced");
+}
+
+#[test]
+fn the_operations_endpoints_answer_and_sigterm_drains() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut child, addr, _logs) = spawn_service(dir.path());
+    assert_eq!(
+        http_get(&addr, "/health"),
+        (200, json!({"status": "ok"}).to_string())
+    );
+    let (status, ready) = http_get(&addr, "/ready");
+    assert_eq!(status, 200, "{ready}");
+    let ready: Value = serde_json::from_str(&ready).expect("ready JSON");
+    assert_eq!(ready["handlers"]["consul"], "ready");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut metrics = String::new();
+    while Instant::now() < deadline {
+        metrics = http_get(&addr, "/metrics").1;
+        if metrics.contains("onex_outcomes_total{reducer=\"registration\",outcome=\"complete\"} 11")
+        {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for family in [
+        "onex_events_total",
+        "onex_transitions_total",
+        "onex_intents_total",
+        "onex_handler_duration_seconds_bucket",
+        "onex_effects_total",
+        "onex_circuit_breaker_state",
+        "onex_outcomes_total",
+    ] {
+        assert!(metrics.contains(family), "{family} missing from\n{metrics}");
+    }
+    assert!(
+        metrics.contains("onex_outcomes_total{reducer=\"registration\",outcome=\"complete\"} 11"),
+        "{metrics}"
+    );
+    assert_eq!(http_get(&addr, "/nothing").0, 404);
+
+    let terminated = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(terminated.success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "onex did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(0));
+    let mut stdout = String::new();
+    child
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_to_string(&mut stdout)
+        .expect("summary");
+    let summary: Value = serde_json::from_str(stdout.trim()).expect("summary JSON");
+    assert_eq!(summary["stopped_by"], "signal");
+    assert_eq!(reducer(&summary, REGISTRATION)["outcomes"]["complete"], 6);
+}
+
+/// wiremock stands in for a Consul agent: it checks the exact requests, and answers
+/// the node's first four attempts (the try and its three retries) with 500s, so the
+/// first registration is partial and the retry of the failed backend completes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consul_stand_in_sees_exact_requests_and_a_failure_is_partial_then_recovers() {
+    use wiremock::matchers::{body_partial_json, header, method, path};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+
+    let consul = MockServer::start().await;
+    Mock::given(method("PUT"))
+        .and(path("/v1/agent/service/register"))
+        .and(body_partial_json(json!({"Name": "onex-effect"})))
+        .respond_with(ResponseTemplate::new(500).set_body_string("agent overloaded"))
+        .up_to_n_times(4)
+        .with_priority(1)
+        .mount(&consul)
+        .await;
+    Mock::given(method("PUT"))
+        .and(path("/v1/agent/service/register"))
+        .and(header("X-Consul-Token", "s3cret"))
+        .respond_with(ResponseTemplate::new(200))
+        .with_priority(2)
+        .mount(&consul)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/v1/status/leader"))
+        .respond_with(ResponseTemplate::new(200).set_body_string("\"127.0.0.1:8300\""))
+        .mount(&consul)
+        .await;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let events = write_events(dir.path(), &[node(7)]);
+    let address = consul.uri();
+    let data = dir.path().to_owned();
+    let (run, summary) = tokio::task::spawn_blocking(move || {
+        run(
+            &data,
+            &[
+                "--events",
+                &events,
+                "--consul",
+                &address,
+                "--consul-token",
+                "s3cret",
+            ],
+        )
+    })
+    .await
+    .expect("run");
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(
+        summary["handlers"]["consul"],
+        format!("Consul agent at {}", consul.uri())
+    );
+    assert_eq!(
+        reducer(&summary, REGISTRATION)["outcomes"]["complete"],
+        2,
+        "the node and the registry: {summary}"
+    );
+
+    let requests = consul.received_requests().await.expect("recorded");
+    let registrations: Vec<Value> = requests
+        .iter()
+        .filter(|r| r.url.path() == "/v1/agent/service/register")
+        .map(|r| {
+            assert_eq!(r.method.as_str(), "PUT");
+            assert_eq!(
+                r.headers
+                    .get("X-Consul-Token")
+                    .and_then(|v| v.to_str().ok()),
+                Some("s3cret")
+            );
+            serde_json::from_slice(&r.body).expect("JSON body")
+        })
+        .collect();
+    let expected = json!({
+        "ID": format!("onex-effect-{}", node_id(7)),
+        "Name": "onex-effect",
+        "Tags": ["onex", "node-type:effect", "node-version:1.2.0"],
+        "Address": "10.0.0.7",
+        "Port": 8080,
+        "Check": {"HTTP": "http://10.0.0.7:8080/health", "Interval": "10s", "Timeout": "5s"}
+    });
+    assert!(registrations.contains(&expected), "{registrations:#?}");
+    assert!(
+        registrations.len() > 4,
+        "the failures were retried: {registrations:#?}"
+    );
+
+    let state = dir.path().join("state.db");
+    let outcomes = query(
+        &state,
+        "SELECT json_extract(envelope, '$.payload.outcome') FROM events WHERE event_type = 'NodeRegistrationResultEvent' AND entity_id = '00000000-0000-4000-8000-000000000007' ORDER BY rowid",
+    );
+    let outcomes: Vec<&str> = outcomes
+        .iter()
+        .map(|r| r[0].as_str().expect("outcome"))
+        .collect();
+    assert_eq!(outcomes.first(), Some(&"partial"), "{outcomes:?}");
+    assert_eq!(outcomes.last(), Some(&"complete"), "{outcomes:?}");
+    // The database backend succeeded the first time and was not repeated.
+    let data = dir.path().join("data.db");
+    assert_eq!(count(&data, "SELECT count(*) FROM node_registrations"), 2);
+}
