@@ -81,6 +81,9 @@ pub fn run(args: &RunArgs) -> anyhow::Result<u8> {
         let handlers = onex_handlers::builtin(&settings, Arc::clone(&bus));
         onex_runtime::runtime::run(project, handlers, bus, work, options, shutdown_signal()).await
     });
+    // Everything is flushed by now. Tasks still blocked (a read of standard input, say)
+    // must not hold the process open.
+    runtime.shutdown_background();
     let summary = match summary {
         Ok(summary) => summary,
         Err(e) => {
@@ -212,6 +215,13 @@ fn human(summary: &Summary) -> String {
                 .map(|(state, n)| format!("{state} {n}"))
                 .collect();
             let _ = write!(line, ": {}", parts.join(", "));
+        }
+        if let Some(figures) = &reducer.this_run {
+            let _ = write!(
+                line,
+                "; this run {} outcomes, {:.0}/s, p50 {:.1} ms, p99 {:.1} ms",
+                figures.outcomes, figures.per_second, figures.p50_ms, figures.p99_ms
+            );
         }
         if reducer.busy > 0 {
             let _ = write!(line, " ({} still busy)", reducer.busy);

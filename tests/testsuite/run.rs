@@ -14,6 +14,17 @@ use crate::support::{Run, clean_env, onex, path_str, repo_root};
 
 const REGISTRATION: &str = "registration";
 
+/// Kills the child when the test ends early (a failed assertion), so that no
+/// runtime outlives its test.
+struct Reaper(Child);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn node_id(n: usize) -> String {
     format!("00000000-0000-4000-8000-{n:012}")
 }
@@ -338,7 +349,7 @@ fn a_killed_runtime_resumes_without_loss_or_duplicates() {
     let dir = tempfile::tempdir().expect("tempdir");
     let lines: Vec<String> = (1..=300).map(node).collect();
     let events = write_events(dir.path(), &lines);
-    let mut child = clean_env(&mut Command::new(env!("CARGO_BIN_EXE_onex")))
+    let child = clean_env(&mut Command::new(env!("CARGO_BIN_EXE_onex")))
         .args([
             "run",
             "--contract",
@@ -356,7 +367,8 @@ fn a_killed_runtime_resumes_without_loss_or_duplicates() {
         .stderr(Stdio::null())
         .spawn()
         .expect("onex starts");
-    let mut stdin = child.stdin.take().expect("stdin");
+    let mut child = Reaper(child);
+    let mut stdin = child.0.stdin.take().expect("stdin");
     for line in &lines[..150] {
         writeln!(stdin, "{line}").expect("write event");
     }
@@ -374,8 +386,8 @@ fn a_killed_runtime_resumes_without_loss_or_duplicates() {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    child.kill().expect("SIGKILL");
-    child.wait().expect("reaped");
+    child.0.kill().expect("SIGKILL");
+    child.0.wait().expect("reaped");
 
     let (run, summary) = run(dir.path(), &["--events", &events]);
     assert_eq!(run.code, 0, "{}", run.stderr);
@@ -499,7 +511,8 @@ fn spawn_service(data: &Path) -> (Child, String, mpsc::Receiver<String>) {
 #[test]
 fn the_operations_endpoints_answer_and_sigterm_drains() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (mut child, addr, _logs) = spawn_service(dir.path());
+    let (child, addr, _logs) = spawn_service(dir.path());
+    let mut child = Reaper(child);
     assert_eq!(
         http_get(&addr, "/health"),
         (200, json!({"status": "ok"}).to_string())
@@ -536,13 +549,13 @@ fn the_operations_endpoints_answer_and_sigterm_drains() {
     assert_eq!(http_get(&addr, "/nothing").0, 404);
 
     let terminated = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args(["-TERM", &child.0.id().to_string()])
         .status()
         .expect("kill");
     assert!(terminated.success());
     let deadline = Instant::now() + Duration::from_secs(20);
     let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
+        if let Some(status) = child.0.try_wait().expect("wait") {
             break status;
         }
         assert!(Instant::now() < deadline, "onex did not stop on SIGTERM");
@@ -551,6 +564,7 @@ fn the_operations_endpoints_answer_and_sigterm_drains() {
     assert_eq!(status.code(), Some(0));
     let mut stdout = String::new();
     child
+        .0
         .stdout
         .take()
         .expect("stdout")
@@ -664,4 +678,106 @@ async fn consul_stand_in_sees_exact_requests_and_a_failure_is_partial_then_recov
     // The database backend succeeded the first time and was not repeated.
     let data = dir.path().join("data.db");
     assert_eq!(count(&data, "SELECT count(*) FROM node_registrations"), 2);
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    for entry in walkdir::WalkDir::new(from) {
+        let entry = entry.expect("walk");
+        let target = to.join(entry.path().strip_prefix(from).expect("inside"));
+        if entry.file_type().is_dir() {
+            std::fs::create_dir_all(&target).expect("mkdir");
+        } else {
+            std::fs::copy(entry.path(), &target).expect("copy");
+        }
+    }
+}
+
+fn wait_for(file: &Path, sql: &'static str, want: i64) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if file.exists() && count(file, sql) == want {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+/// A node that stops sending heartbeats expires when its liveness window passes (here
+/// shortened from 90 s to 300 ms in a copy of the contracts), leaves service discovery,
+/// and comes back with its next heartbeat.
+#[test]
+fn a_silent_node_expires_and_a_heartbeat_brings_it_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let contracts = dir.path().join("contracts");
+    copy_dir(&repo_root().join("contracts"), &contracts);
+    let orchestrator = contracts.join("orchestrators/node_registration_orchestrator.yaml");
+    let text = std::fs::read_to_string(&orchestrator).expect("orchestrator");
+    assert!(text.contains("after_ms: 90000"));
+    std::fs::write(
+        &orchestrator,
+        text.replace("after_ms: 90000", "after_ms: 300"),
+    )
+    .expect("write");
+    let data = dir.path().join("data");
+    let child = clean_env(&mut Command::new(env!("CARGO_BIN_EXE_onex")))
+        .args([
+            "run",
+            "--listen",
+            "off",
+            "--events",
+            "-",
+            "--format",
+            "json",
+            "--contract",
+        ])
+        .arg(&contracts)
+        .arg("--data-dir")
+        .arg(&data)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("onex starts");
+    let mut child = Reaper(child);
+    let mut stdin = child.0.stdin.take().expect("stdin");
+    writeln!(stdin, "{}", node(5)).expect("write");
+    stdin.flush().expect("flush");
+    let state = data.join("state.db");
+    let registry = data.join("data.db");
+    let expired = wait_for(
+        &registry,
+        "SELECT count(*) FROM node_registrations WHERE node_id = '00000000-0000-4000-8000-000000000005' AND liveness = 'expired'",
+        1,
+    );
+    let deregistered = wait_for(
+        &registry,
+        "SELECT count(*) FROM service_catalog WHERE id = 'onex-effect-00000000-0000-4000-8000-000000000005'",
+        0,
+    );
+    let announced = wait_for(
+        &state,
+        "SELECT count(*) FROM events WHERE event_type = 'NodeLivenessExpired' AND entity_id = '00000000-0000-4000-8000-000000000005'",
+        1,
+    );
+    let heartbeat = json!({
+        "message_id": "hb-1", "event_type": "NodeHeartbeatEvent",
+        "payload": {"node_id": node_id(5), "node_type": "effect", "node_version": "1.2.0", "uptime_seconds": 60, "active_operations_count": 0}
+    });
+    writeln!(stdin, "{heartbeat}").expect("write");
+    stdin.flush().expect("flush");
+    let revived = wait_for(
+        &registry,
+        "SELECT count(*) FROM node_registrations WHERE node_id = '00000000-0000-4000-8000-000000000005' AND liveness = 'alive'",
+        1,
+    );
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status();
+    let status = child.0.wait().expect("exit");
+    assert!(expired, "the node was not marked expired");
+    assert!(deregistered, "the expired node stayed in service discovery");
+    assert!(announced, "no NodeLivenessExpired event");
+    assert!(revived, "the heartbeat did not bring the node back");
+    assert_eq!(status.code(), Some(0));
 }

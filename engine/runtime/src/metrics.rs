@@ -25,6 +25,7 @@ pub struct Metrics {
     pub breaker_state: Family<Labels, Gauge<i64, std::sync::atomic::AtomicI64>>,
     pub dead_letters: Family<Labels, Counter>,
     pub outcomes: Family<Labels, Counter>,
+    pub outcome_seconds: Family<Labels, Histogram>,
     pub duplicates: Counter<u64, AtomicU64>,
 }
 
@@ -49,6 +50,9 @@ impl Default for Metrics {
         let breaker_state = Family::default();
         let dead_letters = Family::default();
         let outcomes = Family::default();
+        let outcome_seconds = Family::<Labels, Histogram>::new_with_constructor(
+            handler_histogram as fn() -> Histogram,
+        );
         let duplicates = Counter::default();
         registry.register(
             "events",
@@ -101,6 +105,11 @@ impl Default for Metrics {
             outcomes.clone(),
         );
         registry.register(
+            "outcome_duration_seconds",
+            "Time from a workflow run's first event to its outcome, by reducer",
+            outcome_seconds.clone(),
+        );
+        registry.register(
             "duplicate_events",
             "Events skipped because their message id was already processed",
             duplicates.clone(),
@@ -117,6 +126,7 @@ impl Default for Metrics {
             breaker_state,
             dead_letters,
             outcomes,
+            outcome_seconds,
             duplicates,
         }
     }

@@ -20,7 +20,7 @@ use crate::effects::EffectRunner;
 use crate::envelope::Envelope;
 use crate::handler::Handlers;
 use crate::metrics::Metrics;
-use crate::project::{EventSpec, Project};
+use crate::project::{EventSpec, Project, ReducerId};
 use crate::shard::{Message, Shard, shard_of};
 use crate::slot::Snapshot;
 use crate::store::{DeadLetter, Store, Write};
@@ -39,9 +39,26 @@ pub struct Shared {
     /// `env` in operation templates: the process environment.
     pub env: Value,
     dead_letters: AtomicU64,
+    /// Per reducer: outcome latencies of this run, in seconds.
+    latencies: std::sync::Mutex<Vec<Vec<f64>>>,
 }
 
 impl Shared {
+    /// Time from a workflow run's first event to its outcome.
+    pub fn record_latency(&self, reducer: ReducerId, elapsed: Duration) {
+        let seconds = elapsed.as_secs_f64();
+        self.metrics
+            .outcome_seconds
+            .get_or_create(&vec![(
+                "reducer",
+                self.project.reducers[reducer].name.clone(),
+            )])
+            .observe(seconds);
+        if let Ok(mut latencies) = self.latencies.lock() {
+            latencies[reducer].push(seconds);
+        }
+    }
+
     pub fn dead_letter(&self, letter: DeadLetter) {
         self.metrics
             .dead_letters
@@ -108,6 +125,36 @@ pub struct ReducerSummary {
     pub outcomes: BTreeMap<String, usize>,
     /// Instances with effects in flight, a pending timer or queued events.
     pub busy: usize,
+    /// Outcomes reached in this run, their rate and latency (first event to outcome).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub this_run: Option<RunFigures>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RunFigures {
+    pub outcomes: usize,
+    pub per_second: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+fn figures(mut seconds: Vec<f64>, elapsed: Duration) -> Option<RunFigures> {
+    if seconds.is_empty() {
+        return None;
+    }
+    seconds.sort_by(f64::total_cmp);
+    let at = |q: f64| {
+        let rank = (seconds.len() as f64 * q).ceil() as usize;
+        seconds[rank.clamp(1, seconds.len()) - 1] * 1000.0
+    };
+    Some(RunFigures {
+        outcomes: seconds.len(),
+        per_second: seconds.len() as f64 / elapsed.as_secs_f64().max(1e-9),
+        p50_ms: at(0.50),
+        p99_ms: at(0.99),
+        max_ms: seconds[seconds.len() - 1] * 1000.0,
+    })
 }
 
 #[derive(Debug, Serialize)]
@@ -167,6 +214,7 @@ pub async fn run(
         work: Arc::clone(&work),
         env: Value::Object(env),
         dead_letters: AtomicU64::new(0),
+        latencies: std::sync::Mutex::new(vec![Vec::new(); project.reducers.len()]),
     });
 
     // The event log: everything published, kept in the store. Set before any
@@ -579,8 +627,13 @@ async fn summarise(
 ) -> Result<Summary, String> {
     let project = &shared.project;
     let stored = shared.store.instances().await?;
+    let latencies = shared
+        .latencies
+        .lock()
+        .map(|l| l.clone())
+        .unwrap_or_default();
     let mut reducers = Vec::new();
-    for reducer in &project.reducers {
+    for (id, reducer) in project.reducers.iter().enumerate() {
         let mine: Vec<_> = stored
             .iter()
             .filter(|s| s.reducer == reducer.name)
@@ -616,6 +669,9 @@ async fn summarise(
             states,
             outcomes,
             busy,
+            this_run: latencies
+                .get(id)
+                .and_then(|l| figures(l.clone(), started.elapsed())),
         });
     }
     let demo = demo.map(|ids| {

@@ -201,6 +201,7 @@ impl Shard {
             message_id: envelope.message_id.clone(),
         });
         if project.reducers[reducer].rest[slot.instance.state] {
+            slot.started.get_or_insert_with(std::time::Instant::now);
             self.deliver(
                 reducer,
                 key,
@@ -234,6 +235,7 @@ impl Shard {
             let Some(next) = slot.inbox.pop_front() else {
                 return;
             };
+            slot.started.get_or_insert_with(std::time::Instant::now);
             self.deliver(reducer, key, next);
         }
     }
@@ -381,6 +383,9 @@ impl Shard {
                 ])
                 .inc();
             slot.outcome = Some(label);
+            if let Some(started) = slot.started.take() {
+                self.shared.record_latency(reducer, started.elapsed());
+            }
         }
         // Intents, in the order the FSM emitted them.
         let mut dispatches = Vec::new();

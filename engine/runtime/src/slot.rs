@@ -31,6 +31,9 @@ pub struct Slot {
     /// Correlation id of the event that started the current run of the workflow;
     /// follow-up steps and their intents carry it on.
     pub correlation: Option<Arc<str>>,
+    /// When the current run of the workflow took its first event (for the latency
+    /// figures; not persisted).
+    pub started: Option<std::time::Instant>,
 }
 
 /// An effect in flight.
@@ -113,6 +116,7 @@ impl Slot {
             outcome: None,
             processed: HashSet::new(),
             correlation: None,
+            started: None,
         }
     }
 
@@ -195,6 +199,7 @@ impl Slot {
             outcome: snapshot.outcome,
             processed: HashSet::new(),
             correlation: snapshot.correlation_id.map(Arc::from),
+            started: None,
         })
     }
 }
