@@ -73,6 +73,35 @@ fn run(data: &Path, extra: &[&str]) -> (Run, Value) {
     (run, summary)
 }
 
+/// `onex state list` of the registration reducer, as JSON rows.
+fn registrations(data: &Path, extra: &[&str]) -> Vec<Value> {
+    let mut args = vec![
+        "state",
+        "list",
+        "--data-dir",
+        path_str(data),
+        "--reducer",
+        REGISTRATION,
+        "--format",
+        "json",
+    ];
+    args.extend_from_slice(extra);
+    onex(&args).json_lines()
+}
+
+/// Starts `onex` from the repository root with every stream piped.
+fn spawn_onex(args: &[&str]) -> Reaper {
+    let child = clean_env(&mut Command::new(env!("CARGO_BIN_EXE_onex")))
+        .args(args)
+        .current_dir(repo_root())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("onex starts");
+    Reaper(child)
+}
+
 fn reducer<'a>(summary: &'a Value, name: &str) -> &'a Value {
     summary["reducers"]
         .as_array()
@@ -167,23 +196,12 @@ fn the_demo_registers_every_node_and_loses_none() {
         0
     );
 
-    let listed = onex(&[
-        "state",
-        "list",
-        "--data-dir",
-        path_str(dir.path()),
-        "--reducer",
-        REGISTRATION,
-        "--format",
-        "json",
-    ]);
-    let rows = listed.json_lines();
+    let rows = registrations(dir.path(), &[]);
     assert_eq!(rows.len(), 101);
     assert!(
         rows.iter()
             .all(|r| r["outcome"] == "complete" && r["state"] == "idle"),
-        "{}",
-        listed.stdout
+        "{rows:?}"
     );
 
     let human = onex(&[
@@ -240,20 +258,7 @@ fn invalid_introspections_fail_with_their_reason_and_unroutable_events_are_kept(
     assert_eq!(registration["outcomes"]["failed"], 1, "{summary}");
     assert_eq!(summary["events"]["dead_letters"], 3);
 
-    let listed = onex(&[
-        "state",
-        "list",
-        "--data-dir",
-        path_str(dir.path()),
-        "--reducer",
-        REGISTRATION,
-        "--fields",
-        "validation_errors",
-        "--format",
-        "json",
-    ]);
-    let failed: Vec<Value> = listed
-        .json_lines()
+    let failed: Vec<Value> = registrations(dir.path(), &["--fields", "validation_errors"])
         .into_iter()
         .filter(|r| r["key"] == node_id(1))
         .collect();
@@ -349,25 +354,17 @@ fn a_killed_runtime_resumes_without_loss_or_duplicates() {
     let dir = tempfile::tempdir().expect("tempdir");
     let lines: Vec<String> = (1..=300).map(node).collect();
     let events = write_events(dir.path(), &lines);
-    let child = clean_env(&mut Command::new(env!("CARGO_BIN_EXE_onex")))
-        .args([
-            "run",
-            "--contract",
-            "contracts/",
-            "--listen",
-            "off",
-            "--events",
-            "-",
-            "--data-dir",
-            path_str(dir.path()),
-        ])
-        .current_dir(repo_root())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("onex starts");
-    let mut child = Reaper(child);
+    let mut child = spawn_onex(&[
+        "run",
+        "--contract",
+        "contracts/",
+        "--listen",
+        "off",
+        "--events",
+        "-",
+        "--data-dir",
+        path_str(dir.path()),
+    ]);
     let mut stdin = child.0.stdin.take().expect("stdin");
     for line in &lines[..150] {
         writeln!(stdin, "{line}").expect("write event");
@@ -456,32 +453,25 @@ fn http_get(addr: &str, path: &str) -> (u16, String) {
     (status, body)
 }
 
-fn spawn_service(data: &Path) -> (Child, String, mpsc::Receiver<String>) {
-    let mut child = clean_env(&mut Command::new(env!("CARGO_BIN_EXE_onex")))
-        .args([
-            "run",
-            "--contract",
-            "contracts/",
-            "--demo",
-            "5",
-            "--listen",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-            "--log-level",
-            "info",
-            "--format",
-            "json",
-            "--data-dir",
-            path_str(data),
-        ])
-        .current_dir(repo_root())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("onex starts");
-    let stderr = child.stderr.take().expect("stderr");
+fn spawn_service(data: &Path) -> (Reaper, String, mpsc::Receiver<String>) {
+    let mut child = spawn_onex(&[
+        "run",
+        "--contract",
+        "contracts/",
+        "--demo",
+        "5",
+        "--listen",
+        "127.0.0.1:0",
+        "--log-format",
+        "json",
+        "--log-level",
+        "info",
+        "--format",
+        "json",
+        "--data-dir",
+        path_str(data),
+    ]);
+    let stderr = child.0.stderr.take().expect("stderr");
     let (sender, lines) = mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -503,16 +493,13 @@ fn spawn_service(data: &Path) -> (Child, String, mpsc::Receiver<String>) {
             return (child, addr, lines);
         }
     }
-    let _ = child.kill();
-    let _ = child.wait();
     panic!("no operations endpoint was announced");
 }
 
 #[test]
 fn the_operations_endpoints_answer_and_sigterm_drains() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (child, addr, _logs) = spawn_service(dir.path());
-    let mut child = Reaper(child);
+    let (mut child, addr, _logs) = spawn_service(dir.path());
     assert_eq!(
         http_get(&addr, "/health"),
         (200, json!({"status": "ok"}).to_string())
@@ -720,26 +707,19 @@ fn a_silent_node_expires_and_a_heartbeat_brings_it_back() {
     )
     .expect("write");
     let data = dir.path().join("data");
-    let child = clean_env(&mut Command::new(env!("CARGO_BIN_EXE_onex")))
-        .args([
-            "run",
-            "--listen",
-            "off",
-            "--events",
-            "-",
-            "--format",
-            "json",
-            "--contract",
-        ])
-        .arg(&contracts)
-        .arg("--data-dir")
-        .arg(&data)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("onex starts");
-    let mut child = Reaper(child);
+    let mut child = spawn_onex(&[
+        "run",
+        "--listen",
+        "off",
+        "--events",
+        "-",
+        "--format",
+        "json",
+        "--contract",
+        path_str(&contracts),
+        "--data-dir",
+        path_str(&data),
+    ]);
     let mut stdin = child.0.stdin.take().expect("stdin");
     writeln!(stdin, "{}", node(5)).expect("write");
     stdin.flush().expect("flush");

@@ -47,17 +47,16 @@ fn add_project_findings(
         .collect();
     for (position, path) in orchestrators {
         let project = onex_runtime::project::load(path);
-        let mut project_reports = project.reports.into_iter();
-        // The orchestrator's own report holds its file findings and the project's.
-        if let Some(own) = project_reports.next() {
-            reports[*position].0.diagnostics = own.diagnostics;
-        }
-        for report in project_reports {
-            let found: Vec<_> = report
+        let mut found = project.cross_contract.into_iter();
+        // The orchestrator's own findings are in its report already.
+        if let Some(own) = found.next() {
+            reports[*position].0.diagnostics.extend(own);
+            reports[*position]
+                .0
                 .diagnostics
-                .into_iter()
-                .filter(|d| d.lint.code >= "OX504" && d.lint.code <= "OX510")
-                .collect();
+                .sort_by_key(|d| (d.span.map(|s| s.start), d.lint.code));
+        }
+        for (report, found) in project.reports.into_iter().skip(1).zip(found) {
             if found.is_empty() {
                 continue;
             }

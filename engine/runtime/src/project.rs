@@ -168,7 +168,12 @@ const DEFAULT_OPERATION_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug)]
 pub struct Loaded {
     pub project: Option<Project>,
+    /// One per file read, the orchestrator first: all its findings.
     pub reports: Vec<FileReport>,
+    /// Per report, the findings of the cross-contract check alone (OX504..OX510 and
+    /// unknown states named by the orchestrator), for `contract lint`, which reports
+    /// each file's own findings itself.
+    pub cross_contract: Vec<Vec<Diagnostic>>,
 }
 
 impl Loaded {
@@ -183,8 +188,12 @@ impl Loaded {
 struct File {
     path: PathBuf,
     text: String,
+    /// The spanned document, parsed once, for locating cross-contract findings.
+    root: Option<Node>,
     contract: Option<Contract>,
     diagnostics: Vec<Diagnostic>,
+    /// How many of `diagnostics` are the file's own; the rest are cross-contract.
+    own_findings: usize,
 }
 
 impl File {
@@ -198,12 +207,20 @@ impl File {
             },
             None => onex_contract::load(&text),
         };
+        let root = onex_contract::yaml::parse(&text).root;
         Ok(File {
             path: path.to_owned(),
             text,
+            root,
             contract: loaded.contract,
+            own_findings: loaded.diagnostics.len(),
             diagnostics: loaded.diagnostics,
         })
+    }
+
+    /// The findings the cross-contract check added to this file.
+    fn cross_contract(&self) -> Vec<Diagnostic> {
+        self.diagnostics[self.own_findings.min(self.diagnostics.len())..].to_vec()
     }
 
     fn report(self) -> FileReport {
@@ -263,6 +280,7 @@ pub fn load(path: &Path) -> Loaded {
         Err(e) => {
             return Loaded {
                 project: None,
+                cross_contract: vec![Vec::new()],
                 reports: vec![FileReport {
                     source: SourceFile::new(path.display().to_string(), String::new()),
                     diagnostics: vec![
@@ -290,6 +308,7 @@ pub fn load(path: &Path) -> Loaded {
             }
             return Loaded {
                 project: None,
+                cross_contract: vec![orchestrator_file.cross_contract()],
                 reports: vec![orchestrator_file.report()],
             };
         }
@@ -302,10 +321,14 @@ pub fn load(path: &Path) -> Loaded {
         effects_complete: true,
     };
     let project = builder.build(path);
-    orchestrator_file.diagnostics.append(&mut builder.own);
+    orchestrator_file
+        .diagnostics
+        .extend(builder.own.iter().cloned());
     orchestrator_file
         .diagnostics
         .sort_by_key(|d| (d.span.map(|s| s.start), d.lint.code));
+    let mut cross_contract = vec![builder.own.clone()];
+    cross_contract.extend(builder.others.iter().map(File::cross_contract));
     let mut reports = vec![orchestrator_file.report()];
     reports.extend(builder.others.into_iter().map(File::report));
     let failed = reports
@@ -314,6 +337,7 @@ pub fn load(path: &Path) -> Loaded {
     Loaded {
         project: if failed { None } else { project },
         reports,
+        cross_contract,
     }
 }
 
@@ -959,7 +983,6 @@ impl Builder<'_> {
             .cloned()
             .collect();
         for intent in unknown {
-            let (op, _) = &intent_owner[&intent];
             // Located in the effect file that declares it.
             for file in self.others.iter_mut() {
                 let Some(Contract::Effect(effect)) = &file.contract else {
@@ -994,7 +1017,6 @@ impl Builder<'_> {
                     d = d.with_help(help);
                 }
                 file.diagnostics.push(d);
-                let _ = op;
                 break;
             }
         }
@@ -1075,8 +1097,9 @@ fn fsm_timeout_seconds(file: &File) -> Option<u64> {
     let Some(Contract::Fsm(_)) = &file.contract else {
         return None;
     };
-    let root = onex_contract::yaml::parse(&file.text).root?;
-    root.get("error_handling")?
+    file.root
+        .as_ref()?
+        .get("error_handling")?
         .get("timeout_seconds")?
         .as_i64()
         .and_then(|n| u64::try_from(n).ok())
@@ -1102,8 +1125,9 @@ fn located(
     pointer: &str,
     message: String,
 ) -> Diagnostic {
-    let span = onex_contract::yaml::parse(&file.text)
+    let span = file
         .root
+        .as_ref()
         .and_then(|root| root.at_pointer(pointer).map(|(node, _)| node.span))
         .unwrap_or(Span::point(0));
     Diagnostic::new(lint, message).at(span, pointer)
