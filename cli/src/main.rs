@@ -12,6 +12,12 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+// glibc's malloc serialised the runtime's worker threads on its arena locks and
+// spent a fifth of `onex run`'s time (docs/performance.md); mimalloc keeps
+// per-thread heaps.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Documented exit codes (see `--help` and README.md).
 pub const EXIT_CLEAN: u8 = 0;
 pub const EXIT_FINDINGS: u8 = 1;

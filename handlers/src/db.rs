@@ -59,9 +59,12 @@ impl Database {
                     .create_if_missing(true)
                     .journal_mode(SqliteJournalMode::Wal)
                     .synchronous(SqliteSynchronous::Normal)
+                    .pragma("cache_size", "-32768")
                     .busy_timeout(Duration::from_secs(10));
+                // One connection: the group committer's transactions find their pages
+                // in its cache instead of re-reading what another connection wrote.
                 let pool = SqlitePoolOptions::new()
-                    .max_connections(4)
+                    .max_connections(1)
                     .connect_with(options)
                     .await
                     .map_err(|e| format!("cannot open {}: {e}", self.path.display()))?;

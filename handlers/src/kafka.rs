@@ -56,7 +56,7 @@ impl Handler for KafkaHandler {
                 causation_id: call.causation_id.clone(),
                 emitted_at: Some(jiff::Timestamp::now().to_string()),
                 entity_id: config["partition_key_template"].as_str().map(str::to_owned),
-                payload,
+                payload: Arc::new(payload),
             };
             self.bus.publish(envelope).map_err(Failure::Transient)?;
             Ok(json!({"message_id": message_id}))

@@ -111,6 +111,11 @@ fn reducer<'a>(summary: &'a Value, name: &str) -> &'a Value {
 
 /// Rows of a query on one of the run's SQLite files.
 fn query(file: &Path, sql: &'static str) -> Vec<Vec<Value>> {
+    try_query(file, sql).unwrap_or_else(|e| panic!("{sql}: {e}"))
+}
+
+/// The same, for a file that a running `onex` may still be creating.
+fn try_query(file: &Path, sql: &'static str) -> Result<Vec<Vec<Value>>, String> {
     // On a thread of its own, so that async tests can call it too.
     let file = file.to_owned();
     std::thread::spawn(move || query_here(&file, sql))
@@ -118,16 +123,22 @@ fn query(file: &Path, sql: &'static str) -> Vec<Vec<Value>> {
         .expect("query thread")
 }
 
-fn query_here(file: &Path, sql: &'static str) -> Vec<Vec<Value>> {
+fn query_here(file: &Path, sql: &'static str) -> Result<Vec<Vec<Value>>, String> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
     runtime.block_on(async {
         let url = format!("sqlite://{}?mode=ro", file.display());
-        let pool = sqlx::SqlitePool::connect(&url).await.expect("open");
-        let rows = sqlx::query(sql).fetch_all(&pool).await.expect("query");
-        rows.iter()
+        let pool = sqlx::SqlitePool::connect(&url)
+            .await
+            .map_err(|e| e.to_string())?;
+        let rows = sqlx::query(sql)
+            .fetch_all(&pool)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(rows
+            .iter()
             .map(|row| {
                 (0..sqlx::Row::len(row))
                     .map(|i| {
@@ -138,7 +149,7 @@ fn query_here(file: &Path, sql: &'static str) -> Vec<Vec<Value>> {
                     })
                     .collect()
             })
-            .collect()
+            .collect())
     })
 }
 
@@ -373,12 +384,12 @@ fn a_killed_runtime_resumes_without_loss_or_duplicates() {
     let state = dir.path().join("state.db");
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
-        if state.exists()
-            && count(
-                &state,
-                "SELECT count(*) FROM instances WHERE reducer = 'registration'",
-            ) >= 50
-        {
+        // Until the runtime has created its tables, the query fails.
+        let stored = try_query(
+            &state,
+            "SELECT count(*) FROM instances WHERE reducer = 'registration'",
+        );
+        if stored.is_ok_and(|rows| rows[0][0].as_i64() >= Some(50)) {
             break;
         }
         std::thread::sleep(Duration::from_millis(20));

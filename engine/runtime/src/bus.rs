@@ -18,6 +18,8 @@ use crate::work::{Work, WorkGuard};
 pub struct Delivery {
     pub envelope: Envelope,
     pub work: WorkGuard,
+    /// When the bus took the message (latency figures count from here).
+    pub published: std::time::Instant,
 }
 
 pub type Subscription = mpsc::UnboundedReceiver<Delivery>;
@@ -79,6 +81,7 @@ impl Bus for EmbeddedBus {
             .lock()
             .map_err(|_| "the bus is unavailable".to_owned())?;
         subscribers.retain(|s| !s.sender.is_closed());
+        let published = std::time::Instant::now();
         for subscriber in subscribers.iter() {
             let wanted = subscriber
                 .event_types
@@ -88,6 +91,7 @@ impl Bus for EmbeddedBus {
                 let delivery = Delivery {
                     envelope: envelope.clone(),
                     work: self.work.guard(),
+                    published,
                 };
                 // A receiver that closed in between simply stops receiving.
                 let _ = subscriber.sender.send(delivery);

@@ -40,8 +40,7 @@ pub fn start(
                     continue;
                 };
                 let target = demo.answer_target.as_ref().and_then(|t| {
-                    let cause = serde_json::to_value(&delivery.envelope).unwrap_or_default();
-                    let scope = crate::template::scope(&[("cause", &cause)]);
+                    let scope = crate::template::scope(&[("cause", delivery.envelope.vars())]);
                     t.render(&scope)
                         .ok()
                         .and_then(|v| v.as_str().map(str::to_owned))
@@ -125,7 +124,10 @@ fn publish(
                 if envelope.entity_id.is_none()
                     && let Some(template) = &demo.entity_id
                 {
-                    let scope = crate::template::scope(&[("entity", &entity)]);
+                    let scope = crate::template::scope(&[(
+                        "entity",
+                        crate::template::json(Arc::new(entity.clone())),
+                    )]);
                     envelope.entity_id = template
                         .render(&scope)
                         .ok()

@@ -9,15 +9,27 @@ use std::time::{Duration, Instant};
 use onex_contract::model::execution::{Backoff, CircuitBreakerSpec, RetryPolicy};
 use serde_json::Value;
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::Histogram;
+
 use crate::handler::{Call, Failure, Handlers, Outcome};
 use crate::metrics::Metrics;
-use crate::project::Operation;
+use crate::project::{Operation, OperationId};
 
 #[derive(Debug)]
 pub struct EffectRunner {
     handlers: Handlers,
     breakers: Mutex<HashMap<String, Breaker>>,
     metrics: Arc<Metrics>,
+    /// Per operation, its metric handles (labels built once, not per call).
+    measures: Vec<Measures>,
+}
+
+#[derive(Debug)]
+struct Measures {
+    handler_seconds: Histogram,
+    succeeded: Counter,
+    failed: Counter,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -28,11 +40,36 @@ enum Breaker {
 }
 
 impl EffectRunner {
-    pub fn new(handlers: Handlers, metrics: Arc<Metrics>) -> EffectRunner {
+    pub fn new(
+        handlers: Handlers,
+        metrics: Arc<Metrics>,
+        operations: &[Operation],
+    ) -> EffectRunner {
+        let result = |operation: &Operation, result: &str| {
+            metrics
+                .effects
+                .get_or_create(&vec![
+                    ("operation", operation.name.clone()),
+                    ("result", result.to_owned()),
+                ])
+                .clone()
+        };
+        let measures = operations
+            .iter()
+            .map(|operation| Measures {
+                handler_seconds: metrics
+                    .handler_seconds
+                    .get_or_create(&vec![("handler", operation.handler.clone())])
+                    .clone(),
+                succeeded: result(operation, "success"),
+                failed: result(operation, "failure"),
+            })
+            .collect();
         EffectRunner {
             handlers,
             breakers: Mutex::new(HashMap::new()),
             metrics,
+            measures,
         }
     }
 
@@ -42,7 +79,8 @@ impl EffectRunner {
 
     /// Runs `call` for `operation` until it succeeds, fails permanently, or its retries
     /// are spent. The result is the handler's response, or why it failed.
-    pub async fn run(&self, operation: &Operation, call: Call) -> Outcome {
+    pub async fn run(&self, id: OperationId, operation: &Operation, call: Call) -> Outcome {
+        let measures = &self.measures[id];
         let Some(handler) = self.handlers.get(&operation.handler) else {
             return Err(Failure::Permanent(format!(
                 "no `{}` handler is configured in this run",
@@ -64,9 +102,8 @@ impl EffectRunner {
                                 operation.timeout.as_millis()
                             ))),
                         };
-                    self.metrics
+                    measures
                         .handler_seconds
-                        .get_or_create(&vec![("handler", operation.handler.clone())])
                         .observe(started.elapsed().as_secs_f64());
                     self.record(&target, operation.breaker.as_ref(), outcome.is_ok());
                     outcome
@@ -84,18 +121,11 @@ impl EffectRunner {
                     attempt += 1;
                 }
                 None => {
-                    let result = if outcome.is_ok() {
-                        "success"
+                    if outcome.is_ok() {
+                        measures.succeeded.inc();
                     } else {
-                        "failure"
-                    };
-                    self.metrics
-                        .effects
-                        .get_or_create(&vec![
-                            ("operation", operation.name.clone()),
-                            ("result", result.to_owned()),
-                        ])
-                        .inc();
+                        measures.failed.inc();
+                    }
                     return outcome.map_err(|f| match f {
                         Failure::Transient(m) if attempt > 0 => {
                             Failure::Transient(format!("{m} (after {} attempts)", attempt + 1))

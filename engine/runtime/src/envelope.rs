@@ -1,7 +1,9 @@
 //! The message envelope (shared note §5): every event on the bus is one.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -19,8 +21,9 @@ pub struct Envelope {
     /// Partition key: events with the same entity are delivered in order.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub entity_id: Option<String>,
+    /// Shared: an event fans out to several routes and subscribers without copies.
     #[serde(default)]
-    pub payload: Value,
+    pub payload: Arc<Value>,
 }
 
 impl Envelope {
@@ -48,11 +51,25 @@ impl Envelope {
     }
 
     /// The envelope as template variables: `payload`, `event_type`, `message_id`...
-    pub fn to_map(&self) -> Map<String, Value> {
-        match serde_json::to_value(self) {
-            Ok(Value::Object(map)) => map,
-            _ => Map::new(),
-        }
+    /// (absent optional fields are none).
+    pub fn vars(&self) -> minijinja::Value {
+        let text = |s: &Option<String>| minijinja::Value::from(s.as_deref());
+        crate::template::scope(&[
+            (
+                "message_id",
+                minijinja::Value::from(self.message_id.as_str()),
+            ),
+            (
+                "event_type",
+                minijinja::Value::from(self.event_type.as_str()),
+            ),
+            ("topic", text(&self.topic)),
+            ("correlation_id", text(&self.correlation_id)),
+            ("causation_id", text(&self.causation_id)),
+            ("emitted_at", text(&self.emitted_at)),
+            ("entity_id", text(&self.entity_id)),
+            ("payload", crate::template::json(Arc::clone(&self.payload))),
+        ])
     }
 }
 

@@ -1,5 +1,6 @@
 //! `/metrics`: Prometheus text exposition of what the runtime did.
 
+use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
 
 use prometheus_client::encoding::text::encode;
@@ -8,6 +9,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+
+use crate::project::{Reducer, ReducerId};
 
 type Labels = Vec<(&'static str, String)>;
 
@@ -138,5 +141,70 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);
         out
+    }
+}
+
+/// The counters a shard increments on every message, found by ids instead of label
+/// strings: the hot path neither builds labels nor takes a family's lock. A
+/// prometheus-client counter is a shared handle, so the copy kept here and the one
+/// in the family are the same counter.
+#[derive(Debug, Default)]
+pub struct Counters {
+    events: HashMap<String, Counter>,
+    transitions: HashMap<(ReducerId, usize, usize), Counter>,
+    intents: HashMap<(ReducerId, u32), Counter>,
+}
+
+impl Counters {
+    pub fn event(&mut self, metrics: &Metrics, event_type: &str) {
+        if let Some(counter) = self.events.get(event_type) {
+            counter.inc();
+            return;
+        }
+        let counter = metrics
+            .events
+            .get_or_create(&vec![("event_type", event_type.to_owned())])
+            .clone();
+        counter.inc();
+        self.events.insert(event_type.to_owned(), counter);
+    }
+
+    pub fn transition(
+        &mut self,
+        metrics: &Metrics,
+        spec: &Reducer,
+        reducer: ReducerId,
+        from: usize,
+        to: usize,
+    ) {
+        self.transitions
+            .entry((reducer, from, to))
+            .or_insert_with(|| {
+                let states = &spec.machine.states;
+                metrics
+                    .transitions
+                    .get_or_create(&vec![
+                        ("reducer", spec.name.clone()),
+                        ("from", states[from].name.to_string()),
+                        ("to", states[to].name.to_string()),
+                    ])
+                    .clone()
+            })
+            .inc();
+    }
+
+    pub fn intent(&mut self, metrics: &Metrics, spec: &Reducer, reducer: ReducerId, action: u32) {
+        self.intents
+            .entry((reducer, action))
+            .or_insert_with(|| {
+                metrics
+                    .intents
+                    .get_or_create(&vec![
+                        ("reducer", spec.name.clone()),
+                        ("action", spec.machine.action(action).name.to_string()),
+                    ])
+                    .clone()
+            })
+            .inc();
     }
 }

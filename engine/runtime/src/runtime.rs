@@ -37,35 +37,36 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     pub work: Arc<Work>,
     /// `env` in operation templates: the process environment.
-    pub env: Value,
+    pub env: minijinja::Value,
     dead_letters: AtomicU64,
     /// Per reducer: outcome latencies of this run, in seconds.
     latencies: std::sync::Mutex<Vec<Vec<f64>>>,
+    /// Per reducer: its `outcome_duration_seconds` histogram.
+    outcome_seconds: Vec<prometheus_client::metrics::histogram::Histogram>,
 }
 
 impl Shared {
     /// Time from a workflow run's first event to its outcome.
     pub fn record_latency(&self, reducer: ReducerId, elapsed: Duration) {
         let seconds = elapsed.as_secs_f64();
-        self.metrics
-            .outcome_seconds
-            .get_or_create(&vec![(
-                "reducer",
-                self.project.reducers[reducer].name.clone(),
-            )])
-            .observe(seconds);
+        self.outcome_seconds[reducer].observe(seconds);
         if let Ok(mut latencies) = self.latencies.lock() {
             latencies[reducer].push(seconds);
         }
     }
 
+    /// Keeps a dead letter found outside the shards (decoding, routing).
     pub fn dead_letter(&self, letter: DeadLetter) {
+        self.count_dead_letter(&letter.stage);
+        self.store.write(Write::DeadLetter(letter));
+    }
+
+    pub fn count_dead_letter(&self, stage: &str) {
         self.metrics
             .dead_letters
-            .get_or_create(&vec![("stage", letter.stage.clone())])
+            .get_or_create(&vec![("stage", stage.to_owned())])
             .inc();
         self.dead_letters.fetch_add(1, Ordering::Relaxed);
-        self.store.write(Write::DeadLetter(letter));
     }
 }
 
@@ -207,14 +208,24 @@ pub async fn run(
         .collect();
     let shared = Arc::new(Shared {
         project: Arc::clone(&project),
-        effects: EffectRunner::new(handlers, Arc::clone(&metrics)),
+        effects: EffectRunner::new(handlers, Arc::clone(&metrics), &project.operations),
         bus: Arc::clone(&bus),
         store: store.clone(),
         metrics: Arc::clone(&metrics),
         work: Arc::clone(&work),
-        env: Value::Object(env),
+        env: template::json(Arc::new(Value::Object(env))),
         dead_letters: AtomicU64::new(0),
         latencies: std::sync::Mutex::new(vec![Vec::new(); project.reducers.len()]),
+        outcome_seconds: project
+            .reducers
+            .iter()
+            .map(|r| {
+                metrics
+                    .outcome_seconds
+                    .get_or_create(&vec![("reducer", r.name.clone())])
+                    .clone()
+            })
+            .collect(),
     });
 
     // The event log: everything published, kept in the store. Set before any
@@ -368,7 +379,7 @@ async fn restore(
             tracing::warn!(reducer = %stored.reducer, "stored instances of a reducer the contracts no longer declare are left alone");
             continue;
         };
-        let snapshot: Snapshot = match serde_json::from_str(&stored.snapshot) {
+        let snapshot: Snapshot<'static> = match serde_json::from_str(&stored.snapshot) {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!(reducer = %stored.reducer, key = %stored.key, error = %e, "stored snapshot is unreadable; the instance starts afresh");
@@ -395,12 +406,15 @@ async fn restore(
 
 /// Sends an event to the instance of every route it takes.
 fn route(shared: &Arc<Shared>, senders: &[mpsc::UnboundedSender<Message>], delivery: Delivery) {
-    let Delivery { envelope, work } = delivery;
+    let Delivery {
+        envelope,
+        work,
+        published,
+    } = delivery;
     let Some(routes) = shared.project.routes.get(&envelope.event_type) else {
         return;
     };
-    let map = envelope.to_map();
-    let scope = minijinja::Value::from(minijinja::value::Serde(&map));
+    let scope = envelope.vars();
     let mut failures = Vec::new();
     for (index, route) in routes.iter().enumerate() {
         let reducer = &shared.project.reducers[route.reducer];
@@ -431,6 +445,7 @@ fn route(shared: &Arc<Shared>, senders: &[mpsc::UnboundedSender<Message>], deliv
             route: index,
             envelope: envelope.clone(),
             source: "bus".into(),
+            published,
             work: shared.work.guard(),
         });
     }
@@ -482,17 +497,14 @@ pub fn render_event(
     runtime: &Value,
     entity: Option<(&Value, Option<&Envelope>)>,
 ) -> Result<Envelope, String> {
-    let now = Value::String(jiff::Timestamp::now().to_string());
+    let now = jiff::Timestamp::now().to_string();
     let null = Value::Null;
     let (entity_value, cause) = entity.unwrap_or((&null, None));
-    let cause_value = cause
-        .map(|c| serde_json::to_value(c).unwrap_or_default())
-        .unwrap_or_default();
     let scope = template::scope(&[
-        ("runtime", runtime),
-        ("now", &now),
-        ("entity", entity_value),
-        ("cause", &cause_value),
+        ("runtime", template::json(Arc::new(runtime.clone()))),
+        ("now", minijinja::Value::from(now.as_str())),
+        ("entity", template::json(Arc::new(entity_value.clone()))),
+        ("cause", cause.map(Envelope::vars).unwrap_or_default()),
     ]);
     let payload = event.payload.render(&scope).map_err(|e| e.to_string())?;
     let entity_id = match &event.entity_id {
@@ -531,9 +543,9 @@ pub fn render_event(
             .and_then(|c| c.correlation_id.clone())
             .or_else(|| Some(uuid::Uuid::new_v4().to_string())),
         causation_id: cause.map(|c| c.message_id.clone()),
-        emitted_at: Some(now.as_str().unwrap_or_default().to_owned()),
+        emitted_at: Some(now),
         entity_id,
-        payload,
+        payload: Arc::new(payload),
     })
 }
 

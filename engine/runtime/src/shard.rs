@@ -7,7 +7,7 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use onex_contract::model::execution::RuntimeAction;
 use onex_core::{Event, StepRecord};
@@ -16,10 +16,11 @@ use tokio::sync::mpsc;
 
 use crate::envelope::Envelope;
 use crate::handler::{Call, Outcome};
+use crate::metrics::Counters;
 use crate::project::{Binding, ReducerId, When};
 use crate::runtime::Shared;
 use crate::slot::{Pending, Queued, Slot, Snapshot, Timer, TimerKind};
-use crate::store::{DeadLetter, Write};
+use crate::store::{Changes, DeadLetter, InstanceRow, ProcessedRow, Write};
 use crate::template::{self, Template};
 use crate::work::WorkGuard;
 
@@ -27,9 +28,12 @@ use crate::work::WorkGuard;
 const MAX_FOLLOW_UPS: u32 = 64;
 /// How often timers are checked.
 pub const TICK: Duration = Duration::from_millis(20);
+/// Messages handled at most before the shard hands its changes to the store; it
+/// hands them over sooner whenever its queue runs empty.
+const WRITE_EVERY: usize = 512;
 
 /// An effect to run again after a restart: intent key, operation, input, intent.
-type Redo = (String, usize, Arc<Map<String, Value>>, Value);
+type Redo = (String, usize, Arc<Map<String, Value>>, Arc<Value>);
 
 #[derive(Debug)]
 pub enum Message {
@@ -39,6 +43,7 @@ pub enum Message {
         route: usize,
         envelope: Envelope,
         source: String,
+        published: Instant,
         work: WorkGuard,
     },
     Result {
@@ -52,7 +57,7 @@ pub enum Message {
     Restore {
         reducer: ReducerId,
         key: String,
-        snapshot: Box<Snapshot>,
+        snapshot: Box<Snapshot<'static>>,
         processed: Vec<String>,
     },
 }
@@ -64,6 +69,11 @@ pub struct Shard {
     slots: HashMap<(ReducerId, String), Slot>,
     timers: BinaryHeap<Reverse<(u64, ReducerId, String, u64)>>,
     record: StepRecord,
+    /// Instances changed since the last hand-over to the store, in change order.
+    dirty: Vec<(ReducerId, String)>,
+    /// Processed marks and dead letters since the last hand-over.
+    changes: Changes,
+    counters: Counters,
 }
 
 impl Shard {
@@ -74,24 +84,40 @@ impl Shard {
             slots: HashMap::new(),
             timers: BinaryHeap::new(),
             record: StepRecord::default(),
+            dirty: Vec::new(),
+            changes: Changes::default(),
+            counters: Counters::default(),
         }
     }
 
     pub async fn run(mut self, mut inbox: mpsc::UnboundedReceiver<Message>) {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The messages' work guards are held until their changes are with the
+        // store, so that a run never counts as idle with changes still unwritten.
+        let mut held: Vec<WorkGuard> = Vec::new();
         loop {
             tokio::select! {
-                message = inbox.recv() => match message {
-                    Some(message) => self.handle(message),
-                    None => return,
-                },
+                message = inbox.recv() => {
+                    let Some(message) = message else {
+                        self.hand_over();
+                        return;
+                    };
+                    held.extend(self.handle(message));
+                    // Take what else is queued, so that one write carries many messages.
+                    for _ in 1..WRITE_EVERY {
+                        let Ok(message) = inbox.try_recv() else { break };
+                        held.extend(self.handle(message));
+                    }
+                }
                 _ = tick.tick() => self.expire_timers(),
             }
+            self.hand_over();
+            held.clear();
         }
     }
 
-    fn handle(&mut self, message: Message) {
+    fn handle(&mut self, message: Message) -> Option<WorkGuard> {
         match message {
             Message::Event {
                 reducer,
@@ -99,10 +125,17 @@ impl Shard {
                 route,
                 envelope,
                 source,
+                published,
                 work,
             } => {
-                self.on_event(reducer, &key, route, envelope, source);
-                drop(work);
+                let queued = Queued {
+                    envelope,
+                    route,
+                    source,
+                    published: Some(published),
+                };
+                self.on_event(reducer, &key, queued);
+                Some(work)
             }
             Message::Result {
                 reducer,
@@ -112,7 +145,7 @@ impl Shard {
                 work,
             } => {
                 self.on_result(reducer, &key, &intent_key, outcome);
-                drop(work);
+                Some(work)
             }
             Message::Restore {
                 reducer,
@@ -121,7 +154,44 @@ impl Shard {
                 processed,
             } => {
                 self.restore(reducer, &key, *snapshot, processed);
+                None
             }
+        }
+    }
+
+    /// Sends the store one unit: the snapshots of the instances that changed, the
+    /// message ids they took and the dead letters, committed together.
+    fn hand_over(&mut self) {
+        let project = &self.shared.project;
+        for (reducer, key) in self.dirty.drain(..) {
+            let Some(slot) = self.slots.get_mut(&(reducer, key)) else {
+                continue;
+            };
+            slot.dirty = false;
+            let spec = &project.reducers[reducer];
+            let snapshot = slot.snapshot(&spec.machine, &project.operations);
+            self.changes.instances.push(InstanceRow(
+                spec.name.clone(),
+                slot.instance.key.to_string(),
+                snapshot.state.to_string(),
+                slot.outcome.clone(),
+                serde_json::to_string(&snapshot).unwrap_or_default(),
+            ));
+        }
+        if !self.changes.is_empty() {
+            self.shared
+                .store
+                .write(Write::Changes(std::mem::take(&mut self.changes)));
+        }
+    }
+
+    /// Marks an instance for the next hand-over.
+    fn touch(&mut self, reducer: ReducerId, key: &str) {
+        if let Some(slot) = self.slots.get_mut(&(reducer, key.to_owned()))
+            && !slot.dirty
+        {
+            slot.dirty = true;
+            self.dirty.push((reducer, key.to_owned()));
         }
     }
 
@@ -129,7 +199,7 @@ impl Shard {
         &mut self,
         reducer: ReducerId,
         key: &str,
-        snapshot: Snapshot,
+        snapshot: Snapshot<'static>,
         processed: Vec<String>,
     ) {
         let project = Arc::clone(&self.shared.project);
@@ -155,7 +225,7 @@ impl Shard {
                     p.key.clone(),
                     p.operation,
                     Arc::clone(&p.input),
-                    p.intent.clone(),
+                    Arc::clone(&p.intent),
                 )
             })
             .collect();
@@ -176,50 +246,30 @@ impl Shard {
         }
     }
 
-    fn on_event(
-        &mut self,
-        reducer: ReducerId,
-        key: &str,
-        route: usize,
-        envelope: Envelope,
-        source: String,
-    ) {
+    fn on_event(&mut self, reducer: ReducerId, key: &str, queued: Queued) {
         let project = Arc::clone(&self.shared.project);
         let machine = &project.reducers[reducer].machine;
         let slot = self
             .slots
             .entry((reducer, key.to_owned()))
             .or_insert_with(|| Slot::new(machine, key));
-        if !slot.processed.insert(envelope.message_id.clone()) {
+        if !slot.processed.insert(queued.envelope.message_id.clone()) {
             self.shared.metrics.duplicates.inc();
-            tracing::debug!(message_id = %envelope.message_id, key, "duplicate event skipped");
+            tracing::debug!(message_id = %queued.envelope.message_id, key, "duplicate event skipped");
             return;
         }
-        self.shared.store.write(Write::Processed {
-            reducer: project.reducers[reducer].name.clone(),
-            key: key.to_owned(),
-            message_id: envelope.message_id.clone(),
-        });
+        self.changes.processed.push(ProcessedRow(
+            project.reducers[reducer].name.clone(),
+            key.to_owned(),
+            queued.envelope.message_id.clone(),
+        ));
         if project.reducers[reducer].rest[slot.instance.state] {
-            slot.started.get_or_insert_with(std::time::Instant::now);
-            self.deliver(
-                reducer,
-                key,
-                Queued {
-                    envelope,
-                    route,
-                    source,
-                },
-            );
+            self.deliver(reducer, key, queued);
             self.drain_inbox(reducer, key);
         } else {
-            slot.inbox.push_back(Queued {
-                envelope,
-                route,
-                source,
-            });
+            slot.inbox.push_back(queued);
         }
-        self.persist(reducer, key);
+        self.touch(reducer, key);
     }
 
     /// Hands queued events to the instance while it is at rest.
@@ -235,7 +285,6 @@ impl Shard {
             let Some(next) = slot.inbox.pop_front() else {
                 return;
             };
-            slot.started.get_or_insert_with(std::time::Instant::now);
             self.deliver(reducer, key, next);
         }
     }
@@ -250,8 +299,11 @@ impl Shard {
         else {
             return;
         };
-        let envelope_map = queued.envelope.to_map();
-        let scope = minijinja::Value::from(minijinja::value::Serde(&envelope_map));
+        if let Some(slot) = self.slots.get_mut(&(reducer, key.to_owned())) {
+            slot.started
+                .get_or_insert(queued.published.unwrap_or_else(Instant::now));
+        }
+        let scope = queued.envelope.vars();
         let mut patch = Map::new();
         for (name, template) in &route.context {
             match template.render(&scope) {
@@ -286,11 +338,8 @@ impl Shard {
             }
             patch.insert(validation.errors_into.clone(), Value::Array(errors));
         }
-        self.shared
-            .metrics
-            .events
-            .get_or_create(&vec![("event_type", queued.envelope.event_type.clone())])
-            .inc();
+        self.counters
+            .event(&self.shared.metrics, &queued.envelope.event_type);
         let patch = Arc::new(patch);
         let correlation: Option<Arc<str>> =
             queued.envelope.correlation_id.as_deref().map(Arc::from);
@@ -362,15 +411,8 @@ impl Shard {
         slot.correlation = carried;
         slot.generation += 1;
         let generation = slot.generation;
-        self.shared
-            .metrics
-            .transitions
-            .get_or_create(&vec![
-                ("reducer", spec.name.clone()),
-                ("from", machine.states[self.record.from].name.to_string()),
-                ("to", machine.states[to].name.to_string()),
-            ])
-            .inc();
+        self.counters
+            .transition(&self.shared.metrics, spec, reducer, self.record.from, to);
         if self.record.completed
             && let Some(label) = spec.report.as_ref().and_then(|r| r.outcomes[to].clone())
         {
@@ -392,14 +434,8 @@ impl Shard {
         if let Some(shared) = self.record.step.clone() {
             for intent in &self.record.intents {
                 let action = machine.action(intent.action);
-                self.shared
-                    .metrics
-                    .intents
-                    .get_or_create(&vec![
-                        ("reducer", spec.name.clone()),
-                        ("action", action.name.to_string()),
-                    ])
-                    .inc();
+                self.counters
+                    .intent(&self.shared.metrics, spec, reducer, intent.action);
                 match spec.bindings[intent.action as usize] {
                     Binding::Runtime(RuntimeAction::Metric) => {
                         self.shared
@@ -413,7 +449,7 @@ impl Shard {
                     }
                     Binding::Effect(operation) => {
                         let intent_key = shared.idempotency_key(intent).to_string();
-                        let intent_value = json!({
+                        let intent_value = Arc::new(json!({
                             "type": &*action.name,
                             "instance": key,
                             "idempotency_key": intent_key,
@@ -421,12 +457,12 @@ impl Shard {
                             "causation_id": shared.causation_id.as_deref(),
                             "emitted_at": jiff::Timestamp::now().to_string(),
                             "config": action.config.as_deref(),
-                        });
+                        }));
                         let input = Arc::clone(&shared.context);
                         if let Some(when) = &project.operations[operation].when {
                             let scope = template::scope(&[
-                                ("input", &Value::Object((*input).clone())),
-                                ("intent", &intent_value),
+                                ("input", template::json_object(Arc::clone(&input))),
+                                ("intent", template::json(Arc::clone(&intent_value))),
                             ]);
                             match when.truthy(&scope) {
                                 Ok(true) => {}
@@ -456,7 +492,7 @@ impl Shard {
                     operation,
                     generation,
                     input: Arc::clone(&input),
-                    intent: intent_value.clone(),
+                    intent: Arc::clone(&intent_value),
                     work: Some(work),
                 });
             }
@@ -479,8 +515,7 @@ impl Shard {
             return;
         };
         if !rule.set.is_empty() {
-            let scope =
-                template::scope(&[("context", &Value::Object((*slot.instance.context).clone()))]);
+            let scope = context_scope(slot);
             let updates = render_all(&rule.set, &scope);
             apply(slot, updates, &spec.name, key);
         }
@@ -496,10 +531,7 @@ impl Shard {
                 }
             }
             When::Delay(template) => {
-                let scope = template::scope(&[(
-                    "context",
-                    &Value::Object((*slot.instance.context).clone()),
-                )]);
+                let scope = context_scope(slot);
                 let delay = match template.render(&scope) {
                     Ok(Value::Number(n)) => n.as_f64().unwrap_or(0.0).max(0.0) as u64,
                     Ok(other) => {
@@ -592,19 +624,22 @@ impl Shard {
         }
         match &spec.results[pending.action as usize] {
             Some(rule) => {
-                let (templates, result, error) = match &outcome {
-                    Ok(response) => (&rule.success, response.clone(), Value::Null),
+                let (templates, result, error) = match outcome {
+                    Ok(response) => (&rule.success, response, minijinja::Value::from(())),
                     Err(failure) => (
                         &rule.failure,
                         Value::Null,
-                        Value::String(failure.message().to_owned()),
+                        minijinja::Value::from(failure.message()),
                     ),
                 };
                 let scope = template::scope(&[
-                    ("context", &Value::Object((*slot.instance.context).clone())),
-                    ("result", &result),
-                    ("error", &error),
-                    ("intent", &pending.intent),
+                    (
+                        "context",
+                        template::json_object(Arc::clone(&slot.instance.context)),
+                    ),
+                    ("result", template::json(Arc::new(result))),
+                    ("error", error),
+                    ("intent", template::json(Arc::clone(&pending.intent))),
                 ]);
                 let updates = render_all(templates, &scope);
                 apply(slot, updates, &spec.name, key);
@@ -613,8 +648,8 @@ impl Shard {
                 if let Err(failure) = &outcome {
                     // Nobody reads this failure back: keep it, so that nothing is lost.
                     let raw =
-                        json!({"intent": pending.intent, "input": *pending.input}).to_string();
-                    self.shared.dead_letter(DeadLetter {
+                        json!({"intent": *pending.intent, "input": *pending.input}).to_string();
+                    self.keep_dead_letter(DeadLetter {
                         id: None,
                         at: jiff::Timestamp::now().to_string(),
                         stage: "effect".into(),
@@ -634,7 +669,7 @@ impl Shard {
         }
         self.settle_check(reducer, key, pending.generation);
         self.drain_inbox(reducer, key);
-        self.persist(reducer, key);
+        self.touch(reducer, key);
     }
 
     /// Fires an `after: settled` follow-up once the entering step's effects are all in.
@@ -711,12 +746,15 @@ impl Shard {
             };
             for pending in late {
                 if let Some(rule) = &spec.results[pending.action as usize] {
-                    let error = Value::String(format!("no result within {seconds} s"));
+                    let error = format!("no result within {seconds} s");
                     let scope = template::scope(&[
-                        ("context", &Value::Object((*slot.instance.context).clone())),
-                        ("result", &Value::Null),
-                        ("error", &error),
-                        ("intent", &pending.intent),
+                        (
+                            "context",
+                            template::json_object(Arc::clone(&slot.instance.context)),
+                        ),
+                        ("result", minijinja::Value::from(())),
+                        ("error", minijinja::Value::from(error)),
+                        ("intent", template::json(Arc::clone(&pending.intent))),
                     ]);
                     let updates = render_all(&rule.failure, &scope);
                     apply(slot, updates, &spec.name, key);
@@ -725,7 +763,7 @@ impl Shard {
         }
         self.fire(reducer, key, &then.triggers, 0);
         self.drain_inbox(reducer, key);
-        self.persist(reducer, key);
+        self.touch(reducer, key);
     }
 
     /// Renders the operation's templates and runs it on the effect runner.
@@ -736,7 +774,7 @@ impl Shard {
         intent_key: String,
         operation: usize,
         input: Arc<Map<String, Value>>,
-        intent: Value,
+        intent: Arc<Value>,
     ) {
         let shared = Arc::clone(&self.shared);
         let sender = self.sender.clone();
@@ -744,9 +782,9 @@ impl Shard {
         let work = shared.work.guard();
         let op = &shared.project.operations[operation];
         let scope = template::scope(&[
-            ("input", &Value::Object((*input).clone())),
-            ("intent", &intent),
-            ("env", &shared.env),
+            ("input", template::json_object(input)),
+            ("intent", template::json(Arc::clone(&intent))),
+            ("env", shared.env.clone()),
         ]);
         let rendered = op.config.render(&scope);
         let call = rendered.map(|config| Call {
@@ -759,7 +797,7 @@ impl Shard {
         tokio::spawn(async move {
             let op = &shared.project.operations[operation];
             let outcome = match call {
-                Ok(call) => shared.effects.run(op, call).await,
+                Ok(call) => shared.effects.run(operation, op, call).await,
                 Err(e) => Err(crate::handler::Failure::Permanent(format!("template {e}"))),
             };
             let _ = sender.send(Message::Result {
@@ -772,25 +810,16 @@ impl Shard {
         });
     }
 
-    fn persist(&self, reducer: ReducerId, key: &str) {
-        let Some(slot) = self.slots.get(&(reducer, key.to_owned())) else {
-            return;
-        };
-        let project = &self.shared.project;
-        let machine = &project.reducers[reducer].machine;
-        let snapshot = slot.snapshot(machine, &project.operations);
-        self.shared.store.write(Write::Instance {
-            reducer: project.reducers[reducer].name.clone(),
-            key: key.to_owned(),
-            state: snapshot.state.clone(),
-            outcome: slot.outcome.clone(),
-            snapshot: serde_json::to_string(&snapshot).unwrap_or_default(),
-        });
+    /// Keeps a dead letter in the shard's next hand-over, with the changes that
+    /// go with it.
+    fn keep_dead_letter(&mut self, letter: DeadLetter) {
+        self.shared.count_dead_letter(&letter.stage);
+        self.changes.dead_letters.push(letter);
     }
 
-    fn dead_letter(&self, queued: &Queued, stage: &str, reason: String) {
+    fn dead_letter(&mut self, queued: &Queued, stage: &str, reason: String) {
         tracing::warn!(stage, %reason, message_id = %queued.envelope.message_id, "dead letter");
-        self.shared.dead_letter(DeadLetter {
+        self.keep_dead_letter(DeadLetter {
             id: None,
             at: jiff::Timestamp::now().to_string(),
             stage: stage.into(),
@@ -803,13 +832,14 @@ impl Shard {
     }
 
     /// A dead letter for an instance that cannot go on by itself.
-    fn dead_letter_state(&self, reducer: ReducerId, key: &str, reason: String) {
-        let project = &self.shared.project;
+    fn dead_letter_state(&mut self, reducer: ReducerId, key: &str, reason: String) {
+        let project = Arc::clone(&self.shared.project);
         let Some(slot) = self.slots.get(&(reducer, key.to_owned())) else {
             return;
         };
         let snapshot = slot.snapshot(&project.reducers[reducer].machine, &project.operations);
-        self.shared.dead_letter(DeadLetter {
+        let raw = serde_json::to_string(&snapshot).unwrap_or_default();
+        self.keep_dead_letter(DeadLetter {
             id: None,
             at: jiff::Timestamp::now().to_string(),
             stage: "follow-up".into(),
@@ -817,9 +847,17 @@ impl Shard {
             event_type: None,
             message_id: None,
             source: format!("{}/{key}", project.reducers[reducer].name),
-            raw: serde_json::to_string(&snapshot).unwrap_or_default(),
+            raw,
         });
     }
+}
+
+/// An instance's context as the template variable `context`.
+fn context_scope(slot: &Slot) -> minijinja::Value {
+    template::scope(&[(
+        "context",
+        template::json_object(Arc::clone(&slot.instance.context)),
+    )])
 }
 
 fn render_all(

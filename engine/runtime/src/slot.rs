@@ -2,8 +2,10 @@
 //! runtime is waiting for (effects in flight, a timer, events queued until the
 //! instance is at rest), and its persisted form.
 
+use std::borrow::Cow;
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
+use std::time::Instant;
 
 use onex_core::{Instance, Machine};
 use serde::{Deserialize, Serialize};
@@ -31,9 +33,11 @@ pub struct Slot {
     /// Correlation id of the event that started the current run of the workflow;
     /// follow-up steps and their intents carry it on.
     pub correlation: Option<Arc<str>>,
-    /// When the current run of the workflow took its first event (for the latency
-    /// figures; not persisted).
-    pub started: Option<std::time::Instant>,
+    /// When the first event of the current run of the workflow was published (for
+    /// the latency figures; not persisted).
+    pub started: Option<Instant>,
+    /// Changed since the shard last handed its changes to the store.
+    pub dirty: bool,
 }
 
 /// An effect in flight.
@@ -45,7 +49,7 @@ pub struct Pending {
     pub generation: u64,
     /// What the operation's templates see as `input` and `intent`.
     pub input: Arc<Map<String, Value>>,
-    pub intent: Value,
+    pub intent: Arc<Value>,
     pub work: Option<WorkGuard>,
 }
 
@@ -72,36 +76,45 @@ pub struct Queued {
     pub envelope: Envelope,
     pub route: usize,
     pub source: String,
+    /// When the bus took the event (not persisted: latency after a restart counts
+    /// from the restart).
+    #[serde(skip)]
+    pub published: Option<Instant>,
 }
 
-/// The persisted form of a slot.
+/// The persisted form of a slot: borrowed from the slot when written, owned when
+/// read back.
 #[derive(Debug, Serialize, Deserialize)]
-pub struct Snapshot {
-    pub state: String,
-    pub context: Map<String, Value>,
+pub struct Snapshot<'a> {
+    pub state: Cow<'a, str>,
+    pub context: Cow<'a, Map<String, Value>>,
     pub sequence: u64,
     pub completed_runs: u64,
     pub generation: u64,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub pending: Vec<PendingSnapshot>,
+    pub pending: Vec<PendingSnapshot<'a>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timer: Option<Timer>,
-    #[serde(default, skip_serializing_if = "VecDeque::is_empty")]
-    pub inbox: VecDeque<Queued>,
+    #[serde(default, skip_serializing_if = "is_empty")]
+    pub inbox: Cow<'a, VecDeque<Queued>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub outcome: Option<String>,
+    pub outcome: Option<Cow<'a, str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub correlation_id: Option<String>,
+    pub correlation_id: Option<Cow<'a, str>>,
+}
+
+fn is_empty(inbox: &Cow<'_, VecDeque<Queued>>) -> bool {
+    inbox.is_empty()
 }
 
 #[derive(Debug, Serialize, Deserialize)]
-pub struct PendingSnapshot {
-    pub key: String,
-    pub action: String,
-    pub operation: String,
+pub struct PendingSnapshot<'a> {
+    pub key: Cow<'a, str>,
+    pub action: Cow<'a, str>,
+    pub operation: Cow<'a, str>,
     pub generation: u64,
-    pub input: Map<String, Value>,
-    pub intent: Value,
+    pub input: Cow<'a, Map<String, Value>>,
+    pub intent: Cow<'a, Value>,
 }
 
 impl Slot {
@@ -117,17 +130,18 @@ impl Slot {
             processed: HashSet::new(),
             correlation: None,
             started: None,
+            dirty: false,
         }
     }
 
-    pub fn snapshot(
-        &self,
-        machine: &Machine,
-        operations: &[crate::project::Operation],
-    ) -> Snapshot {
+    pub fn snapshot<'a>(
+        &'a self,
+        machine: &'a Machine,
+        operations: &'a [crate::project::Operation],
+    ) -> Snapshot<'a> {
         Snapshot {
-            state: machine.states[self.instance.state].name.to_string(),
-            context: (*self.instance.context).clone(),
+            state: Cow::Borrowed(&machine.states[self.instance.state].name),
+            context: Cow::Borrowed(&self.instance.context),
             sequence: self.instance.sequence,
             completed_runs: self.instance.completed_runs,
             generation: self.generation,
@@ -135,18 +149,18 @@ impl Slot {
                 .pending
                 .iter()
                 .map(|p| PendingSnapshot {
-                    key: p.key.clone(),
-                    action: machine.action(p.action).name.to_string(),
-                    operation: operations[p.operation].name.clone(),
+                    key: Cow::Borrowed(&p.key),
+                    action: Cow::Borrowed(&machine.action(p.action).name),
+                    operation: Cow::Borrowed(&operations[p.operation].name),
                     generation: p.generation,
-                    input: (*p.input).clone(),
-                    intent: p.intent.clone(),
+                    input: Cow::Borrowed(&p.input),
+                    intent: Cow::Borrowed(&p.intent),
                 })
                 .collect(),
             timer: self.timer,
-            inbox: self.inbox.clone(),
-            outcome: self.outcome.clone(),
-            correlation_id: self.correlation.as_deref().map(str::to_owned),
+            inbox: Cow::Borrowed(&self.inbox),
+            outcome: self.outcome.as_deref().map(Cow::Borrowed),
+            correlation_id: self.correlation.as_deref().map(Cow::Borrowed),
         }
     }
 
@@ -157,13 +171,13 @@ impl Slot {
         machine: &Machine,
         operations: &[crate::project::Operation],
         key: &str,
-        snapshot: Snapshot,
+        snapshot: Snapshot<'static>,
     ) -> Result<Slot, String> {
         let state = machine
             .state_id(&snapshot.state)
             .ok_or_else(|| format!("state `{}` is no longer in the contract", snapshot.state))?;
         let mut instance = Instance::in_state(state, key);
-        instance.context = Arc::new(snapshot.context);
+        instance.context = Arc::new(snapshot.context.into_owned());
         instance.sequence = snapshot.sequence;
         instance.completed_runs = snapshot.completed_runs;
         let mut pending = Vec::with_capacity(snapshot.pending.len());
@@ -180,12 +194,12 @@ impl Slot {
                     format!("operation `{}` is no longer in the effects", p.operation)
                 })?;
             pending.push(Pending {
-                key: p.key,
+                key: p.key.into_owned(),
                 action: action as u32,
                 operation,
                 generation: p.generation,
-                input: Arc::new(p.input),
-                intent: p.intent,
+                input: Arc::new(p.input.into_owned()),
+                intent: Arc::new(p.intent.into_owned()),
                 work: None,
             });
         }
@@ -195,11 +209,12 @@ impl Slot {
             pending,
             timer: snapshot.timer,
             timer_work: None,
-            inbox: snapshot.inbox,
-            outcome: snapshot.outcome,
+            inbox: snapshot.inbox.into_owned(),
+            outcome: snapshot.outcome.map(Cow::into_owned),
             processed: HashSet::new(),
-            correlation: snapshot.correlation_id.map(Arc::from),
+            correlation: snapshot.correlation_id.as_deref().map(Arc::from),
             started: None,
+            dirty: false,
         })
     }
 }

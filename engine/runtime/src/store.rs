@@ -83,22 +83,41 @@ pub struct DeadLetter {
 
 #[derive(Debug)]
 pub enum Write {
-    Instance {
-        reducer: String,
-        key: String,
-        state: String,
-        outcome: Option<String>,
-        snapshot: String,
-    },
-    Processed {
-        reducer: String,
-        key: String,
-        message_id: String,
-    },
+    /// What one shard's batch of messages changed. Committed whole, in one
+    /// transaction: an event's processed mark, the snapshot it led to and its dead
+    /// letters land together or not at all.
+    Changes(Changes),
     DeadLetter(DeadLetter),
     Event(Envelope),
     Flush(oneshot::Sender<()>),
 }
+
+#[derive(Debug, Default)]
+pub struct Changes {
+    pub instances: Vec<InstanceRow>,
+    pub processed: Vec<ProcessedRow>,
+    pub dead_letters: Vec<DeadLetter>,
+}
+
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        self.instances.is_empty() && self.processed.is_empty() && self.dead_letters.is_empty()
+    }
+}
+
+/// Serialised as a JSON array, in column order (see `commit`).
+#[derive(Debug, Serialize)]
+pub struct InstanceRow(
+    pub String,
+    pub String,
+    pub String,
+    pub Option<String>,
+    pub String,
+);
+
+/// Reducer, instance key, message id.
+#[derive(Debug, Serialize)]
+pub struct ProcessedRow(pub String, pub String, pub String);
 
 #[derive(Debug, Clone)]
 pub struct Store {
@@ -117,15 +136,18 @@ pub struct StoredInstance {
     pub snapshot: String,
 }
 
+/// One connection: the writer's transactions then find their pages in that
+/// connection's cache, instead of re-reading what another connection changed.
 pub async fn connect(path: &Path, create: bool) -> Result<SqlitePool, String> {
     let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))
         .map_err(|e| e.to_string())?
         .create_if_missing(create)
         .journal_mode(SqliteJournalMode::Wal)
         .synchronous(SqliteSynchronous::Normal)
+        .pragma("cache_size", "-32768")
         .busy_timeout(Duration::from_secs(10));
     SqlitePoolOptions::new()
-        .max_connections(4)
+        .max_connections(1)
         .connect_with(options)
         .await
         .map_err(|e| format!("cannot open {}: {e}", path.display()))
@@ -289,66 +311,119 @@ async fn write_loop(pool: SqlitePool, mut receiver: mpsc::UnboundedReceiver<Writ
     }
 }
 
+/// Rows of one table for one statement: a JSON array of arrays that the statement
+/// unpacks with `json_each`. One statement per table per transaction, however many
+/// rows, because each statement is a round trip to sqlx's SQLite worker thread and
+/// those round trips, not SQLite, were what limited the runtime.
+#[derive(Debug, Default)]
+struct Rows(Vec<u8>);
+
+impl Rows {
+    fn push(&mut self, row: &impl Serialize) {
+        self.0.push(if self.0.is_empty() { b'[' } else { b',' });
+        // Plain data with string keys; serialising it cannot fail.
+        let _ = serde_json::to_writer(&mut self.0, row);
+    }
+
+    fn finish(mut self) -> Option<String> {
+        if self.0.is_empty() {
+            return None;
+        }
+        self.0.push(b']');
+        String::from_utf8(self.0).ok()
+    }
+}
+
 async fn commit(pool: &SqlitePool, batch: &[Write]) -> Result<(), sqlx::Error> {
     // Only the last snapshot of each instance in the batch is written.
-    let mut last: HashMap<(&str, &str), usize> = HashMap::new();
-    for (i, write) in batch.iter().enumerate() {
-        if let Write::Instance { reducer, key, .. } = write {
-            last.insert((reducer.as_str(), key.as_str()), i);
-        }
-    }
-    let keep: Vec<bool> = batch
-        .iter()
-        .enumerate()
-        .map(|(i, w)| match w {
-            Write::Instance { reducer, key, .. } => {
-                last.get(&(reducer.as_str(), key.as_str())) == Some(&i)
-            }
-            _ => true,
-        })
-        .collect();
-    let now = jiff::Timestamp::now().to_string();
-    let mut tx: Transaction<'_, Sqlite> = pool.begin().await?;
-    for (i, write) in batch.iter().enumerate() {
-        if !keep[i] {
-            continue;
-        }
+    let mut last: HashMap<(&str, &str), &InstanceRow> = HashMap::new();
+    let mut instances: Vec<&InstanceRow> = Vec::new();
+    let (mut processed, mut dead_letters, mut events) =
+        (Rows::default(), Rows::default(), Rows::default());
+    for write in batch {
         match write {
-            Write::Instance {
-                reducer,
-                key,
-                state,
-                outcome,
-                snapshot,
-            } => {
-                sqlx::query("INSERT INTO instances (reducer, key, state, outcome, snapshot, updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (reducer, key) DO UPDATE SET state = excluded.state, outcome = excluded.outcome, snapshot = excluded.snapshot, updated_at = excluded.updated_at")
-                    .bind(reducer).bind(key).bind(state).bind(outcome.as_deref()).bind(snapshot).bind(&now)
-                    .execute(&mut *tx).await?;
+            Write::Changes(changes) => {
+                for row in &changes.instances {
+                    if last.insert((&row.0, &row.1), row).is_none() {
+                        instances.push(row);
+                    }
+                }
+                changes.processed.iter().for_each(|row| processed.push(row));
+                changes
+                    .dead_letters
+                    .iter()
+                    .for_each(|d| dead_letters.push(&dead_letter_row(d)));
             }
-            Write::Processed {
-                reducer,
-                key,
-                message_id,
-            } => {
-                sqlx::query("INSERT OR IGNORE INTO processed (reducer, key, message_id) VALUES (?1, ?2, ?3)")
-                    .bind(reducer).bind(key).bind(message_id)
-                    .execute(&mut *tx).await?;
-            }
-            Write::DeadLetter(d) => {
-                sqlx::query("INSERT INTO dead_letters (at, stage, reason, event_type, message_id, source, raw) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)")
-                    .bind(&d.at).bind(&d.stage).bind(&d.reason).bind(&d.event_type).bind(&d.message_id).bind(&d.source).bind(&d.raw)
-                    .execute(&mut *tx).await?;
-            }
-            Write::Event(envelope) => {
-                let text = serde_json::to_string(envelope).unwrap_or_default();
-                sqlx::query("INSERT OR IGNORE INTO events (message_id, at, topic, event_type, entity_id, envelope) VALUES (?1, ?2, ?3, ?4, ?5, ?6)")
-                    .bind(&envelope.message_id).bind(&now).bind(&envelope.topic).bind(&envelope.event_type).bind(&envelope.entity_id).bind(text)
-                    .execute(&mut *tx).await?;
-            }
+            Write::DeadLetter(d) => dead_letters.push(&dead_letter_row(d)),
+            Write::Event(envelope) => events.push(&(
+                &envelope.message_id,
+                &envelope.topic,
+                &envelope.event_type,
+                &envelope.entity_id,
+                serde_json::to_string(envelope).unwrap_or_default(),
+            )),
             Write::Flush(_) => {} // taken out by the write loop
         }
     }
+    let mut rows = Rows::default();
+    for (reducer, key) in instances.iter().map(|r| (&r.0, &r.1)) {
+        rows.push(&last[&(reducer.as_str(), key.as_str())]);
+    }
+    let now = jiff::Timestamp::now().to_string();
+    let mut tx: Transaction<'_, Sqlite> = pool.begin().await?;
+    // `WHERE true` tells SQLite's parser that ON CONFLICT belongs to the INSERT.
+    let statements = [
+        (
+            rows.finish(),
+            "INSERT INTO instances (reducer, key, state, outcome, snapshot, updated_at) SELECT value->>0, value->>1, value->>2, value->>3, value->>4, ?2 FROM json_each(?1) WHERE true ON CONFLICT (reducer, key) DO UPDATE SET state = excluded.state, outcome = excluded.outcome, snapshot = excluded.snapshot, updated_at = excluded.updated_at",
+        ),
+        (
+            processed.finish(),
+            "INSERT OR IGNORE INTO processed (reducer, key, message_id) SELECT value->>0, value->>1, value->>2 FROM json_each(?1)",
+        ),
+        (
+            dead_letters.finish(),
+            "INSERT INTO dead_letters (at, stage, reason, event_type, message_id, source, raw) SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, value->>6 FROM json_each(?1) ORDER BY key",
+        ),
+        (
+            events.finish(),
+            "INSERT OR IGNORE INTO events (message_id, at, topic, event_type, entity_id, envelope) SELECT value->>0, ?2, value->>1, value->>2, value->>3, value->>4 FROM json_each(?1)",
+        ),
+    ];
+    for (rows, sql) in statements {
+        if let Some(rows) = rows {
+            let query = sqlx::query(sql).bind(rows);
+            let query = if sql.contains("?2") {
+                query.bind(&now)
+            } else {
+                query
+            };
+            query.execute(&mut *tx).await?;
+        }
+    }
     tx.commit().await
+}
+
+type DeadLetterRow<'a> = (
+    &'a str,
+    &'a str,
+    &'a str,
+    &'a Option<String>,
+    &'a Option<String>,
+    &'a str,
+    &'a str,
+);
+
+fn dead_letter_row(d: &DeadLetter) -> DeadLetterRow<'_> {
+    (
+        &d.at,
+        &d.stage,
+        &d.reason,
+        &d.event_type,
+        &d.message_id,
+        &d.source,
+        &d.raw,
+    )
 }
 
 /// Dead letters stored under `data_dir`, oldest first (`onex dlq list`).

@@ -12,8 +12,9 @@
 //! compile is a located error then, not at run time. Expressions cannot loop; fuel and
 //! minijinja's own caps (`range` is limited) bound what one evaluation may cost.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
+use minijinja::value::{Enumerator, Object, ObjectRepr};
 use minijinja::{Environment, Expression, UndefinedBehavior};
 use serde_json::{Map, Value};
 
@@ -318,21 +319,175 @@ fn to_json(value: &minijinja::Value) -> Result<Value, String> {
     if value.is_undefined() || value.is_none() {
         return Ok(Value::Null);
     }
+    // A lent JSON value comes back as the value itself, without a trip through
+    // minijinja's serializer.
+    if let Some(json) = value.downcast_object_ref::<Json>() {
+        return Ok(json.node().map(Node::to_owned).unwrap_or(Value::Null));
+    }
     serde_json::to_value(value).map_err(|e| format!("the value cannot be represented as JSON: {e}"))
 }
 
-/// The variables a template sees, built from JSON values.
-pub fn scope(pairs: &[(&str, &Value)]) -> minijinja::Value {
-    let map: std::collections::BTreeMap<&str, minijinja::Value> = pairs
-        .iter()
-        .map(|(name, value)| {
-            (
-                *name,
-                minijinja::Value::from(minijinja::value::Serde(value)),
-            )
-        })
-        .collect();
+/// The variables a template sees.
+pub fn scope(vars: &[(&str, minijinja::Value)]) -> minijinja::Value {
+    let map: std::collections::BTreeMap<&str, minijinja::Value> = vars.iter().cloned().collect();
     minijinja::Value::from(map)
+}
+
+/// A JSON value lent to templates: shared, not copied. An expression that reads a
+/// field converts that field only, which is what keeps a template over a large
+/// instance context cheap.
+pub fn json(value: Arc<Value>) -> minijinja::Value {
+    Json::lend(Root::Value(value))
+}
+
+/// An instance context (or any JSON object held in an `Arc`) lent to templates.
+pub fn json_object(map: Arc<Map<String, Value>>) -> minijinja::Value {
+    Json::lend(Root::Object(map))
+}
+
+/// A JSON value lent to templates, and where in it this part is.
+#[derive(Debug)]
+struct Json {
+    root: Root,
+    path: Vec<Step>,
+}
+
+#[derive(Debug, Clone)]
+enum Root {
+    Value(Arc<Value>),
+    Object(Arc<Map<String, Value>>),
+}
+
+#[derive(Debug, Clone)]
+enum Step {
+    Key(String),
+    Index(usize),
+}
+
+#[derive(Clone, Copy)]
+enum Node<'a> {
+    Value(&'a Value),
+    Object(&'a Map<String, Value>),
+}
+
+impl Node<'_> {
+    fn to_owned(self) -> Value {
+        match self {
+            Node::Value(value) => value.clone(),
+            Node::Object(map) => Value::Object(map.clone()),
+        }
+    }
+}
+
+impl Json {
+    fn lend(root: Root) -> minijinja::Value {
+        Json::part(root, Vec::new())
+    }
+
+    /// Containers stay lent; scalars are converted.
+    fn part(root: Root, path: Vec<Step>) -> minijinja::Value {
+        let json = Json { root, path };
+        match json.node() {
+            Some(Node::Object(_) | Node::Value(Value::Object(_) | Value::Array(_))) => {
+                minijinja::Value::from_object(json)
+            }
+            Some(Node::Value(scalar)) => scalar_value(scalar),
+            None => minijinja::Value::UNDEFINED,
+        }
+    }
+
+    fn node(&self) -> Option<Node<'_>> {
+        let mut node = match &self.root {
+            Root::Value(value) => Node::Value(value),
+            Root::Object(map) => Node::Object(map),
+        };
+        for step in &self.path {
+            node = Node::Value(match (node, step) {
+                (Node::Object(map) | Node::Value(Value::Object(map)), Step::Key(key)) => {
+                    map.get(key)?
+                }
+                (Node::Value(Value::Array(items)), Step::Index(i)) => items.get(*i)?,
+                _ => return None,
+            });
+        }
+        Some(node)
+    }
+
+    fn child(&self, step: Step) -> minijinja::Value {
+        let mut path = Vec::with_capacity(self.path.len() + 1);
+        path.extend(self.path.iter().cloned());
+        path.push(step);
+        Json::part(self.root.clone(), path)
+    }
+}
+
+fn scalar_value(value: &Value) -> minijinja::Value {
+    match value {
+        Value::Null => minijinja::Value::from(()),
+        Value::Bool(b) => minijinja::Value::from(*b),
+        Value::Number(n) => match (n.as_i64(), n.as_u64()) {
+            (Some(i), _) => minijinja::Value::from(i),
+            (None, Some(u)) => minijinja::Value::from(u),
+            _ => minijinja::Value::from(n.as_f64().unwrap_or(f64::NAN)),
+        },
+        Value::String(s) => minijinja::Value::from(s.as_str()),
+        // Containers are lent by `Json::part`; never reached with one.
+        other => minijinja::Value::from(minijinja::value::Serde(other)),
+    }
+}
+
+impl Object for Json {
+    fn repr(self: &Arc<Self>) -> ObjectRepr {
+        match self.node() {
+            Some(Node::Value(Value::Array(_))) => ObjectRepr::Seq,
+            _ => ObjectRepr::Map,
+        }
+    }
+
+    fn get_value(self: &Arc<Self>, key: &minijinja::Value) -> Option<minijinja::Value> {
+        match self.node()? {
+            Node::Object(_) | Node::Value(Value::Object(_)) => self.get_value_by_str(key.as_str()?),
+            Node::Value(Value::Array(items)) => {
+                let index = i64::try_from(key.clone()).ok()?;
+                let index = if index < 0 {
+                    items.len().checked_sub(index.unsigned_abs() as usize)?
+                } else {
+                    index as usize
+                };
+                (index < items.len()).then(|| self.child(Step::Index(index)))
+            }
+            Node::Value(_) => None,
+        }
+    }
+
+    fn get_value_by_str(self: &Arc<Self>, key: &str) -> Option<minijinja::Value> {
+        match self.node()? {
+            Node::Object(map) | Node::Value(Value::Object(map)) if map.contains_key(key) => {
+                Some(self.child(Step::Key(key.to_owned())))
+            }
+            _ => None,
+        }
+    }
+
+    fn enumerate(self: &Arc<Self>) -> Enumerator {
+        match self.node() {
+            Some(Node::Object(map) | Node::Value(Value::Object(map))) => Enumerator::Values(
+                map.keys()
+                    .map(|k| minijinja::Value::from(k.as_str()))
+                    .collect(),
+            ),
+            Some(Node::Value(Value::Array(items))) => Enumerator::Seq(items.len()),
+            _ => Enumerator::Empty,
+        }
+    }
+
+    fn enumerator_len(self: &Arc<Self>) -> Option<usize> {
+        match self.node()? {
+            Node::Object(map) | Node::Value(Value::Object(map)) => Some(map.len()),
+            Node::Value(Value::Array(items)) => Some(items.len()),
+            Node::Value(_) => Some(0),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -344,7 +499,10 @@ mod tests {
     fn render(template: Value, vars: Value) -> Value {
         let t = Template::compile(&template).expect("compiles");
         let map = vars.as_object().expect("object");
-        let pairs: Vec<(&str, &Value)> = map.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let pairs: Vec<(&str, minijinja::Value)> = map
+            .iter()
+            .map(|(k, v)| (k.as_str(), json(Arc::new(v.clone()))))
+            .collect();
         t.render(&scope(&pairs)).expect("renders")
     }
 
@@ -359,6 +517,33 @@ mod tests {
             render(json!("{{ missing.deeper }}"), json!({})),
             json!(null)
         );
+    }
+
+    #[test]
+    fn lent_json_reads_like_converted_json() {
+        let vars = json!({"p": {"items": [1, "two", {"k": true}], "m": {"k": null}, "n": 1.5}});
+        let cases = [
+            ("{{ p.items[1] }}", json!("two")),
+            ("{{ p.items[-1].k }}", json!(true)),
+            ("{{ p.items[7] }}", json!(null)),
+            ("{{ p.items | length }}", json!(3)),
+            ("{{ p.m | length }}", json!(1)),
+            ("{{ p.m.k is none }}", json!(true)),
+            ("{{ p.n * 2 }}", json!(3.0)),
+            ("{{ p.items[:2] | join(',') }}", json!("1,two")),
+            ("{{ p.m | list | join }}", json!("k")),
+            ("{{ p.m | items | list | length }}", json!(1)),
+            ("{{ p.items[2] }}", json!({"k": true})),
+            ("{{ p }}", vars["p"].clone()),
+            ("{{ p.missing.deeper }}", json!(null)),
+        ];
+        for (template, expected) in cases {
+            assert_eq!(
+                render(json!(template), vars.clone()),
+                expected,
+                "{template}"
+            );
+        }
     }
 
     #[test]
