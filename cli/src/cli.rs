@@ -61,6 +61,15 @@ pub struct RunArgs {
     /// Simulate N entities as the orchestrator's `demo` block describes.
     #[arg(long, value_name = "N", env = "ONEX_DEMO")]
     pub demo: Option<usize>,
+    /// Events per second the demo entities send, all together (spread evenly);
+    /// without it they send as fast as the runtime takes events in.
+    #[arg(
+        long,
+        value_name = "PER_SECOND",
+        env = "ONEX_DEMO_RATE",
+        requires = "demo"
+    )]
+    pub demo_rate: Option<f64>,
     /// Stop by itself once every event is processed and no work is outstanding.
     #[arg(long, env = "ONEX_UNTIL_IDLE")]
     pub until_idle: bool,

@@ -61,6 +61,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<u8> {
         data_dir: args.data_dir.clone(),
         sources,
         demo: args.demo,
+        demo_rate: args.demo_rate,
         until_idle: args.until_idle,
         listen,
         drain: Duration::from_secs(args.drain_timeout),

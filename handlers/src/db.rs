@@ -22,17 +22,24 @@ pub const DATA_FILE: &str = "data.db";
 const GROUP: usize = 1024;
 
 type Job = (
-    String,
+    Arc<Statement>,
     Vec<Value>,
-    bool,
     oneshot::Sender<Result<Value, String>>,
 );
+
+/// A contract's SQL as SQLite takes it, worked out once per distinct text.
+#[derive(Debug)]
+struct Statement {
+    sql: String,
+    select: bool,
+}
 
 /// The embedded database, shared by the `db` handler and the local service catalog.
 #[derive(Debug)]
 pub struct Database {
     path: PathBuf,
     state: OnceCell<(SqlitePool, mpsc::UnboundedSender<Job>)>,
+    statements: std::sync::RwLock<std::collections::HashMap<String, Arc<Statement>>>,
 }
 
 impl Database {
@@ -40,6 +47,7 @@ impl Database {
         Database {
             path,
             state: OnceCell::new(),
+            statements: Default::default(),
         }
     }
 
@@ -79,12 +87,27 @@ impl Database {
     pub async fn execute(&self, sql: &str, params: Vec<Value>) -> Result<Value, String> {
         let (_, sender) = self.state().await?;
         let (done, wait) = oneshot::channel();
-        let select = is_select(sql);
         sender
-            .send((sqlite_placeholders(sql), params, select, done))
+            .send((self.statement(sql), params, done))
             .map_err(|_| "the database writer stopped".to_owned())?;
         wait.await
             .map_err(|_| "the database writer stopped".to_owned())?
+    }
+
+    fn statement(&self, sql: &str) -> Arc<Statement> {
+        if let Ok(known) = self.statements.read()
+            && let Some(statement) = known.get(sql)
+        {
+            return Arc::clone(statement);
+        }
+        let statement = Arc::new(Statement {
+            sql: sqlite_placeholders(sql),
+            select: is_select(sql),
+        });
+        if let Ok(mut known) = self.statements.write() {
+            known.insert(sql.to_owned(), Arc::clone(&statement));
+        }
+        statement
     }
 
     /// Runs SQL text of many statements (set-up files).
@@ -140,7 +163,7 @@ async fn run_group(pool: &SqlitePool, jobs: &[Job]) -> Vec<Result<Value, String>
         }
     };
     let mut results = Vec::with_capacity(jobs.len());
-    for (sql, params, select, _) in jobs {
+    for (statement, params, _) in jobs {
         let mut arguments = SqliteArguments::default();
         let mut bad = None;
         for value in params {
@@ -154,8 +177,8 @@ async fn run_group(pool: &SqlitePool, jobs: &[Job]) -> Vec<Result<Value, String>
         }
         let query = // Contract SQL is trusted text (values are bound, never spliced; lint OX402 guards raw
         // queries), hence the assertion.
-        sqlx::query_with(AssertSqlSafe(sql.clone()), arguments);
-        let result = if *select {
+        sqlx::query_with(AssertSqlSafe(statement.sql.clone()), arguments);
+        let result = if statement.select {
             query
                 .fetch_all(&mut *tx)
                 .await

@@ -361,6 +361,19 @@ fn a_duplicated_event_registers_once() {
 /// Kill the runtime (SIGKILL) in the middle of a stream, restart it on the whole
 /// stream: every node ends registered once, with one result event each.
 #[test]
+fn a_demo_rate_spreads_the_events_over_time() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // 20 entities send 60 events (introspection, heartbeat, the answer to the
+    // registry's request): at 200 per second that cannot take less than 0.3 s.
+    let (run, summary) = run(dir.path(), &["--demo", "20", "--demo-rate", "200"]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(summary["events"]["received"], 60, "{summary}");
+    assert_eq!(summary["demo"]["lost"], 0);
+    let elapsed = summary["elapsed_ms"].as_u64().expect("elapsed_ms");
+    assert!(elapsed >= 290, "60 events at 200/s took {elapsed} ms");
+}
+
+#[test]
 fn a_killed_runtime_resumes_without_loss_or_duplicates() {
     let dir = tempfile::tempdir().expect("tempdir");
     let lines: Vec<String> = (1..=300).map(node).collect();
@@ -464,8 +477,8 @@ fn http_get(addr: &str, path: &str) -> (u16, String) {
     (status, body)
 }
 
-fn spawn_service(data: &Path) -> (Reaper, String, mpsc::Receiver<String>) {
-    let mut child = spawn_onex(&[
+fn spawn_service(data: &Path, extra: &[&str]) -> (Reaper, String, mpsc::Receiver<String>) {
+    let mut args = vec![
         "run",
         "--contract",
         "contracts/",
@@ -481,7 +494,9 @@ fn spawn_service(data: &Path) -> (Reaper, String, mpsc::Receiver<String>) {
         "json",
         "--data-dir",
         path_str(data),
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let mut child = spawn_onex(&args);
     let stderr = child.0.stderr.take().expect("stderr");
     let (sender, lines) = mpsc::channel();
     std::thread::spawn(move || {
@@ -508,9 +523,28 @@ fn spawn_service(data: &Path) -> (Reaper, String, mpsc::Receiver<String>) {
 }
 
 #[test]
+fn ready_is_503_while_consul_is_unreachable() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A port nothing listens on: bound, then released.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port");
+    let consul = format!("http://{closed}");
+    let (_child, addr, _logs) = spawn_service(dir.path(), &["--consul", &consul]);
+    assert_eq!(http_get(&addr, "/health").0, 200, "alive all the same");
+    let (status, body) = http_get(&addr, "/ready");
+    assert_eq!(status, 503, "{body}");
+    let ready: Value = serde_json::from_str(&body).expect("ready JSON");
+    assert_eq!(ready["ready"], false, "{ready}");
+    assert_eq!(ready["handlers"]["db"], "ready", "{ready}");
+    let consul_state = ready["handlers"]["consul"].as_str().expect("consul state");
+    assert!(consul_state.starts_with("unreachable"), "{ready}");
+}
+
+#[test]
 fn the_operations_endpoints_answer_and_sigterm_drains() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (mut child, addr, _logs) = spawn_service(dir.path());
+    let (mut child, addr, _logs) = spawn_service(dir.path(), &[]);
     assert_eq!(
         http_get(&addr, "/health"),
         (200, json!({"status": "ok"}).to_string())

@@ -4,10 +4,16 @@
 //! once with `--until-idle`, else every interval. Entity ids and message ids
 //! are derived from the entity's index, so a restarted demo repeats the same events
 //! and the runtime recognises them.
+//!
+//! Without a rate the entities send as fast as the runtime takes events in (the
+//! back-pressure of [`crate::work::Work::room`]): a throughput test. With a rate
+//! (events per second, all entities together) their events are spread evenly over
+//! time: a latency test at a chosen load.
 
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
@@ -23,14 +29,17 @@ pub fn start(
     received: Arc<AtomicU64>,
     tasks: &mut Vec<JoinHandle<()>>,
     spec: &Demo,
+    rate: Option<f64>,
 ) -> Vec<String> {
     let ids: Vec<String> = (0..count).map(entity_uuid).collect();
+    let pacer = Arc::new(Pacer::new(rate));
     let answered: HashSet<String> = spec.answers.keys().cloned().collect();
     if !answered.is_empty() {
         let mut requests = shared.bus.subscribe(Some(answered));
         let shared = Arc::clone(&shared);
         let received = Arc::clone(&received);
         let ids = ids.clone();
+        let pacer = Arc::clone(&pacer);
         tasks.push(tokio::spawn(async move {
             while let Some(delivery) = requests.recv().await {
                 let Some(demo) = &shared.project.demo else {
@@ -50,6 +59,7 @@ pub fn start(
                     if target.as_ref().is_some_and(|t| t != id) {
                         continue;
                     }
+                    pacer.wait(&shared, answers.len()).await;
                     publish(
                         &shared,
                         demo,
@@ -71,6 +81,7 @@ pub fn start(
             return;
         };
         for index in 0..count {
+            pacer.wait(&shared, demo.on_start.len()).await;
             publish(&shared, demo, &demo.on_start, index, 0, None, &received);
         }
         let Some(interval) = periodic else { return };
@@ -81,6 +92,7 @@ pub fn start(
         let mut sequence = 1;
         loop {
             for index in 0..count {
+                pacer.wait(&shared, 1).await;
                 publish(&shared, demo, events, index, sequence, None, &received);
             }
             if until_idle {
@@ -92,6 +104,36 @@ pub fn start(
         drop(guard);
     }));
     ids
+}
+
+/// When the next events may go: at once when the runtime has room, or on an even
+/// schedule at a fixed rate (shared by all of the demo's tasks).
+#[derive(Debug)]
+struct Pacer {
+    start: Instant,
+    per_event: Option<Duration>,
+    scheduled: AtomicU64,
+}
+
+impl Pacer {
+    fn new(rate: Option<f64>) -> Pacer {
+        Pacer {
+            start: Instant::now(),
+            per_event: rate
+                .filter(|r| r.is_finite() && *r > 0.0)
+                .map(|r| Duration::from_secs_f64(1.0 / r)),
+            scheduled: AtomicU64::new(0),
+        }
+    }
+
+    async fn wait(&self, shared: &Shared, events: usize) {
+        if let Some(per_event) = self.per_event {
+            let slot = self.scheduled.fetch_add(events as u64, Ordering::Relaxed);
+            let at = self.start + per_event.mul_f64(slot as f64);
+            tokio::time::sleep_until(at.into()).await;
+        }
+        shared.work.room().await;
+    }
 }
 
 fn entity_uuid(index: usize) -> String {

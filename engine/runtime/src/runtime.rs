@@ -81,6 +81,9 @@ pub struct Options {
     pub data_dir: PathBuf,
     pub sources: Vec<Source>,
     pub demo: Option<usize>,
+    /// Events per second the demo sends, all entities together; `None`: as fast
+    /// as the runtime takes them.
+    pub demo_rate: Option<f64>,
     pub until_idle: bool,
     /// Where `/health`, `/ready` and `/metrics` listen; `None`: nowhere.
     pub listen: Option<SocketAddr>,
@@ -278,6 +281,7 @@ pub async fn run(
             Arc::clone(&received),
             &mut sources,
             spec,
+            options.demo_rate,
         )),
         (Some(_), None) => {
             return Err(format!(
@@ -583,6 +587,7 @@ async fn read_source(shared: &Arc<Shared>, source: Source, received: &AtomicU64)
         if line.trim().is_empty() {
             continue;
         }
+        shared.work.room().await;
         received.fetch_add(1, Ordering::Relaxed);
         let at = format!("{name}:{number}");
         let dead = |stage: &str, reason: String, envelope: Option<&Envelope>| DeadLetter {

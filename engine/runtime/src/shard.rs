@@ -170,13 +170,13 @@ impl Shard {
             slot.dirty = false;
             let spec = &project.reducers[reducer];
             let snapshot = slot.snapshot(&spec.machine, &project.operations);
-            self.changes.instances.push(InstanceRow(
-                spec.name.clone(),
-                slot.instance.key.to_string(),
-                snapshot.state.to_string(),
-                slot.outcome.clone(),
-                serde_json::to_string(&snapshot).unwrap_or_default(),
-            ));
+            self.changes.instances.push(InstanceRow {
+                reducer: spec.name.clone(),
+                key: slot.instance.key.to_string(),
+                state: snapshot.state.to_string(),
+                outcome: slot.outcome.clone(),
+                snapshot: serde_json::to_string(&snapshot).unwrap_or_default(),
+            });
         }
         if !self.changes.is_empty() {
             self.shared

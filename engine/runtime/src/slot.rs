@@ -103,6 +103,8 @@ pub struct Snapshot<'a> {
     pub correlation_id: Option<Cow<'a, str>>,
 }
 
+// serde hands `skip_serializing_if` a reference to the field, a `&Cow` here.
+#[allow(clippy::ptr_arg)]
 fn is_empty(inbox: &Cow<'_, VecDeque<Queued>>) -> bool {
     inbox.is_empty()
 }
@@ -113,7 +115,10 @@ pub struct PendingSnapshot<'a> {
     pub action: Cow<'a, str>,
     pub operation: Cow<'a, str>,
     pub generation: u64,
-    pub input: Cow<'a, Map<String, Value>>,
+    /// Left out when it is the instance's context as stored beside it (the usual
+    /// case: effects read the context of the step that emitted them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input: Option<Cow<'a, Map<String, Value>>>,
     pub intent: Cow<'a, Value>,
 }
 
@@ -153,7 +158,8 @@ impl Slot {
                     action: Cow::Borrowed(&machine.action(p.action).name),
                     operation: Cow::Borrowed(&operations[p.operation].name),
                     generation: p.generation,
-                    input: Cow::Borrowed(&p.input),
+                    input: (!Arc::ptr_eq(&p.input, &self.instance.context))
+                        .then_some(Cow::Borrowed(&*p.input)),
                     intent: Cow::Borrowed(&p.intent),
                 })
                 .collect(),
@@ -178,6 +184,7 @@ impl Slot {
             .ok_or_else(|| format!("state `{}` is no longer in the contract", snapshot.state))?;
         let mut instance = Instance::in_state(state, key);
         instance.context = Arc::new(snapshot.context.into_owned());
+        let context = &instance.context;
         instance.sequence = snapshot.sequence;
         instance.completed_runs = snapshot.completed_runs;
         let mut pending = Vec::with_capacity(snapshot.pending.len());
@@ -198,7 +205,9 @@ impl Slot {
                 action: action as u32,
                 operation,
                 generation: p.generation,
-                input: Arc::new(p.input.into_owned()),
+                input: p
+                    .input
+                    .map_or_else(|| Arc::clone(context), |i| Arc::new(i.into_owned())),
                 intent: Arc::new(p.intent.into_owned()),
                 work: None,
             });

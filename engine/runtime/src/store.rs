@@ -15,7 +15,7 @@ use serde::Serialize;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{Row, Sqlite, Transaction};
+use sqlx::{QueryBuilder, Row, Sqlite, Transaction};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::envelope::Envelope;
@@ -23,6 +23,10 @@ use crate::envelope::Envelope;
 pub const STATE_FILE: &str = "state.db";
 /// Writes per transaction at most; more wait for the next one.
 const BATCH: usize = 4096;
+/// Transactions start at most this often. Nothing waits for the runtime's own state
+/// (effects and follow-ups go on meanwhile), so a little delay costs no latency and
+/// saves many small commits, each of which rewrites whole pages of every index.
+const COMMIT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(10);
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS instances (
@@ -105,15 +109,15 @@ impl Changes {
     }
 }
 
-/// Serialised as a JSON array, in column order (see `commit`).
-#[derive(Debug, Serialize)]
-pub struct InstanceRow(
-    pub String,
-    pub String,
-    pub String,
-    pub Option<String>,
-    pub String,
-);
+#[derive(Debug)]
+pub struct InstanceRow {
+    pub reducer: String,
+    pub key: String,
+    pub state: String,
+    pub outcome: Option<String>,
+    /// The slot's [`crate::slot::Snapshot`] as JSON.
+    pub snapshot: String,
+}
 
 /// Reducer, instance key, message id.
 #[derive(Debug, Serialize)]
@@ -288,7 +292,10 @@ pub async fn dead_letters(pool: &SqlitePool) -> Result<Vec<DeadLetter>, String> 
 async fn write_loop(pool: SqlitePool, mut receiver: mpsc::UnboundedReceiver<Write>) {
     let mut batch = Vec::with_capacity(BATCH);
     let mut flushes = Vec::new();
+    let mut last_commit = tokio::time::Instant::now();
     while let Some(first) = receiver.recv().await {
+        tokio::time::sleep_until(last_commit + COMMIT_INTERVAL).await;
+        last_commit = tokio::time::Instant::now();
         let mut next = Some(first);
         while let Some(write) = next.take() {
             match write {
@@ -314,7 +321,9 @@ async fn write_loop(pool: SqlitePool, mut receiver: mpsc::UnboundedReceiver<Writ
 /// Rows of one table for one statement: a JSON array of arrays that the statement
 /// unpacks with `json_each`. One statement per table per transaction, however many
 /// rows, because each statement is a round trip to sqlx's SQLite worker thread and
-/// those round trips, not SQLite, were what limited the runtime.
+/// those round trips, not SQLite, were what limited the runtime. Tables with large
+/// JSON documents in a row take bound multi-row INSERTs instead ([`insert_rows`]),
+/// which spare SQLite parsing and re-printing them.
 #[derive(Debug, Default)]
 struct Rows(Vec<u8>);
 
@@ -334,18 +343,48 @@ impl Rows {
     }
 }
 
+/// `INSERT ... VALUES (..), (..) ...` in chunks of a few fixed sizes, so that
+/// sqlx's statement cache holds a handful of statements per table, not one per
+/// row count.
+async fn insert_rows<R>(
+    tx: &mut Transaction<'_, Sqlite>,
+    head: &str,
+    tail: &str,
+    rows: &[R],
+    bind: impl Fn(&mut sqlx::query_builder::Separated<'_, Sqlite, &'static str>, &R),
+) -> Result<(), sqlx::Error> {
+    let mut rest = rows;
+    while !rest.is_empty() {
+        let size = [64, 16, 4, 1]
+            .into_iter()
+            .find(|size| rest.len() >= *size)
+            .unwrap_or(1);
+        let (chunk, after) = rest.split_at(size);
+        let mut query = QueryBuilder::<Sqlite>::new(head);
+        query.push_values(chunk, |mut row, r| bind(&mut row, r));
+        query.push(tail);
+        query.build().execute(&mut **tx).await?;
+        rest = after;
+    }
+    Ok(())
+}
+
 async fn commit(pool: &SqlitePool, batch: &[Write]) -> Result<(), sqlx::Error> {
     // Only the last snapshot of each instance in the batch is written.
-    let mut last: HashMap<(&str, &str), &InstanceRow> = HashMap::new();
+    let mut last: HashMap<(&str, &str), usize> = HashMap::new();
     let mut instances: Vec<&InstanceRow> = Vec::new();
-    let (mut processed, mut dead_letters, mut events) =
-        (Rows::default(), Rows::default(), Rows::default());
+    let mut events: Vec<(&Envelope, String)> = Vec::new();
+    let (mut processed, mut dead_letters) = (Rows::default(), Rows::default());
     for write in batch {
         match write {
             Write::Changes(changes) => {
                 for row in &changes.instances {
-                    if last.insert((&row.0, &row.1), row).is_none() {
-                        instances.push(row);
+                    match last.get(&(row.reducer.as_str(), row.key.as_str())) {
+                        Some(&at) => instances[at] = row,
+                        None => {
+                            last.insert((&row.reducer, &row.key), instances.len());
+                            instances.push(row);
+                        }
                     }
                 }
                 changes.processed.iter().for_each(|row| processed.push(row));
@@ -355,28 +394,46 @@ async fn commit(pool: &SqlitePool, batch: &[Write]) -> Result<(), sqlx::Error> {
                     .for_each(|d| dead_letters.push(&dead_letter_row(d)));
             }
             Write::DeadLetter(d) => dead_letters.push(&dead_letter_row(d)),
-            Write::Event(envelope) => events.push(&(
-                &envelope.message_id,
-                &envelope.topic,
-                &envelope.event_type,
-                &envelope.entity_id,
+            Write::Event(envelope) => events.push((
+                envelope,
                 serde_json::to_string(envelope).unwrap_or_default(),
             )),
             Write::Flush(_) => {} // taken out by the write loop
         }
     }
-    let mut rows = Rows::default();
-    for (reducer, key) in instances.iter().map(|r| (&r.0, &r.1)) {
-        rows.push(&last[&(reducer.as_str(), key.as_str())]);
-    }
     let now = jiff::Timestamp::now().to_string();
     let mut tx: Transaction<'_, Sqlite> = pool.begin().await?;
-    // `WHERE true` tells SQLite's parser that ON CONFLICT belongs to the INSERT.
+    insert_rows(
+        &mut tx,
+        "INSERT INTO instances (reducer, key, state, outcome, snapshot, updated_at) ",
+        " ON CONFLICT (reducer, key) DO UPDATE SET state = excluded.state, outcome = excluded.outcome, snapshot = excluded.snapshot, updated_at = excluded.updated_at",
+        &instances,
+        |row, i| {
+            row.push_bind(i.reducer.as_str())
+                .push_bind(i.key.as_str())
+                .push_bind(i.state.as_str())
+                .push_bind(i.outcome.as_deref())
+                .push_bind(i.snapshot.as_str())
+                .push_bind(now.as_str());
+        },
+    )
+    .await?;
+    insert_rows(
+        &mut tx,
+        "INSERT OR IGNORE INTO events (message_id, at, topic, event_type, entity_id, envelope) ",
+        "",
+        &events,
+        |row, (e, text)| {
+            row.push_bind(e.message_id.as_str())
+                .push_bind(now.as_str())
+                .push_bind(e.topic.as_deref())
+                .push_bind(e.event_type.as_str())
+                .push_bind(e.entity_id.as_deref())
+                .push_bind(text.as_str());
+        },
+    )
+    .await?;
     let statements = [
-        (
-            rows.finish(),
-            "INSERT INTO instances (reducer, key, state, outcome, snapshot, updated_at) SELECT value->>0, value->>1, value->>2, value->>3, value->>4, ?2 FROM json_each(?1) WHERE true ON CONFLICT (reducer, key) DO UPDATE SET state = excluded.state, outcome = excluded.outcome, snapshot = excluded.snapshot, updated_at = excluded.updated_at",
-        ),
         (
             processed.finish(),
             "INSERT OR IGNORE INTO processed (reducer, key, message_id) SELECT value->>0, value->>1, value->>2 FROM json_each(?1)",
@@ -385,20 +442,10 @@ async fn commit(pool: &SqlitePool, batch: &[Write]) -> Result<(), sqlx::Error> {
             dead_letters.finish(),
             "INSERT INTO dead_letters (at, stage, reason, event_type, message_id, source, raw) SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, value->>6 FROM json_each(?1) ORDER BY key",
         ),
-        (
-            events.finish(),
-            "INSERT OR IGNORE INTO events (message_id, at, topic, event_type, entity_id, envelope) SELECT value->>0, ?2, value->>1, value->>2, value->>3, value->>4 FROM json_each(?1)",
-        ),
     ];
     for (rows, sql) in statements {
         if let Some(rows) = rows {
-            let query = sqlx::query(sql).bind(rows);
-            let query = if sql.contains("?2") {
-                query.bind(&now)
-            } else {
-                query
-            };
-            query.execute(&mut *tx).await?;
+            sqlx::query(sql).bind(rows).execute(&mut *tx).await?;
         }
     }
     tx.commit().await

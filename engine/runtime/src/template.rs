@@ -64,7 +64,7 @@ pub struct Template(Kind);
 #[derive(Debug)]
 enum Kind {
     Literal(Value),
-    Expr(Expression<'static, 'static>),
+    Expr(Expr),
     Text(Vec<Segment>),
     Map(Vec<(String, Template)>),
     List(Vec<Template>),
@@ -73,7 +73,55 @@ enum Kind {
 #[derive(Debug)]
 enum Segment {
     Literal(String),
-    Expr(Expression<'static, 'static>),
+    Expr(Expr),
+}
+
+/// A compiled expression. Most expressions in contracts are plain variable paths
+/// (`payload.node_id`); those are looked up directly, which skips setting up
+/// minijinja's evaluator (most of an evaluation's cost). Anything the direct lookup
+/// is not sure about goes to minijinja, so the result is always minijinja's.
+#[derive(Debug)]
+struct Expr {
+    compiled: Expression<'static, 'static>,
+    /// `a.b.c` as `[a, b, c]`, when the expression is nothing more.
+    path: Option<Vec<String>>,
+}
+
+impl Expr {
+    fn compile(source: &str) -> Result<Expr, minijinja::Error> {
+        let compiled = environment().compile_expression_owned(source.to_owned())?;
+        let is_name = |part: &str| {
+            part.chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && part.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        };
+        let parts: Vec<&str> = source.split('.').collect();
+        let path = parts
+            .iter()
+            .all(|part| is_name(part))
+            .then(|| parts.iter().map(|p| (*p).to_owned()).collect());
+        Ok(Expr { compiled, path })
+    }
+
+    fn eval(&self, scope: &minijinja::Value) -> Result<minijinja::Value, minijinja::Error> {
+        if let Some(value) = self.lookup(scope) {
+            return Ok(value);
+        }
+        self.compiled.eval(scope)
+    }
+
+    /// The value at the path, walking objects only; `None` hands over to minijinja
+    /// (a name the scope does not have may be one of its globals; lookups on none,
+    /// undefined or scalars follow its rules).
+    fn lookup(&self, scope: &minijinja::Value) -> Option<minijinja::Value> {
+        let mut value = scope.clone();
+        for part in self.path.as_ref()? {
+            let object = value.as_object()?;
+            value = object.get_value_by_str(part)?;
+        }
+        Some(value)
+    }
 }
 
 /// Why a template does not compile, or does not evaluate.
@@ -130,7 +178,7 @@ impl Template {
     }
 
     pub fn render(&self, scope: &minijinja::Value) -> Result<Value, TemplateError> {
-        render_at(self, scope, "")
+        render_at(self, scope)
     }
 
     /// Renders and reads the result as a boolean, the way conditions read it
@@ -212,8 +260,7 @@ fn compile_string(text: &str) -> Result<Template, String> {
         if source.is_empty() {
             return Err("an empty `{{ }}`".into());
         }
-        let expression = environment()
-            .compile_expression_owned(source.to_owned())
+        let expression = Expr::compile(source)
             .map_err(|e| format!("`{source}` does not compile: {}", describe(&e)))?;
         segments.push(Segment::Expr(expression));
         rest = &after[end + 2..];
@@ -262,23 +309,18 @@ fn describe(error: &minijinja::Error) -> String {
     }
 }
 
-fn render_at(
-    template: &Template,
-    scope: &minijinja::Value,
-    pointer: &str,
-) -> Result<Value, TemplateError> {
-    let fail = |e: minijinja::Error| TemplateError {
-        pointer: pointer.to_owned(),
-        message: describe(&e),
+/// Renders; an error's pointer is built on the way out, so that a render that
+/// succeeds allocates no pointers.
+fn render_at(template: &Template, scope: &minijinja::Value) -> Result<Value, TemplateError> {
+    let fail = |message: String| TemplateError {
+        pointer: String::new(),
+        message,
     };
     match &template.0 {
         Kind::Literal(value) => Ok(value.clone()),
         Kind::Expr(expression) => {
-            let value = expression.eval(scope).map_err(fail)?;
-            to_json(&value).map_err(|message| TemplateError {
-                pointer: pointer.to_owned(),
-                message,
-            })
+            let value = expression.eval(scope).map_err(|e| fail(describe(&e)))?;
+            to_json(&value).map_err(fail)
         }
         Kind::Text(segments) => {
             let mut out = String::new();
@@ -286,7 +328,7 @@ fn render_at(
                 match segment {
                     Segment::Literal(text) => out.push_str(text),
                     Segment::Expr(expression) => {
-                        let value = expression.eval(scope).map_err(fail)?;
+                        let value = expression.eval(scope).map_err(|e| fail(describe(&e)))?;
                         if !value.is_undefined() && !value.is_none() {
                             out.push_str(&value.to_string());
                         }
@@ -298,7 +340,7 @@ fn render_at(
         Kind::Map(entries) => {
             let mut map = Map::with_capacity(entries.len());
             for (key, child) in entries {
-                let value = render_at(child, scope, &format!("{pointer}/{}", escape(key)))?;
+                let value = render_at(child, scope).map_err(|e| e.below(&escape(key)))?;
                 let omit = value.is_null() && !child.is_literal();
                 if !omit {
                     map.insert(key.clone(), value);
@@ -309,9 +351,17 @@ fn render_at(
         Kind::List(items) => items
             .iter()
             .enumerate()
-            .map(|(i, item)| render_at(item, scope, &format!("{pointer}/{i}")))
+            .map(|(i, item)| render_at(item, scope).map_err(|e| e.below(&i.to_string())))
             .collect::<Result<Vec<_>, _>>()
             .map(Value::Array),
+    }
+}
+
+impl TemplateError {
+    /// The error as seen from the parent of the value it is in.
+    fn below(mut self, step: &str) -> TemplateError {
+        self.pointer = format!("/{step}{}", self.pointer);
+        self
     }
 }
 
