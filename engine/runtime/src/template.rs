@@ -372,7 +372,7 @@ fn to_json(value: &minijinja::Value) -> Result<Value, String> {
     // A lent JSON value comes back as the value itself, without a trip through
     // minijinja's serializer.
     if let Some(json) = value.downcast_object_ref::<Json>() {
-        return Ok(json.node().map(Node::to_owned).unwrap_or(Value::Null));
+        return Ok(json.node().map(Node::to_value).unwrap_or(Value::Null));
     }
     serde_json::to_value(value).map_err(|e| format!("the value cannot be represented as JSON: {e}"))
 }
@@ -421,7 +421,7 @@ enum Node<'a> {
 }
 
 impl Node<'_> {
-    fn to_owned(self) -> Value {
+    fn to_value(self) -> Value {
         match self {
             Node::Value(value) => value.clone(),
             Node::Object(map) => Value::Object(map.clone()),
