@@ -373,6 +373,65 @@ fn a_demo_rate_spreads_the_events_over_time() {
     assert!(elapsed >= 290, "60 events at 200/s took {elapsed} ms");
 }
 
+/// A copy of `contracts/` in `dir`, with `edit` applied to the effect contract.
+fn edited_contracts(dir: &Path, edit: impl Fn(String) -> String) -> std::path::PathBuf {
+    let source = repo_root().join("contracts");
+    let copy = dir.join("contracts");
+    for entry in walkdir::WalkDir::new(&source) {
+        let entry = entry.expect("walk contracts");
+        let target = copy.join(entry.path().strip_prefix(&source).expect("below"));
+        if entry.file_type().is_dir() {
+            std::fs::create_dir_all(&target).expect("mkdir");
+        } else {
+            std::fs::copy(entry.path(), &target).expect("copy");
+        }
+    }
+    let effect = copy.join("effects/node_registry_effect.yaml");
+    let text = std::fs::read_to_string(&effect).expect("effect contract");
+    std::fs::write(&effect, edit(text)).expect("write effect contract");
+    copy
+}
+
+#[test]
+fn an_operation_can_template_its_idempotency_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // One result message per node, however often it registers: the second
+    // registration of each demo node publishes under the same key, and the event
+    // log keeps a message id once.
+    let contracts = edited_contracts(dir.path(), |text| {
+        text.replace(
+            "    - operation_name: publish_registration_result\n",
+            "    - operation_name: publish_registration_result\n      idempotency_key: \"result/{{ input.node_id }}\"\n",
+        )
+    });
+    let data = dir.path().join("data");
+    let results = |contracts: &Path, data: &Path| {
+        let run = onex(&[
+            "run",
+            "--contract",
+            path_str(contracts),
+            "--demo",
+            "5",
+            "--until-idle",
+            "--listen",
+            "off",
+            "--data-dir",
+            path_str(data),
+        ]);
+        assert_eq!(run.code, 0, "{}", run.stderr);
+        count(
+            &data.join("state.db"),
+            "SELECT count(*) FROM events WHERE event_type = 'NodeRegistrationResultEvent'",
+        )
+    };
+    // 5 nodes registering twice and the registry once: 11 results, 6 keys.
+    assert_eq!(
+        results(&repo_root().join("contracts"), &dir.path().join("plain")),
+        11
+    );
+    assert_eq!(results(&contracts, &data), 6);
+}
+
 #[test]
 fn a_killed_runtime_resumes_without_loss_or_duplicates() {
     let dir = tempfile::tempdir().expect("tempdir");

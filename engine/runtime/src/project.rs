@@ -134,6 +134,8 @@ pub struct Operation {
     pub name: String,
     pub handler: String,
     pub when: Option<Template>,
+    /// The key handed to the handler; `None`: the intent's key.
+    pub idempotency_key: Option<Template>,
     /// `io_config` with its templates compiled; `handler_type`, `operation` and
     /// `query_template` are never templated.
     pub config: Template,
@@ -546,6 +548,13 @@ impl Builder<'_> {
                     &format!("{pointer}/when"),
                 )
             });
+            let idempotency_key = op.idempotency_key.as_ref().map(|k| {
+                self.effect_template(
+                    file_index,
+                    &Value::String(k.clone()),
+                    &format!("{pointer}/idempotency_key"),
+                )
+            });
             let id = operations.len();
             for (j, intent) in op.intent_names().into_iter().enumerate() {
                 if let Some((_, earlier)) = intent_owner.get(intent) {
@@ -571,6 +580,7 @@ impl Builder<'_> {
                 name: op.operation_name.clone(),
                 handler,
                 when,
+                idempotency_key,
                 config: compiled,
                 retry: op
                     .retry_policy

@@ -21,7 +21,7 @@ use crate::project::{Binding, ReducerId, When};
 use crate::runtime::Shared;
 use crate::slot::{Pending, Queued, Slot, Snapshot, Timer, TimerKind};
 use crate::store::{Changes, DeadLetter, InstanceRow, ProcessedRow, Write};
-use crate::template::{self, Template};
+use crate::template::{self, Template, TemplateError};
 use crate::work::WorkGuard;
 
 /// Follow-up transitions one message may cause before the runtime calls it a loop.
@@ -786,11 +786,26 @@ impl Shard {
             ("intent", template::json(Arc::clone(&intent))),
             ("env", shared.env.clone()),
         ]);
-        let rendered = op.config.render(&scope);
-        let call = rendered.map(|config| Call {
+        let rendered = op.config.render(&scope).and_then(|config| {
+            let key = match &op.idempotency_key {
+                Some(template) => match template.render(&scope)? {
+                    Value::String(key) if !key.is_empty() => key,
+                    Value::Number(n) => n.to_string(),
+                    other => {
+                        return Err(TemplateError {
+                            pointer: "/idempotency_key".into(),
+                            message: format!("gave {other}, not a key"),
+                        });
+                    }
+                },
+                None => intent_key.clone(),
+            };
+            Ok((config, key))
+        });
+        let call = rendered.map(|(config, idempotency_key)| Call {
             operation: op.name.clone(),
             config,
-            idempotency_key: intent_key.clone(),
+            idempotency_key,
             correlation_id: intent["correlation_id"].as_str().map(str::to_owned),
             causation_id: intent["causation_id"].as_str().map(str::to_owned),
         });

@@ -204,6 +204,9 @@ pub struct OperationSpec {
     pub intents: Option<Vec<String>>,
     /// Template: run only when it is true.
     pub when: Option<String>,
+    /// Template: the key a handler uses to recognise a repeated call; default: the
+    /// intent's own key.
+    pub idempotency_key: Option<String>,
     pub idempotent: Option<bool>,
     pub io_config: Value,
     pub response_handling: Option<ResponseHandling>,
