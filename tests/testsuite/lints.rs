@@ -116,3 +116,36 @@ fn rendered_diagnostics_match_their_snapshots() {
         }
     });
 }
+
+#[test]
+fn a_contracts_lints_table_governs_cross_contract_findings_too() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fixture = repo_root().join("tests/fixtures/lints/OX505-unknown-reducer.yaml");
+    let project = repo_root().join("tests/fixtures/project/");
+    let text = std::fs::read_to_string(&fixture)
+        .expect("fixture")
+        .replace("../project/", &project.display().to_string());
+    let lint = |level: &str| {
+        let path = dir.path().join(format!("{level}.yaml"));
+        std::fs::write(&path, format!("{text}lints:\n  unknown-reducer: {level}\n"))
+            .expect("write");
+        onex(&[
+            "contract",
+            "lint",
+            "--format",
+            "json",
+            &path.display().to_string(),
+        ])
+    };
+    let warned = lint("warn");
+    let severities: Vec<serde_json::Value> = warned
+        .diagnostics()
+        .iter()
+        .map(|d| d["severity"].clone())
+        .collect();
+    assert_eq!(severities, ["warning"], "{}", warned.stdout);
+    assert_eq!(warned.code, 0);
+    let allowed = lint("allow");
+    assert!(allowed.diagnostics().is_empty(), "{}", allowed.stdout);
+    assert_eq!(allowed.code, 0);
+}

@@ -220,6 +220,17 @@ impl File {
         })
     }
 
+    /// Applies the file's own `lints:` table to the findings the cross-contract
+    /// check added (its own findings had it applied when the file loaded).
+    fn apply_levels(&mut self) {
+        let Some(root) = &self.root else { return };
+        let mut added = self
+            .diagnostics
+            .split_off(self.own_findings.min(self.diagnostics.len()));
+        onex_contract::lints::apply_levels(root, &mut added);
+        self.diagnostics.extend(added);
+    }
+
     /// The findings the cross-contract check added to this file.
     fn cross_contract(&self) -> Vec<Diagnostic> {
         self.diagnostics[self.own_findings.min(self.diagnostics.len())..].to_vec()
@@ -326,11 +337,13 @@ pub fn load(path: &Path) -> Loaded {
     orchestrator_file
         .diagnostics
         .extend(builder.own.iter().cloned());
+    orchestrator_file.apply_levels();
+    builder.others.iter_mut().for_each(File::apply_levels);
+    let mut cross_contract = vec![orchestrator_file.cross_contract()];
+    cross_contract.extend(builder.others.iter().map(File::cross_contract));
     orchestrator_file
         .diagnostics
         .sort_by_key(|d| (d.span.map(|s| s.start), d.lint.code));
-    let mut cross_contract = vec![builder.own.clone()];
-    cross_contract.extend(builder.others.iter().map(File::cross_contract));
     let mut reports = vec![orchestrator_file.report()];
     reports.extend(builder.others.into_iter().map(File::report));
     let failed = reports

@@ -97,7 +97,7 @@ pub(crate) fn report_duplicates<'a>(
 }
 
 /// Applies the contract's own `lints:` table (`name-or-code: allow | warn | deny`).
-pub(crate) fn apply_levels(root: &Node, diagnostics: &mut Vec<Diagnostic>) {
+pub fn apply_levels(root: &Node, diagnostics: &mut Vec<Diagnostic>) {
     let Some(table) = root.get("lints") else {
         return;
     };
