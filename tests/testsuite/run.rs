@@ -373,23 +373,14 @@ fn a_demo_rate_spreads_the_events_over_time() {
     assert!(elapsed >= 290, "60 events at 200/s took {elapsed} ms");
 }
 
-/// A copy of `contracts/` in `dir`, with `edit` applied to the effect contract.
-fn edited_contracts(dir: &Path, edit: impl Fn(String) -> String) -> std::path::PathBuf {
-    let source = repo_root().join("contracts");
-    let copy = dir.join("contracts");
-    for entry in walkdir::WalkDir::new(&source) {
-        let entry = entry.expect("walk contracts");
-        let target = copy.join(entry.path().strip_prefix(&source).expect("below"));
-        if entry.file_type().is_dir() {
-            std::fs::create_dir_all(&target).expect("mkdir");
-        } else {
-            std::fs::copy(entry.path(), &target).expect("copy");
-        }
-    }
-    let effect = copy.join("effects/node_registry_effect.yaml");
-    let text = std::fs::read_to_string(&effect).expect("effect contract");
-    std::fs::write(&effect, edit(text)).expect("write effect contract");
-    copy
+/// A copy of `contracts/` in `dir`, with `edit` applied to one of its files.
+fn edited_contracts(dir: &Path, file: &str, edit: impl Fn(String) -> String) -> std::path::PathBuf {
+    let contracts = dir.join("contracts");
+    copy_dir(&repo_root().join("contracts"), &contracts);
+    let path = contracts.join(file);
+    let text = std::fs::read_to_string(&path).expect("contract to edit");
+    std::fs::write(&path, edit(text)).expect("write edited contract");
+    contracts
 }
 
 #[test]
@@ -398,7 +389,7 @@ fn an_operation_can_template_its_idempotency_key() {
     // One result message per node, however often it registers: the second
     // registration of each demo node publishes under the same key, and the event
     // log keeps a message id once.
-    let contracts = edited_contracts(dir.path(), |text| {
+    let contracts = edited_contracts(dir.path(), "effects/node_registry_effect.yaml", |text| {
         text.replace(
             "    - operation_name: publish_registration_result\n",
             "    - operation_name: publish_registration_result\n      idempotency_key: \"result/{{ input.node_id }}\"\n",
@@ -800,16 +791,14 @@ fn wait_for(file: &Path, sql: &'static str, want: i64) -> bool {
 #[test]
 fn a_silent_node_expires_and_a_heartbeat_brings_it_back() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let contracts = dir.path().join("contracts");
-    copy_dir(&repo_root().join("contracts"), &contracts);
-    let orchestrator = contracts.join("orchestrators/node_registration_orchestrator.yaml");
-    let text = std::fs::read_to_string(&orchestrator).expect("orchestrator");
-    assert!(text.contains("after_ms: 90000"));
-    std::fs::write(
-        &orchestrator,
-        text.replace("after_ms: 90000", "after_ms: 300"),
-    )
-    .expect("write");
+    let contracts = edited_contracts(
+        dir.path(),
+        "orchestrators/node_registration_orchestrator.yaml",
+        |text| {
+            assert!(text.contains("after_ms: 90000"));
+            text.replace("after_ms: 90000", "after_ms: 300")
+        },
+    );
     let data = dir.path().join("data");
     let mut child = spawn_onex(&[
         "run",
