@@ -28,9 +28,14 @@ use crate::work::WorkGuard;
 const MAX_FOLLOW_UPS: u32 = 64;
 /// How often timers are checked.
 pub const TICK: Duration = Duration::from_millis(20);
-/// Messages handled at most before the shard hands its changes to the store; it
-/// hands them over sooner whenever its queue runs empty.
-const WRITE_EVERY: usize = 512;
+/// Messages taken from the queue in one go.
+const TAKE_AT_ONCE: usize = 512;
+/// How often the shard hands its changes to the store. An instance that moves
+/// several times within the interval is written once, in its latest state: under
+/// load an instance that takes eight messages in a burst costs one or two snapshots.
+/// Nothing waits for the hand-over but `--until-idle` and shutdown (effects and
+/// follow-ups go on meanwhile), and the tick bounds the wait.
+const HAND_OVER_EVERY: Duration = TICK;
 
 /// An effect to run again after a restart: intent key, operation, input, intent.
 type Redo = (String, usize, Arc<Map<String, Value>>, Arc<Value>);
@@ -96,6 +101,7 @@ impl Shard {
         // The messages' work guards are held until their changes are with the
         // store, so that a run never counts as idle with changes still unwritten.
         let mut held: Vec<WorkGuard> = Vec::new();
+        let mut handed_over = Instant::now();
         loop {
             tokio::select! {
                 message = inbox.recv() => {
@@ -105,15 +111,18 @@ impl Shard {
                     };
                     held.extend(self.handle(message));
                     // Take what else is queued, so that one write carries many messages.
-                    for _ in 1..WRITE_EVERY {
+                    for _ in 1..TAKE_AT_ONCE {
                         let Ok(message) = inbox.try_recv() else { break };
                         held.extend(self.handle(message));
                     }
                 }
                 _ = tick.tick() => self.expire_timers(),
             }
-            self.hand_over();
-            held.clear();
+            if handed_over.elapsed() >= HAND_OVER_EVERY {
+                self.hand_over();
+                held.clear();
+                handed_over = Instant::now();
+            }
         }
     }
 
