@@ -71,7 +71,7 @@ pub enum Message {
 pub struct Shard {
     shared: Arc<Shared>,
     sender: mpsc::UnboundedSender<Message>,
-    slots: HashMap<(ReducerId, String), Slot>,
+    slots: Slots,
     timers: BinaryHeap<Reverse<(u64, ReducerId, String, u64)>>,
     record: StepRecord,
     /// Instances changed since the last hand-over to the store, in change order.
@@ -83,10 +83,11 @@ pub struct Shard {
 
 impl Shard {
     pub fn new(shared: Arc<Shared>, sender: mpsc::UnboundedSender<Message>) -> Shard {
+        let reducers = shared.project.reducers.len();
         Shard {
             shared,
             sender,
-            slots: HashMap::new(),
+            slots: Slots::new(reducers),
             timers: BinaryHeap::new(),
             record: StepRecord::default(),
             dirty: Vec::new(),
@@ -173,7 +174,7 @@ impl Shard {
     fn hand_over(&mut self) {
         let project = &self.shared.project;
         for (reducer, key) in self.dirty.drain(..) {
-            let Some(slot) = self.slots.get_mut(&(reducer, key)) else {
+            let Some(slot) = self.slots.get_mut(reducer, &key) else {
                 continue;
             };
             slot.dirty = false;
@@ -196,7 +197,7 @@ impl Shard {
 
     /// Marks an instance for the next hand-over.
     fn touch(&mut self, reducer: ReducerId, key: &str) {
-        if let Some(slot) = self.slots.get_mut(&(reducer, key.to_owned()))
+        if let Some(slot) = self.slots.get_mut(reducer, key)
             && !slot.dirty
         {
             slot.dirty = true;
@@ -249,7 +250,7 @@ impl Shard {
                 timer.generation,
             )));
         }
-        self.slots.insert((reducer, key.to_owned()), slot);
+        self.slots.insert(reducer, key, slot);
         for (intent_key, operation, input, intent) in redo {
             self.dispatch(reducer, key, intent_key, operation, input, intent);
         }
@@ -258,10 +259,12 @@ impl Shard {
     fn on_event(&mut self, reducer: ReducerId, key: &str, queued: Queued) {
         let project = Arc::clone(&self.shared.project);
         let machine = &project.reducers[reducer].machine;
-        let slot = self
+        let Some(slot) = self
             .slots
-            .entry((reducer, key.to_owned()))
-            .or_insert_with(|| Slot::new(machine, key));
+            .get_or_create(reducer, key, || Slot::new(machine, key))
+        else {
+            return;
+        };
         if !slot.processed.insert(queued.envelope.message_id.clone()) {
             self.shared.metrics.duplicates.inc();
             tracing::debug!(message_id = %queued.envelope.message_id, key, "duplicate event skipped");
@@ -285,7 +288,7 @@ impl Shard {
     fn drain_inbox(&mut self, reducer: ReducerId, key: &str) {
         let project = Arc::clone(&self.shared.project);
         loop {
-            let Some(slot) = self.slots.get_mut(&(reducer, key.to_owned())) else {
+            let Some(slot) = self.slots.get_mut(reducer, key) else {
                 return;
             };
             if !project.reducers[reducer].rest[slot.instance.state] {
@@ -308,7 +311,7 @@ impl Shard {
         else {
             return;
         };
-        if let Some(slot) = self.slots.get_mut(&(reducer, key.to_owned())) {
+        if let Some(slot) = self.slots.get_mut(reducer, key) {
             slot.started
                 .get_or_insert(queued.published.unwrap_or_else(Instant::now));
         }
@@ -382,7 +385,7 @@ impl Shard {
         let project = Arc::clone(&self.shared.project);
         let spec = &project.reducers[reducer];
         let machine = &spec.machine;
-        let Some(slot) = self.slots.get_mut(&(reducer, key.to_owned())) else {
+        let Some(slot) = self.slots.get_mut(reducer, key) else {
             return Err("instance vanished".into());
         };
         let carried = match correlation {
@@ -494,7 +497,7 @@ impl Shard {
         }
         for (intent_key, action, operation, input, intent_value) in dispatches {
             let work = self.shared.work.guard();
-            if let Some(slot) = self.slots.get_mut(&(reducer, key.to_owned())) {
+            if let Some(slot) = self.slots.get_mut(reducer, key) {
                 slot.pending.push(Pending {
                     key: intent_key.clone(),
                     action,
@@ -515,7 +518,7 @@ impl Shard {
     fn enter(&mut self, reducer: ReducerId, key: &str, state: usize, depth: u32) {
         let project = Arc::clone(&self.shared.project);
         let spec = &project.reducers[reducer];
-        let Some(slot) = self.slots.get_mut(&(reducer, key.to_owned())) else {
+        let Some(slot) = self.slots.get_mut(reducer, key) else {
             return;
         };
         slot.timer = None;
@@ -573,14 +576,14 @@ impl Shard {
     ) {
         let rest = {
             let project = &self.shared.project;
-            let Some(slot) = self.slots.get(&(reducer, key.to_owned())) else {
+            let Some(slot) = self.slots.get(reducer, key) else {
                 return;
             };
             project.reducers[reducer].rest[slot.instance.state]
         };
         let deadline_ms = now_ms() + after.as_millis() as u64;
         let work = (!rest).then(|| self.shared.work.guard());
-        if let Some(slot) = self.slots.get_mut(&(reducer, key.to_owned())) {
+        if let Some(slot) = self.slots.get_mut(reducer, key) {
             slot.timer = Some(Timer {
                 deadline_ms,
                 kind,
@@ -618,7 +621,7 @@ impl Shard {
     fn on_result(&mut self, reducer: ReducerId, key: &str, intent_key: &str, outcome: Outcome) {
         let project = Arc::clone(&self.shared.project);
         let spec = &project.reducers[reducer];
-        let Some(slot) = self.slots.get_mut(&(reducer, key.to_owned())) else {
+        let Some(slot) = self.slots.get_mut(reducer, key) else {
             return;
         };
         let Some(position) = slot.pending.iter().position(|p| p.key == intent_key) else {
@@ -685,7 +688,7 @@ impl Shard {
     fn settle_check(&mut self, reducer: ReducerId, key: &str, generation: u64) {
         let project = Arc::clone(&self.shared.project);
         let spec = &project.reducers[reducer];
-        let Some(slot) = self.slots.get_mut(&(reducer, key.to_owned())) else {
+        let Some(slot) = self.slots.get_mut(reducer, key) else {
             return;
         };
         if slot.generation != generation || slot.pending.iter().any(|p| p.generation == generation)
@@ -722,7 +725,7 @@ impl Shard {
     fn on_timer(&mut self, reducer: ReducerId, key: &str, generation: u64) {
         let project = Arc::clone(&self.shared.project);
         let spec = &project.reducers[reducer];
-        let Some(slot) = self.slots.get_mut(&(reducer, key.to_owned())) else {
+        let Some(slot) = self.slots.get_mut(reducer, key) else {
             return;
         };
         let Some(timer) = slot
@@ -858,7 +861,7 @@ impl Shard {
     /// A dead letter for an instance that cannot go on by itself.
     fn dead_letter_state(&mut self, reducer: ReducerId, key: &str, reason: String) {
         let project = Arc::clone(&self.shared.project);
-        let Some(slot) = self.slots.get(&(reducer, key.to_owned())) else {
+        let Some(slot) = self.slots.get(reducer, key) else {
             return;
         };
         let snapshot = slot.snapshot(&project.reducers[reducer].machine, &project.operations);
@@ -873,6 +876,45 @@ impl Shard {
             source: format!("{}/{key}", project.reducers[reducer].name),
             raw,
         });
+    }
+}
+
+/// A shard's instances: one map per reducer, so that a lookup by `&str` key needs
+/// no owned key (lookups happen several times per message).
+#[derive(Debug)]
+struct Slots(Vec<HashMap<String, Slot, foldhash::fast::RandomState>>);
+
+impl Slots {
+    fn new(reducers: usize) -> Slots {
+        Slots((0..reducers).map(|_| HashMap::default()).collect())
+    }
+
+    fn get(&self, reducer: ReducerId, key: &str) -> Option<&Slot> {
+        self.0.get(reducer)?.get(key)
+    }
+
+    fn get_mut(&mut self, reducer: ReducerId, key: &str) -> Option<&mut Slot> {
+        self.0.get_mut(reducer)?.get_mut(key)
+    }
+
+    fn insert(&mut self, reducer: ReducerId, key: &str, slot: Slot) {
+        if let Some(slots) = self.0.get_mut(reducer) {
+            slots.insert(key.to_owned(), slot);
+        }
+    }
+
+    fn get_or_create(
+        &mut self,
+        reducer: ReducerId,
+        key: &str,
+        create: impl FnOnce() -> Slot,
+    ) -> Option<&mut Slot> {
+        let slots = self.0.get_mut(reducer)?;
+        if slots.contains_key(key) {
+            slots.get_mut(key)
+        } else {
+            Some(slots.entry(key.to_owned()).or_insert_with(create))
+        }
     }
 }
 
