@@ -378,9 +378,35 @@ fn to_json(value: &minijinja::Value) -> Result<Value, String> {
 }
 
 /// The variables a template sees.
-pub fn scope(vars: &[(&str, minijinja::Value)]) -> minijinja::Value {
-    let map: std::collections::BTreeMap<&str, minijinja::Value> = vars.iter().cloned().collect();
-    minijinja::Value::from(map)
+pub fn scope(vars: &[(&'static str, minijinja::Value)]) -> minijinja::Value {
+    minijinja::Value::from_object(Vars(vars.to_vec()))
+}
+
+/// A template's variables: a handful of names, found by comparing them, with none
+/// of the hashing and copying a minijinja map would cost on every evaluation.
+#[derive(Debug)]
+struct Vars(Vec<(&'static str, minijinja::Value)>);
+
+impl Object for Vars {
+    fn get_value(self: &Arc<Self>, key: &minijinja::Value) -> Option<minijinja::Value> {
+        self.get_value_by_str(key.as_str()?)
+    }
+
+    fn get_value_by_str(self: &Arc<Self>, key: &str) -> Option<minijinja::Value> {
+        self.0
+            .iter()
+            .find(|(name, _)| *name == key)
+            .map(|(_, value)| value.clone())
+    }
+
+    fn enumerate(self: &Arc<Self>) -> Enumerator {
+        Enumerator::Values(
+            self.0
+                .iter()
+                .map(|(name, _)| minijinja::Value::from(*name))
+                .collect(),
+        )
+    }
 }
 
 /// A JSON value lent to templates: shared, not copied. An expression that reads a
@@ -411,8 +437,14 @@ enum Root {
 #[derive(Debug, Clone)]
 enum Step {
     Key(String),
+    /// The n-th entry of a small object: found once by comparing keys, then reached
+    /// by position, which spares re-hashing the key on every walk from the root.
+    Entry(usize),
     Index(usize),
 }
+
+/// Objects up to this size are walked by entry position rather than by key.
+const SMALL_OBJECT: usize = 16;
 
 #[derive(Clone, Copy)]
 enum Node<'a> {
@@ -455,6 +487,9 @@ impl Json {
             node = Node::Value(match (node, step) {
                 (Node::Object(map) | Node::Value(Value::Object(map)), Step::Key(key)) => {
                     map.get(key)?
+                }
+                (Node::Object(map) | Node::Value(Value::Object(map)), Step::Entry(n)) => {
+                    map.values().nth(*n)?
                 }
                 (Node::Value(Value::Array(items)), Step::Index(i)) => items.get(*i)?,
                 _ => return None,
@@ -512,6 +547,10 @@ impl Object for Json {
 
     fn get_value_by_str(self: &Arc<Self>, key: &str) -> Option<minijinja::Value> {
         match self.node()? {
+            Node::Object(map) | Node::Value(Value::Object(map)) if map.len() <= SMALL_OBJECT => {
+                let n = map.keys().position(|k| k == key)?;
+                Some(self.child(Step::Entry(n)))
+            }
             Node::Object(map) | Node::Value(Value::Object(map)) if map.contains_key(key) => {
                 Some(self.child(Step::Key(key.to_owned())))
             }
@@ -548,10 +587,15 @@ mod tests {
 
     fn render(template: Value, vars: Value) -> Value {
         let t = Template::compile(&template).expect("compiles");
+        // Scope names are static strings; the tests' variables are among these.
+        const NAMES: [&str; 5] = ["a", "input", "p", "u", "x"];
         let map = vars.as_object().expect("object");
-        let pairs: Vec<(&str, minijinja::Value)> = map
+        let pairs: Vec<(&'static str, minijinja::Value)> = map
             .iter()
-            .map(|(k, v)| (k.as_str(), json(Arc::new(v.clone()))))
+            .map(|(k, v)| {
+                let name = NAMES.iter().find(|n| *n == k).expect("a known name");
+                (*name, json(Arc::new(v.clone())))
+            })
             .collect();
         t.render(&scope(&pairs)).expect("renders")
     }
@@ -594,6 +638,33 @@ mod tests {
                 "{template}"
             );
         }
+    }
+
+    #[test]
+    fn lookups_agree_below_and_above_the_small_object_size() {
+        // Small objects are walked by entry position, large ones by key; a path
+        // through both must read what a plain JSON lookup reads.
+        let large: Map<String, Value> = (0..SMALL_OBJECT + 5)
+            .map(|i| (format!("k{i}"), json!({"a": {"b": i}})))
+            .collect();
+        let vars = json!({"p": {"z": 0, "large": large, "y": {"x": "last"}}});
+        for i in [0, SMALL_OBJECT, SMALL_OBJECT + 4] {
+            let template = format!("{{{{ p.large.k{i}.a.b }}}}");
+            assert_eq!(
+                render(json!(template), vars.clone()),
+                json!(i),
+                "{template}"
+            );
+        }
+        assert_eq!(render(json!("{{ p.y.x }}"), vars.clone()), json!("last"));
+        assert_eq!(
+            render(json!("{{ p.large.k99 }}"), vars.clone()),
+            json!(null)
+        );
+        assert_eq!(
+            render(json!("{{ p.large['k3'].a }}"), vars.clone()),
+            json!({"b": 3})
+        );
     }
 
     #[test]
