@@ -172,7 +172,9 @@ fn open(path: &Path) -> Result<Connection, String> {
         .busy_timeout(Duration::from_secs(10))
         .map_err(|e| cannot(&e))?;
     connection
-        .execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA cache_size = -32768;")
+        .execute_batch(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA cache_size = -32768;",
+        )
         .map_err(|e| cannot(&e))?;
     connection.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     Ok(connection)
