@@ -450,4 +450,40 @@ mod tests {
             json!({"id": "a", "n": 7, "doc": "{\"k\":1}"})
         );
     }
+
+    #[tokio::test]
+    async fn a_failing_statement_does_not_undo_its_group() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = Database::new(dir.path().join("data.db"));
+        db.execute_script("CREATE TABLE t (id TEXT PRIMARY KEY)")
+            .await
+            .expect("create");
+        // Sent together, so that the writer mostly takes them as one group; each
+        // must keep its own result however they are grouped.
+        let insert = |id: &str| db.execute("INSERT INTO t (id) VALUES ($1)", vec![json!(id)]);
+        let (a, duplicate, b, short) = tokio::join!(
+            insert("a"),
+            insert("a"),
+            insert("b"),
+            db.execute("INSERT INTO t (id) VALUES ($1)", vec![]),
+        );
+        assert_eq!(a.expect("first a")["rows_affected"], 1);
+        assert!(duplicate.expect_err("second a").contains("UNIQUE"));
+        assert_eq!(b.expect("b")["rows_affected"], 1);
+        assert_eq!(
+            short.expect_err("no parameter"),
+            "the statement takes 1 parameter(s), query_params gives 0"
+        );
+        let ids = db
+            .query("SELECT id FROM t ORDER BY id")
+            .await
+            .expect("select");
+        assert_eq!(
+            ids,
+            vec![
+                json!({"id": "a"}).as_object().cloned().expect("row"),
+                json!({"id": "b"}).as_object().cloned().expect("row"),
+            ]
+        );
+    }
 }

@@ -111,7 +111,7 @@ impl Shard {
                         return;
                     };
                     held.extend(self.handle(message));
-                    // Take what else is queued, so that one write carries many messages.
+                    // Take what else is queued before looking at the clock again.
                     for _ in 1..TAKE_AT_ONCE {
                         let Ok(message) = inbox.try_recv() else { break };
                         held.extend(self.handle(message));
