@@ -419,13 +419,18 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn statements_bind_by_number_and_selects_return_rows() {
+    /// A database in a fresh directory (kept alive by the returned guard), set up.
+    async fn database_with(setup: &str) -> (tempfile::TempDir, Database) {
         let dir = tempfile::tempdir().expect("tempdir");
         let db = Database::new(dir.path().join("data.db"));
-        db.execute_script("CREATE TABLE t (id TEXT PRIMARY KEY, n INTEGER, doc TEXT)")
-            .await
-            .expect("create");
+        db.execute_script(setup).await.expect("set-up");
+        (dir, db)
+    }
+
+    #[tokio::test]
+    async fn statements_bind_by_number_and_selects_return_rows() {
+        let (_dir, db) =
+            database_with("CREATE TABLE t (id TEXT PRIMARY KEY, n INTEGER, doc TEXT)").await;
         let done = db
             .execute(
                 "INSERT INTO t (n, id, doc) VALUES ($2, $1, $3)",
@@ -453,11 +458,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_failing_statement_does_not_undo_its_group() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let db = Database::new(dir.path().join("data.db"));
-        db.execute_script("CREATE TABLE t (id TEXT PRIMARY KEY)")
-            .await
-            .expect("create");
+        let (_dir, db) = database_with("CREATE TABLE t (id TEXT PRIMARY KEY)").await;
         // Sent together, so that the writer mostly takes them as one group; each
         // must keep its own result however they are grouped.
         let insert = |id: &str| db.execute("INSERT INTO t (id) VALUES ($1)", vec![json!(id)]);
