@@ -74,6 +74,8 @@ pub fn run(args: &RunArgs) -> anyhow::Result<u8> {
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        // Named, so that the summary's CPU figures say which time is the runtime's.
+        .thread_name("onex-worker")
         .build()
         .context("cannot start the async runtime")?;
     let summary = runtime.block_on(async move {
@@ -256,6 +258,29 @@ fn human(summary: &Summary) -> String {
             "  {:<width$} http://{listen}/health /ready /metrics",
             "endpoints"
         );
+    }
+    if let Some(cpu) = &summary.cpu {
+        let seconds = |ms: u64| format!("{:.1} s", ms as f64 / 1000.0);
+        let mut line = format!(
+            "  {:<width$} {} ({} user, {} system)",
+            "cpu",
+            seconds(cpu.user_ms + cpu.system_ms),
+            seconds(cpu.user_ms),
+            seconds(cpu.system_ms)
+        );
+        if let Some(us) = cpu.per_outcome_us {
+            let _ = write!(line, ", {us:.0} µs per outcome");
+        }
+        let threads: Vec<String> = cpu
+            .by_thread
+            .iter()
+            .filter(|(_, ms)| **ms > 0)
+            .map(|(name, ms)| format!("{name} {}", seconds(*ms)))
+            .collect();
+        if !threads.is_empty() {
+            let _ = write!(line, "; {}", threads.join(", "));
+        }
+        let _ = writeln!(out, "{line}");
     }
     out
 }

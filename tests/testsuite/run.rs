@@ -174,6 +174,12 @@ fn the_demo_registers_every_node_and_loses_none() {
         json!({"complete": 101, "failed": 0, "partial": 0})
     );
     assert_eq!(summary["events"]["dead_letters"], 0);
+    if cfg!(target_os = "linux") {
+        // CPU figures, with the runtime's worker threads named as such.
+        let cpu = &summary["cpu"];
+        assert!(cpu["by_thread"].get("onex-worker").is_some(), "{cpu}");
+        assert!(cpu["per_outcome_us"].is_number(), "{cpu}");
+    }
     assert!(
         summary["handlers"]["consul"]
             .as_str()

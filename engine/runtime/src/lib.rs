@@ -6,6 +6,7 @@
 //! checks), and no concrete handler: handlers are passed in by the caller.
 
 pub mod bus;
+pub mod cpu;
 pub mod demo;
 pub mod effects;
 pub mod envelope;

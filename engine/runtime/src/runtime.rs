@@ -108,6 +108,9 @@ pub struct Summary {
     pub state: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub listen: Option<String>,
+    /// CPU time of the whole process, start-up and demo included (Linux only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<crate::cpu::CpuFigures>,
 }
 
 #[derive(Debug, Serialize)]
@@ -710,6 +713,11 @@ async fn summarise(
             lost_examples: lost.into_iter().take(5).collect(),
         }
     });
+    let outcomes = reducers
+        .iter()
+        .filter_map(|r| r.this_run.as_ref())
+        .map(|f| f.outcomes)
+        .sum();
     Ok(Summary {
         orchestrator: project.name.clone(),
         runtime_id: runtime_id.to_owned(),
@@ -727,5 +735,6 @@ async fn summarise(
         bus: shared.bus.describe(),
         state: shared.store.path().display().to_string(),
         listen: listen.map(|a| a.to_string()),
+        cpu: crate::cpu::read(outcomes),
     })
 }
