@@ -260,7 +260,13 @@ fn human(summary: &Summary) -> String {
         );
     }
     if let Some(cpu) = &summary.cpu {
-        let seconds = |ms: u64| format!("{:.1} s", ms as f64 / 1000.0);
+        let seconds = |ms: u64| {
+            if ms < 1000 {
+                format!("{ms} ms")
+            } else {
+                format!("{:.1} s", ms as f64 / 1000.0)
+            }
+        };
         let mut line = format!(
             "  {:<width$} {} ({} user, {} system)",
             "cpu",
