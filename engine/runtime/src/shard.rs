@@ -19,7 +19,7 @@ use crate::handler::{Call, Outcome};
 use crate::metrics::Counters;
 use crate::project::{Binding, ReducerId, When};
 use crate::runtime::Shared;
-use crate::slot::{Pending, Queued, Slot, Snapshot, Timer, TimerKind};
+use crate::slot::{Pending, Queued, Slot, Snapshot, Timer, TimerKind, Unsaved};
 use crate::store::{Changes, DeadLetter, InstanceRow, ProcessedRow, Write};
 use crate::template::{self, Template, TemplateError};
 use crate::work::WorkGuard;
@@ -31,11 +31,15 @@ pub const TICK: Duration = Duration::from_millis(20);
 /// Messages taken from the queue in one go.
 const TAKE_AT_ONCE: usize = 512;
 /// How often the shard hands its changes to the store. An instance that moves
-/// several times within the interval is written once, in its latest state: under
-/// load an instance that takes eight messages in a burst costs one or two snapshots.
+/// several times within the interval is written once, in its latest state.
 /// Nothing waits for the hand-over but `--until-idle` and shutdown (effects and
 /// follow-ups go on meanwhile), and the tick bounds the wait.
 const HAND_OVER_EVERY: Duration = TICK;
+/// An instance is saved when it is quiet (see `Slot::is_quiet`), with the message
+/// ids it took: one snapshot per workflow run instead of one per hand-over it spans.
+/// A crash before that redoes the run from its events, which idempotent effects make
+/// harmless. One that stays busy longer than this is saved as it is, in flight.
+const SAVE_BUSY_AFTER: Duration = Duration::from_secs(1);
 
 /// An effect to run again after a restart: intent key, operation, input, intent.
 type Redo = (String, usize, Arc<Map<String, Value>>, Arc<Value>);
@@ -74,9 +78,9 @@ pub struct Shard {
     slots: Slots,
     timers: BinaryHeap<Reverse<(u64, ReducerId, String, u64)>>,
     record: StepRecord,
-    /// Instances changed since the last hand-over to the store, in change order.
-    dirty: Vec<(ReducerId, String)>,
-    /// Processed marks and dead letters since the last hand-over.
+    /// Instances with unsaved changes, in change order.
+    unsaved: Vec<(ReducerId, String)>,
+    /// What goes to the store at the next hand-over.
     changes: Changes,
     counters: Counters,
 }
@@ -90,7 +94,7 @@ impl Shard {
             slots: Slots::new(reducers),
             timers: BinaryHeap::new(),
             record: StepRecord::default(),
-            dirty: Vec::new(),
+            unsaved: Vec::new(),
             changes: Changes::default(),
             counters: Counters::default(),
         }
@@ -107,7 +111,7 @@ impl Shard {
             tokio::select! {
                 message = inbox.recv() => {
                     let Some(message) = message else {
-                        self.hand_over();
+                        self.hand_over(true);
                         return;
                     };
                     held.extend(self.handle(message));
@@ -120,7 +124,7 @@ impl Shard {
                 _ = tick.tick() => self.expire_timers(),
             }
             if handed_over.elapsed() >= HAND_OVER_EVERY {
-                self.hand_over();
+                self.hand_over(false);
                 held.clear();
                 handed_over = Instant::now();
             }
@@ -169,25 +173,47 @@ impl Shard {
         }
     }
 
-    /// Sends the store one unit: the snapshots of the instances that changed, the
-    /// message ids they took and the dead letters, committed together.
-    fn hand_over(&mut self) {
+    /// Sends the store one unit: the snapshots of the instances due to be saved
+    /// (quiet ones, those busy for longer than `SAVE_BUSY_AFTER`, or all with
+    /// `everything`), the message ids they took and the dead letters, committed
+    /// together.
+    fn hand_over(&mut self, everything: bool) {
         let project = &self.shared.project;
-        for (reducer, key) in self.dirty.drain(..) {
+        let now = Instant::now();
+        let mut still_unsaved = Vec::new();
+        for (reducer, key) in self.unsaved.drain(..) {
             let Some(slot) = self.slots.get_mut(reducer, &key) else {
                 continue;
             };
-            slot.dirty = false;
             let spec = &project.reducers[reducer];
+            let due = everything
+                || slot.is_quiet(&spec.rest)
+                || slot
+                    .unsaved
+                    .as_ref()
+                    .is_none_or(|u| now.duration_since(u.since) >= SAVE_BUSY_AFTER);
+            if !due {
+                still_unsaved.push((reducer, key));
+                continue;
+            }
             let snapshot = slot.snapshot(&spec.machine, &project.operations);
             self.changes.instances.push(InstanceRow {
                 reducer: spec.name.clone(),
-                key: slot.instance.key.to_string(),
+                key: key.clone(),
                 state: snapshot.state.to_string(),
                 outcome: slot.outcome.clone(),
                 snapshot: serde_json::to_string(&snapshot).unwrap_or_default(),
             });
+            if let Some(unsaved) = slot.unsaved.take() {
+                self.changes.processed.extend(
+                    unsaved
+                        .processed
+                        .into_iter()
+                        .map(|id| ProcessedRow(spec.name.clone(), key.clone(), id)),
+                );
+            }
         }
+        self.unsaved = still_unsaved;
         if !self.changes.is_empty() {
             self.shared
                 .store
@@ -195,14 +221,18 @@ impl Shard {
         }
     }
 
-    /// Marks an instance for the next hand-over.
-    fn touch(&mut self, reducer: ReducerId, key: &str) {
-        if let Some(slot) = self.slots.get_mut(reducer, key)
-            && !slot.dirty
-        {
-            slot.dirty = true;
-            self.dirty.push((reducer, key.to_owned()));
+    /// Marks an instance as changed since it was last saved.
+    fn touch(&mut self, reducer: ReducerId, key: &str) -> Option<&mut Unsaved> {
+        let slot = self.slots.get_mut(reducer, key)?;
+        if slot.unsaved.is_none() {
+            slot.unsaved = Some(Unsaved {
+                since: Instant::now(),
+                processed: Vec::new(),
+                work: self.shared.work.guard(),
+            });
+            self.unsaved.push((reducer, key.to_owned()));
         }
+        slot.unsaved.as_mut()
     }
 
     fn restore(
@@ -270,18 +300,18 @@ impl Shard {
             tracing::debug!(message_id = %queued.envelope.message_id, key, "duplicate event skipped");
             return;
         }
-        self.changes.processed.push(ProcessedRow(
-            project.reducers[reducer].name.clone(),
-            key.to_owned(),
-            queued.envelope.message_id.clone(),
-        ));
+        if let Some(unsaved) = self.touch(reducer, key) {
+            unsaved.processed.push(queued.envelope.message_id.clone());
+        }
+        let Some(slot) = self.slots.get_mut(reducer, key) else {
+            return;
+        };
         if project.reducers[reducer].rest[slot.instance.state] {
             self.deliver(reducer, key, queued);
             self.drain_inbox(reducer, key);
         } else {
             slot.inbox.push_back(queued);
         }
-        self.touch(reducer, key);
     }
 
     /// Hands queued events to the instance while it is at rest.

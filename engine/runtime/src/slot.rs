@@ -36,8 +36,20 @@ pub struct Slot {
     /// When the first event of the current run of the workflow was published (for
     /// the latency figures; not persisted).
     pub started: Option<Instant>,
-    /// Changed since the shard last handed its changes to the store.
-    pub dirty: bool,
+    /// Set while the instance has changes the store does not have yet.
+    pub unsaved: Option<Unsaved>,
+}
+
+/// An instance's changes since it was last saved.
+#[derive(Debug)]
+pub struct Unsaved {
+    pub since: Instant,
+    /// Message ids the instance took since. They are saved with its snapshot, never
+    /// before it: after a crash exactly the events whose effect on the instance was
+    /// not saved are taken again.
+    pub processed: Vec<String>,
+    /// Keeps the run from counting as idle while the instance is unsaved.
+    pub work: WorkGuard,
 }
 
 /// An effect in flight.
@@ -135,8 +147,15 @@ impl Slot {
             processed: HashSet::new(),
             correlation: None,
             started: None,
-            dirty: false,
+            unsaved: None,
         }
+    }
+
+    /// At rest with nothing in flight or queued: a snapshot now is one a restart can
+    /// resume from without redoing anything. (A timer on a rest state, such as an
+    /// expiry window, does not count.)
+    pub fn is_quiet(&self, rest: &[bool]) -> bool {
+        rest[self.instance.state] && self.pending.is_empty() && self.inbox.is_empty()
     }
 
     pub fn snapshot<'a>(
@@ -223,7 +242,7 @@ impl Slot {
             processed: HashSet::new(),
             correlation: snapshot.correlation_id.as_deref().map(Arc::from),
             started: None,
-            dirty: false,
+            unsaved: None,
         })
     }
 }
