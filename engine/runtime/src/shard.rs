@@ -5,7 +5,8 @@
 //! tests and the checker use.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -78,6 +79,8 @@ pub struct Shard {
     slots: Slots,
     timers: BinaryHeap<Reverse<(u64, ReducerId, String, u64)>>,
     record: StepRecord,
+    /// Effects that completed when dispatched, for `take_settled`.
+    settled: VecDeque<(ReducerId, String, String, Outcome)>,
     /// Instances with unsaved changes, in change order.
     unsaved: Vec<(ReducerId, String)>,
     /// What goes to the store at the next hand-over.
@@ -94,6 +97,7 @@ impl Shard {
             slots: Slots::new(reducers),
             timers: BinaryHeap::new(),
             record: StepRecord::default(),
+            settled: VecDeque::new(),
             unsaved: Vec::new(),
             changes: Changes::default(),
             counters: Counters::default(),
@@ -115,19 +119,32 @@ impl Shard {
                         return;
                     };
                     held.extend(self.handle(message));
+                    self.take_settled();
                     // Take what else is queued before looking at the clock again.
                     for _ in 1..TAKE_AT_ONCE {
                         let Ok(message) = inbox.try_recv() else { break };
                         held.extend(self.handle(message));
+                        self.take_settled();
                     }
                 }
-                _ = tick.tick() => self.expire_timers(),
+                _ = tick.tick() => {
+                    self.expire_timers();
+                    self.take_settled();
+                }
             }
             if handed_over.elapsed() >= HAND_OVER_EVERY {
                 self.hand_over(false);
                 held.clear();
                 handed_over = Instant::now();
             }
+        }
+    }
+
+    /// Results of effects that completed when dispatched, taken like results that
+    /// arrive as messages (and the ones those lead to, until there are none).
+    fn take_settled(&mut self) {
+        while let Some((reducer, key, intent_key, outcome)) = self.settled.pop_front() {
+            self.on_result(reducer, &key, &intent_key, outcome);
         }
     }
 
@@ -810,7 +827,7 @@ impl Shard {
 
     /// Renders the operation's templates and runs it on the effect runner.
     fn dispatch(
-        &self,
+        &mut self,
         reducer: ReducerId,
         key: &str,
         intent_key: String,
@@ -851,12 +868,24 @@ impl Shard {
             correlation_id: intent["correlation_id"].as_str().map(str::to_owned),
             causation_id: intent["causation_id"].as_str().map(str::to_owned),
         });
-        tokio::spawn(async move {
+        let mut effect = Box::pin(async move {
             let op = &shared.project.operations[operation];
-            let outcome = match call {
+            match call {
                 Ok(call) => shared.effects.run(operation, op, call).await,
                 Err(e) => Err(crate::handler::Failure::Permanent(format!("template {e}"))),
-            };
+            }
+        });
+        // An effect that completes without waiting (an in-process target such as the
+        // embedded bus or the log) is settled on the spot: no task, no message back.
+        // Polling it once here is what its task would do first anyway; one that has
+        // to wait goes on in a task of its own, which polls it again.
+        let mut now = std::task::Context::from_waker(std::task::Waker::noop());
+        if let std::task::Poll::Ready(outcome) = effect.as_mut().poll(&mut now) {
+            self.settled.push_back((reducer, key, intent_key, outcome));
+            return;
+        }
+        tokio::spawn(async move {
+            let outcome = effect.await;
             let _ = sender.send(Message::Result {
                 reducer,
                 key,
