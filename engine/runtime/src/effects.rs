@@ -2,7 +2,6 @@
 //! policy (fixed, linear or exponential backoff with jitter, capped) and a circuit
 //! breaker per handler target. Every path ends in an outcome; nothing here panics.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -10,7 +9,9 @@ use onex_contract::model::execution::{Backoff, CircuitBreakerSpec, RetryPolicy};
 use serde_json::Value;
 
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
+use std::sync::atomic::AtomicI64;
 
 use crate::handler::{Call, Failure, Handlers, Outcome};
 use crate::metrics::Metrics;
@@ -19,7 +20,9 @@ use crate::project::{Operation, OperationId};
 #[derive(Debug)]
 pub struct EffectRunner {
     handlers: Handlers,
-    breakers: Mutex<HashMap<String, Breaker>>,
+    /// Per target: its breaker and the gauge that shows the breaker's state. Targets
+    /// are few (one per handler and destination), so they are found by comparison.
+    breakers: Mutex<Vec<(String, Breaker, Gauge<i64, AtomicI64>)>>,
     metrics: Arc<Metrics>,
     /// Per operation, its metric handles (labels built once, not per call).
     measures: Vec<Measures>,
@@ -67,7 +70,7 @@ impl EffectRunner {
             .collect();
         EffectRunner {
             handlers,
-            breakers: Mutex::new(HashMap::new()),
+            breakers: Mutex::new(Vec::new()),
             metrics,
             measures,
         }
@@ -142,9 +145,7 @@ impl EffectRunner {
         let Ok(mut breakers) = self.breakers.lock() else {
             return Ok(());
         };
-        let breaker = breakers
-            .entry(target.to_owned())
-            .or_insert(Breaker::Closed { failures: 0 });
+        let (_, breaker, gauge) = self.breaker(&mut breakers, target);
         match *breaker {
             Breaker::Closed { .. } => Ok(()),
             Breaker::Open { until } if Instant::now() >= until => {
@@ -152,7 +153,7 @@ impl EffectRunner {
                     trials: 1,
                     successes: 0,
                 };
-                self.gauge(target, 1);
+                gauge.set(breaker.gauge_value());
                 Ok(())
             }
             Breaker::Open { until } => Err(format!(
@@ -177,15 +178,15 @@ impl EffectRunner {
         let Ok(mut breakers) = self.breakers.lock() else {
             return;
         };
-        let breaker = breakers
-            .entry(target.to_owned())
-            .or_insert(Breaker::Closed { failures: 0 });
-        let open = Breaker::Open {
+        let (_, breaker, gauge) = self.breaker(&mut breakers, target);
+        let open = || Breaker::Open {
             until: Instant::now() + Duration::from_millis(spec.timeout_ms),
         };
         let next = match (*breaker, ok) {
             (Breaker::Closed { .. }, true) => Breaker::Closed { failures: 0 },
-            (Breaker::Closed { failures }, false) if failures + 1 >= spec.failure_threshold => open,
+            (Breaker::Closed { failures }, false) if failures + 1 >= spec.failure_threshold => {
+                open()
+            }
             (Breaker::Closed { failures }, false) => Breaker::Closed {
                 failures: failures + 1,
             },
@@ -198,26 +199,47 @@ impl EffectRunner {
                 trials,
                 successes: successes + 1,
             },
-            (Breaker::HalfOpen { .. }, false) => open,
+            (Breaker::HalfOpen { .. }, false) => open(),
             // A call admitted before the breaker opened: the breaker stays as it is.
             (state @ Breaker::Open { .. }, _) => state,
         };
+        if next.gauge_value() != breaker.gauge_value() {
+            gauge.set(next.gauge_value());
+        }
         *breaker = next;
-        self.gauge(
-            target,
-            match next {
-                Breaker::Closed { .. } => 0,
-                Breaker::HalfOpen { .. } => 1,
-                Breaker::Open { .. } => 2,
-            },
-        );
     }
 
-    fn gauge(&self, target: &str, value: i64) {
-        self.metrics
-            .breaker_state
-            .get_or_create(&vec![("target", target.to_owned())])
-            .set(value);
+    /// The target's breaker, closed (and shown as such) the first time it is seen.
+    fn breaker<'m>(
+        &self,
+        breakers: &'m mut Vec<(String, Breaker, Gauge<i64, AtomicI64>)>,
+        target: &str,
+    ) -> &'m mut (String, Breaker, Gauge<i64, AtomicI64>) {
+        let index = match breakers.iter().position(|(known, ..)| known == target) {
+            Some(index) => index,
+            None => {
+                let gauge = self
+                    .metrics
+                    .breaker_state
+                    .get_or_create(&vec![("target", target.to_owned())])
+                    .clone();
+                gauge.set(0);
+                breakers.push((target.to_owned(), Breaker::Closed { failures: 0 }, gauge));
+                breakers.len() - 1
+            }
+        };
+        &mut breakers[index]
+    }
+}
+
+impl Breaker {
+    /// The `circuit_breaker_state` gauge: 0 closed, 1 half-open, 2 open.
+    fn gauge_value(self) -> i64 {
+        match self {
+            Breaker::Closed { .. } => 0,
+            Breaker::HalfOpen { .. } => 1,
+            Breaker::Open { .. } => 2,
+        }
     }
 }
 
@@ -302,6 +324,37 @@ mod tests {
             let d = delay(&policy(Backoff::Fixed, 0.2), 0).as_millis();
             assert!((80..=120).contains(&d), "{d}");
         }
+    }
+
+    #[test]
+    fn a_breaker_opens_at_its_threshold_and_its_gauge_follows() {
+        let metrics = Arc::new(Metrics::default());
+        let runner = EffectRunner::new(Handlers::new(), Arc::clone(&metrics), &[]);
+        let spec = CircuitBreakerSpec {
+            enabled: true,
+            failure_threshold: 2,
+            success_threshold: 1,
+            timeout_ms: 0,
+            half_open_requests: 1,
+        };
+        let gauge = || {
+            metrics
+                .breaker_state
+                .get_or_create(&vec![("target", "db:x".to_owned())])
+                .get()
+        };
+        assert!(runner.admit("db:x", Some(&spec)).is_ok());
+        runner.record("db:x", Some(&spec), false);
+        assert_eq!(gauge(), 0, "one failure is under the threshold");
+        runner.record("db:x", Some(&spec), false);
+        assert_eq!(gauge(), 2, "open");
+        // Open for 0 ms: the next call is the half-open trial, and a second waits.
+        assert!(runner.admit("db:x", Some(&spec)).is_ok());
+        assert_eq!(gauge(), 1, "half-open");
+        assert!(runner.admit("db:x", Some(&spec)).is_err());
+        runner.record("db:x", Some(&spec), true);
+        assert_eq!(gauge(), 0, "closed again");
+        assert!(runner.admit("db:x", Some(&spec)).is_ok());
     }
 
     #[test]
