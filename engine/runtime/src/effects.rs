@@ -22,7 +22,7 @@ pub struct EffectRunner {
     handlers: Handlers,
     /// Per target: its breaker and the gauge that shows the breaker's state. Targets
     /// are few (one per handler and destination), so they are found by comparison.
-    breakers: Mutex<Vec<(String, Breaker, Gauge<i64, AtomicI64>)>>,
+    breakers: Mutex<Vec<TargetBreaker>>,
     metrics: Arc<Metrics>,
     /// Per operation, its metric handles (labels built once, not per call).
     measures: Vec<Measures>,
@@ -33,6 +33,14 @@ struct Measures {
     handler_seconds: Histogram,
     succeeded: Counter,
     failed: Counter,
+}
+
+#[derive(Debug)]
+struct TargetBreaker {
+    target: String,
+    breaker: Breaker,
+    /// `circuit_breaker_state` for this target.
+    gauge: Gauge<i64, AtomicI64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -145,7 +153,7 @@ impl EffectRunner {
         let Ok(mut breakers) = self.breakers.lock() else {
             return Ok(());
         };
-        let (_, breaker, gauge) = self.breaker(&mut breakers, target);
+        let TargetBreaker { breaker, gauge, .. } = self.breaker(&mut breakers, target);
         match *breaker {
             Breaker::Closed { .. } => Ok(()),
             Breaker::Open { until } if Instant::now() >= until => {
@@ -178,7 +186,7 @@ impl EffectRunner {
         let Ok(mut breakers) = self.breakers.lock() else {
             return;
         };
-        let (_, breaker, gauge) = self.breaker(&mut breakers, target);
+        let TargetBreaker { breaker, gauge, .. } = self.breaker(&mut breakers, target);
         let open = || Breaker::Open {
             until: Instant::now() + Duration::from_millis(spec.timeout_ms),
         };
@@ -212,10 +220,10 @@ impl EffectRunner {
     /// The target's breaker, closed (and shown as such) the first time it is seen.
     fn breaker<'m>(
         &self,
-        breakers: &'m mut Vec<(String, Breaker, Gauge<i64, AtomicI64>)>,
+        breakers: &'m mut Vec<TargetBreaker>,
         target: &str,
-    ) -> &'m mut (String, Breaker, Gauge<i64, AtomicI64>) {
-        let index = match breakers.iter().position(|(known, ..)| known == target) {
+    ) -> &'m mut TargetBreaker {
+        let index = match breakers.iter().position(|known| known.target == target) {
             Some(index) => index,
             None => {
                 let gauge = self
@@ -224,7 +232,11 @@ impl EffectRunner {
                     .get_or_create(&vec![("target", target.to_owned())])
                     .clone();
                 gauge.set(0);
-                breakers.push((target.to_owned(), Breaker::Closed { failures: 0 }, gauge));
+                breakers.push(TargetBreaker {
+                    target: target.to_owned(),
+                    breaker: Breaker::Closed { failures: 0 },
+                    gauge,
+                });
                 breakers.len() - 1
             }
         };

@@ -1,8 +1,9 @@
 //! The runtime's own state, in one SQLite file under `--data-dir` (`state.db`):
 //! instance snapshots, processed message ids, dead letters and the log of published
-//! events. Writes go through one writer task that commits them in batches (one
-//! transaction per batch, the last snapshot of an instance winning), so that many
-//! instances advancing at once cost few fsyncs. A batch is atomic: an event's
+//! events. Writes go to one writer thread with its own connection, which commits them
+//! in batches (one transaction per batch, the last snapshot of an instance winning),
+//! so that many instances advancing at once cost few fsyncs. Reads (at start, for the
+//! summary and the `state` and `dlq` commands) go through sqlx. A batch is atomic: an event's
 //! processed mark, the snapshot it produced and its dead letters land together or not
 //! at all, which is what makes a restart lose and duplicate nothing.
 
@@ -12,11 +13,11 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use serde::Serialize;
+use sqlx::Row;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{QueryBuilder, Row, Sqlite, Transaction};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use crate::envelope::Envelope;
 
@@ -120,13 +121,13 @@ pub struct InstanceRow {
 }
 
 /// Reducer, instance key, message id.
-#[derive(Debug, Serialize)]
+#[derive(Debug)]
 pub struct ProcessedRow(pub String, pub String, pub String);
 
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: SqlitePool,
-    writer: mpsc::UnboundedSender<Write>,
+    writer: std::sync::mpsc::Sender<Write>,
     path: PathBuf,
 }
 
@@ -140,8 +141,7 @@ pub struct StoredInstance {
     pub snapshot: String,
 }
 
-/// One connection: the writer's transactions then find their pages in that
-/// connection's cache, instead of re-reading what another connection changed.
+/// The reading connection (one is enough: reads happen at start and at the end).
 pub async fn connect(path: &Path, create: bool) -> Result<SqlitePool, String> {
     let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))
         .map_err(|e| e.to_string())?
@@ -159,7 +159,7 @@ pub async fn connect(path: &Path, create: bool) -> Result<SqlitePool, String> {
 
 impl Store {
     /// Opens (creating) `state.db` in `data_dir` and starts its writer.
-    pub async fn open(data_dir: &Path) -> Result<(Store, tokio::task::JoinHandle<()>), String> {
+    pub async fn open(data_dir: &Path) -> Result<(Store, std::thread::JoinHandle<()>), String> {
         std::fs::create_dir_all(data_dir)
             .map_err(|e| format!("cannot create data directory {}: {e}", data_dir.display()))?;
         let path = data_dir.join(STATE_FILE);
@@ -168,9 +168,13 @@ impl Store {
             .execute(&pool)
             .await
             .map_err(|e| format!("cannot prepare {}: {e}", path.display()))?;
-        let (writer, receiver) = mpsc::unbounded_channel();
-        let task = tokio::spawn(write_loop(pool.clone(), receiver));
-        Ok((Store { pool, writer, path }, task))
+        let connection = open_writer(&path)?;
+        let (writer, receiver) = std::sync::mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("onex-state-db".into())
+            .spawn(move || write_loop(connection, receiver))
+            .map_err(|e| format!("cannot start the state writer: {e}"))?;
+        Ok((Store { pool, writer, path }, thread))
     }
 
     /// Opens an existing `state.db` for reading (the `dlq` and `state` commands).
@@ -289,13 +293,18 @@ pub async fn dead_letters(pool: &SqlitePool) -> Result<Vec<DeadLetter>, String> 
         .map_err(|e| e.to_string())
 }
 
-async fn write_loop(pool: SqlitePool, mut receiver: mpsc::UnboundedReceiver<Write>) {
+/// The writer thread: takes writes as they come, at most one transaction per
+/// `COMMIT_INTERVAL`, each with everything that waited meanwhile.
+fn write_loop(mut connection: rusqlite::Connection, receiver: std::sync::mpsc::Receiver<Write>) {
     let mut batch = Vec::with_capacity(BATCH);
     let mut flushes = Vec::new();
-    let mut last_commit = tokio::time::Instant::now();
-    while let Some(first) = receiver.recv().await {
-        tokio::time::sleep_until(last_commit + COMMIT_INTERVAL).await;
-        last_commit = tokio::time::Instant::now();
+    let mut last_commit = std::time::Instant::now();
+    while let Ok(first) = receiver.recv() {
+        let due = last_commit + COMMIT_INTERVAL;
+        if let Some(wait) = due.checked_duration_since(std::time::Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        last_commit = std::time::Instant::now();
         let mut next = Some(first);
         while let Some(write) = next.take() {
             match write {
@@ -306,7 +315,7 @@ async fn write_loop(pool: SqlitePool, mut receiver: mpsc::UnboundedReceiver<Writ
                 next = receiver.try_recv().ok();
             }
         }
-        if let Err(e) = commit(&pool, &batch).await {
+        if let Err(e) = commit(&mut connection, &batch) {
             // The state file is unusable (disk full, deleted): say so loudly; the
             // batch stays unprocessed and will be redone after a restart.
             tracing::error!(error = %e, "cannot write runtime state");
@@ -318,137 +327,91 @@ async fn write_loop(pool: SqlitePool, mut receiver: mpsc::UnboundedReceiver<Writ
     }
 }
 
-/// Rows of one table for one statement: a JSON array of arrays that the statement
-/// unpacks with `json_each`. One statement per table per transaction, however many
-/// rows, because each statement is a round trip to sqlx's SQLite worker thread and
-/// those round trips, not SQLite, were what limited the runtime. Tables with large
-/// JSON documents in a row take bound multi-row INSERTs instead ([`insert_rows`]),
-/// which spare SQLite parsing and re-printing them.
-#[derive(Debug, Default)]
-struct Rows(Vec<u8>);
-
-impl Rows {
-    fn push(&mut self, row: &impl Serialize) {
-        self.0.push(if self.0.is_empty() { b'[' } else { b',' });
-        // Plain data with string keys; serialising it cannot fail.
-        let _ = serde_json::to_writer(&mut self.0, row);
-    }
-
-    fn finish(mut self) -> Option<String> {
-        if self.0.is_empty() {
-            return None;
-        }
-        self.0.push(b']');
-        String::from_utf8(self.0).ok()
-    }
+/// The writer's connection. Statements are prepared once and kept (rusqlite's
+/// statement cache); rows are bound in place, so a snapshot is not copied on its
+/// way to SQLite.
+fn open_writer(path: &Path) -> Result<rusqlite::Connection, String> {
+    let cannot = |e: rusqlite::Error| format!("cannot open {}: {e}", path.display());
+    let connection = rusqlite::Connection::open(path).map_err(cannot)?;
+    connection
+        .busy_timeout(Duration::from_secs(10))
+        .map_err(cannot)?;
+    connection
+        .execute_batch(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA cache_size = -32768;",
+        )
+        .map_err(cannot)?;
+    Ok(connection)
 }
 
-/// `INSERT ... VALUES (..), (..) ...` in chunks of a few fixed sizes, so that
-/// sqlx's statement cache holds a handful of statements per table, not one per
-/// row count.
-async fn insert_rows<R>(
-    tx: &mut Transaction<'_, Sqlite>,
-    head: &str,
-    tail: &str,
-    rows: &[R],
-    bind: impl Fn(&mut sqlx::query_builder::Separated<'_, Sqlite, &'static str>, &R),
-) -> Result<(), sqlx::Error> {
-    let mut rest = rows;
-    while !rest.is_empty() {
-        let size = [64, 16, 4, 1]
-            .into_iter()
-            .find(|size| rest.len() >= *size)
-            .unwrap_or(1);
-        let (chunk, after) = rest.split_at(size);
-        let mut query = QueryBuilder::<Sqlite>::new(head);
-        query.push_values(chunk, |mut row, r| bind(&mut row, r));
-        query.push(tail);
-        query.build().execute(&mut **tx).await?;
-        rest = after;
-    }
-    Ok(())
-}
-
-async fn commit(pool: &SqlitePool, batch: &[Write]) -> Result<(), sqlx::Error> {
+fn commit(connection: &mut rusqlite::Connection, batch: &[Write]) -> rusqlite::Result<()> {
     // Only the last snapshot of each instance in the batch is written.
     let mut last: HashMap<(&str, &str), usize> = HashMap::new();
     let mut instances: Vec<&InstanceRow> = Vec::new();
-    let mut events: Vec<(&Envelope, String)> = Vec::new();
-    let (mut processed, mut dead_letters) = (Rows::default(), Rows::default());
     for write in batch {
-        match write {
-            Write::Changes(changes) => {
-                for row in &changes.instances {
-                    match last.get(&(row.reducer.as_str(), row.key.as_str())) {
-                        Some(&at) => instances[at] = row,
-                        None => {
-                            last.insert((&row.reducer, &row.key), instances.len());
-                            instances.push(row);
-                        }
+        if let Write::Changes(changes) = write {
+            for row in &changes.instances {
+                match last.get(&(row.reducer.as_str(), row.key.as_str())) {
+                    Some(&at) => instances[at] = row,
+                    None => {
+                        last.insert((&row.reducer, &row.key), instances.len());
+                        instances.push(row);
                     }
                 }
-                changes.processed.iter().for_each(|row| processed.push(row));
-                changes
-                    .dead_letters
-                    .iter()
-                    .for_each(|d| dead_letters.push(&dead_letter_row(d)));
             }
-            Write::DeadLetter(d) => dead_letters.push(&dead_letter_row(d)),
-            Write::Event(envelope) => events.push((
-                envelope,
-                serde_json::to_string(envelope).unwrap_or_default(),
-            )),
-            Write::Flush(_) => {} // taken out by the write loop
         }
     }
     let now = jiff::Timestamp::now().to_string();
-    let mut tx: Transaction<'_, Sqlite> = pool.begin().await?;
-    insert_rows(
-        &mut tx,
-        "INSERT INTO instances (reducer, key, state, outcome, snapshot, updated_at) ",
-        " ON CONFLICT (reducer, key) DO UPDATE SET state = excluded.state, outcome = excluded.outcome, snapshot = excluded.snapshot, updated_at = excluded.updated_at",
-        &instances,
-        |row, i| {
-            row.push_bind(i.reducer.as_str())
-                .push_bind(i.key.as_str())
-                .push_bind(i.state.as_str())
-                .push_bind(i.outcome.as_deref())
-                .push_bind(i.snapshot.as_str())
-                .push_bind(now.as_str());
-        },
-    )
-    .await?;
-    insert_rows(
-        &mut tx,
-        "INSERT OR IGNORE INTO events (message_id, at, topic, event_type, entity_id, envelope) ",
-        "",
-        &events,
-        |row, (e, text)| {
-            row.push_bind(e.message_id.as_str())
-                .push_bind(now.as_str())
-                .push_bind(e.topic.as_deref())
-                .push_bind(e.event_type.as_str())
-                .push_bind(e.entity_id.as_deref())
-                .push_bind(text.as_str());
-        },
-    )
-    .await?;
-    let statements = [
-        (
-            processed.finish(),
-            "INSERT OR IGNORE INTO processed (reducer, key, message_id) SELECT value->>0, value->>1, value->>2 FROM json_each(?1)",
-        ),
-        (
-            dead_letters.finish(),
-            "INSERT INTO dead_letters (at, stage, reason, event_type, message_id, source, raw) SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, value->>6 FROM json_each(?1) ORDER BY key",
-        ),
-    ];
-    for (rows, sql) in statements {
-        if let Some(rows) = rows {
-            sqlx::query(sql).bind(rows).execute(&mut *tx).await?;
+    let tx = connection.transaction()?;
+    {
+        let mut upsert = tx.prepare_cached(
+            "INSERT INTO instances (reducer, key, state, outcome, snapshot, updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
+             ON CONFLICT (reducer, key) DO UPDATE SET state = excluded.state, outcome = excluded.outcome, snapshot = excluded.snapshot, updated_at = excluded.updated_at",
+        )?;
+        for i in instances {
+            upsert.execute((&i.reducer, &i.key, &i.state, &i.outcome, &i.snapshot, &now))?;
+        }
+        let mut mark = tx.prepare_cached(
+            "INSERT OR IGNORE INTO processed (reducer, key, message_id) VALUES (?1, ?2, ?3)",
+        )?;
+        let mut keep = tx.prepare_cached(
+            "INSERT INTO dead_letters (at, stage, reason, event_type, message_id, source, raw) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        )?;
+        let mut log = tx.prepare_cached(
+            "INSERT OR IGNORE INTO events (message_id, at, topic, event_type, entity_id, envelope) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )?;
+        let mut text = Vec::new();
+        for write in batch {
+            match write {
+                Write::Changes(changes) => {
+                    for ProcessedRow(reducer, key, message_id) in &changes.processed {
+                        mark.execute((reducer, key, message_id))?;
+                    }
+                    for d in &changes.dead_letters {
+                        keep.execute(dead_letter_row(d))?;
+                    }
+                }
+                Write::DeadLetter(d) => {
+                    keep.execute(dead_letter_row(d))?;
+                }
+                Write::Event(e) => {
+                    text.clear();
+                    // Plain data with string keys; serialising it cannot fail.
+                    let _ = serde_json::to_writer(&mut text, e);
+                    log.execute((
+                        &e.message_id,
+                        &now,
+                        &e.topic,
+                        &e.event_type,
+                        &e.entity_id,
+                        std::str::from_utf8(&text).unwrap_or_default(),
+                    ))?;
+                }
+                Write::Flush(_) => {} // taken out by the write loop
+            }
         }
     }
-    tx.commit().await
+    tx.commit()
 }
 
 type DeadLetterRow<'a> = (
