@@ -509,6 +509,114 @@ fn a_killed_runtime_resumes_without_loss_or_duplicates() {
     );
 }
 
+/// An instance busy for over a second is saved with its effects in flight; killed
+/// then, the runtime runs the same calls again after the restart instead of
+/// redoing the workflow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_effect_in_flight_at_a_kill_is_called_again_after_the_restart() {
+    use wiremock::matchers::{body_partial_json, method, path};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+
+    let consul = MockServer::start().await;
+    Mock::given(method("PUT"))
+        .and(path("/v1/agent/service/register"))
+        .and(body_partial_json(json!({"Name": "onex-effect"})))
+        .respond_with(ResponseTemplate::new(200).set_delay(Duration::from_secs(3)))
+        .with_priority(1)
+        .mount(&consul)
+        .await;
+    Mock::given(method("PUT"))
+        .and(path("/v1/agent/service/register"))
+        .respond_with(ResponseTemplate::new(200))
+        .with_priority(2)
+        .mount(&consul)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/v1/status/leader"))
+        .respond_with(ResponseTemplate::new(200).set_body_string("\"127.0.0.1:8300\""))
+        .mount(&consul)
+        .await;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let events = write_events(dir.path(), &[node(7)]);
+    let address = consul.uri();
+    let data = dir.path().to_owned();
+    tokio::task::spawn_blocking(move || {
+        let mut child = spawn_onex(&[
+            "run",
+            "--contract",
+            "contracts/",
+            "--listen",
+            "off",
+            "--events",
+            "-",
+            "--consul",
+            &address,
+            "--data-dir",
+            path_str(&data),
+        ]);
+        let mut stdin = child.0.stdin.take().expect("stdin");
+        writeln!(stdin, "{}", node(7)).expect("write event");
+        stdin.flush().expect("flush");
+        let state = data.join("state.db");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut saved_in_flight = false;
+        while !saved_in_flight && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+            // Until the runtime has created its tables, the query fails.
+            saved_in_flight = try_query(
+                &state,
+                "SELECT count(*) FROM instances WHERE reducer = 'registration' AND key = '00000000-0000-4000-8000-000000000007' AND json_array_length(snapshot, '$.pending') > 0",
+            )
+            .is_ok_and(|rows| rows[0][0] == 1);
+        }
+        child.0.kill().expect("SIGKILL");
+        child.0.wait().expect("reaped");
+        assert!(saved_in_flight, "the busy instance was not saved in flight");
+
+        let (run, summary) = run(&data, &["--events", &events, "--consul", &address]);
+        assert_eq!(run.code, 0, "{}", run.stderr);
+        assert_eq!(reducer(&summary, REGISTRATION)["outcomes"]["complete"], 2, "{summary}");
+        assert_eq!(reducer(&summary, REGISTRATION)["busy"], 0, "{summary}");
+        // Both reducers took the event before the kill; neither takes it again.
+        assert_eq!(summary["events"]["duplicates"], 2, "{summary}");
+    })
+    .await
+    .expect("runs");
+
+    let requests = consul.received_requests().await.expect("recorded");
+    let node_registrations: Vec<Value> = requests
+        .iter()
+        .filter(|r| r.url.path() == "/v1/agent/service/register")
+        .map(|r| serde_json::from_slice::<Value>(&r.body).expect("JSON body"))
+        .filter(|body| body["Name"] == "onex-effect")
+        .collect();
+    assert_eq!(
+        node_registrations.len(),
+        2,
+        "once before the kill, once after: {node_registrations:#?}"
+    );
+    assert_eq!(
+        node_registrations[0], node_registrations[1],
+        "the same call"
+    );
+    // Completed by the call run again, not by the settle timeout and a retry.
+    let outcomes = query(
+        &dir.path().join("state.db"),
+        "SELECT json_extract(envelope, '$.payload.outcome') FROM events WHERE event_type = 'NodeRegistrationResultEvent' AND entity_id = '00000000-0000-4000-8000-000000000007'",
+    );
+    assert_eq!(outcomes, vec![vec![json!("complete")]]);
+    // The database backend had answered before the kill and was not called again.
+    let data = dir.path().join("data.db");
+    assert_eq!(
+        count(
+            &data,
+            "SELECT count(*) FROM node_registrations WHERE node_id = '00000000-0000-4000-8000-000000000007'"
+        ),
+        1
+    );
+}
+
 fn http_get(addr: &str, path: &str) -> (u16, String) {
     let mut stream = std::net::TcpStream::connect(addr).expect("connect");
     stream

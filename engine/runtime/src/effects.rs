@@ -90,7 +90,7 @@ impl EffectRunner {
 
     /// Runs `call` for `operation` until it succeeds, fails permanently, or its retries
     /// are spent. The result is the handler's response, or why it failed.
-    pub async fn run(&self, id: OperationId, operation: &Operation, call: Call) -> Outcome {
+    pub async fn run(&self, id: OperationId, operation: &Operation, call: &Call) -> Outcome {
         let measures = &self.measures[id];
         let Some(handler) = self.handlers.get(&operation.handler) else {
             return Err(Failure::Permanent(format!(
@@ -106,7 +106,7 @@ impl EffectRunner {
                 Ok(()) => {
                     let started = Instant::now();
                     let outcome =
-                        match tokio::time::timeout(operation.timeout, handler.call(&call)).await {
+                        match tokio::time::timeout(operation.timeout, handler.call(call)).await {
                             Ok(outcome) => check_success(outcome, &operation.success_codes),
                             Err(_) => Err(Failure::Transient(format!(
                                 "no answer within {} ms",

@@ -9,12 +9,13 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::project::Project;
 
 /// One attempt of one operation.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Call {
     pub operation: String,
     /// The rendered `io_config` (handler_type, operation and query_template as written).

@@ -22,7 +22,7 @@ use crate::project::{Binding, ReducerId, When};
 use crate::runtime::Shared;
 use crate::slot::{Pending, Queued, Slot, Snapshot, Timer, TimerKind, Unsaved};
 use crate::store::{Changes, DeadLetter, InstanceRow, ProcessedRow, Write};
-use crate::template::{self, Template, TemplateError};
+use crate::template::{self, Template};
 use crate::work::WorkGuard;
 
 /// Follow-up transitions one message may cause before the runtime calls it a loop.
@@ -42,8 +42,8 @@ const HAND_OVER_EVERY: Duration = TICK;
 /// harmless. One that stays busy longer than this is saved as it is, in flight.
 const SAVE_BUSY_AFTER: Duration = Duration::from_secs(1);
 
-/// An effect to run again after a restart: intent key, operation, input, intent.
-type Redo = (String, usize, Arc<Map<String, Value>>, Arc<Value>);
+/// An effect to run again after a restart: intent key, operation, call.
+type Redo = (String, usize, Result<Arc<Call>, String>);
 
 #[derive(Debug)]
 pub enum Message {
@@ -274,18 +274,16 @@ impl Shard {
         for pending in &mut slot.pending {
             pending.work = Some(self.shared.work.guard());
         }
-        let redo: Vec<Redo> = slot
-            .pending
-            .iter()
-            .map(|p| {
-                (
-                    p.key.clone(),
-                    p.operation,
-                    Arc::clone(&p.input),
-                    Arc::clone(&p.intent),
-                )
-            })
-            .collect();
+        let redo: Vec<Redo> =
+            slot.pending
+                .iter()
+                .map(|p| {
+                    let call = p.call.clone().ok_or_else(|| {
+                        "its call could not be rendered before the restart".to_owned()
+                    });
+                    (p.key.clone(), p.operation, call)
+                })
+                .collect();
         if let Some(timer) = slot.timer {
             if !project.reducers[reducer].rest[slot.instance.state] {
                 slot.timer_work = Some(self.shared.work.guard());
@@ -298,8 +296,8 @@ impl Shard {
             )));
         }
         self.slots.insert(reducer, key, slot);
-        for (intent_key, operation, input, intent) in redo {
-            self.dispatch(reducer, key, intent_key, operation, input, intent);
+        for (intent_key, operation, call) in redo {
+            self.dispatch(reducer, key, intent_key, operation, call);
         }
     }
 
@@ -490,7 +488,9 @@ impl Shard {
         }
         // Intents, in the order the FSM emitted them.
         let mut dispatches = Vec::new();
-        if let Some(shared) = self.record.step.clone() {
+        // Taken, not cloned: the step's context is let go of once the calls are
+        // rendered, so that results written into the context later need not copy it.
+        if let Some(shared) = self.record.step.take() {
             for intent in &self.record.intents {
                 let action = machine.action(intent.action);
                 self.counters
@@ -544,18 +544,19 @@ impl Shard {
         }
         for (intent_key, action, operation, input, intent_value) in dispatches {
             let work = self.shared.work.guard();
+            let call = self.render_call(&intent_key, operation, input, &intent_value);
             if let Some(slot) = self.slots.get_mut(reducer, key) {
                 slot.pending.push(Pending {
                     key: intent_key.clone(),
                     action,
                     operation,
                     generation,
-                    input: Arc::clone(&input),
-                    intent: Arc::clone(&intent_value),
+                    call: call.as_ref().ok().cloned(),
+                    intent: intent_value,
                     work: Some(work),
                 });
             }
-            self.dispatch(reducer, key, intent_key, operation, input, intent_value);
+            self.dispatch(reducer, key, intent_key, operation, call);
         }
         self.enter(reducer, key, to, depth);
         Ok(())
@@ -706,8 +707,7 @@ impl Shard {
             None => {
                 if let Err(failure) = &outcome {
                     // Nobody reads this failure back: keep it, so that nothing is lost.
-                    let raw =
-                        json!({"intent": *pending.intent, "input": *pending.input}).to_string();
+                    let raw = json!({"intent": *pending.intent, "call": pending.call}).to_string();
                     self.keep_dead_letter(DeadLetter {
                         id: None,
                         at: jiff::Timestamp::now().to_string(),
@@ -825,54 +825,65 @@ impl Shard {
         self.touch(reducer, key);
     }
 
-    /// Renders the operation's templates and runs it on the effect runner.
+    /// The operation's call for an intent: its templates rendered over `input` (the
+    /// context of the step that emitted the intent) and the intent.
+    fn render_call(
+        &self,
+        intent_key: &str,
+        operation: usize,
+        input: Arc<Map<String, Value>>,
+        intent: &Arc<Value>,
+    ) -> Result<Arc<Call>, String> {
+        let op = &self.shared.project.operations[operation];
+        let scope = template::scope(&[
+            ("input", template::json_object(input)),
+            ("intent", template::json(Arc::clone(intent))),
+            ("env", self.shared.env.clone()),
+        ]);
+        let config = op
+            .config
+            .render(&scope)
+            .map_err(|e| format!("template {e}"))?;
+        let idempotency_key = match &op.idempotency_key {
+            Some(template) => match template.render(&scope) {
+                Ok(Value::String(key)) if !key.is_empty() => key,
+                Ok(Value::Number(n)) => n.to_string(),
+                Ok(other) => {
+                    return Err(format!(
+                        "template at /idempotency_key: gave {other}, not a key"
+                    ));
+                }
+                Err(e) => return Err(format!("template {e}")),
+            },
+            None => intent_key.to_owned(),
+        };
+        Ok(Arc::new(Call {
+            operation: op.name.clone(),
+            config,
+            idempotency_key,
+            correlation_id: intent["correlation_id"].as_str().map(str::to_owned),
+            causation_id: intent["causation_id"].as_str().map(str::to_owned),
+        }))
+    }
+
+    /// Runs a call on the effect runner; its outcome comes back to `on_result`.
     fn dispatch(
         &mut self,
         reducer: ReducerId,
         key: &str,
         intent_key: String,
         operation: usize,
-        input: Arc<Map<String, Value>>,
-        intent: Arc<Value>,
+        call: Result<Arc<Call>, String>,
     ) {
         let shared = Arc::clone(&self.shared);
         let sender = self.sender.clone();
         let key = key.to_owned();
         let work = shared.work.guard();
-        let op = &shared.project.operations[operation];
-        let scope = template::scope(&[
-            ("input", template::json_object(input)),
-            ("intent", template::json(Arc::clone(&intent))),
-            ("env", shared.env.clone()),
-        ]);
-        let rendered = op.config.render(&scope).and_then(|config| {
-            let key = match &op.idempotency_key {
-                Some(template) => match template.render(&scope)? {
-                    Value::String(key) if !key.is_empty() => key,
-                    Value::Number(n) => n.to_string(),
-                    other => {
-                        return Err(TemplateError {
-                            pointer: "/idempotency_key".into(),
-                            message: format!("gave {other}, not a key"),
-                        });
-                    }
-                },
-                None => intent_key.clone(),
-            };
-            Ok((config, key))
-        });
-        let call = rendered.map(|(config, idempotency_key)| Call {
-            operation: op.name.clone(),
-            config,
-            idempotency_key,
-            correlation_id: intent["correlation_id"].as_str().map(str::to_owned),
-            causation_id: intent["causation_id"].as_str().map(str::to_owned),
-        });
         let mut effect = Box::pin(async move {
             let op = &shared.project.operations[operation];
             match call {
-                Ok(call) => shared.effects.run(operation, op, call).await,
-                Err(e) => Err(crate::handler::Failure::Permanent(format!("template {e}"))),
+                Ok(call) => shared.effects.run(operation, op, &call).await,
+                Err(e) => Err(crate::handler::Failure::Permanent(e)),
             }
         });
         // An effect that completes without waiting (an in-process target such as the

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::envelope::Envelope;
+use crate::handler::Call;
 use crate::project::OperationId;
 use crate::work::WorkGuard;
 
@@ -59,8 +60,10 @@ pub struct Pending {
     pub action: u32,
     pub operation: OperationId,
     pub generation: u64,
-    /// What the operation's templates see as `input` and `intent`.
-    pub input: Arc<Map<String, Value>>,
+    /// The rendered call, run again as it is after a restart; `None` when the
+    /// operation's templates failed (its failure is the effect's result).
+    pub call: Option<Arc<Call>>,
+    /// What the result templates see as `intent`.
     pub intent: Arc<Value>,
     pub work: Option<WorkGuard>,
 }
@@ -127,10 +130,8 @@ pub struct PendingSnapshot<'a> {
     pub action: Cow<'a, str>,
     pub operation: Cow<'a, str>,
     pub generation: u64,
-    /// Left out when it is the instance's context as stored beside it (the usual
-    /// case: effects read the context of the step that emitted them).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub input: Option<Cow<'a, Map<String, Value>>>,
+    pub call: Option<Cow<'a, Call>>,
     pub intent: Cow<'a, Value>,
 }
 
@@ -177,8 +178,7 @@ impl Slot {
                     action: Cow::Borrowed(&machine.action(p.action).name),
                     operation: Cow::Borrowed(&operations[p.operation].name),
                     generation: p.generation,
-                    input: (!Arc::ptr_eq(&p.input, &self.instance.context))
-                        .then_some(Cow::Borrowed(&*p.input)),
+                    call: p.call.as_deref().map(Cow::Borrowed),
                     intent: Cow::Borrowed(&p.intent),
                 })
                 .collect(),
@@ -203,7 +203,6 @@ impl Slot {
             .ok_or_else(|| format!("state `{}` is no longer in the contract", snapshot.state))?;
         let mut instance = Instance::in_state(state, key);
         instance.context = Arc::new(snapshot.context.into_owned());
-        let context = &instance.context;
         instance.sequence = snapshot.sequence;
         instance.completed_runs = snapshot.completed_runs;
         let mut pending = Vec::with_capacity(snapshot.pending.len());
@@ -224,9 +223,7 @@ impl Slot {
                 action: action as u32,
                 operation,
                 generation: p.generation,
-                input: p
-                    .input
-                    .map_or_else(|| Arc::clone(context), |i| Arc::new(i.into_owned())),
+                call: p.call.map(|call| Arc::new(call.into_owned())),
                 intent: Arc::new(p.intent.into_owned()),
                 work: None,
             });
