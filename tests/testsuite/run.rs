@@ -514,26 +514,12 @@ fn a_killed_runtime_resumes_without_loss_or_duplicates() {
 /// redoing the workflow.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_effect_in_flight_at_a_kill_is_called_again_after_the_restart() {
-    use wiremock::matchers::{body_partial_json, method, path};
-    use wiremock::{Mock, MockServer, ResponseTemplate};
+    use wiremock::ResponseTemplate;
 
-    let consul = MockServer::start().await;
-    Mock::given(method("PUT"))
-        .and(path("/v1/agent/service/register"))
-        .and(body_partial_json(json!({"Name": "onex-effect"})))
+    let consul = consul_stand_in(None).await;
+    node_registration()
         .respond_with(ResponseTemplate::new(200).set_delay(Duration::from_secs(3)))
         .with_priority(1)
-        .mount(&consul)
-        .await;
-    Mock::given(method("PUT"))
-        .and(path("/v1/agent/service/register"))
-        .respond_with(ResponseTemplate::new(200))
-        .with_priority(2)
-        .mount(&consul)
-        .await;
-    Mock::given(method("GET"))
-        .and(path("/v1/status/leader"))
-        .respond_with(ResponseTemplate::new(200).set_body_string("\"127.0.0.1:8300\""))
         .mount(&consul)
         .await;
 
@@ -776,28 +762,13 @@ fn the_operations_endpoints_answer_and_sigterm_drains() {
 /// first registration is partial and the retry of the failed backend completes it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consul_stand_in_sees_exact_requests_and_a_failure_is_partial_then_recovers() {
-    use wiremock::matchers::{body_partial_json, header, method, path};
-    use wiremock::{Mock, MockServer, ResponseTemplate};
+    use wiremock::ResponseTemplate;
 
-    let consul = MockServer::start().await;
-    Mock::given(method("PUT"))
-        .and(path("/v1/agent/service/register"))
-        .and(body_partial_json(json!({"Name": "onex-effect"})))
+    let consul = consul_stand_in(Some("s3cret")).await;
+    node_registration()
         .respond_with(ResponseTemplate::new(500).set_body_string("agent overloaded"))
         .up_to_n_times(4)
         .with_priority(1)
-        .mount(&consul)
-        .await;
-    Mock::given(method("PUT"))
-        .and(path("/v1/agent/service/register"))
-        .and(header("X-Consul-Token", "s3cret"))
-        .respond_with(ResponseTemplate::new(200))
-        .with_priority(2)
-        .mount(&consul)
-        .await;
-    Mock::given(method("GET"))
-        .and(path("/v1/status/leader"))
-        .respond_with(ResponseTemplate::new(200).set_body_string("\"127.0.0.1:8300\""))
         .mount(&consul)
         .await;
 
@@ -874,6 +845,39 @@ async fn consul_stand_in_sees_exact_requests_and_a_failure_is_partial_then_recov
     // The database backend succeeded the first time and was not repeated.
     let data = dir.path().join("data.db");
     assert_eq!(count(&data, "SELECT count(*) FROM node_registrations"), 2);
+}
+
+/// A stand-in for a Consul agent (wiremock): it names a leader and accepts every
+/// service registration (with `token`, only those that carry it). Tests mount the
+/// answers for the node under test on it, with a higher priority.
+async fn consul_stand_in(token: Option<&str>) -> wiremock::MockServer {
+    use wiremock::matchers::{header, method, path};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+
+    let consul = MockServer::start().await;
+    let mut register = Mock::given(method("PUT")).and(path("/v1/agent/service/register"));
+    if let Some(token) = token {
+        register = register.and(header("X-Consul-Token", token));
+    }
+    register
+        .respond_with(ResponseTemplate::new(200))
+        .with_priority(2)
+        .mount(&consul)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/v1/status/leader"))
+        .respond_with(ResponseTemplate::new(200).set_body_string("\"127.0.0.1:8300\""))
+        .mount(&consul)
+        .await;
+    consul
+}
+
+/// The registration of the test nodes (`node(n)`, node type `effect`).
+fn node_registration() -> wiremock::MockBuilder {
+    use wiremock::matchers::{body_partial_json, method, path};
+    wiremock::Mock::given(method("PUT"))
+        .and(path("/v1/agent/service/register"))
+        .and(body_partial_json(json!({"Name": "onex-effect"})))
 }
 
 fn copy_dir(from: &Path, to: &Path) {
