@@ -434,37 +434,15 @@ fn a_killed_runtime_resumes_without_loss_or_duplicates() {
     let dir = tempfile::tempdir().expect("tempdir");
     let lines: Vec<String> = (1..=300).map(node).collect();
     let events = write_events(dir.path(), &lines);
-    let mut child = spawn_onex(&[
-        "run",
-        "--contract",
-        "contracts/",
-        "--listen",
-        "off",
-        "--events",
-        "-",
-        "--data-dir",
-        path_str(dir.path()),
-    ]);
-    let mut stdin = child.0.stdin.take().expect("stdin");
-    for line in &lines[..150] {
-        writeln!(stdin, "{line}").expect("write event");
-    }
-    stdin.flush().expect("flush");
+    let killed_with_some_stored = kill_once_stored(
+        dir.path(),
+        &[],
+        &lines[..150],
+        "SELECT count(*) FROM instances WHERE reducer = 'registration'",
+        50,
+    );
+    assert!(killed_with_some_stored, "no instance was stored in time");
     let state = dir.path().join("state.db");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        // Until the runtime has created its tables, the query fails.
-        let stored = try_query(
-            &state,
-            "SELECT count(*) FROM instances WHERE reducer = 'registration'",
-        );
-        if stored.is_ok_and(|rows| rows[0][0].as_i64() >= Some(50)) {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.0.kill().expect("SIGKILL");
-    child.0.wait().expect("reaped");
 
     let (run, summary) = run(dir.path(), &["--events", &events]);
     assert_eq!(run.code, 0, "{}", run.stderr);
@@ -528,36 +506,13 @@ async fn an_effect_in_flight_at_a_kill_is_called_again_after_the_restart() {
     let address = consul.uri();
     let data = dir.path().to_owned();
     tokio::task::spawn_blocking(move || {
-        let mut child = spawn_onex(&[
-            "run",
-            "--contract",
-            "contracts/",
-            "--listen",
-            "off",
-            "--events",
-            "-",
-            "--consul",
-            &address,
-            "--data-dir",
-            path_str(&data),
-        ]);
-        let mut stdin = child.0.stdin.take().expect("stdin");
-        writeln!(stdin, "{}", node(7)).expect("write event");
-        stdin.flush().expect("flush");
-        let state = data.join("state.db");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let mut saved_in_flight = false;
-        while !saved_in_flight && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
-            // Until the runtime has created its tables, the query fails.
-            saved_in_flight = try_query(
-                &state,
-                "SELECT count(*) FROM instances WHERE reducer = 'registration' AND key = '00000000-0000-4000-8000-000000000007' AND json_array_length(snapshot, '$.pending') > 0",
-            )
-            .is_ok_and(|rows| rows[0][0] == 1);
-        }
-        child.0.kill().expect("SIGKILL");
-        child.0.wait().expect("reaped");
+        let saved_in_flight = kill_once_stored(
+            &data,
+            &["--consul", &address],
+            &[node(7)],
+            "SELECT count(*) FROM instances WHERE reducer = 'registration' AND key = '00000000-0000-4000-8000-000000000007' AND json_array_length(snapshot, '$.pending') > 0",
+            1,
+        );
         assert!(saved_in_flight, "the busy instance was not saved in flight");
 
         let (run, summary) = run(&data, &["--events", &events, "--consul", &address]);
@@ -601,6 +556,47 @@ async fn an_effect_in_flight_at_a_kill_is_called_again_after_the_restart() {
         ),
         1
     );
+}
+
+/// Runs `onex run` on `lines` written to its stdin (which stays open), and kills it
+/// (SIGKILL) once the state file's `stored` count reaches `at_least`, or after 30 s.
+/// Whether the count was reached.
+fn kill_once_stored(
+    data: &Path,
+    extra: &[&str],
+    lines: &[String],
+    stored: &'static str,
+    at_least: i64,
+) -> bool {
+    let mut args = vec![
+        "run",
+        "--contract",
+        "contracts/",
+        "--listen",
+        "off",
+        "--events",
+        "-",
+        "--data-dir",
+        path_str(data),
+    ];
+    args.extend_from_slice(extra);
+    let mut child = spawn_onex(&args);
+    let mut stdin = child.0.stdin.take().expect("stdin");
+    for line in lines {
+        writeln!(stdin, "{line}").expect("write event");
+    }
+    stdin.flush().expect("flush");
+    let state = data.join("state.db");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut reached = false;
+    while !reached && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        // Until the runtime has created its tables, the query fails.
+        reached = try_query(&state, stored).is_ok_and(|rows| rows[0][0].as_i64() >= Some(at_least));
+    }
+    child.0.kill().expect("SIGKILL");
+    child.0.wait().expect("reaped");
+    reached
 }
 
 fn http_get(addr: &str, path: &str) -> (u16, String) {
