@@ -76,51 +76,53 @@ enum Segment {
     Expr(Expr),
 }
 
-/// A compiled expression. Most expressions in contracts are plain variable paths
-/// (`payload.node_id`); those are looked up directly, which skips setting up
-/// minijinja's evaluator (most of an evaluation's cost). Anything the direct lookup
-/// is not sure about goes to minijinja, so the result is always minijinja's.
+mod direct;
+
+/// A compiled expression. The forms contracts use most are also compiled for
+/// [`direct`] evaluation over the lent JSON, which skips setting up minijinja's
+/// evaluator and converting the values it reads; whatever that is not sure about is
+/// evaluated by minijinja, so the result is always minijinja's.
 #[derive(Debug)]
 struct Expr {
     compiled: Expression<'static, 'static>,
-    /// `a.b.c` as `[a, b, c]`, when the expression is nothing more.
-    path: Option<Vec<String>>,
+    direct: Option<direct::Direct>,
 }
 
 impl Expr {
     fn compile(source: &str) -> Result<Expr, minijinja::Error> {
         let compiled = environment().compile_expression_owned(source.to_owned())?;
-        let is_name = |part: &str| {
-            part.chars()
-                .next()
-                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-                && part.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-        };
-        let parts: Vec<&str> = source.split('.').collect();
-        let path = parts
-            .iter()
-            .all(|part| is_name(part))
-            .then(|| parts.iter().map(|p| (*p).to_owned()).collect());
-        Ok(Expr { compiled, path })
+        Ok(Expr {
+            compiled,
+            direct: direct::Direct::compile(source),
+        })
     }
 
-    fn eval(&self, scope: &minijinja::Value) -> Result<minijinja::Value, minijinja::Error> {
-        if let Some(value) = self.lookup(scope) {
+    fn to_json(&self, scope: &minijinja::Value) -> Result<Value, String> {
+        if let Some(value) = self.direct.as_ref().and_then(|d| d.to_json(scope)) {
             return Ok(value);
         }
-        self.compiled.eval(scope)
+        let value = self.compiled.eval(scope).map_err(|e| describe(&e))?;
+        to_json(&value)
     }
 
-    /// The value at the path, walking objects only; `None` hands over to minijinja
-    /// (a name the scope does not have may be one of its globals; lookups on none,
-    /// undefined or scalars follow its rules).
-    fn lookup(&self, scope: &minijinja::Value) -> Option<minijinja::Value> {
-        let mut value = scope.clone();
-        for part in self.path.as_ref()? {
-            let object = value.as_object()?;
-            value = object.get_value_by_str(part)?;
+    /// Appends the value as text; none and undefined print nothing.
+    fn write(&self, scope: &minijinja::Value, out: &mut String) -> Result<(), String> {
+        if let Some(()) = self.direct.as_ref().and_then(|d| d.write(scope, out)) {
+            return Ok(());
         }
-        Some(value)
+        let value = self.compiled.eval(scope).map_err(|e| describe(&e))?;
+        if !value.is_undefined() && !value.is_none() {
+            out.push_str(&value.to_string());
+        }
+        Ok(())
+    }
+
+    fn truthy(&self, scope: &minijinja::Value) -> Result<bool, String> {
+        if let Some(truthy) = self.direct.as_ref().and_then(|d| d.truthy(scope)) {
+            return Ok(truthy);
+        }
+        let value = self.compiled.eval(scope).map_err(|e| describe(&e))?;
+        Ok(value.is_true())
     }
 }
 
@@ -184,14 +186,24 @@ impl Template {
     /// Renders and reads the result as a boolean, the way conditions read it
     /// (none, false, 0, "" and empty collections are false).
     pub fn truthy(&self, scope: &minijinja::Value) -> Result<bool, TemplateError> {
-        Ok(match self.render(scope)? {
-            Value::Null | Value::Bool(false) => false,
-            Value::Bool(true) => true,
-            Value::Number(n) => n.as_f64() != Some(0.0),
-            Value::String(s) => !s.is_empty(),
-            Value::Array(a) => !a.is_empty(),
-            Value::Object(o) => !o.is_empty(),
-        })
+        match &self.0 {
+            Kind::Expr(expression) => expression.truthy(scope).map_err(|message| TemplateError {
+                pointer: String::new(),
+                message,
+            }),
+            _ => Ok(truthy(&self.render(scope)?)),
+        }
+    }
+}
+
+fn truthy(value: &Value) -> bool {
+    match value {
+        Value::Null | Value::Bool(false) => false,
+        Value::Bool(true) => true,
+        Value::Number(n) => n.as_f64() != Some(0.0),
+        Value::String(s) => !s.is_empty(),
+        Value::Array(a) => !a.is_empty(),
+        Value::Object(o) => !o.is_empty(),
     }
 }
 
@@ -318,21 +330,13 @@ fn render_at(template: &Template, scope: &minijinja::Value) -> Result<Value, Tem
     };
     match &template.0 {
         Kind::Literal(value) => Ok(value.clone()),
-        Kind::Expr(expression) => {
-            let value = expression.eval(scope).map_err(|e| fail(describe(&e)))?;
-            to_json(&value).map_err(fail)
-        }
+        Kind::Expr(expression) => expression.to_json(scope).map_err(fail),
         Kind::Text(segments) => {
             let mut out = String::new();
             for segment in segments {
                 match segment {
                     Segment::Literal(text) => out.push_str(text),
-                    Segment::Expr(expression) => {
-                        let value = expression.eval(scope).map_err(|e| fail(describe(&e)))?;
-                        if !value.is_undefined() && !value.is_none() {
-                            out.push_str(&value.to_string());
-                        }
-                    }
+                    Segment::Expr(expression) => expression.write(scope, &mut out).map_err(fail)?,
                 }
             }
             Ok(Value::String(out))
