@@ -576,7 +576,7 @@ impl Shard {
         };
         if !rule.set.is_empty() {
             let scope = context_scope(slot);
-            let updates = render_all(&rule.set, &scope);
+            let updates = render_all(&rule.set, scope);
             apply(slot, updates, &spec.name, key);
         }
         let Some(then) = &rule.then else { return };
@@ -701,7 +701,7 @@ impl Shard {
                     ("error", error),
                     ("intent", template::json(Arc::clone(&pending.intent))),
                 ]);
-                let updates = render_all(templates, &scope);
+                let updates = render_all(templates, scope);
                 apply(slot, updates, &spec.name, key);
             }
             None => {
@@ -815,7 +815,7 @@ impl Shard {
                         ("error", minijinja::Value::from(error)),
                         ("intent", template::json(Arc::clone(&pending.intent))),
                     ]);
-                    let updates = render_all(&rule.failure, &scope);
+                    let updates = render_all(&rule.failure, scope);
                     apply(slot, updates, &spec.name, key);
                 }
             }
@@ -996,13 +996,15 @@ fn context_scope(slot: &Slot) -> minijinja::Value {
     )])
 }
 
+/// Renders context updates. The scope is taken and let go of here: it holds the
+/// instance context, and [`apply`] copies a context that anything else still holds.
 fn render_all(
     templates: &[(String, Template)],
-    scope: &minijinja::Value,
+    scope: minijinja::Value,
 ) -> Vec<(String, Result<Value, String>)> {
     templates
         .iter()
-        .map(|(name, t)| (name.clone(), t.render(scope).map_err(|e| e.to_string())))
+        .map(|(name, t)| (name.clone(), t.render(&scope).map_err(|e| e.to_string())))
         .collect()
 }
 

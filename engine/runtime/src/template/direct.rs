@@ -636,7 +636,14 @@ mod tests {
     /// Every operator over every pair of awkward integers (signs, zero, overflow).
     #[test]
     fn integer_arithmetic_agrees_with_minijinja() {
-        let numbers = [json!(-7), json!(-1), json!(0), json!(1), json!(3), json!(i64::MAX)];
+        let numbers = [
+            json!(-7),
+            json!(-1),
+            json!(0),
+            json!(1),
+            json!(3),
+            json!(i64::MAX),
+        ];
         for a in &numbers {
             for b in &numbers {
                 let scope = sample_scope([a, b, &Value::Null, &Value::Null]);
