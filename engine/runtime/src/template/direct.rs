@@ -339,6 +339,16 @@ enum Val<'a> {
     Owned(Value),
 }
 
+/// A key's value. Small objects (most in contracts) are scanned: comparing a few
+/// short keys costs less than hashing the one looked for with serde_json's SipHash.
+fn find<'m>(map: &'m Map<String, Value>, key: &str) -> Option<&'m Value> {
+    if map.len() <= super::SMALL_OBJECT {
+        map.iter().find(|(k, _)| k.as_str() == key).map(|(_, v)| v)
+    } else {
+        map.get(key)
+    }
+}
+
 /// What a value is, for the operators.
 enum View<'v> {
     Undefined,
@@ -401,9 +411,9 @@ impl<'a> Val<'a> {
     /// `.name`: a missing key, or a value that has no keys, is undefined.
     fn attr(self, name: &str) -> Option<Val<'a>> {
         Some(match self {
-            Val::Ref(Node::Object(map) | Node::Value(Value::Object(map))) => map
-                .get(name)
-                .map_or(Val::Undefined, |v| Val::Ref(Node::Value(v))),
+            Val::Ref(Node::Object(map) | Node::Value(Value::Object(map))) => {
+                find(map, name).map_or(Val::Undefined, |v| Val::Ref(Node::Value(v)))
+            }
             Val::Owned(Value::Object(mut map)) => {
                 map.remove(name).map_or(Val::Undefined, Val::Owned)
             }
