@@ -191,19 +191,8 @@ impl Template {
                 pointer: String::new(),
                 message,
             }),
-            _ => Ok(truthy(&self.render(scope)?)),
+            _ => Ok(direct::truthy(&self.render(scope)?)),
         }
-    }
-}
-
-fn truthy(value: &Value) -> bool {
-    match value {
-        Value::Null | Value::Bool(false) => false,
-        Value::Bool(true) => true,
-        Value::Number(n) => n.as_f64() != Some(0.0),
-        Value::String(s) => !s.is_empty(),
-        Value::Array(a) => !a.is_empty(),
-        Value::Object(o) => !o.is_empty(),
     }
 }
 

@@ -94,7 +94,7 @@ impl Direct {
 
     /// Whether the value is true the way conditions read it.
     pub(super) fn truthy(&self, scope: &minijinja::Value) -> Option<bool> {
-        self.eval(vars(scope)?)?.view()?.truthy()
+        Some(self.eval(vars(scope)?)?.view()?.truthy())
     }
 
     fn eval<'a>(&self, scope: &'a Vars) -> Option<Val<'a>> {
@@ -110,12 +110,10 @@ impl Direct {
                 let subscript = subscript.eval(scope)?;
                 base.eval(scope)?.item(&subscript)?
             }
-            Direct::Not(operand) => {
-                Val::Owned(Value::Bool(!operand.eval(scope)?.view()?.truthy()?))
-            }
+            Direct::Not(operand) => Val::Owned(Value::Bool(!operand.eval(scope)?.view()?.truthy())),
             Direct::And(left, right) => {
                 let left = left.eval(scope)?;
-                if left.view()?.truthy()? {
+                if left.view()?.truthy() {
                     right.eval(scope)?
                 } else {
                     left
@@ -123,7 +121,7 @@ impl Direct {
             }
             Direct::Or(left, right) => {
                 let left = left.eval(scope)?;
-                if left.view()?.truthy()? {
+                if left.view()?.truthy() {
                     left
                 } else {
                     right.eval(scope)?
@@ -134,7 +132,7 @@ impl Direct {
                 then,
                 otherwise,
             } => {
-                if test.eval(scope)?.view()?.truthy()? {
+                if test.eval(scope)?.view()?.truthy() {
                     then.eval(scope)?
                 } else {
                     match otherwise {
@@ -339,6 +337,11 @@ enum Val<'a> {
     Owned(Value),
 }
 
+/// A JSON value's truth, the way conditions read it.
+pub(super) fn truthy(value: &Value) -> bool {
+    View::of(value).truthy()
+}
+
 /// A key's value. Small objects (most in contracts) are scanned: comparing a few
 /// short keys costs less than hashing the one looked for with serde_json's SipHash.
 fn find<'m>(map: &'m Map<String, Value>, key: &str) -> Option<&'m Value> {
@@ -373,15 +376,15 @@ impl View<'_> {
     }
 
     /// minijinja's truth: none, undefined, false, 0, "" and empty containers are false.
-    fn truthy(&self) -> Option<bool> {
-        Some(match self {
+    fn truthy(&self) -> bool {
+        match self {
             View::Undefined | View::Null => false,
             View::Bool(b) => *b,
-            View::Number(n) => n.as_f64()? != 0.0,
+            View::Number(n) => n.as_f64() != Some(0.0),
             View::Str(s) => !s.is_empty(),
             View::Array(items) => !items.is_empty(),
             View::Object(map) => !map.is_empty(),
-        })
+        }
     }
 }
 
@@ -493,7 +496,7 @@ impl Filter {
                 };
                 let mut kept = Vec::with_capacity(items.len());
                 for item in items {
-                    if View::of(item).truthy()? {
+                    if View::of(item).truthy() {
                         kept.push(item.clone());
                     }
                 }
