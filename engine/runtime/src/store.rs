@@ -39,11 +39,15 @@ CREATE TABLE IF NOT EXISTS instances (
     updated_at TEXT NOT NULL,
     PRIMARY KEY (reducer, key)
 );
+-- Append-only, without a key: a unique index over random message ids costs every
+-- mark a page of its own in each commit, and nothing looks a mark up in SQL (a
+-- restart reads them all into memory). A mark written twice (an event redone after
+-- a crash) is a harmless repeat. Files made before this keep their key, which the
+-- writer's INSERT OR IGNORE respects.
 CREATE TABLE IF NOT EXISTS processed (
     reducer    TEXT NOT NULL,
     key        TEXT NOT NULL,
-    message_id TEXT NOT NULL,
-    PRIMARY KEY (reducer, key, message_id)
+    message_id TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS dead_letters (
     id         INTEGER PRIMARY KEY AUTOINCREMENT,
