@@ -153,6 +153,20 @@ fn query_here(file: &Path, sql: &'static str) -> Result<Vec<Vec<Value>>, String>
     })
 }
 
+/// Runs SQL statements that change the file (setting up a file of an earlier version).
+fn rewrite(file: &Path, sql: &'static str) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let url = format!("sqlite://{}?mode=rw", file.display());
+        let pool = sqlx::SqlitePool::connect(&url).await.expect("open");
+        sqlx::raw_sql(sql).execute(&pool).await.expect(sql);
+        pool.close().await;
+    });
+}
+
 fn count(file: &Path, sql: &'static str) -> i64 {
     query(file, sql)[0][0].as_i64().expect("a count")
 }
@@ -364,8 +378,6 @@ fn a_duplicated_event_registers_once() {
     );
 }
 
-/// Kill the runtime (SIGKILL) in the middle of a stream, restart it on the whole
-/// stream: every node ends registered once, with one result event each.
 #[test]
 fn a_demo_rate_spreads_the_events_over_time() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -429,6 +441,48 @@ fn an_operation_can_template_its_idempotency_key() {
     assert_eq!(results(&contracts, &data), 6);
 }
 
+/// State files of earlier versions kept processed ids in a table of their own; a
+/// runtime started on one still recognises the events they name.
+#[test]
+fn processed_ids_of_an_earlier_state_file_are_still_recognised() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let lines: Vec<String> = (1..=5).map(node).collect();
+    let events = write_events(dir.path(), &lines);
+    let (first, _) = run(dir.path(), &["--events", &events]);
+    assert_eq!(first.code, 0, "{}", first.stderr);
+    let state = dir.path().join("state.db");
+    rewrite(
+        &state,
+        "CREATE TABLE processed (reducer TEXT NOT NULL, key TEXT NOT NULL, message_id TEXT NOT NULL, PRIMARY KEY (reducer, key, message_id));
+         INSERT INTO processed SELECT instances.reducer, instances.key, ids.value FROM instances, json_each(snapshot, '$.processed') AS ids;
+         UPDATE instances SET snapshot = json_remove(snapshot, '$.processed');",
+    );
+    assert_eq!(
+        count(
+            &state,
+            "SELECT count(*) FROM instances WHERE json_extract(snapshot, '$.processed') IS NOT NULL"
+        ),
+        0
+    );
+    let (again, summary) = run(dir.path(), &["--events", &events]);
+    assert_eq!(again.code, 0, "{}", again.stderr);
+    assert_eq!(
+        summary["events"]["duplicates"], 10,
+        "each of the 5 introspections is a repeat for both reducers: {summary}"
+    );
+    let runs = query(
+        &state,
+        "SELECT key, json_extract(snapshot, '$.completed_runs') FROM instances WHERE reducer = 'registration' AND key LIKE '00000000-%'",
+    );
+    assert_eq!(runs.len(), 5);
+    assert!(
+        runs.iter().all(|r| r[1] == 1),
+        "a node registered twice: {runs:?}"
+    );
+}
+
+/// Kill the runtime (SIGKILL) in the middle of a stream, restart it on the whole
+/// stream: every node ends registered once, with one result event each.
 #[test]
 fn a_killed_runtime_resumes_without_loss_or_duplicates() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -372,10 +372,10 @@ async fn restore(
     senders: &[mpsc::UnboundedSender<Message>],
 ) -> Result<(), String> {
     let project = &shared.project;
-    let mut processed: std::collections::HashMap<(String, String), Vec<String>> =
+    let mut legacy_processed: std::collections::HashMap<(String, String), Vec<String>> =
         std::collections::HashMap::new();
-    for (reducer, key, message_id) in shared.store.processed().await? {
-        processed
+    for (reducer, key, message_id) in shared.store.legacy_processed().await? {
+        legacy_processed
             .entry((reducer, key))
             .or_default()
             .push(message_id);
@@ -393,7 +393,7 @@ async fn restore(
                 continue;
             }
         };
-        let ids = processed
+        let legacy = legacy_processed
             .remove(&(stored.reducer.clone(), stored.key.clone()))
             .unwrap_or_default();
         let shard = shard_of(reducer, &stored.key, senders.len());
@@ -401,7 +401,7 @@ async fn restore(
             reducer,
             key: stored.key,
             snapshot: Box::new(snapshot),
-            processed: ids,
+            legacy_processed: legacy,
         });
         restored += 1;
     }

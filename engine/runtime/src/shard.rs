@@ -21,7 +21,7 @@ use crate::metrics::Counters;
 use crate::project::{Binding, ReducerId, When};
 use crate::runtime::Shared;
 use crate::slot::{Pending, Queued, Slot, Snapshot, Timer, TimerKind, Unsaved};
-use crate::store::{Changes, DeadLetter, InstanceRow, ProcessedRow, Write};
+use crate::store::{Changes, DeadLetter, InstanceRow, Write};
 use crate::template::{self, Template};
 use crate::work::WorkGuard;
 
@@ -63,12 +63,13 @@ pub enum Message {
         outcome: Outcome,
         work: WorkGuard,
     },
-    /// A stored instance to take over at start.
+    /// A stored instance to take over at start, with the message ids a state file
+    /// of an earlier version kept beside it.
     Restore {
         reducer: ReducerId,
         key: String,
         snapshot: Box<Snapshot<'static>>,
-        processed: Vec<String>,
+        legacy_processed: Vec<String>,
     },
 }
 
@@ -182,9 +183,9 @@ impl Shard {
                 reducer,
                 key,
                 snapshot,
-                processed,
+                legacy_processed,
             } => {
-                self.restore(reducer, &key, *snapshot, processed);
+                self.restore(reducer, &key, *snapshot, legacy_processed);
                 None
             }
         }
@@ -192,8 +193,8 @@ impl Shard {
 
     /// Sends the store one unit: the snapshots of the instances due to be saved
     /// (quiet ones, those busy for longer than `SAVE_BUSY_AFTER`, or all with
-    /// `everything`), the message ids they took and the dead letters, committed
-    /// together.
+    /// `everything`), each with the message ids it took, and the dead letters,
+    /// committed together.
     fn hand_over(&mut self, everything: bool) {
         let project = &self.shared.project;
         let now = Instant::now();
@@ -221,14 +222,7 @@ impl Shard {
                 outcome: slot.outcome.clone(),
                 snapshot: serde_json::to_string(&snapshot).unwrap_or_default(),
             });
-            if let Some(unsaved) = slot.unsaved.take() {
-                self.changes.processed.extend(
-                    unsaved
-                        .processed
-                        .into_iter()
-                        .map(|id| ProcessedRow(spec.name.clone(), key.clone(), id)),
-                );
-            }
+            slot.unsaved = None;
         }
         self.unsaved = still_unsaved;
         if !self.changes.is_empty() {
@@ -239,17 +233,17 @@ impl Shard {
     }
 
     /// Marks an instance as changed since it was last saved.
-    fn touch(&mut self, reducer: ReducerId, key: &str) -> Option<&mut Unsaved> {
-        let slot = self.slots.get_mut(reducer, key)?;
+    fn touch(&mut self, reducer: ReducerId, key: &str) {
+        let Some(slot) = self.slots.get_mut(reducer, key) else {
+            return;
+        };
         if slot.unsaved.is_none() {
             slot.unsaved = Some(Unsaved {
                 since: Instant::now(),
-                processed: Vec::new(),
                 work: self.shared.work.guard(),
             });
             self.unsaved.push((reducer, key.to_owned()));
         }
-        slot.unsaved.as_mut()
     }
 
     fn restore(
@@ -257,7 +251,7 @@ impl Shard {
         reducer: ReducerId,
         key: &str,
         snapshot: Snapshot<'static>,
-        processed: Vec<String>,
+        legacy_processed: Vec<String>,
     ) {
         let project = Arc::clone(&self.shared.project);
         let machine = &project.reducers[reducer].machine;
@@ -268,7 +262,9 @@ impl Shard {
                 Slot::new(machine, key)
             }
         };
-        slot.processed.extend(processed);
+        for id in &legacy_processed {
+            slot.processed.insert(id);
+        }
         // Effects that were in flight when the runtime stopped run again: their
         // idempotency keys make the repeat harmless.
         for pending in &mut slot.pending {
@@ -310,14 +306,12 @@ impl Shard {
         else {
             return;
         };
-        if !slot.processed.insert(queued.envelope.message_id.clone()) {
+        if !slot.processed.insert(&queued.envelope.message_id) {
             self.shared.metrics.duplicates.inc();
             tracing::debug!(message_id = %queued.envelope.message_id, key, "duplicate event skipped");
             return;
         }
-        if let Some(unsaved) = self.touch(reducer, key) {
-            unsaved.processed.push(queued.envelope.message_id.clone());
-        }
+        self.touch(reducer, key);
         let Some(slot) = self.slots.get_mut(reducer, key) else {
             return;
         };

@@ -3,7 +3,7 @@
 //! instance is at rest), and its persisted form.
 
 use std::borrow::Cow;
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -29,8 +29,8 @@ pub struct Slot {
     pub inbox: VecDeque<Queued>,
     /// Last reported outcome label (`complete`, `partial`, ...).
     pub outcome: Option<String>,
-    /// Message ids already taken by this instance.
-    pub processed: HashSet<String>,
+    /// The latest message ids this instance took.
+    pub processed: RecentIds,
     /// Correlation id of the event that started the current run of the workflow;
     /// follow-up steps and their intents carry it on.
     pub correlation: Option<Arc<str>>,
@@ -41,14 +41,42 @@ pub struct Slot {
     pub unsaved: Option<Unsaved>,
 }
 
+/// Message ids an instance remembers, to skip repeats.
+pub const RECENT_IDS: usize = 32;
+
+/// The latest [`RECENT_IDS`] message ids an instance took, oldest first. They are
+/// part of its snapshot, so they are saved with the state they led to and never
+/// before it: after a crash exactly the events whose effect was not saved are taken
+/// again. Repeats come from at-least-once sources sending again what they sent
+/// recently (a restart, a redelivery); a window bounds what a long-lived instance
+/// holds, where a set of every id grew with each heartbeat for ever.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct RecentIds(VecDeque<String>);
+
+impl RecentIds {
+    /// Remembers `id`, forgetting the oldest beyond the window; false when `id` is
+    /// one of the ids remembered already.
+    pub fn insert(&mut self, id: &str) -> bool {
+        if self.0.iter().any(|seen| seen == id) {
+            return false;
+        }
+        if self.0.len() == RECENT_IDS {
+            self.0.pop_front();
+        }
+        self.0.push_back(id.to_owned());
+        true
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
 /// An instance's changes since it was last saved.
 #[derive(Debug)]
 pub struct Unsaved {
     pub since: Instant,
-    /// Message ids the instance took since. They are saved with its snapshot, never
-    /// before it: after a crash exactly the events whose effect on the instance was
-    /// not saved are taken again.
-    pub processed: Vec<String>,
     /// Keeps the run from counting as idle while the instance is unsaved.
     pub work: WorkGuard,
 }
@@ -116,12 +144,19 @@ pub struct Snapshot<'a> {
     pub outcome: Option<Cow<'a, str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub correlation_id: Option<Cow<'a, str>>,
+    #[serde(default, skip_serializing_if = "no_ids")]
+    pub processed: Cow<'a, RecentIds>,
 }
 
 // serde hands `skip_serializing_if` a reference to the field, a `&Cow` here.
 #[allow(clippy::ptr_arg)]
 fn is_empty(inbox: &Cow<'_, VecDeque<Queued>>) -> bool {
     inbox.is_empty()
+}
+
+#[allow(clippy::ptr_arg)]
+fn no_ids(ids: &Cow<'_, RecentIds>) -> bool {
+    ids.is_empty()
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -145,7 +180,7 @@ impl Slot {
             timer_work: None,
             inbox: VecDeque::new(),
             outcome: None,
-            processed: HashSet::new(),
+            processed: RecentIds::default(),
             correlation: None,
             started: None,
             unsaved: None,
@@ -186,6 +221,7 @@ impl Slot {
             inbox: Cow::Borrowed(&self.inbox),
             outcome: self.outcome.as_deref().map(Cow::Borrowed),
             correlation_id: self.correlation.as_deref().map(Cow::Borrowed),
+            processed: Cow::Borrowed(&self.processed),
         }
     }
 
@@ -236,10 +272,41 @@ impl Slot {
             timer_work: None,
             inbox: snapshot.inbox.into_owned(),
             outcome: snapshot.outcome.map(Cow::into_owned),
-            processed: HashSet::new(),
+            processed: snapshot.processed.into_owned(),
             correlation: snapshot.correlation_id.as_deref().map(Arc::from),
             started: None,
             unsaved: None,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recent_ids_skip_repeats_and_forget_beyond_the_window() {
+        let mut ids = RecentIds::default();
+        assert!(ids.insert("first"));
+        assert!(!ids.insert("first"), "a repeat is recognised");
+        for n in 1..RECENT_IDS {
+            assert!(ids.insert(&format!("id-{n}")));
+        }
+        assert!(!ids.insert("first"), "still within the window");
+        assert!(ids.insert("one more"));
+        assert_eq!(ids.0.len(), RECENT_IDS, "the window stays bounded");
+        assert!(ids.insert("first"), "the oldest was forgotten");
+    }
+
+    #[test]
+    fn recent_ids_persist_as_a_list_oldest_first() {
+        let mut ids = RecentIds::default();
+        ids.insert("a");
+        ids.insert("b");
+        let text = serde_json::to_string(&ids).expect("ids serialise");
+        assert_eq!(text, r#"["a","b"]"#);
+        let mut back: RecentIds = serde_json::from_str(&text).expect("ids read back");
+        assert!(!back.insert("a"));
+        assert!(!back.insert("b"));
     }
 }

@@ -1,10 +1,10 @@
 //! The runtime's own state, in one SQLite file under `--data-dir` (`state.db`):
-//! instance snapshots, processed message ids, dead letters and the log of published
-//! events. Writes go to one writer thread with its own connection, which commits them
+//! instance snapshots (each with the latest message ids it took), dead letters and
+//! the log of published events. Writes go to one writer thread with its own connection, which commits them
 //! in batches (one transaction per batch, the last snapshot of an instance winning),
 //! so that many instances advancing at once cost few fsyncs. Reads (at start, for the
-//! summary and the `state` and `dlq` commands) go through sqlx. A batch is atomic: an event's
-//! processed mark, the snapshot it produced and its dead letters land together or not
+//! summary and the `state` and `dlq` commands) go through sqlx. A batch is atomic: a snapshot, the
+//! processed ids in it and the dead letters of the same messages land together or not
 //! at all, which is what makes a restart lose and duplicate nothing.
 
 use std::collections::HashMap;
@@ -41,16 +41,6 @@ CREATE TABLE IF NOT EXISTS instances (
     snapshot   TEXT NOT NULL,
     updated_at TEXT NOT NULL,
     PRIMARY KEY (reducer, key)
-);
--- Append-only, without a key: a unique index over random message ids costs every
--- mark a page of its own in each commit, and nothing looks a mark up in SQL (a
--- restart reads them all into memory). A mark written twice (an event redone after
--- a crash) is a harmless repeat. Files made before this keep their key, which the
--- writer's INSERT OR IGNORE respects.
-CREATE TABLE IF NOT EXISTS processed (
-    reducer    TEXT NOT NULL,
-    key        TEXT NOT NULL,
-    message_id TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS dead_letters (
     id         INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -96,8 +86,8 @@ pub struct DeadLetter {
 #[derive(Debug)]
 pub enum Write {
     /// What one shard's batch of messages changed. Committed whole, in one
-    /// transaction: an event's processed mark, the snapshot it led to and its dead
-    /// letters land together or not at all.
+    /// transaction: the snapshots (each with the ids of the events it took) and the
+    /// dead letters land together or not at all.
     Changes(Changes),
     DeadLetter(DeadLetter),
     Event(Envelope),
@@ -107,13 +97,12 @@ pub enum Write {
 #[derive(Debug, Default)]
 pub struct Changes {
     pub instances: Vec<InstanceRow>,
-    pub processed: Vec<ProcessedRow>,
     pub dead_letters: Vec<DeadLetter>,
 }
 
 impl Changes {
     pub fn is_empty(&self) -> bool {
-        self.instances.is_empty() && self.processed.is_empty() && self.dead_letters.is_empty()
+        self.instances.is_empty() && self.dead_letters.is_empty()
     }
 }
 
@@ -126,10 +115,6 @@ pub struct InstanceRow {
     /// The slot's [`crate::slot::Snapshot`] as JSON.
     pub snapshot: String,
 }
-
-/// Reducer, instance key, message id.
-#[derive(Debug)]
-pub struct ProcessedRow(pub String, pub String, pub String);
 
 #[derive(Debug, Clone)]
 pub struct Store {
@@ -236,8 +221,20 @@ impl Store {
         instances(&self.pool, None).await
     }
 
-    pub async fn processed(&self) -> Result<Vec<(String, String, String)>, String> {
-        sqlx::query("SELECT reducer, key, message_id FROM processed")
+    /// Reducer, key and message id of the processed marks that state files of
+    /// earlier versions kept in a table of their own (now they are part of each
+    /// snapshot); none for files without that table.
+    pub async fn legacy_processed(&self) -> Result<Vec<(String, String, String)>, String> {
+        let legacy: Option<String> = sqlx::query_scalar(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'processed'",
+        )
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| e.to_string())?;
+        if legacy.is_none() {
+            return Ok(Vec::new());
+        }
+        sqlx::query("SELECT reducer, key, message_id FROM processed ORDER BY rowid")
             .fetch_all(&self.pool)
             .await
             .map(|rows| {
@@ -378,9 +375,6 @@ fn commit(connection: &mut rusqlite::Connection, batch: &[Write]) -> rusqlite::R
         for i in instances {
             upsert.execute((&i.reducer, &i.key, &i.state, &i.outcome, &i.snapshot, &now))?;
         }
-        let mut mark = tx.prepare_cached(
-            "INSERT OR IGNORE INTO processed (reducer, key, message_id) VALUES (?1, ?2, ?3)",
-        )?;
         let mut keep = tx.prepare_cached(
             "INSERT INTO dead_letters (at, stage, reason, event_type, message_id, source, raw) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         )?;
@@ -391,9 +385,6 @@ fn commit(connection: &mut rusqlite::Connection, batch: &[Write]) -> rusqlite::R
         for write in batch {
             match write {
                 Write::Changes(changes) => {
-                    for ProcessedRow(reducer, key, message_id) in &changes.processed {
-                        mark.execute((reducer, key, message_id))?;
-                    }
                     for d in &changes.dead_letters {
                         keep.execute(dead_letter_row(d))?;
                     }
