@@ -16,7 +16,9 @@ use crate::work::{Work, WorkGuard};
 /// One delivered message; holding it keeps the run from counting as idle.
 #[derive(Debug)]
 pub struct Delivery {
-    pub envelope: Envelope,
+    /// Shared by every subscriber, route and the event log: one allocation per
+    /// message, however far it fans out.
+    pub envelope: Arc<Envelope>,
     pub work: WorkGuard,
     /// When the bus took the message (latency figures count from here).
     pub published: std::time::Instant,
@@ -39,7 +41,7 @@ pub trait Bus: Send + Sync + std::fmt::Debug {
     }
 }
 
-pub type Journal = Box<dyn Fn(&Envelope) + Send + Sync>;
+pub type Journal = Box<dyn Fn(&Arc<Envelope>) + Send + Sync>;
 
 #[derive(Debug)]
 struct Subscriber {
@@ -71,6 +73,7 @@ impl EmbeddedBus {
 
 impl Bus for EmbeddedBus {
     fn publish(&self, envelope: Envelope) -> Result<(), String> {
+        let envelope = Arc::new(envelope);
         // Journalled first: once publish returns, the message is in the store's
         // write queue ahead of anything its consequences write.
         if let Some(journal) = self.journal.get() {
@@ -89,7 +92,7 @@ impl Bus for EmbeddedBus {
                 .is_none_or(|types| types.contains(&envelope.event_type));
             if wanted {
                 let delivery = Delivery {
-                    envelope: envelope.clone(),
+                    envelope: Arc::clone(&envelope),
                     work: self.work.guard(),
                     published,
                 };

@@ -2,6 +2,7 @@
 //! together, feeds events in, and stops when told to (or, with `until_idle`, when all
 //! work is done), draining what is in flight within a deadline.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
 use std::net::SocketAddr;
@@ -238,7 +239,7 @@ pub async fn run(
     // effect can run, resumed ones included.
     let journal_store = store.clone();
     bus.set_journal(Box::new(move |envelope| {
-        journal_store.write(Write::Event(envelope.clone()))
+        journal_store.write(Write::Event(Arc::clone(envelope)))
     }));
 
     // Shards, then the instances they take over from the last run.
@@ -450,8 +451,8 @@ fn route(shared: &Arc<Shared>, senders: &[mpsc::UnboundedSender<Message>], deliv
             reducer: route.reducer,
             key,
             route: index,
-            envelope: envelope.clone(),
-            source: "bus".into(),
+            envelope: Arc::clone(&envelope),
+            source: Cow::Borrowed("bus"),
             published,
             work: shared.work.guard(),
         });

@@ -4,6 +4,7 @@
 //! step goes through `onex_core::step_in_place`, the same step that replay, contract
 //! tests and the checker use.
 
+use std::borrow::Cow;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::future::Future;
@@ -51,8 +52,8 @@ pub enum Message {
         reducer: ReducerId,
         key: String,
         route: usize,
-        envelope: Envelope,
-        source: String,
+        envelope: Arc<Envelope>,
+        source: Cow<'static, str>,
         published: Instant,
         work: WorkGuard,
     },
@@ -917,7 +918,7 @@ impl Shard {
             reason,
             event_type: Some(queued.envelope.event_type.clone()),
             message_id: Some(queued.envelope.message_id.clone()),
-            source: queued.source.clone(),
+            source: queued.source.to_string(),
             raw: serde_json::to_string(&queued.envelope).unwrap_or_default(),
         });
     }

@@ -116,9 +116,9 @@ pub struct Timer {
 /// An event waiting for its instance to come to rest.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Queued {
-    pub envelope: Envelope,
+    pub envelope: Arc<Envelope>,
     pub route: usize,
-    pub source: String,
+    pub source: Cow<'static, str>,
     /// When the bus took the event (not persisted: latency after a restart counts
     /// from the restart).
     #[serde(skip)]

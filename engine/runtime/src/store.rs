@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -90,7 +91,7 @@ pub enum Write {
     /// dead letters land together or not at all.
     Changes(Changes),
     DeadLetter(DeadLetter),
-    Event(Envelope),
+    Event(Arc<Envelope>),
     Flush(oneshot::Sender<()>),
 }
 
