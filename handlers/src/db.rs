@@ -49,7 +49,9 @@ pub struct Database {
     path: PathBuf,
     jobs: mpsc::Sender<Job>,
     /// Contract SQL as SQLite takes it (`$1` -> `?1`), worked out once per text.
-    statements: std::sync::RwLock<std::collections::HashMap<String, Arc<str>>>,
+    /// Looked up on every call by the whole text, so hashed with foldhash, which
+    /// takes a few hundred bytes several times faster than SipHash.
+    statements: std::sync::RwLock<foldhash::HashMap<String, Arc<str>>>,
 }
 
 impl Database {

@@ -492,11 +492,8 @@ impl Shard {
                     .intent(&self.shared.metrics, spec, reducer, intent.action);
                 match spec.bindings[intent.action as usize] {
                     Binding::Runtime(RuntimeAction::Metric) => {
-                        self.shared
-                            .metrics
-                            .actions
-                            .get_or_create(&vec![("action", action.name.to_string())])
-                            .inc();
+                        self.counters
+                            .action(&self.shared.metrics, spec, reducer, intent.action);
                     }
                     Binding::Runtime(kind) => {
                         tracing::debug!(reducer = %spec.name, key, action = %action.name, performed_by = kind.as_str(), "runtime action");
