@@ -49,7 +49,7 @@ pub const RECENT_IDS: usize = 32;
 /// before it: after a crash exactly the events whose effect was not saved are taken
 /// again. Repeats come from at-least-once sources sending again what they sent
 /// recently (a restart, a redelivery); a window bounds what a long-lived instance
-/// holds, where a set of every id grew with each heartbeat for ever.
+/// holds, where a set of every id grew with each periodic event for ever.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct RecentIds(VecDeque<String>);
