@@ -123,12 +123,17 @@ fn try_query(file: &Path, sql: &'static str) -> Result<Vec<Vec<Value>>, String> 
         .expect("query thread")
 }
 
-fn query_here(file: &Path, sql: &'static str) -> Result<Vec<Vec<Value>>, String> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
+/// Runs `future` to completion on a runtime of its own (the tests are synchronous).
+fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .expect("runtime");
-    runtime.block_on(async {
+        .expect("runtime")
+        .block_on(future)
+}
+
+fn query_here(file: &Path, sql: &'static str) -> Result<Vec<Vec<Value>>, String> {
+    block_on(async {
         let url = format!("sqlite://{}?mode=ro", file.display());
         let pool = sqlx::SqlitePool::connect(&url)
             .await
@@ -155,16 +160,26 @@ fn query_here(file: &Path, sql: &'static str) -> Result<Vec<Vec<Value>>, String>
 
 /// Runs SQL statements that change the file (setting up a file of an earlier version).
 fn rewrite(file: &Path, sql: &'static str) {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    runtime.block_on(async {
+    block_on(async {
         let url = format!("sqlite://{}?mode=rw", file.display());
         let pool = sqlx::SqlitePool::connect(&url).await.expect("open");
         sqlx::raw_sql(sql).execute(&pool).await.expect(sql);
         pool.close().await;
     });
+}
+
+/// The event-file nodes (`node(n)`, keys `00000000-...`) each ran the registration
+/// workflow to its end exactly once.
+fn assert_each_node_registered_once(state: &Path, nodes: usize) {
+    let runs = query(
+        state,
+        "SELECT key, json_extract(snapshot, '$.completed_runs') FROM instances WHERE reducer = 'registration' AND key LIKE '00000000-%'",
+    );
+    assert_eq!(runs.len(), nodes);
+    assert!(
+        runs.iter().all(|r| r[1] == 1),
+        "a node registered twice: {runs:?}"
+    );
 }
 
 fn count(file: &Path, sql: &'static str) -> i64 {
@@ -362,13 +377,7 @@ fn a_duplicated_event_registers_once() {
         "two repeats, each skipped by both reducers: {summary}"
     );
     let state = dir.path().join("state.db");
-    let runs = query(
-        &state,
-        "SELECT key, json_extract(snapshot, '$.completed_runs') FROM instances WHERE reducer = 'registration'",
-    );
-    for row in &runs {
-        assert_eq!(row[1], 1, "each node registered exactly once: {runs:?}");
-    }
+    assert_each_node_registered_once(&state, 2);
     assert_eq!(
         count(
             &state,
@@ -470,15 +479,7 @@ fn processed_ids_of_an_earlier_state_file_are_still_recognised() {
         summary["events"]["duplicates"], 10,
         "each of the 5 introspections is a repeat for both reducers: {summary}"
     );
-    let runs = query(
-        &state,
-        "SELECT key, json_extract(snapshot, '$.completed_runs') FROM instances WHERE reducer = 'registration' AND key LIKE '00000000-%'",
-    );
-    assert_eq!(runs.len(), 5);
-    assert!(
-        runs.iter().all(|r| r[1] == 1),
-        "a node registered twice: {runs:?}"
-    );
+    assert_each_node_registered_once(&state, 5);
 }
 
 /// Kill the runtime (SIGKILL) in the middle of a stream, restart it on the whole
@@ -506,15 +507,7 @@ fn a_killed_runtime_resumes_without_loss_or_duplicates() {
         "300 nodes and the registry: {summary}"
     );
     assert_eq!(registration["busy"], 0);
-    let runs = query(
-        &state,
-        "SELECT key, json_extract(snapshot, '$.completed_runs') FROM instances WHERE reducer = 'registration' AND key LIKE '00000000-%'",
-    );
-    assert_eq!(runs.len(), 300);
-    assert!(
-        runs.iter().all(|r| r[1] == 1),
-        "a node registered twice: {runs:?}"
-    );
+    assert_each_node_registered_once(&state, 300);
     let results = query(
         &state,
         "SELECT entity_id, count(*) FROM events WHERE event_type = 'NodeRegistrationResultEvent' AND entity_id LIKE '00000000-%' GROUP BY entity_id",
