@@ -23,7 +23,7 @@ use crate::handler::Handlers;
 use crate::metrics::Metrics;
 use crate::project::{EventSpec, Project, ReducerId};
 use crate::shard::{Message, Shard, shard_of};
-use crate::slot::Snapshot;
+use crate::slot::{InFlight, Snapshot};
 use crate::store::{DeadLetter, Store, Write};
 use crate::template;
 use crate::work::Work;
@@ -673,8 +673,8 @@ async fn summarise(
             }
             // Busy: waiting for effects, holding queued events, or not at rest (a timer
             // on a rest state, such as an expiry window, is not outstanding work).
-            let snapshot: Option<Snapshot> = serde_json::from_str(&s.snapshot).ok();
-            if snapshot.is_some_and(|s| !s.pending.is_empty() || !s.inbox.is_empty())
+            let in_flight: Option<InFlight> = serde_json::from_str(&s.snapshot).ok();
+            if in_flight.is_some_and(|f| f.any())
                 || reducer
                     .machine
                     .state_id(&s.state)

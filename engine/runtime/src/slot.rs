@@ -148,6 +148,23 @@ pub struct Snapshot<'a> {
     pub processed: Cow<'a, RecentIds>,
 }
 
+/// What the run summary needs of a stored snapshot: whether it holds work in flight
+/// (effects or queued events). Read without building the context or the calls: the
+/// summary reads every stored instance.
+#[derive(Debug, Deserialize)]
+pub struct InFlight {
+    #[serde(default)]
+    pending: Vec<serde::de::IgnoredAny>,
+    #[serde(default)]
+    inbox: Vec<serde::de::IgnoredAny>,
+}
+
+impl InFlight {
+    pub fn any(&self) -> bool {
+        !self.pending.is_empty() || !self.inbox.is_empty()
+    }
+}
+
 // serde hands `skip_serializing_if` a reference to the field, a `&Cow` here.
 #[allow(clippy::ptr_arg)]
 fn is_empty(inbox: &Cow<'_, VecDeque<Queued>>) -> bool {
@@ -296,6 +313,15 @@ mod tests {
         assert!(ids.insert("one more"));
         assert_eq!(ids.0.len(), RECENT_IDS, "the window stays bounded");
         assert!(ids.insert("first"), "the oldest was forgotten");
+    }
+
+    #[test]
+    fn in_flight_sees_effects_and_queued_events_only() {
+        let read = |text: &str| serde_json::from_str::<InFlight>(text).expect("snapshot");
+        let at_rest = r#"{"state":"idle","context":{"a":[1,{"b":"c"}]},"sequence":3}"#;
+        assert!(!read(at_rest).any());
+        assert!(read(r#"{"state":"s","pending":[{"key":"k"}],"context":{}}"#).any());
+        assert!(read(r#"{"inbox":[{"route":0}],"state":"s"}"#).any());
     }
 
     #[test]
