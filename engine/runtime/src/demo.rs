@@ -150,16 +150,16 @@ fn publish(
     events: &[EventSpec],
     index: usize,
     sequence: u64,
-    cause: Option<&crate::envelope::Envelope>,
+    cause: Option<&Arc<crate::envelope::Envelope>>,
     received: &AtomicU64,
 ) {
-    let entity = json!({
+    let entity = Arc::new(json!({
         "index": index,
         "uuid": entity_uuid(index),
         "sequence": sequence,
         "uptime_seconds": sequence * 30,
-    });
-    let runtime = Value::Null;
+    }));
+    let runtime = Arc::new(Value::Null);
     for event in events {
         match render_event(shared, event, &runtime, Some((&entity, cause))) {
             Ok(mut envelope) => {
@@ -168,7 +168,7 @@ fn publish(
                 {
                     let scope = crate::template::scope(&[(
                         "entity",
-                        crate::template::json(Arc::new(entity.clone())),
+                        crate::template::json(Arc::clone(&entity)),
                     )]);
                     envelope.entity_id = template
                         .render(&scope)

@@ -5,6 +5,8 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::template::{Field, Record};
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Envelope {
@@ -51,25 +53,41 @@ impl Envelope {
     }
 
     /// The envelope as template variables: `payload`, `event_type`, `message_id`...
-    /// (absent optional fields are none).
-    pub fn vars(&self) -> minijinja::Value {
-        let text = |s: &Option<String>| minijinja::Value::from(s.as_deref());
-        crate::template::scope(&[
-            (
-                "message_id",
-                minijinja::Value::from(self.message_id.as_str()),
-            ),
-            (
-                "event_type",
-                minijinja::Value::from(self.event_type.as_str()),
-            ),
-            ("topic", text(&self.topic)),
-            ("correlation_id", text(&self.correlation_id)),
-            ("causation_id", text(&self.causation_id)),
-            ("emitted_at", text(&self.emitted_at)),
-            ("entity_id", text(&self.entity_id)),
-            ("payload", crate::template::json(Arc::clone(&self.payload))),
-        ])
+    /// (absent optional fields are none), lent without copying a field.
+    pub fn vars(self: &Arc<Self>) -> minijinja::Value {
+        crate::template::record(Arc::clone(self) as Arc<dyn Record>)
+    }
+}
+
+impl Record for Envelope {
+    fn names(&self) -> &'static [&'static str] {
+        &[
+            "message_id",
+            "event_type",
+            "topic",
+            "correlation_id",
+            "causation_id",
+            "emitted_at",
+            "entity_id",
+            "payload",
+        ]
+    }
+
+    fn field(&self, name: &str) -> Option<Field<'_>> {
+        fn text(s: &Option<String>) -> Field<'_> {
+            Field::Text(s.as_deref())
+        }
+        Some(match name {
+            "message_id" => Field::Text(Some(&self.message_id)),
+            "event_type" => Field::Text(Some(&self.event_type)),
+            "topic" => text(&self.topic),
+            "correlation_id" => text(&self.correlation_id),
+            "causation_id" => text(&self.causation_id),
+            "emitted_at" => text(&self.emitted_at),
+            "entity_id" => text(&self.entity_id),
+            "payload" => Field::Json(&self.payload),
+            _ => return None,
+        })
     }
 }
 

@@ -269,11 +269,11 @@ pub async fn run(
         Some(addr) => Some(crate::ops::serve(addr, Arc::clone(&shared)).await?),
         None => None,
     };
-    let runtime_vars = json!({
+    let runtime_vars = Arc::new(json!({
         "id": runtime_id,
         "version": env!("CARGO_PKG_VERSION"),
         "health_url": listen.map(|a| format!("http://{a}/health")),
-    });
+    }));
 
     let received = Arc::new(AtomicU64::new(0));
     let mut sources = Vec::new();
@@ -482,8 +482,8 @@ fn letter(envelope: &Envelope, stage: &str, reason: String) -> DeadLetter {
 pub fn publish_all(
     shared: &Shared,
     events: &[EventSpec],
-    runtime: &Value,
-    entity: Option<(&Value, Option<&Envelope>)>,
+    runtime: &Arc<Value>,
+    entity: Option<(&Arc<Value>, Option<&Arc<Envelope>>)>,
 ) {
     for event in events {
         match render_event(shared, event, runtime, entity) {
@@ -502,18 +502,27 @@ pub fn publish_all(
 pub fn render_event(
     shared: &Shared,
     event: &EventSpec,
-    runtime: &Value,
-    entity: Option<(&Value, Option<&Envelope>)>,
+    runtime: &Arc<Value>,
+    entity: Option<(&Arc<Value>, Option<&Arc<Envelope>>)>,
 ) -> Result<Envelope, String> {
     let now = jiff::Timestamp::now().to_string();
-    let null = Value::Null;
-    let (entity_value, cause) = entity.unwrap_or((&null, None));
+    let (entity_value, cause) = match entity {
+        Some((value, cause)) => (Some(value), cause),
+        None => (None, None),
+    };
     let scope = template::scope(&[
-        ("runtime", template::json(Arc::new(runtime.clone()))),
+        ("runtime", template::json(Arc::clone(runtime))),
         ("now", minijinja::Value::from(now.as_str())),
-        ("entity", template::json(Arc::new(entity_value.clone()))),
+        (
+            "entity",
+            entity_value.map_or_else(
+                || template::json(Arc::new(Value::Null)),
+                |v| template::json(Arc::clone(v)),
+            ),
+        ),
         ("cause", cause.map(Envelope::vars).unwrap_or_default()),
     ]);
+    let entity_value = entity_value.map_or(&Value::Null, |v| &**v);
     let payload = event.payload.render(&scope).map_err(|e| e.to_string())?;
     let entity_id = match &event.entity_id {
         Some(t) => t

@@ -402,6 +402,50 @@ impl Object for Vars {
     }
 }
 
+/// A record whose fields templates read by name (`cause.message_id`). Lent whole:
+/// building a variable per field cost an allocation each, for fields most templates
+/// never read.
+pub trait Record: std::fmt::Debug + Send + Sync {
+    /// The field names, in the order templates enumerate them.
+    fn names(&self) -> &'static [&'static str];
+    /// A field; `None` when the record has no field by that name.
+    fn field(&self, name: &str) -> Option<Field<'_>>;
+}
+
+/// A field of a [`Record`].
+#[derive(Debug)]
+pub enum Field<'a> {
+    /// Text, or none when the record leaves the field out.
+    Text(Option<&'a str>),
+    /// JSON, lent like [`json`].
+    Json(&'a Arc<Value>),
+}
+
+/// A record lent to templates.
+pub fn record(record: Arc<dyn Record>) -> minijinja::Value {
+    minijinja::Value::from_object(Lent(record))
+}
+
+#[derive(Debug)]
+struct Lent(Arc<dyn Record>);
+
+impl Object for Lent {
+    fn get_value(self: &Arc<Self>, key: &minijinja::Value) -> Option<minijinja::Value> {
+        self.get_value_by_str(key.as_str()?)
+    }
+
+    fn get_value_by_str(self: &Arc<Self>, key: &str) -> Option<minijinja::Value> {
+        Some(match self.0.field(key)? {
+            Field::Text(text) => minijinja::Value::from(text),
+            Field::Json(value) => json(Arc::clone(value)),
+        })
+    }
+
+    fn enumerate(self: &Arc<Self>) -> Enumerator {
+        Enumerator::Str(self.0.names())
+    }
+}
+
 /// A JSON value lent to templates: shared, not copied. An expression that reads a
 /// field converts that field only, which is what keeps a template over a large
 /// instance context cheap.

@@ -14,7 +14,7 @@
 use minijinja::machinery::ast;
 use serde_json::{Map, Value};
 
-use super::{Json, Node, Vars, split_url};
+use super::{Field, Json, Lent, Node, Record, Vars, split_url};
 
 #[derive(Debug)]
 pub(super) enum Direct {
@@ -75,13 +75,13 @@ impl Direct {
 
     /// The value as JSON; `None` asks minijinja.
     pub(super) fn to_json(&self, scope: &minijinja::Value) -> Option<Value> {
-        self.eval(vars(scope)?)?.into_json()
+        self.eval(Scope::of(scope)?)?.into_json()
     }
 
     /// Appends the value as text (none and undefined print nothing); `None`, before
     /// anything is written, asks minijinja.
     pub(super) fn write(&self, scope: &minijinja::Value, out: &mut String) -> Option<()> {
-        let value = self.eval(vars(scope)?)?;
+        let value = self.eval(Scope::of(scope)?)?;
         match value.view()? {
             View::Undefined | View::Null => {}
             View::Str(s) => out.push_str(s),
@@ -94,14 +94,14 @@ impl Direct {
 
     /// Whether the value is true the way conditions read it.
     pub(super) fn truthy(&self, scope: &minijinja::Value) -> Option<bool> {
-        Some(self.eval(vars(scope)?)?.view()?.truthy())
+        Some(self.eval(Scope::of(scope)?)?.view()?.truthy())
     }
 
-    fn eval<'a>(&self, scope: &'a Vars) -> Option<Val<'a>> {
+    fn eval<'a>(&self, scope: Scope<'a>) -> Option<Val<'a>> {
         Some(match self {
             Direct::Const(value) => Val::Owned(value.clone()),
             Direct::Var { name, global } => match scope.get(name) {
-                Some(value) => scope_value(value)?,
+                Some(value) => value?,
                 None if *global => return None,
                 None => Val::Undefined,
             },
@@ -296,8 +296,36 @@ fn math(op: Math, a: i128, b: i128) -> Option<i128> {
     }
 }
 
-fn vars(scope: &minijinja::Value) -> Option<&Vars> {
-    scope.downcast_object_ref::<Vars>()
+/// The variables an expression reads: a template scope, or a record lent as one.
+#[derive(Clone, Copy)]
+enum Scope<'a> {
+    Vars(&'a Vars),
+    Record(&'a dyn Record),
+}
+
+impl<'a> Scope<'a> {
+    fn of(scope: &'a minijinja::Value) -> Option<Scope<'a>> {
+        if let Some(vars) = scope.downcast_object_ref::<Vars>() {
+            return Some(Scope::Vars(vars));
+        }
+        let lent = scope.downcast_object_ref::<Lent>()?;
+        Some(Scope::Record(&*lent.0))
+    }
+
+    /// A name's value: `None` when the scope has no such name, `Some(None)` when
+    /// the value is one for minijinja.
+    fn get(self, name: &str) -> Option<Option<Val<'a>>> {
+        match self {
+            Scope::Vars(vars) => vars.get(name).map(scope_value),
+            Scope::Record(record) => record.field(name).map(|field| {
+                Some(match field {
+                    Field::Text(Some(text)) => Val::Str(text),
+                    Field::Text(None) => Val::Owned(Value::Null),
+                    Field::Json(value) => Val::Ref(Node::Value(value)),
+                })
+            }),
+        }
+    }
 }
 
 impl Vars {
@@ -314,7 +342,10 @@ fn scope_value(value: &minijinja::Value) -> Option<Val<'_>> {
         return Some(json.node().map_or(Val::Undefined, Val::Ref));
     }
     if let Some(vars) = value.downcast_object_ref::<Vars>() {
-        return Some(Val::Vars(vars));
+        return Some(Val::Scope(Scope::Vars(vars)));
+    }
+    if let Some(lent) = value.downcast_object_ref::<Lent>() {
+        return Some(Val::Scope(Scope::Record(&*lent.0)));
     }
     if let Some(text) = value.as_str() {
         return Some(Val::Str(text));
@@ -333,7 +364,8 @@ enum Val<'a> {
     Undefined,
     Ref(Node<'a>),
     Str(&'a str),
-    Vars(&'a Vars),
+    /// Nested variables (an event's fields): only `.name` reads them.
+    Scope(Scope<'a>),
     Owned(Value),
 }
 
@@ -396,7 +428,7 @@ impl<'a> Val<'a> {
             Val::Ref(Node::Object(map)) => View::Object(map),
             Val::Ref(Node::Value(value)) => View::of(value),
             Val::Str(s) => View::Str(s),
-            Val::Vars(_) => return None,
+            Val::Scope(_) => return None,
             Val::Owned(value) => View::of(value),
         })
     }
@@ -406,7 +438,7 @@ impl<'a> Val<'a> {
             Val::Undefined => Value::Null,
             Val::Ref(node) => node.to_value(),
             Val::Str(s) => Value::String(s.to_owned()),
-            Val::Vars(_) => return None,
+            Val::Scope(_) => return None,
             Val::Owned(value) => value,
         })
     }
@@ -420,7 +452,7 @@ impl<'a> Val<'a> {
             Val::Owned(Value::Object(mut map)) => {
                 map.remove(name).map_or(Val::Undefined, Val::Owned)
             }
-            Val::Vars(vars) => vars.get(name).map_or(Some(Val::Undefined), scope_value)?,
+            Val::Scope(scope) => scope.get(name).unwrap_or(Some(Val::Undefined))?,
             _ => Val::Undefined,
         })
     }
@@ -459,7 +491,7 @@ impl<'a> Val<'a> {
 }
 
 impl Filter {
-    fn apply<'a>(&self, input: Val<'a>, scope: &'a Vars) -> Option<Val<'a>> {
+    fn apply<'a>(&self, input: Val<'a>, scope: Scope<'a>) -> Option<Val<'a>> {
         Some(match self {
             Filter::ToJson => {
                 // minijinja's own filter, so that the text (spacing, HTML-safe
@@ -517,8 +549,29 @@ mod tests {
 
     use serde_json::json;
 
-    use super::super::{Expr, json as lend, scope, to_json};
+    use super::super::{Expr, json as lend, record, scope, to_json};
     use super::*;
+
+    /// A record like an envelope: text fields, one left out, and JSON.
+    #[derive(Debug)]
+    struct Event {
+        payload: Arc<Value>,
+    }
+
+    impl Record for Event {
+        fn names(&self) -> &'static [&'static str] {
+            &["event_type", "payload", "topic"]
+        }
+
+        fn field(&self, name: &str) -> Option<Field<'_>> {
+            Some(match name {
+                "event_type" => Field::Text(Some("node.seen")),
+                "payload" => Field::Json(&self.payload),
+                "topic" => Field::Text(None),
+                _ => return None,
+            })
+        }
+    }
 
     /// What minijinja alone makes of an expression: its JSON, its text, its truth.
     fn by_minijinja(expr: &Expr, scope: &minijinja::Value) -> Option<(Value, String, bool)> {
@@ -562,11 +615,9 @@ mod tests {
     }
 
     fn sample_scope(values: [&Value; 4]) -> minijinja::Value {
-        let cause = scope(&[
-            ("event_type", minijinja::Value::from("node.seen")),
-            ("payload", lend(Arc::new(values[3].clone()))),
-            ("topic", minijinja::Value::from(())),
-        ]);
+        let cause = record(Arc::new(Event {
+            payload: Arc::new(values[3].clone()),
+        }));
         scope(&[
             ("a", lend(Arc::new(values[0].clone()))),
             ("b", lend(Arc::new(values[1].clone()))),
@@ -616,6 +667,12 @@ mod tests {
             ("intent", lend(Arc::new(intent))),
             ("entity", lend(Arc::new(json!({"uuid": "u-1", "index": 7})))),
             ("error", minijinja::Value::from("timed out")),
+            (
+                "cause",
+                record(Arc::new(Event {
+                    payload: Arc::new(json!({"node_id": "n-1", "urls": {}})),
+                })),
+            ),
         ]);
         let forms = [
             "input.id",
@@ -637,8 +694,33 @@ mod tests {
             "20000 + entity.index",
             "input.missing.deeper | default('none here')",
             "intent.type == 'emit_partial'",
+            "cause.payload.node_id",
+            "cause.event_type",
+            "cause.topic or 'none given'",
+            "cause['payload']['urls'] | tojson",
+            "cause.missing | default('absent')",
         ];
         for source in forms {
+            assert!(
+                agrees(source, &scope),
+                "`{source}` is not evaluated directly"
+            );
+        }
+    }
+
+    /// A record can be the whole scope (an event's own templates read `payload.x`).
+    #[test]
+    fn a_record_as_the_scope_is_read_directly() {
+        let scope = record(Arc::new(Event {
+            payload: Arc::new(json!({"node_id": "n-1", "tags": ["a"]})),
+        }));
+        for source in [
+            "payload.node_id",
+            "event_type",
+            "topic or 'none given'",
+            "payload.tags | tojson",
+            "missing | default('absent')",
+        ] {
             assert!(
                 agrees(source, &scope),
                 "`{source}` is not evaluated directly"
@@ -721,7 +803,17 @@ mod tests {
                 "a", "b", "c", "e", "n", "v", "missing", "'x'", "''", "0", "1", "2", "3", "2.5",
                 "true", "false", "none",
             ];
-            const KEYS: [&str; 8] = ["k", "m", "u", "list", "s", "f", "payload", "event_type"];
+            const KEYS: [&str; 9] = [
+                "k",
+                "m",
+                "u",
+                "list",
+                "s",
+                "f",
+                "payload",
+                "event_type",
+                "topic",
+            ];
             if depth == 0 || self.below(4) == 0 {
                 return LEAVES[self.below(LEAVES.len())].to_owned();
             }
