@@ -11,6 +11,7 @@ pub mod demo;
 pub mod effects;
 pub mod envelope;
 pub mod handler;
+pub mod intent;
 pub mod metrics;
 pub mod ops;
 pub mod project;

@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 
 use crate::envelope::Envelope;
 use crate::handler::{Call, Outcome};
+use crate::intent::Intent;
 use crate::metrics::Counters;
 use crate::project::{Binding, ReducerId, When};
 use crate::runtime::Shared;
@@ -500,20 +501,20 @@ impl Shard {
                     }
                     Binding::Effect(operation) => {
                         let intent_key = shared.idempotency_key(intent).to_string();
-                        let intent_value = Arc::new(json!({
-                            "type": &*action.name,
-                            "instance": key,
-                            "idempotency_key": intent_key,
-                            "correlation_id": shared.correlation_id.as_deref(),
-                            "causation_id": shared.causation_id.as_deref(),
-                            "emitted_at": jiff::Timestamp::now().to_string(),
-                            "config": action.config.as_deref(),
-                        }));
+                        let intent_value = Arc::new(Intent {
+                            action: Arc::clone(&action.name),
+                            instance: Arc::clone(&shared.instance),
+                            idempotency_key: intent_key.clone(),
+                            correlation_id: shared.correlation_id.clone(),
+                            causation_id: shared.causation_id.clone(),
+                            emitted_at: jiff::Timestamp::now().to_string(),
+                            config: action.config.clone(),
+                        });
                         let input = Arc::clone(&shared.context);
                         if let Some(when) = &project.operations[operation].when {
                             let scope = template::scope(&[
                                 ("input", template::json_object(Arc::clone(&input))),
-                                ("intent", template::json(Arc::clone(&intent_value))),
+                                ("intent", intent_value.vars()),
                             ]);
                             match when.truthy(&scope) {
                                 Ok(true) => {}
@@ -691,7 +692,7 @@ impl Shard {
                     ),
                     ("result", template::json(Arc::new(result))),
                     ("error", error),
-                    ("intent", template::json(Arc::clone(&pending.intent))),
+                    ("intent", pending.intent.vars()),
                 ]);
                 let updates = render_all(templates, scope);
                 apply(slot, updates, &spec.name, key);
@@ -711,7 +712,7 @@ impl Shard {
                             failure.message()
                         ),
                         event_type: None,
-                        message_id: pending.intent["causation_id"].as_str().map(str::to_owned),
+                        message_id: pending.intent.causation_id.as_deref().map(str::to_owned),
                         source: format!("{}/{key}", spec.name),
                         raw,
                     });
@@ -805,7 +806,7 @@ impl Shard {
                         ),
                         ("result", minijinja::Value::from(())),
                         ("error", minijinja::Value::from(error)),
-                        ("intent", template::json(Arc::clone(&pending.intent))),
+                        ("intent", pending.intent.vars()),
                     ]);
                     let updates = render_all(&rule.failure, scope);
                     apply(slot, updates, &spec.name, key);
@@ -824,12 +825,12 @@ impl Shard {
         intent_key: &str,
         operation: usize,
         input: Arc<Map<String, Value>>,
-        intent: &Arc<Value>,
+        intent: &Arc<Intent>,
     ) -> Result<Arc<Call>, String> {
         let op = &self.shared.project.operations[operation];
         let scope = template::scope(&[
             ("input", template::json_object(input)),
-            ("intent", template::json(Arc::clone(intent))),
+            ("intent", intent.vars()),
             ("env", self.shared.env.clone()),
         ]);
         let config = op
@@ -853,8 +854,8 @@ impl Shard {
             operation: op.name.clone(),
             config,
             idempotency_key,
-            correlation_id: intent["correlation_id"].as_str().map(str::to_owned),
-            causation_id: intent["causation_id"].as_str().map(str::to_owned),
+            correlation_id: intent.correlation_id.as_deref().map(str::to_owned),
+            causation_id: intent.causation_id.as_deref().map(str::to_owned),
         }))
     }
 

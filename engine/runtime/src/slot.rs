@@ -13,6 +13,7 @@ use serde_json::{Map, Value};
 
 use crate::envelope::Envelope;
 use crate::handler::Call;
+use crate::intent::Intent;
 use crate::project::OperationId;
 use crate::work::WorkGuard;
 
@@ -92,7 +93,7 @@ pub struct Pending {
     /// operation's templates failed (its failure is the effect's result).
     pub call: Option<Arc<Call>>,
     /// What the result templates see as `intent`.
-    pub intent: Arc<Value>,
+    pub intent: Arc<Intent>,
     pub work: Option<WorkGuard>,
 }
 
@@ -184,7 +185,7 @@ pub struct PendingSnapshot<'a> {
     pub generation: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub call: Option<Cow<'a, Call>>,
-    pub intent: Cow<'a, Value>,
+    pub intent: Cow<'a, Intent>,
 }
 
 impl Slot {
