@@ -20,6 +20,7 @@ use tokio::task::JoinHandle;
 
 use crate::project::{Demo, EventSpec};
 use crate::runtime::{Shared, render_event};
+use crate::template::Record;
 
 /// Starts the simulation; returns the entities' ids.
 pub fn start(

@@ -51,12 +51,6 @@ impl Envelope {
             }
         })
     }
-
-    /// The envelope as template variables: `payload`, `event_type`, `message_id`...
-    /// (absent optional fields are none), lent without copying a field.
-    pub fn vars(self: &Arc<Self>) -> minijinja::Value {
-        crate::template::record(Arc::clone(self) as Arc<dyn Record>)
-    }
 }
 
 impl Record for Envelope {

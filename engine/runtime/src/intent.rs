@@ -28,13 +28,6 @@ pub struct Intent {
     pub config: Option<Arc<Value>>,
 }
 
-impl Intent {
-    /// The intent as template variables, lent without copying a field.
-    pub fn vars(self: &Arc<Self>) -> minijinja::Value {
-        crate::template::record(Arc::clone(self) as Arc<dyn Record>)
-    }
-}
-
 impl Record for Intent {
     fn names(&self) -> &'static [&'static str] {
         &[

@@ -25,7 +25,7 @@ use crate::project::{EventSpec, Project, ReducerId};
 use crate::shard::{Message, Shard, shard_of};
 use crate::slot::{InFlight, Snapshot};
 use crate::store::{DeadLetter, Store, Write};
-use crate::template;
+use crate::template::{self, Record};
 use crate::work::Work;
 
 /// What the shards share.
@@ -520,7 +520,7 @@ pub fn render_event(
                 |v| template::json(Arc::clone(v)),
             ),
         ),
-        ("cause", cause.map(Envelope::vars).unwrap_or_default()),
+        ("cause", cause.map(Record::vars).unwrap_or_default()),
     ]);
     let entity_value = entity_value.map_or(&Value::Null, |v| &**v);
     let payload = event.payload.render(&scope).map_err(|e| e.to_string())?;

@@ -24,7 +24,7 @@ use crate::project::{Binding, ReducerId, When};
 use crate::runtime::Shared;
 use crate::slot::{Pending, Queued, Slot, Snapshot, Timer, TimerKind, Unsaved};
 use crate::store::{Changes, DeadLetter, InstanceRow, Write};
-use crate::template::{self, Template};
+use crate::template::{self, Record, Template};
 use crate::work::WorkGuard;
 
 /// Follow-up transitions one message may cause before the runtime calls it a loop.

@@ -410,6 +410,15 @@ pub trait Record: std::fmt::Debug + Send + Sync {
     fn names(&self) -> &'static [&'static str];
     /// A field; `None` when the record has no field by that name.
     fn field(&self, name: &str) -> Option<Field<'_>>;
+
+    /// The record as template variables (`payload`, `message_id`...; a field left
+    /// out is none), lent without copying a field.
+    fn vars(self: &Arc<Self>) -> minijinja::Value
+    where
+        Self: Sized + 'static,
+    {
+        record(Arc::clone(self) as Arc<dyn Record>)
+    }
 }
 
 /// A field of a [`Record`].
