@@ -20,7 +20,7 @@ use tokio::task::JoinHandle;
 
 use crate::project::{Demo, EventSpec};
 use crate::runtime::{Shared, render_event};
-use crate::template::Record;
+use crate::template::Var;
 
 /// Starts the simulation; returns the entities' ids.
 pub fn start(
@@ -50,7 +50,10 @@ pub fn start(
                     continue;
                 };
                 let target = demo.answer_target.as_ref().and_then(|t| {
-                    let scope = crate::template::scope(&[("cause", delivery.envelope.vars())]);
+                    let scope = crate::template::scope(&[(
+                        "cause",
+                        Var::Record(delivery.envelope.clone()),
+                    )]);
                     t.render(&scope)
                         .ok()
                         .and_then(|v| v.as_str().map(str::to_owned))
@@ -167,10 +170,8 @@ fn publish(
                 if envelope.entity_id.is_none()
                     && let Some(template) = &demo.entity_id
                 {
-                    let scope = crate::template::scope(&[(
-                        "entity",
-                        crate::template::json(Arc::clone(&entity)),
-                    )]);
+                    let scope =
+                        crate::template::scope(&[("entity", Var::Json(Arc::clone(&entity)))]);
                     envelope.entity_id = template
                         .render(&scope)
                         .ok()

@@ -63,6 +63,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+    use crate::template::Var;
 
     /// The object an intent was before it was a struct: what older snapshots hold.
     fn as_object() -> Value {
@@ -92,9 +93,8 @@ mod tests {
     #[test]
     fn templates_read_it_as_the_object() {
         let intent: Intent = serde_json::from_value(as_object()).expect("reads");
-        let now = crate::template::scope(&[("intent", Arc::new(intent).vars())]);
-        let before =
-            crate::template::scope(&[("intent", crate::template::json(Arc::new(as_object())))]);
+        let now = crate::template::scope(&[("intent", Var::Record(Arc::new(intent)))]);
+        let before = crate::template::scope(&[("intent", Var::Json(Arc::new(as_object())))]);
         for source in [
             "{{ intent.type }}",
             "{{ intent.config.target }}",

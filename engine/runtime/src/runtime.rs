@@ -25,7 +25,7 @@ use crate::project::{EventSpec, Project, ReducerId};
 use crate::shard::{Message, Shard, shard_of};
 use crate::slot::{InFlight, Snapshot};
 use crate::store::{DeadLetter, Store, Write};
-use crate::template::{self, Record};
+use crate::template::{self, Record, Var};
 use crate::work::Work;
 
 /// What the shards share.
@@ -38,7 +38,7 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     pub work: Arc<Work>,
     /// `env` in operation templates: the process environment.
-    pub env: minijinja::Value,
+    pub env: Var,
     dead_letters: AtomicU64,
     /// Per reducer: outcome latencies of this run, in seconds.
     latencies: std::sync::Mutex<Vec<Vec<f64>>>,
@@ -220,7 +220,7 @@ pub async fn run(
         store: store.clone(),
         metrics: Arc::clone(&metrics),
         work: Arc::clone(&work),
-        env: template::json(Arc::new(Value::Object(env))),
+        env: Var::Json(Arc::new(Value::Object(env))),
         dead_letters: AtomicU64::new(0),
         latencies: std::sync::Mutex::new(vec![Vec::new(); project.reducers.len()]),
         outcome_seconds: project
@@ -511,16 +511,18 @@ pub fn render_event(
         None => (None, None),
     };
     let scope = template::scope(&[
-        ("runtime", template::json(Arc::clone(runtime))),
-        ("now", minijinja::Value::from(now.as_str())),
+        ("runtime", Var::Json(Arc::clone(runtime))),
+        ("now", Var::Value(minijinja::Value::from(now.as_str()))),
         (
             "entity",
-            entity_value.map_or_else(
-                || template::json(Arc::new(Value::Null)),
-                |v| template::json(Arc::clone(v)),
-            ),
+            Var::Json(entity_value.map_or_else(|| Arc::new(Value::Null), Arc::clone)),
         ),
-        ("cause", cause.map(Record::vars).unwrap_or_default()),
+        (
+            "cause",
+            cause.map_or(Var::Value(minijinja::Value::UNDEFINED), |c| {
+                Var::Record(c.clone())
+            }),
+        ),
     ]);
     let entity_value = entity_value.map_or(&Value::Null, |v| &**v);
     let payload = event.payload.render(&scope).map_err(|e| e.to_string())?;

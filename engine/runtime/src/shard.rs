@@ -24,7 +24,7 @@ use crate::project::{Binding, ReducerId, When};
 use crate::runtime::Shared;
 use crate::slot::{Pending, Queued, Slot, Snapshot, Timer, TimerKind, Unsaved};
 use crate::store::{Changes, DeadLetter, InstanceRow, Write};
-use crate::template::{self, Record, Template};
+use crate::template::{self, Record, Template, Var};
 use crate::work::WorkGuard;
 
 /// Follow-up transitions one message may cause before the runtime calls it a loop.
@@ -513,8 +513,8 @@ impl Shard {
                         let input = Arc::clone(&shared.context);
                         if let Some(when) = &project.operations[operation].when {
                             let scope = template::scope(&[
-                                ("input", template::json_object(Arc::clone(&input))),
-                                ("intent", intent_value.vars()),
+                                ("input", Var::Object(Arc::clone(&input))),
+                                ("intent", Var::Record(intent_value.clone())),
                             ]);
                             match when.truthy(&scope) {
                                 Ok(true) => {}
@@ -686,13 +686,10 @@ impl Shard {
                     ),
                 };
                 let scope = template::scope(&[
-                    (
-                        "context",
-                        template::json_object(Arc::clone(&slot.instance.context)),
-                    ),
-                    ("result", template::json(Arc::new(result))),
-                    ("error", error),
-                    ("intent", pending.intent.vars()),
+                    ("context", Var::Object(Arc::clone(&slot.instance.context))),
+                    ("result", Var::Json(Arc::new(result))),
+                    ("error", Var::Value(error)),
+                    ("intent", Var::Record(pending.intent.clone())),
                 ]);
                 let updates = render_all(templates, scope);
                 apply(slot, updates, &spec.name, key);
@@ -800,13 +797,10 @@ impl Shard {
                 if let Some(rule) = &spec.results[pending.action as usize] {
                     let error = format!("no result within {seconds} s");
                     let scope = template::scope(&[
-                        (
-                            "context",
-                            template::json_object(Arc::clone(&slot.instance.context)),
-                        ),
-                        ("result", minijinja::Value::from(())),
-                        ("error", minijinja::Value::from(error)),
-                        ("intent", pending.intent.vars()),
+                        ("context", Var::Object(Arc::clone(&slot.instance.context))),
+                        ("result", Var::Value(minijinja::Value::from(()))),
+                        ("error", Var::Value(minijinja::Value::from(error))),
+                        ("intent", Var::Record(pending.intent.clone())),
                     ]);
                     let updates = render_all(&rule.failure, scope);
                     apply(slot, updates, &spec.name, key);
@@ -829,8 +823,8 @@ impl Shard {
     ) -> Result<Arc<Call>, String> {
         let op = &self.shared.project.operations[operation];
         let scope = template::scope(&[
-            ("input", template::json_object(input)),
-            ("intent", intent.vars()),
+            ("input", Var::Object(input)),
+            ("intent", Var::Record(intent.clone())),
             ("env", self.shared.env.clone()),
         ]);
         let config = op
@@ -983,10 +977,7 @@ impl Slots {
 
 /// An instance's context as the template variable `context`.
 fn context_scope(slot: &Slot) -> minijinja::Value {
-    template::scope(&[(
-        "context",
-        template::json_object(Arc::clone(&slot.instance.context)),
-    )])
+    template::scope(&[("context", Var::Object(Arc::clone(&slot.instance.context)))])
 }
 
 /// Renders context updates. The scope is taken and let go of here: it holds the

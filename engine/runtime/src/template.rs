@@ -371,14 +371,47 @@ fn to_json(value: &minijinja::Value) -> Result<Value, String> {
 }
 
 /// The variables a template sees.
-pub fn scope(vars: &[(&'static str, minijinja::Value)]) -> minijinja::Value {
-    minijinja::Value::from_object(Vars(vars.to_vec()))
+pub fn scope(vars: &[(&'static str, Var)]) -> minijinja::Value {
+    minijinja::Value::from_object(Vars(vars.iter().cloned().collect()))
+}
+
+/// A template variable. What is lent stays as it is until minijinja itself has to
+/// read it (the direct evaluator reads it in place), so a scope costs one allocation
+/// however many variables it has.
+#[derive(Debug, Clone)]
+pub enum Var {
+    Value(minijinja::Value),
+    /// JSON, lent like [`json`].
+    Json(Arc<Value>),
+    /// A JSON object (an instance context), lent like [`json_object`].
+    Object(Arc<Map<String, Value>>),
+    /// A record, lent like [`record`].
+    Record(Arc<dyn Record>),
+}
+
+impl From<minijinja::Value> for Var {
+    fn from(value: minijinja::Value) -> Var {
+        Var::Value(value)
+    }
+}
+
+impl Var {
+    /// The variable as minijinja reads it.
+    fn to_minijinja(&self) -> minijinja::Value {
+        match self {
+            Var::Value(value) => value.clone(),
+            Var::Json(value) => json(Arc::clone(value)),
+            Var::Object(map) => json_object(Arc::clone(map)),
+            Var::Record(fields) => record(Arc::clone(fields)),
+        }
+    }
 }
 
 /// A template's variables: a handful of names, found by comparing them, with none
-/// of the hashing and copying a minijinja map would cost on every evaluation.
+/// of the hashing and copying a minijinja map would cost on every evaluation. Kept
+/// inline: the scopes the runtime builds have at most four.
 #[derive(Debug)]
-struct Vars(Vec<(&'static str, minijinja::Value)>);
+struct Vars(smallvec::SmallVec<[(&'static str, Var); 6]>);
 
 impl Object for Vars {
     fn get_value(self: &Arc<Self>, key: &minijinja::Value) -> Option<minijinja::Value> {
@@ -389,7 +422,7 @@ impl Object for Vars {
         self.0
             .iter()
             .find(|(name, _)| *name == key)
-            .map(|(_, value)| value.clone())
+            .map(|(_, var)| var.to_minijinja())
     }
 
     fn enumerate(self: &Arc<Self>) -> Enumerator {
@@ -636,11 +669,11 @@ mod tests {
         // Scope names are static strings; the tests' variables are among these.
         const NAMES: [&str; 5] = ["a", "input", "p", "u", "x"];
         let map = vars.as_object().expect("object");
-        let pairs: Vec<(&'static str, minijinja::Value)> = map
+        let pairs: Vec<(&'static str, Var)> = map
             .iter()
             .map(|(k, v)| {
                 let name = NAMES.iter().find(|n| *n == k).expect("a known name");
-                (*name, json(Arc::new(v.clone())))
+                (*name, Var::Json(Arc::new(v.clone())))
             })
             .collect();
         t.render(&scope(&pairs)).expect("renders")

@@ -14,7 +14,7 @@
 use minijinja::machinery::ast;
 use serde_json::{Map, Value};
 
-use super::{Field, Json, Lent, Node, Record, Vars, split_url};
+use super::{Field, Json, Lent, Node, Record, Var, Vars, split_url};
 
 #[derive(Debug)]
 pub(super) enum Direct {
@@ -316,7 +316,12 @@ impl<'a> Scope<'a> {
     /// the value is one for minijinja.
     fn get(self, name: &str) -> Option<Option<Val<'a>>> {
         match self {
-            Scope::Vars(vars) => vars.get(name).map(scope_value),
+            Scope::Vars(vars) => vars.get(name).map(|var| match var {
+                Var::Value(value) => scope_value(value),
+                Var::Json(value) => Some(Val::Ref(Node::Value(value))),
+                Var::Object(map) => Some(Val::Ref(Node::Object(map))),
+                Var::Record(fields) => Some(Val::Scope(Scope::Record(&**fields))),
+            }),
             Scope::Record(record) => record.field(name).map(|field| {
                 Some(match field {
                     Field::Text(Some(text)) => Val::Str(text),
@@ -329,7 +334,7 @@ impl<'a> Scope<'a> {
 }
 
 impl Vars {
-    fn get(&self, name: &str) -> Option<&minijinja::Value> {
+    fn get(&self, name: &str) -> Option<&Var> {
         self.0.iter().find(|(n, _)| *n == name).map(|(_, v)| v)
     }
 }
@@ -614,16 +619,22 @@ mod tests {
         json.is_some()
     }
 
+    /// Every kind of variable: lent JSON, an object lent as such, a minijinja value
+    /// holding lent JSON, text, none and a record.
     fn sample_scope(values: [&Value; 4]) -> minijinja::Value {
-        let cause = record(Arc::new(Event {
+        let cause = Var::Record(Arc::new(Event {
             payload: Arc::new(values[3].clone()),
         }));
+        let c = match values[2] {
+            Value::Object(map) => Var::Object(Arc::new(map.clone())),
+            other => Var::Json(Arc::new(other.clone())),
+        };
         scope(&[
-            ("a", lend(Arc::new(values[0].clone()))),
-            ("b", lend(Arc::new(values[1].clone()))),
-            ("c", lend(Arc::new(values[2].clone()))),
-            ("e", minijinja::Value::from("boom <&'>")),
-            ("n", minijinja::Value::from(())),
+            ("a", Var::Json(Arc::new(values[0].clone()))),
+            ("b", Var::Value(lend(Arc::new(values[1].clone())))),
+            ("c", c),
+            ("e", Var::Value(minijinja::Value::from("boom <&'>"))),
+            ("n", Var::Value(minijinja::Value::from(()))),
             ("v", cause),
         ])
     }
@@ -661,15 +672,19 @@ mod tests {
                 "urls": {"health": "http://127.0.0.1:20001/health"}, "notes": {"s": "<&>"}},
         });
         let intent = json!({"type": "emit_partial", "emitted_at": "2026-01-01T00:00:00Z"});
+        let context = item.as_object().cloned().expect("an object");
         let scope = scope(&[
-            ("input", lend(Arc::new(item.clone()))),
-            ("context", lend(Arc::new(item))),
-            ("intent", lend(Arc::new(intent))),
-            ("entity", lend(Arc::new(json!({"uuid": "u-1", "index": 7})))),
-            ("error", minijinja::Value::from("timed out")),
+            ("input", Var::Json(Arc::new(item))),
+            ("context", Var::Object(Arc::new(context))),
+            ("intent", Var::Json(Arc::new(intent))),
+            (
+                "entity",
+                Var::Json(Arc::new(json!({"uuid": "u-1", "index": 7}))),
+            ),
+            ("error", Var::Value(minijinja::Value::from("timed out"))),
             (
                 "cause",
-                record(Arc::new(Event {
+                Var::Record(Arc::new(Event {
                     payload: Arc::new(json!({"node_id": "n-1", "urls": {}})),
                 })),
             ),
