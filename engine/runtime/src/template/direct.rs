@@ -364,6 +364,74 @@ fn scope_value(value: &minijinja::Value) -> Option<Val<'_>> {
     })
 }
 
+/// `tojson` as minijinja prints it (a space after `,` and `:`, and `<`, `>`, `&`,
+/// `'` escaped so that the text is safe in HTML), written straight from the JSON
+/// instead of through a copy converted into minijinja values.
+fn tojson(value: &(impl serde::Serialize + ?Sized)) -> Option<String> {
+    let mut out = Vec::new();
+    let mut writer = serde_json::Serializer::with_formatter(&mut out, Spaced);
+    value.serialize(&mut writer).ok()?;
+    String::from_utf8(out).ok()
+}
+
+/// serde_json's compact output with minijinja's spacing and HTML-safe escapes.
+struct Spaced;
+
+impl serde_json::ser::Formatter for Spaced {
+    fn begin_array_value<W: std::io::Write + ?Sized>(
+        &mut self,
+        writer: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        if first {
+            Ok(())
+        } else {
+            writer.write_all(b", ")
+        }
+    }
+
+    fn begin_object_key<W: std::io::Write + ?Sized>(
+        &mut self,
+        writer: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        if first {
+            Ok(())
+        } else {
+            writer.write_all(b", ")
+        }
+    }
+
+    fn begin_object_value<W: std::io::Write + ?Sized>(
+        &mut self,
+        writer: &mut W,
+    ) -> std::io::Result<()> {
+        writer.write_all(b": ")
+    }
+
+    /// The runs serde_json leaves unescaped, with the HTML-special characters escaped.
+    fn write_string_fragment<W: std::io::Write + ?Sized>(
+        &mut self,
+        writer: &mut W,
+        fragment: &str,
+    ) -> std::io::Result<()> {
+        let mut start = 0;
+        for (at, byte) in fragment.bytes().enumerate() {
+            let escaped: &[u8] = match byte {
+                b'<' => b"\\u003c",
+                b'>' => b"\\u003e",
+                b'&' => b"\\u0026",
+                b'\'' => b"\\u0027",
+                _ => continue,
+            };
+            writer.write_all(&fragment.as_bytes()[start..at])?;
+            writer.write_all(escaped)?;
+            start = at + 1;
+        }
+        writer.write_all(&fragment.as_bytes()[start..])
+    }
+}
+
 /// A value during evaluation: borrowed from the scope where it can be.
 enum Val<'a> {
     Undefined,
@@ -498,21 +566,14 @@ impl<'a> Val<'a> {
 impl Filter {
     fn apply<'a>(&self, input: Val<'a>, scope: Scope<'a>) -> Option<Val<'a>> {
         Some(match self {
-            Filter::ToJson => {
-                // minijinja's own filter, so that the text (spacing, HTML-safe
-                // escapes, number format) is exactly what it would print.
-                let value = match input.view()? {
-                    View::Undefined => minijinja::Value::UNDEFINED,
-                    _ => minijinja::Value::from(minijinja::value::Serde(input.into_json()?)),
-                };
-                let text = minijinja::filters::tojson(
-                    &value,
-                    None,
-                    minijinja::value::Kwargs::from_iter(Vec::<(&str, minijinja::Value)>::new()),
-                )
-                .ok()?;
-                Val::Owned(Value::String(text.as_str()?.to_owned()))
-            }
+            Filter::ToJson => Val::Owned(Value::String(match input {
+                Val::Undefined => "null".to_owned(),
+                Val::Ref(Node::Value(value)) => tojson(value)?,
+                Val::Ref(Node::Object(map)) => tojson(map)?,
+                Val::Str(text) => tojson(text)?,
+                Val::Owned(value) => tojson(&value)?,
+                Val::Scope(_) => return None,
+            })),
             Filter::UrlHost | Filter::UrlPort => {
                 let url = match input.view()? {
                     View::Str(url) => url,
@@ -657,6 +718,7 @@ mod tests {
             json!({}),
             json!({"k": 1, "m": {"k": "y", "u": "https://h/x"}, "u": "http://h:81/p", "list": [0, "", "z"]}),
             json!({"k": "effect", "m": null, "s": "<b>&'\"</b>", "f": 1.5}),
+            json!([0.1, 1e21, -2.5e-7, 1e300, "tab\tline\n\u{1}\u{7f} é ☃ \\"]),
         ]
     }
 
