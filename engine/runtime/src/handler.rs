@@ -22,8 +22,9 @@ pub struct Call {
     pub config: Value,
     /// Stable across retries and re-deliveries of the same intent.
     pub idempotency_key: String,
-    pub correlation_id: Option<String>,
-    pub causation_id: Option<String>,
+    /// Shared with the intent (and its instance): no copy per call.
+    pub correlation_id: Option<Arc<str>>,
+    pub causation_id: Option<Arc<str>>,
 }
 
 /// Why an attempt failed. Transient failures are retried; permanent ones are not.

@@ -848,8 +848,8 @@ impl Shard {
             operation: op.name.clone(),
             config,
             idempotency_key,
-            correlation_id: intent.correlation_id.as_deref().map(str::to_owned),
-            causation_id: intent.causation_id.as_deref().map(str::to_owned),
+            correlation_id: intent.correlation_id.clone(),
+            causation_id: intent.causation_id.clone(),
         }))
     }
 
