@@ -383,11 +383,7 @@ impl serde_json::ser::Formatter for Spaced {
         writer: &mut W,
         first: bool,
     ) -> std::io::Result<()> {
-        if first {
-            Ok(())
-        } else {
-            writer.write_all(b", ")
-        }
+        item_separator(writer, first)
     }
 
     fn begin_object_key<W: std::io::Write + ?Sized>(
@@ -395,11 +391,7 @@ impl serde_json::ser::Formatter for Spaced {
         writer: &mut W,
         first: bool,
     ) -> std::io::Result<()> {
-        if first {
-            Ok(())
-        } else {
-            writer.write_all(b", ")
-        }
+        item_separator(writer, first)
     }
 
     fn begin_object_value<W: std::io::Write + ?Sized>(
@@ -429,6 +421,15 @@ impl serde_json::ser::Formatter for Spaced {
             start = at + 1;
         }
         writer.write_all(&fragment.as_bytes()[start..])
+    }
+}
+
+/// `, ` before every item of a list or an object but the first.
+fn item_separator<W: std::io::Write + ?Sized>(writer: &mut W, first: bool) -> std::io::Result<()> {
+    if first {
+        Ok(())
+    } else {
+        writer.write_all(b", ")
     }
 }
 
