@@ -572,10 +572,9 @@ async fn an_effect_in_flight_at_a_kill_is_called_again_after_the_restart() {
     .await
     .expect("runs");
 
-    let requests = consul.received_requests().await.expect("recorded");
-    let node_registrations: Vec<Value> = requests
+    let node_registrations: Vec<Value> = service_registrations(&consul)
+        .await
         .iter()
-        .filter(|r| r.url.path() == "/v1/agent/service/register")
         .map(|r| serde_json::from_slice::<Value>(&r.body).expect("JSON body"))
         .filter(|body| body["Name"] == "onex-effect")
         .collect();
@@ -845,10 +844,9 @@ async fn consul_stand_in_sees_exact_requests_and_a_failure_is_partial_then_recov
         "the node and the registry: {summary}"
     );
 
-    let requests = consul.received_requests().await.expect("recorded");
-    let registrations: Vec<Value> = requests
+    let registrations: Vec<Value> = service_registrations(&consul)
+        .await
         .iter()
-        .filter(|r| r.url.path() == "/v1/agent/service/register")
         .map(|r| {
             assert_eq!(r.method.as_str(), "PUT");
             assert_eq!(
@@ -916,6 +914,15 @@ async fn consul_stand_in(token: Option<&str>) -> wiremock::MockServer {
 }
 
 /// The registration of the test nodes (`node(n)`, node type `effect`).
+/// The service registrations the stand-in received, in order.
+async fn service_registrations(consul: &wiremock::MockServer) -> Vec<wiremock::Request> {
+    let requests = consul.received_requests().await.expect("recorded");
+    requests
+        .into_iter()
+        .filter(|r| r.url.path() == "/v1/agent/service/register")
+        .collect()
+}
+
 fn node_registration() -> wiremock::MockBuilder {
     use wiremock::matchers::{body_partial_json, method, path};
     wiremock::Mock::given(method("PUT"))
