@@ -11,7 +11,8 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use sqlx::Row;
@@ -23,16 +24,25 @@ use tokio::sync::oneshot;
 use crate::envelope::Envelope;
 
 pub const STATE_FILE: &str = "state.db";
-/// Writes per transaction at most; more wait for the next one. Above the ~3,000
-/// that 50 ms bring at the load the runtime is built for (20,000 workflow runs a
+/// Writes per transaction at most; more wait for the next one. Above the ~12,000
+/// that 200 ms bring at the load the runtime is built for (20,000 workflow runs a
 /// second, about three writes each).
 const BATCH: usize = 16384;
 /// Transactions start at most this often. Nothing waits for the runtime's own state
-/// (effects and follow-ups go on meanwhile), so a little delay costs no latency and
-/// saves many small commits, each of which rewrites whole pages of every index: a
-/// page that several changes touch is written once per commit. A crash redoes at
-/// most this much more work.
-const COMMIT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(50);
+/// (effects and follow-ups go on meanwhile; a flush cuts the wait short), so a
+/// longer interval costs no latency and saves many small commits, each of which
+/// rewrites whole pages of every index: a page that several changes touch is written
+/// once per commit. 200 ms instead of 50 took the writer from 42-47 to 30-32 us per
+/// workflow run together with `CHECKPOINT_PAGES` (docs/performance.md). A crash
+/// redoes at most this much more work.
+const COMMIT_INTERVAL: Duration = Duration::from_millis(200);
+/// Log pages (4 KiB) after which the writer copies the write-ahead log into the
+/// file; SQLite's default is 1,000. A page that changes again before the checkpoint
+/// is copied once, so a longer log means fewer writes for the many small random
+/// updates of instance rows: less work for this thread and less disk traffic beside
+/// the effects' database (the p99 of a paced run fell with it). The log file keeps
+/// its largest size, up to 64 MiB.
+const CHECKPOINT_PAGES: u32 = 16000;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS instances (
@@ -122,6 +132,9 @@ pub struct InstanceRow {
 pub struct Store {
     pool: SqlitePool,
     writer: std::sync::mpsc::Sender<Write>,
+    /// Set, and the writer thread woken, when a flush wants the next commit now.
+    flush_asked: Arc<AtomicBool>,
+    writer_thread: std::thread::Thread,
     path: PathBuf,
 }
 
@@ -164,11 +177,22 @@ impl Store {
             .map_err(|e| format!("cannot prepare {}: {e}", path.display()))?;
         let connection = open_writer(&path)?;
         let (writer, receiver) = std::sync::mpsc::channel();
+        let flush_asked = Arc::new(AtomicBool::new(false));
         let thread = std::thread::Builder::new()
             .name("onex-state-db".into())
-            .spawn(move || write_loop(connection, receiver))
+            .spawn({
+                let flush_asked = Arc::clone(&flush_asked);
+                move || write_loop(connection, receiver, &flush_asked)
+            })
             .map_err(|e| format!("cannot start the state writer: {e}"))?;
-        Ok((Store { pool, writer, path }, thread))
+        let store = Store {
+            pool,
+            writer,
+            flush_asked,
+            writer_thread: thread.thread().clone(),
+            path,
+        };
+        Ok((store, thread))
     }
 
     /// Opens an existing `state.db` for reading (the `dlq` and `state` commands).
@@ -197,6 +221,8 @@ impl Store {
     pub async fn flush(&self) {
         let (done, wait) = oneshot::channel();
         self.write(Write::Flush(done));
+        self.flush_asked.store(true, Ordering::Release);
+        self.writer_thread.unpark();
         let _ = wait.await;
     }
 
@@ -300,17 +326,19 @@ pub async fn dead_letters(pool: &SqlitePool) -> Result<Vec<DeadLetter>, String> 
 }
 
 /// The writer thread: takes writes as they come, at most one transaction per
-/// `COMMIT_INTERVAL`, each with everything that waited meanwhile.
-fn write_loop(mut connection: rusqlite::Connection, receiver: std::sync::mpsc::Receiver<Write>) {
+/// `COMMIT_INTERVAL` unless a flush hurries it, each with everything that waited
+/// meanwhile.
+fn write_loop(
+    mut connection: rusqlite::Connection,
+    receiver: std::sync::mpsc::Receiver<Write>,
+    flush_asked: &AtomicBool,
+) {
     let mut batch = Vec::with_capacity(BATCH);
     let mut flushes = Vec::new();
-    let mut last_commit = std::time::Instant::now();
+    let mut last_commit = Instant::now();
     while let Ok(first) = receiver.recv() {
-        let due = last_commit + COMMIT_INTERVAL;
-        if let Some(wait) = due.checked_duration_since(std::time::Instant::now()) {
-            std::thread::sleep(wait);
-        }
-        last_commit = std::time::Instant::now();
+        wait_until(last_commit + COMMIT_INTERVAL, flush_asked);
+        last_commit = Instant::now();
         let mut next = Some(first);
         while let Some(write) = next.take() {
             match write {
@@ -333,6 +361,17 @@ fn write_loop(mut connection: rusqlite::Connection, receiver: std::sync::mpsc::R
     }
 }
 
+/// Sleeps until `due` or until a flush is asked for. Only a flush wakes the writer
+/// early: senders never do, so a write costs them no system call.
+fn wait_until(due: Instant, flush_asked: &AtomicBool) {
+    while !flush_asked.swap(false, Ordering::AcqRel) {
+        let Some(wait) = due.checked_duration_since(Instant::now()) else {
+            return;
+        };
+        std::thread::park_timeout(wait);
+    }
+}
+
 /// The writer's connection. Statements are prepared once and kept (rusqlite's
 /// statement cache); rows are bound in place, so a snapshot is not copied on its
 /// way to SQLite.
@@ -343,9 +382,10 @@ fn open_writer(path: &Path) -> Result<rusqlite::Connection, String> {
         .busy_timeout(Duration::from_secs(10))
         .map_err(cannot)?;
     connection
-        .execute_batch(
-            "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA cache_size = -32768;",
-        )
+        .execute_batch(&format!(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA cache_size = -32768; \
+             PRAGMA wal_autocheckpoint = {CHECKPOINT_PAGES};"
+        ))
         .map_err(cannot)?;
     Ok(connection)
 }
