@@ -254,6 +254,9 @@ fn write_human(
                 "{number:>6} {}: {from} --{}--> {}{done}",
                 record.instance, record.trigger, machine.states[to].name
             )?;
+            if actions.is_empty() {
+                return Ok(());
+            }
             writeln!(out, "         actions: {}", actions.join(", "))
         }
         None => writeln!(
