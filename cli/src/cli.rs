@@ -46,7 +46,8 @@ const RUN_EXIT_CODES: &str = "\
 Exit codes:
   0  the run ended cleanly (with --until-idle: all work done, no dead letters in this run)
   1  the run ended, but events became dead letters or work is unfinished (see the summary)
-  2  contracts with errors, a handler that cannot start, or an I/O error
+  2  contracts with errors, a handler that cannot start, an I/O error, or --events
+     naming the run's own event log
 
 Every flag can also be set by its ONEX_* environment variable (shown with each flag).";
 

@@ -252,6 +252,7 @@ fn human(summary: &Summary) -> String {
         "  {:<width$} {} (runtime {})",
         "state", summary.state, summary.runtime_id
     );
+    let _ = writeln!(out, "  {:<width$} {}", "event log", summary.event_log);
     if let Some(listen) = &summary.listen {
         let _ = writeln!(
             out,

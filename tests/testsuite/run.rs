@@ -1,6 +1,7 @@
 //! `onex run` end to end: the real process on the project's own contracts, with the
 //! embedded bus, store and database, and an HTTP stand-in (wiremock) playing Consul.
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -186,6 +187,18 @@ fn count(file: &Path, sql: &'static str) -> i64 {
     query(file, sql)[0][0].as_i64().expect("a count")
 }
 
+/// The published events of type `event_type` in a data directory's event log (for
+/// `entity` only, if given), oldest first. A line that does not parse (one a running
+/// `onex` is writing) is skipped.
+fn published(data_dir: &Path, event_type: &str, entity: Option<&str>) -> Vec<Value> {
+    let text = std::fs::read_to_string(data_dir.join("event-log.jsonl")).unwrap_or_default();
+    text.lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter(|e| e["event_type"] == event_type)
+        .filter(|e| entity.is_none_or(|id| e["entity_id"] == id))
+        .collect()
+}
+
 #[test]
 fn the_demo_registers_every_node_and_loses_none() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -219,21 +232,13 @@ fn the_demo_registers_every_node_and_loses_none() {
     assert_eq!(count(&data, "SELECT count(*) FROM node_registrations"), 101);
     assert_eq!(count(&data, "SELECT count(*) FROM service_catalog"), 101);
     // Every node answered the registry's request-introspection too, and sent a heartbeat.
-    let state = dir.path().join("state.db");
     assert_eq!(
-        count(
-            &state,
-            "SELECT count(*) FROM events WHERE event_type = 'RegistryRequestIntrospectionEvent'"
-        ),
-        1
+        summary["event_log"],
+        path_str(&dir.path().join("event-log.jsonl"))
     );
-    assert_eq!(
-        count(
-            &state,
-            "SELECT count(*) FROM events WHERE event_type = 'NodeHeartbeatEvent'"
-        ),
-        100
-    );
+    let published = |event_type| published(dir.path(), event_type, None).len();
+    assert_eq!(published("RegistryRequestIntrospectionEvent"), 1);
+    assert_eq!(published("NodeHeartbeatEvent"), 100);
     assert_eq!(
         count(
             &data,
@@ -378,13 +383,12 @@ fn a_duplicated_event_registers_once() {
     );
     let state = dir.path().join("state.db");
     assert_each_node_registered_once(&state, 2);
-    assert_eq!(
-        count(
-            &state,
-            "SELECT count(*) FROM events WHERE event_type = 'NodeRegistrationResultEvent' AND entity_id = '00000000-0000-4000-8000-000000000001'"
-        ),
-        1
+    let results = published(
+        dir.path(),
+        "NodeRegistrationResultEvent",
+        Some("00000000-0000-4000-8000-000000000001"),
     );
+    assert_eq!(results.len(), 1, "{results:?}");
 }
 
 #[test]
@@ -437,10 +441,7 @@ fn an_operation_can_template_its_idempotency_key() {
             path_str(data),
         ]);
         assert_eq!(run.code, 0, "{}", run.stderr);
-        count(
-            &data.join("state.db"),
-            "SELECT count(*) FROM events WHERE event_type = 'NodeRegistrationResultEvent'",
-        )
+        published(data, "NodeRegistrationResultEvent", None).len()
     };
     // 5 nodes registering twice and the registry once: 11 results, 6 keys.
     assert_eq!(
@@ -448,6 +449,34 @@ fn an_operation_can_template_its_idempotency_key() {
         11
     );
     assert_eq!(results(&contracts, &data), 6);
+}
+
+/// A run fed its own event log would read what it appends without end: refused, with
+/// the reason.
+#[test]
+fn a_run_refuses_to_read_its_own_event_log() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (first, _) = run(dir.path(), &["--demo", "2"]);
+    assert_eq!(first.code, 0, "{}", first.stderr);
+    let log = dir.path().join("event-log.jsonl");
+    let again = onex(&[
+        "run",
+        "--contract",
+        "contracts/",
+        "--until-idle",
+        "--listen",
+        "off",
+        "--data-dir",
+        path_str(dir.path()),
+        "--events",
+        path_str(&log),
+    ]);
+    assert_eq!(again.code, 2, "{}", again.stderr);
+    assert!(
+        again.stderr.contains("is this runtime's own event log"),
+        "{}",
+        again.stderr
+    );
 }
 
 /// State files of earlier versions kept processed ids in a table of their own; a
@@ -508,13 +537,16 @@ fn a_killed_runtime_resumes_without_loss_or_duplicates() {
     );
     assert_eq!(registration["busy"], 0);
     assert_each_node_registered_once(&state, 300);
-    let results = query(
-        &state,
-        "SELECT entity_id, count(*) FROM events WHERE event_type = 'NodeRegistrationResultEvent' AND entity_id LIKE '00000000-%' GROUP BY entity_id",
-    );
+    let mut results: BTreeMap<String, usize> = BTreeMap::new();
+    for event in published(dir.path(), "NodeRegistrationResultEvent", None) {
+        let entity = event["entity_id"].as_str().expect("entity_id");
+        if entity.starts_with("00000000-") {
+            *results.entry(entity.to_owned()).or_default() += 1;
+        }
+    }
     assert_eq!(results.len(), 300, "a node without its result event");
     assert!(
-        results.iter().all(|r| r[1] == 1),
+        results.values().all(|&n| n == 1),
         "a duplicated result event: {results:?}"
     );
     let data = dir.path().join("data.db");
@@ -588,11 +620,15 @@ async fn an_effect_in_flight_at_a_kill_is_called_again_after_the_restart() {
         "the same call"
     );
     // Completed by the call run again, not by the settle timeout and a retry.
-    let outcomes = query(
-        &dir.path().join("state.db"),
-        "SELECT json_extract(envelope, '$.payload.outcome') FROM events WHERE event_type = 'NodeRegistrationResultEvent' AND entity_id = '00000000-0000-4000-8000-000000000007'",
-    );
-    assert_eq!(outcomes, vec![vec![json!("complete")]]);
+    let outcomes: Vec<Value> = published(
+        dir.path(),
+        "NodeRegistrationResultEvent",
+        Some("00000000-0000-4000-8000-000000000007"),
+    )
+    .iter()
+    .map(|e| e["payload"]["outcome"].clone())
+    .collect();
+    assert_eq!(outcomes, vec![json!("complete")]);
     // The database backend had answered before the kill and was not called again.
     let data = dir.path().join("data.db");
     assert_eq!(
@@ -872,15 +908,20 @@ async fn consul_stand_in_sees_exact_requests_and_a_failure_is_partial_then_recov
         "the failures were retried: {registrations:#?}"
     );
 
-    let state = dir.path().join("state.db");
-    let outcomes = query(
-        &state,
-        "SELECT json_extract(envelope, '$.payload.outcome') FROM events WHERE event_type = 'NodeRegistrationResultEvent' AND entity_id = '00000000-0000-4000-8000-000000000007' ORDER BY rowid",
-    );
-    let outcomes: Vec<&str> = outcomes
-        .iter()
-        .map(|r| r[0].as_str().expect("outcome"))
-        .collect();
+    let outcomes: Vec<String> = published(
+        dir.path(),
+        "NodeRegistrationResultEvent",
+        Some("00000000-0000-4000-8000-000000000007"),
+    )
+    .iter()
+    .map(|e| {
+        e["payload"]["outcome"]
+            .as_str()
+            .expect("outcome")
+            .to_owned()
+    })
+    .collect();
+    let outcomes: Vec<&str> = outcomes.iter().map(String::as_str).collect();
     assert_eq!(outcomes.first(), Some(&"partial"), "{outcomes:?}");
     assert_eq!(outcomes.last(), Some(&"complete"), "{outcomes:?}");
     // The database backend succeeded the first time and was not repeated.
@@ -943,9 +984,14 @@ fn copy_dir(from: &Path, to: &Path) {
 }
 
 fn wait_for(file: &Path, sql: &'static str, want: i64) -> bool {
+    eventually(|| file.exists() && count(file, sql) == want)
+}
+
+/// Whether `condition` comes true within 20 s.
+fn eventually(mut condition: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
-        if file.exists() && count(file, sql) == want {
+        if condition() {
             return true;
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -984,7 +1030,6 @@ fn a_silent_node_expires_and_a_heartbeat_brings_it_back() {
     let mut stdin = child.0.stdin.take().expect("stdin");
     writeln!(stdin, "{}", node(5)).expect("write");
     stdin.flush().expect("flush");
-    let state = data.join("state.db");
     let registry = data.join("data.db");
     let expired = wait_for(
         &registry,
@@ -996,11 +1041,15 @@ fn a_silent_node_expires_and_a_heartbeat_brings_it_back() {
         "SELECT count(*) FROM service_catalog WHERE id = 'onex-effect-00000000-0000-4000-8000-000000000005'",
         0,
     );
-    let announced = wait_for(
-        &state,
-        "SELECT count(*) FROM events WHERE event_type = 'NodeLivenessExpired' AND entity_id = '00000000-0000-4000-8000-000000000005'",
-        1,
-    );
+    let announced = eventually(|| {
+        published(
+            &data,
+            "NodeLivenessExpired",
+            Some("00000000-0000-4000-8000-000000000005"),
+        )
+        .len()
+            == 1
+    });
     let heartbeat = json!({
         "message_id": "hb-1", "event_type": "NodeHeartbeatEvent",
         "payload": {"node_id": node_id(5), "node_type": "effect", "node_version": "1.2.0", "uptime_seconds": 60, "active_operations_count": 0}

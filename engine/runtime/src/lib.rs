@@ -10,6 +10,7 @@ pub mod cpu;
 pub mod demo;
 pub mod effects;
 pub mod envelope;
+pub mod event_log;
 pub mod handler;
 pub mod intent;
 pub mod metrics;

@@ -6,7 +6,7 @@ use std::borrow::Cow;
 use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -107,6 +107,8 @@ pub struct Summary {
     pub handlers: BTreeMap<String, String>,
     pub bus: String,
     pub state: String,
+    /// The log of published events (JSON Lines).
+    pub event_log: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub listen: Option<String>,
     /// CPU time of the whole process, start-up and demo included (Linux only).
@@ -187,6 +189,7 @@ pub async fn run(
     let started = Instant::now();
     let project = Arc::new(project);
     let (store, writer) = Store::open(&options.data_dir).await?;
+    refuse_own_event_log(&options.sources, store.event_log_path())?;
     let runtime_id = match store.meta("runtime_id").await? {
         Some(id) => id,
         None => {
@@ -354,6 +357,25 @@ pub async fn run(
     // Everything is committed (flushed above); the writer ends with the process.
     drop(writer);
     Ok(summary)
+}
+
+/// Reading the event log while this run appends to it would feed the runtime its own
+/// output without end.
+fn refuse_own_event_log(sources: &[Source], event_log: &Path) -> Result<(), String> {
+    let Ok(event_log) = event_log.canonicalize() else {
+        return Ok(());
+    };
+    for source in sources {
+        if let Source::File(path) = source
+            && path.canonicalize().is_ok_and(|p| p == event_log)
+        {
+            return Err(format!(
+                "{} is this runtime's own event log, which the run appends to; copy it elsewhere to feed it back",
+                path.display()
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Idle: nothing outstanding, twice in a row a tick apart, so that a message handed
@@ -746,6 +768,7 @@ async fn summarise(
         handlers,
         bus: shared.bus.describe(),
         state: shared.store.path().display().to_string(),
+        event_log: shared.store.event_log_path().display().to_string(),
         listen: listen.map(|a| a.to_string()),
         cpu: crate::cpu::read(outcomes),
     })

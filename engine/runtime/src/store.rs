@@ -1,6 +1,7 @@
 //! The runtime's own state, in one SQLite file under `--data-dir` (`state.db`):
-//! instance snapshots (each with the latest message ids it took), dead letters and
-//! the log of published events. Writes go to one writer thread with its own connection, which commits them
+//! instance snapshots (each with the latest message ids it took) and dead letters;
+//! beside it, the log of published events (`event-log.jsonl`, [`crate::event_log`]).
+//! Writes go to one writer thread with its own connection, which commits them
 //! in batches (one transaction per batch, the last snapshot of an instance winning),
 //! so that many instances advancing at once cost few fsyncs. Reads (at start, for the
 //! summary and the `state` and `dlq` commands) go through sqlx. A batch is atomic: a snapshot, the
@@ -22,6 +23,7 @@ use sqlx::sqlite::{
 use tokio::sync::oneshot;
 
 use crate::envelope::Envelope;
+use crate::event_log::{EVENT_LOG_FILE, EventLog};
 
 pub const STATE_FILE: &str = "state.db";
 /// Writes per transaction at most; more wait for the next one. Above the ~12,000
@@ -63,14 +65,6 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     message_id TEXT,
     source     TEXT NOT NULL,
     raw        TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS events (
-    message_id TEXT PRIMARY KEY,
-    at         TEXT NOT NULL,
-    topic      TEXT,
-    event_type TEXT NOT NULL,
-    entity_id  TEXT,
-    envelope   TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
@@ -136,6 +130,7 @@ pub struct Store {
     flush_asked: Arc<AtomicBool>,
     writer_thread: std::thread::Thread,
     path: PathBuf,
+    event_log: PathBuf,
 }
 
 /// A stored instance.
@@ -176,13 +171,15 @@ impl Store {
             .await
             .map_err(|e| format!("cannot prepare {}: {e}", path.display()))?;
         let connection = open_writer(&path)?;
+        let log = EventLog::open(&data_dir.join(EVENT_LOG_FILE))?;
+        let event_log = log.path().to_owned();
         let (writer, receiver) = std::sync::mpsc::channel();
         let flush_asked = Arc::new(AtomicBool::new(false));
         let thread = std::thread::Builder::new()
             .name("onex-state-db".into())
             .spawn({
                 let flush_asked = Arc::clone(&flush_asked);
-                move || write_loop(connection, receiver, &flush_asked)
+                move || write_loop(connection, log, receiver, &flush_asked)
             })
             .map_err(|e| format!("cannot start the state writer: {e}"))?;
         let store = Store {
@@ -191,6 +188,7 @@ impl Store {
             flush_asked,
             writer_thread: thread.thread().clone(),
             path,
+            event_log,
         };
         Ok((store, thread))
     }
@@ -210,6 +208,10 @@ impl Store {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    pub fn event_log_path(&self) -> &Path {
+        &self.event_log
     }
 
     pub fn write(&self, write: Write) {
@@ -330,6 +332,7 @@ pub async fn dead_letters(pool: &SqlitePool) -> Result<Vec<DeadLetter>, String> 
 /// meanwhile.
 fn write_loop(
     mut connection: rusqlite::Connection,
+    mut log: EventLog,
     receiver: std::sync::mpsc::Receiver<Write>,
     flush_asked: &AtomicBool,
 ) {
@@ -353,6 +356,9 @@ fn write_loop(
             // The state file is unusable (disk full, deleted): say so loudly; the
             // batch stays unprocessed and will be redone after a restart.
             tracing::error!(error = %e, "cannot write runtime state");
+        }
+        if let Err(e) = append_events(&mut log, &batch) {
+            tracing::error!(path = %log.path().display(), error = %e, "cannot write the event log");
         }
         batch.clear();
         for done in flushes.drain(..) {
@@ -420,10 +426,6 @@ fn commit(connection: &mut rusqlite::Connection, batch: &[Write]) -> rusqlite::R
         let mut keep = tx.prepare_cached(
             "INSERT INTO dead_letters (at, stage, reason, event_type, message_id, source, raw) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         )?;
-        let mut log = tx.prepare_cached(
-            "INSERT OR IGNORE INTO events (message_id, at, topic, event_type, entity_id, envelope) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        )?;
-        let mut text = Vec::new();
         for write in batch {
             match write {
                 Write::Changes(changes) => {
@@ -434,24 +436,22 @@ fn commit(connection: &mut rusqlite::Connection, batch: &[Write]) -> rusqlite::R
                 Write::DeadLetter(d) => {
                     keep.execute(dead_letter_row(d))?;
                 }
-                Write::Event(e) => {
-                    text.clear();
-                    // Plain data with string keys; serialising it cannot fail.
-                    let _ = serde_json::to_writer(&mut text, e);
-                    log.execute((
-                        &e.message_id,
-                        &now,
-                        &e.topic,
-                        &e.event_type,
-                        &e.entity_id,
-                        std::str::from_utf8(&text).unwrap_or_default(),
-                    ))?;
-                }
-                Write::Flush(_) => {} // taken out by the write loop
+                // Written by `append_events`; a flush is taken out by the write loop.
+                Write::Event(_) | Write::Flush(_) => {}
             }
         }
     }
     tx.commit()
+}
+
+/// Appends the batch's published events to the log and hands them to the file.
+fn append_events(log: &mut EventLog, batch: &[Write]) -> std::io::Result<()> {
+    for write in batch {
+        if let Write::Event(envelope) = write {
+            log.append(envelope)?;
+        }
+    }
+    log.flush()
 }
 
 type DeadLetterRow<'a> = (

@@ -1,0 +1,169 @@
+//! The log of published events: one envelope per line, as JSON, in `event-log.jsonl` beside
+//! the state file. The state store's writer thread appends to it and writes it out with
+//! each of its commits. It was a table of the state file until the ninth round of
+//! docs/performance.md: rows of ~500 bytes under a unique index were half that thread's
+//! time. A line file is what `jq`, `grep` and `tail -f` read, and what a bus would hand on.
+//!
+//! A message published again (an intent repeated by a retry or after a restart; its id
+//! is derived from the intent's idempotency key) is logged once: the ids of the latest
+//! [`REMEMBERED`] messages are kept, and read back from the end of the file when it is
+//! opened. A line cut short by a crash is ended, so the next one starts on a line of its
+//! own; readers skip a line that does not parse.
+
+use std::collections::{HashSet, VecDeque};
+use std::fs::{File, OpenOptions};
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::envelope::Envelope;
+
+pub const EVENT_LOG_FILE: &str = "event-log.jsonl";
+/// Message ids remembered against repeats: far more than are in flight at once (at
+/// most a few thousand units of work), so a repeat after a restart is still caught.
+const REMEMBERED: usize = 65_536;
+/// How much of the file's end is read back for those ids (lines are ~500 bytes).
+const TAIL_BYTES: u64 = 48 << 20;
+const BUFFER_BYTES: usize = 256 << 10;
+
+#[derive(Debug)]
+pub struct EventLog {
+    path: PathBuf,
+    file: BufWriter<File>,
+    seen: HashSet<Arc<str>>,
+    order: VecDeque<Arc<str>>,
+}
+
+#[derive(serde::Deserialize)]
+struct LoggedId {
+    message_id: String,
+}
+
+impl EventLog {
+    /// Opens (creating) the log and remembers the ids at its end.
+    pub fn open(path: &Path) -> Result<EventLog, String> {
+        let cannot = |e: std::io::Error| format!("cannot open {}: {e}", path.display());
+        let mut file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(path)
+            .map_err(cannot)?;
+        let length = file.metadata().map_err(cannot)?.len();
+        let start = length.saturating_sub(TAIL_BYTES);
+        file.seek(SeekFrom::Start(start)).map_err(cannot)?;
+        let mut tail = Vec::new();
+        file.read_to_end(&mut tail).map_err(cannot)?;
+        let mut log = EventLog {
+            path: path.to_owned(),
+            file: BufWriter::with_capacity(BUFFER_BYTES, file),
+            seen: HashSet::new(),
+            order: VecDeque::new(),
+        };
+        let mut lines = tail.split(|&b| b == b'\n');
+        if start > 0 {
+            lines.next(); // begun mid-line
+        }
+        for line in lines {
+            if let Ok(logged) = serde_json::from_slice::<LoggedId>(line) {
+                log.remember(&logged.message_id);
+            }
+        }
+        if tail.last().is_some_and(|&b| b != b'\n') {
+            log.file.write_all(b"\n").map_err(cannot)?;
+        }
+        Ok(log)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Appends the envelope unless its message is logged already.
+    pub fn append(&mut self, envelope: &Envelope) -> std::io::Result<()> {
+        if !self.remember(&envelope.message_id) {
+            return Ok(());
+        }
+        serde_json::to_writer(&mut self.file, envelope)?;
+        self.file.write_all(b"\n")
+    }
+
+    /// Hands what is buffered to the file.
+    pub fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
+
+    /// False when `id` is one of the ids remembered already.
+    fn remember(&mut self, id: &str) -> bool {
+        if self.seen.contains(id) {
+            return false;
+        }
+        if self.order.len() == REMEMBERED
+            && let Some(oldest) = self.order.pop_front()
+        {
+            self.seen.remove(&oldest);
+        }
+        let id: Arc<str> = Arc::from(id);
+        self.seen.insert(Arc::clone(&id));
+        self.order.push_back(id);
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{Value, json};
+
+    fn envelope(id: &str) -> Envelope {
+        serde_json::from_value(json!({
+            "message_id": id,
+            "event_type": "Happened",
+            "emitted_at": "2026-11-22T00:00:00Z",
+            "payload": {"n": 1}
+        }))
+        .expect("envelope")
+    }
+
+    fn lines(path: &Path) -> Vec<Value> {
+        std::fs::read_to_string(path)
+            .expect("log")
+            .lines()
+            .filter_map(|line| serde_json::from_str(line).ok())
+            .collect()
+    }
+
+    #[test]
+    fn a_message_is_logged_once_even_across_a_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(EVENT_LOG_FILE);
+        let mut log = EventLog::open(&path).expect("open");
+        log.append(&envelope("a")).expect("a");
+        log.append(&envelope("b")).expect("b");
+        log.append(&envelope("a")).expect("a again");
+        log.flush().expect("flush");
+        drop(log);
+        let mut log = EventLog::open(&path).expect("reopen");
+        log.append(&envelope("b")).expect("b after the reopen");
+        log.append(&envelope("c")).expect("c");
+        log.flush().expect("flush");
+        let ids: Vec<Value> = lines(&path)
+            .into_iter()
+            .map(|l| l["message_id"].clone())
+            .collect();
+        assert_eq!(ids, vec![json!("a"), json!("b"), json!("c")]);
+    }
+
+    #[test]
+    fn a_line_cut_short_is_ended_before_the_next() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(EVENT_LOG_FILE);
+        std::fs::write(&path, "{\"message_id\": \"a\", \"event_ty").expect("torn log");
+        let mut log = EventLog::open(&path).expect("open");
+        log.append(&envelope("b")).expect("b");
+        log.flush().expect("flush");
+        let text = std::fs::read_to_string(&path).expect("log");
+        assert_eq!(text.lines().count(), 2, "{text}");
+        assert_eq!(lines(&path)[0]["message_id"], "b");
+    }
+}
