@@ -54,21 +54,28 @@ fn write_events(dir: &Path, lines: &[String]) -> String {
     path_str(&path).to_owned()
 }
 
-fn run(data: &Path, extra: &[&str]) -> (Run, Value) {
+/// `onex run` of the repository's contracts until idle, with its state in `data`
+/// and the human summary unless `extra` asks otherwise.
+fn run_human(data: &Path, extra: &[&str]) -> Run {
     let mut args = vec![
         "run",
         "--contract",
         "contracts/",
         "--until-idle",
-        "--format",
-        "json",
         "--listen",
         "off",
         "--data-dir",
         path_str(data),
     ];
     args.extend_from_slice(extra);
-    let run = onex(&args);
+    onex(&args)
+}
+
+/// The same with `--format json`: the run and its summary.
+fn run(data: &Path, extra: &[&str]) -> (Run, Value) {
+    let mut args = vec!["--format", "json"];
+    args.extend_from_slice(extra);
+    let run = run_human(data, &args);
     let summary: Value = serde_json::from_str(run.stdout.trim())
         .unwrap_or_else(|e| panic!("summary is not JSON ({e}): {}\n{}", run.stdout, run.stderr));
     (run, summary)
@@ -255,18 +262,7 @@ fn the_demo_registers_every_node_and_loses_none() {
         "{rows:?}"
     );
 
-    let human = onex(&[
-        "run",
-        "--contract",
-        "contracts/",
-        "--until-idle",
-        "--listen",
-        "off",
-        "--data-dir",
-        path_str(dir.path()),
-        "--demo",
-        "3",
-    ]);
+    let human = run_human(dir.path(), &["--demo", "3"]);
     assert!(
         human
             .stdout
@@ -459,18 +455,7 @@ fn a_run_refuses_to_read_its_own_event_log() {
     let (first, _) = run(dir.path(), &["--demo", "2"]);
     assert_eq!(first.code, 0, "{}", first.stderr);
     let log = dir.path().join("event-log.jsonl");
-    let again = onex(&[
-        "run",
-        "--contract",
-        "contracts/",
-        "--until-idle",
-        "--listen",
-        "off",
-        "--data-dir",
-        path_str(dir.path()),
-        "--events",
-        path_str(&log),
-    ]);
+    let again = run_human(dir.path(), &["--events", path_str(&log)]);
     assert_eq!(again.code, 2, "{}", again.stderr);
     assert!(
         again.stderr.contains("is this runtime's own event log"),
