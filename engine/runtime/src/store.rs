@@ -352,13 +352,17 @@ fn write_loop(
                 next = receiver.try_recv().ok();
             }
         }
+        // The events first: a snapshot committed before the events its run published
+        // were logged would, after a crash in between, never publish them again (the
+        // run is done); the other way round, the run is redone and its repeats are
+        // recognised in the log.
+        if let Err(e) = append_events(&mut log, &batch) {
+            tracing::error!(path = %log.path().display(), error = %e, "cannot write the event log");
+        }
         if let Err(e) = commit(&mut connection, &batch) {
             // The state file is unusable (disk full, deleted): say so loudly; the
             // batch stays unprocessed and will be redone after a restart.
             tracing::error!(error = %e, "cannot write runtime state");
-        }
-        if let Err(e) = append_events(&mut log, &batch) {
-            tracing::error!(path = %log.path().display(), error = %e, "cannot write the event log");
         }
         batch.clear();
         for done in flushes.drain(..) {
