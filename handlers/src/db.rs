@@ -225,7 +225,7 @@ fn checkpoints(path: &Path, nudges: &mpsc::Receiver<()>) {
                 .ok();
         }
         if let Some(connection) = &connection
-            && let Err(e) = checkpoint(connection, RESTART_LOG_AT)
+            && let Err(e) = checkpoint(connection)
         {
             tracing::warn!(path = %path.display(), error = %e, "checkpoint failed; the next one retries");
         }
@@ -238,12 +238,13 @@ fn checkpoints(path: &Path, nudges: &mpsc::Receiver<()>) {
 /// checkpoint holds the writer back while it copies what is left and syncs the file
 /// (about 5 µs a page here), so a second passive one first copies the pages
 /// committed during the first, and what is left is a few milliseconds' worth.
-fn checkpoint(connection: &Connection, restart_at: i64) -> rusqlite::Result<()> {
-    let passive = |c: &Connection| -> rusqlite::Result<i64> {
-        c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| row.get(1))
+fn checkpoint(connection: &Connection) -> rusqlite::Result<()> {
+    // The second column of the answer: pages in the log.
+    let passive = || -> rusqlite::Result<i64> {
+        connection.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| row.get(1))
     };
-    if passive(connection)? >= restart_at {
-        passive(connection)?;
+    if passive()? >= RESTART_LOG_AT {
+        passive()?;
         connection.query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(()))?;
     }
     Ok(())

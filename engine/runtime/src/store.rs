@@ -43,7 +43,9 @@ const COMMIT_INTERVAL: Duration = Duration::from_millis(200);
 /// is copied once, so a longer log means fewer writes for the many small random
 /// updates of instance rows: less work for this thread and less disk traffic beside
 /// the effects' database (the p99 of a paced run fell with it). The log file keeps
-/// its largest size, up to 64 MiB.
+/// its largest size, up to 64 MiB. No workflow waits for this writer, so its
+/// checkpoints stay in its commits; the data file's, which effects wait behind, run
+/// on a thread of their own (onex-handlers' `db`).
 const CHECKPOINT_PAGES: u32 = 16000;
 
 const SCHEMA: &str = "
