@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use onex_runtime::bus::Bus;
-use onex_runtime::envelope::Envelope;
+use onex_runtime::envelope::{Envelope, name_based_id};
 use onex_runtime::handler::{BoxFuture, Call, Failure, Handler, Outcome};
 use serde_json::{Value, json};
 
@@ -45,9 +45,7 @@ impl Handler for KafkaHandler {
                 .or(topic.as_deref())
                 .unwrap_or("event")
                 .to_owned();
-            let message_id =
-                uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, call.idempotency_key.as_bytes())
-                    .to_string();
+            let message_id = name_based_id(call.idempotency_key.as_bytes());
             let envelope = Envelope {
                 message_id: message_id.clone(),
                 event_type,

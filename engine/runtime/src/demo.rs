@@ -141,11 +141,7 @@ impl Pacer {
 }
 
 fn entity_uuid(index: usize) -> String {
-    uuid::Uuid::new_v5(
-        &uuid::Uuid::NAMESPACE_OID,
-        format!("onex-demo-entity/{index}").as_bytes(),
-    )
-    .to_string()
+    crate::envelope::name_based_id(format!("onex-demo-entity/{index}").as_bytes())
 }
 
 fn publish(

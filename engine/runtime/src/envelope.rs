@@ -28,6 +28,23 @@ pub struct Envelope {
     pub payload: Arc<Value>,
 }
 
+/// The name-based (version 5, OID namespace) UUID of `name`, as text: the id
+/// `uuid::Uuid::new_v5` gives, from a SHA-1 that uses the CPU's SHA instructions.
+/// Deterministic ids are what let a redone run's events be recognised.
+pub fn name_based_id(name: &[u8]) -> String {
+    use sha1::Digest;
+    let mut hasher = sha1::Sha1::new();
+    hasher.update(uuid::Uuid::NAMESPACE_OID.as_bytes());
+    hasher.update(name);
+    let digest = hasher.finalize();
+    let mut bytes = [0; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    let id = uuid::Builder::from_sha1_bytes(bytes).into_uuid();
+    id.hyphenated()
+        .encode_lower(&mut uuid::Uuid::encode_buffer())
+        .to_owned()
+}
+
 impl Envelope {
     /// Reads one JSON Lines record; the error says what is wrong in words a person
     /// can act on.
@@ -88,6 +105,22 @@ impl Record for Envelope {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn name_based_ids_are_the_uuid_crates_v5_ids() {
+        for name in ["", "onex-demo-entity/0", "a/SomethingHappened/1/", "ü €"] {
+            let expected = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, name.as_bytes());
+            assert_eq!(
+                name_based_id(name.as_bytes()),
+                expected.to_string(),
+                "{name:?}"
+            );
+        }
+        // Longer than one SHA-1 block, so the hash's block loop runs more than once.
+        let long = "x".repeat(200);
+        let expected = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, long.as_bytes());
+        assert_eq!(name_based_id(long.as_bytes()), expected.to_string());
+    }
 
     #[test]
     fn decoding_explains_what_is_wrong() {

@@ -569,7 +569,7 @@ pub fn render_event(
                     .unwrap_or_default(),
                 cause.map(|c| c.message_id.as_str()).unwrap_or("")
             );
-            uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, seed.as_bytes()).to_string()
+            crate::envelope::name_based_id(seed.as_bytes())
         }
         None => uuid::Uuid::new_v4().to_string(),
     };

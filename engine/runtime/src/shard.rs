@@ -222,7 +222,8 @@ impl Shard {
                 key: key.clone(),
                 state: snapshot.state.to_string(),
                 outcome: slot.outcome.clone(),
-                snapshot: serde_json::to_string(&snapshot).unwrap_or_default(),
+                // sonic-rs: the text of snapshots is the shards' largest output.
+                snapshot: sonic_rs::to_string(&snapshot).unwrap_or_default(),
             });
             slot.unsaved = None;
         }
@@ -487,6 +488,8 @@ impl Shard {
         // Taken, not cloned: the step's context is let go of once the calls are
         // rendered, so that results written into the context later need not copy it.
         if let Some(shared) = self.record.step.take() {
+            // The intents of one step are emitted together: one time for all of them.
+            let mut emitted_at: Option<String> = None;
             for intent in &self.record.intents {
                 let action = machine.action(intent.action);
                 self.counters
@@ -507,7 +510,9 @@ impl Shard {
                             idempotency_key: intent_key.clone(),
                             correlation_id: shared.correlation_id.clone(),
                             causation_id: shared.causation_id.clone(),
-                            emitted_at: jiff::Timestamp::now().to_string(),
+                            emitted_at: emitted_at
+                                .get_or_insert_with(|| jiff::Timestamp::now().to_string())
+                                .clone(),
                             config: action.config.clone(),
                         });
                         let input = Arc::clone(&shared.context);

@@ -321,7 +321,8 @@ fn render_at(template: &Template, scope: &minijinja::Value) -> Result<Value, Tem
         Kind::Literal(value) => Ok(value.clone()),
         Kind::Expr(expression) => expression.to_json(scope).map_err(fail),
         Kind::Text(segments) => {
-            let mut out = String::new();
+            // Room for the usual id or name without growing the string step by step.
+            let mut out = String::with_capacity(64);
             for segment in segments {
                 match segment {
                     Segment::Literal(text) => out.push_str(text),
