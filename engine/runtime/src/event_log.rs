@@ -161,6 +161,24 @@ mod tests {
     }
 
     #[test]
+    fn every_string_comes_back_as_it_was_written() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(EVENT_LOG_FILE);
+        let awkward = "quote \" backslash \\ newline \n tab \t nul \u{0} bell \u{7} \
+                       del \u{7f} line separator \u{2028} é 😀 </script>";
+        let mut written = envelope(awkward);
+        written.payload =
+            Arc::new(json!({awkward: [awkward, 1.5, -2, u64::MAX, null, {"": awkward}]}));
+        let mut log = EventLog::open(&path).expect("open");
+        log.append(&written).expect("append");
+        log.flush().expect("flush");
+        let text = std::fs::read_to_string(&path).expect("log");
+        assert_eq!(text.lines().count(), 1, "one line: {text}");
+        let read: Envelope = serde_json::from_str(text.trim_end()).expect("the line parses");
+        assert_eq!(read, written);
+    }
+
+    #[test]
     fn a_line_cut_short_is_ended_before_the_next() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join(EVENT_LOG_FILE);
