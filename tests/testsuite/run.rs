@@ -166,26 +166,43 @@ fn query_here(file: &Path, sql: &'static str) -> Result<Vec<Vec<Value>>, String>
     })
 }
 
-/// Runs SQL statements that change the file (setting up a file of an earlier version).
-fn rewrite(file: &Path, sql: &'static str) {
-    block_on(async {
-        let url = format!("sqlite://{}?mode=rw", file.display());
-        let pool = sqlx::SqlitePool::connect(&url).await.expect("open");
-        sqlx::raw_sql(sql).execute(&pool).await.expect(sql);
-        pool.close().await;
-    });
+/// The stored instances of a data directory: the latest line of each in its record
+/// log (`{reducer, key, state, outcome, snapshot}`), ordered by reducer and key. A
+/// line that does not parse (one a running `onex` is writing) is skipped.
+fn stored(data_dir: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(data_dir.join("instances.jsonl")).unwrap_or_default();
+    let mut latest: BTreeMap<(String, String), Value> = BTreeMap::new();
+    for line in text.lines() {
+        if let Ok(record) = serde_json::from_str::<Value>(line) {
+            let id = (record["reducer"].to_string(), record["key"].to_string());
+            latest.insert(id, record);
+        }
+    }
+    latest.into_values().collect()
+}
+
+/// The stored instances of the registration reducer.
+fn stored_registrations(data_dir: &Path) -> Vec<Value> {
+    let mut all = stored(data_dir);
+    all.retain(|i| i["reducer"] == REGISTRATION);
+    all
 }
 
 /// The event-file nodes (`node(n)`, keys `00000000-...`) each ran the registration
 /// workflow to its end exactly once.
-fn assert_each_node_registered_once(state: &Path, nodes: usize) {
-    let runs = query(
-        state,
-        "SELECT key, json_extract(snapshot, '$.completed_runs') FROM instances WHERE reducer = 'registration' AND key LIKE '00000000-%'",
-    );
+fn assert_each_node_registered_once(data_dir: &Path, nodes: usize) {
+    let runs: Vec<(Value, Value)> = stored_registrations(data_dir)
+        .into_iter()
+        .filter(|i| {
+            i["key"]
+                .as_str()
+                .is_some_and(|k| k.starts_with("00000000-"))
+        })
+        .map(|i| (i["key"].clone(), i["snapshot"]["completed_runs"].clone()))
+        .collect();
     assert_eq!(runs.len(), nodes);
     assert!(
-        runs.iter().all(|r| r[1] == 1),
+        runs.iter().all(|(_, completed)| *completed == 1),
         "a node registered twice: {runs:?}"
     );
 }
@@ -377,8 +394,7 @@ fn a_duplicated_event_registers_once() {
         summary["events"]["duplicates"], 4,
         "two repeats, each skipped by both reducers: {summary}"
     );
-    let state = dir.path().join("state.db");
-    assert_each_node_registered_once(&state, 2);
+    assert_each_node_registered_once(dir.path(), 2);
     let results = published(
         dir.path(),
         "NodeRegistrationResultEvent",
@@ -473,19 +489,22 @@ fn processed_ids_of_an_earlier_state_file_are_still_recognised() {
     let events = write_events(dir.path(), &lines);
     let (first, _) = run(dir.path(), &["--events", &events]);
     assert_eq!(first.code, 0, "{}", first.stderr);
-    let state = dir.path().join("state.db");
-    rewrite(
-        &state,
-        "CREATE TABLE processed (reducer TEXT NOT NULL, key TEXT NOT NULL, message_id TEXT NOT NULL, PRIMARY KEY (reducer, key, message_id));
-         INSERT INTO processed SELECT instances.reducer, instances.key, ids.value FROM instances, json_each(snapshot, '$.processed') AS ids;
-         UPDATE instances SET snapshot = json_remove(snapshot, '$.processed');",
-    );
+    write_earlier_state_file(dir.path());
+    assert!(!dir.path().join("instances.jsonl").exists());
+    let listed = onex(&[
+        "state",
+        "list",
+        "--data-dir",
+        path_str(dir.path()),
+        "--format",
+        "json",
+    ]);
+    assert_eq!(listed.code, 0, "{}", listed.stderr);
     assert_eq!(
-        count(
-            &state,
-            "SELECT count(*) FROM instances WHERE json_extract(snapshot, '$.processed') IS NOT NULL"
-        ),
-        0
+        listed.stdout.lines().count(),
+        12,
+        "`state list` reads the earlier table: 5 nodes and the registry, 2 reducers: {}",
+        listed.stdout
     );
     let (again, summary) = run(dir.path(), &["--events", &events]);
     assert_eq!(again.code, 0, "{}", again.stderr);
@@ -493,7 +512,63 @@ fn processed_ids_of_an_earlier_state_file_are_still_recognised() {
         summary["events"]["duplicates"], 10,
         "each of the 5 introspections is a repeat for both reducers: {summary}"
     );
-    assert_each_node_registered_once(&state, 5);
+    assert_each_node_registered_once(dir.path(), 5);
+    assert_eq!(
+        count(
+            &dir.path().join("state.db"),
+            "SELECT count(*) FROM sqlite_master WHERE name IN ('instances', 'processed')"
+        ),
+        1,
+        "the instances table is gone (its rows moved to the record log); `processed` stays"
+    );
+}
+
+/// Turns a data directory into what an earlier version left: snapshots, without their
+/// processed ids, as rows of an `instances` table, the ids in a `processed` table, no
+/// record log.
+fn write_earlier_state_file(data_dir: &Path) {
+    let instances = stored(data_dir);
+    let state = data_dir.join("state.db");
+    block_on(async {
+        let url = format!("sqlite://{}?mode=rw", state.display());
+        let pool = sqlx::SqlitePool::connect(&url).await.expect("open");
+        sqlx::raw_sql(
+            "CREATE TABLE instances (reducer TEXT NOT NULL, key TEXT NOT NULL, state TEXT NOT NULL, outcome TEXT, snapshot TEXT NOT NULL, updated_at TEXT NOT NULL, PRIMARY KEY (reducer, key));
+             CREATE TABLE processed (reducer TEXT NOT NULL, key TEXT NOT NULL, message_id TEXT NOT NULL, PRIMARY KEY (reducer, key, message_id));",
+        )
+        .execute(&pool)
+        .await
+        .expect("earlier tables");
+        for instance in &instances {
+            let mut snapshot = instance["snapshot"].clone();
+            let processed = snapshot
+                .as_object_mut()
+                .and_then(|s| s.remove("processed"))
+                .unwrap_or_default();
+            for id in processed.as_array().into_iter().flatten() {
+                sqlx::query("INSERT INTO processed VALUES (?1, ?2, ?3)")
+                    .bind(instance["reducer"].as_str())
+                    .bind(instance["key"].as_str())
+                    .bind(id.as_str())
+                    .execute(&pool)
+                    .await
+                    .expect("processed row");
+            }
+            sqlx::query(
+                "INSERT INTO instances VALUES (?1, ?2, ?3, ?4, ?5, '2026-01-01T00:00:00Z')",
+            )
+            .bind(instance["reducer"].as_str())
+            .bind(instance["key"].as_str())
+            .bind(instance["state"].as_str())
+            .bind(instance["outcome"].as_str())
+            .bind(snapshot.to_string())
+            .execute(&pool)
+            .await
+            .expect("instance row");
+        }
+        pool.close().await;
+    });
+    std::fs::remove_file(data_dir.join("instances.jsonl")).expect("no record log");
 }
 
 /// Kill the runtime (SIGKILL) in the middle of a stream, restart it on the whole
@@ -503,15 +578,10 @@ fn a_killed_runtime_resumes_without_loss_or_duplicates() {
     let dir = tempfile::tempdir().expect("tempdir");
     let lines: Vec<String> = (1..=300).map(node).collect();
     let events = write_events(dir.path(), &lines);
-    let killed_with_some_stored = kill_once_stored(
-        dir.path(),
-        &[],
-        &lines[..150],
-        "SELECT count(*) FROM instances WHERE reducer = 'registration'",
-        50,
-    );
+    let killed_with_some_stored = kill_once_stored(dir.path(), &[], &lines[..150], |data| {
+        stored_registrations(data).len() >= 50
+    });
     assert!(killed_with_some_stored, "no instance was stored in time");
-    let state = dir.path().join("state.db");
 
     let (run, summary) = run(dir.path(), &["--events", &events]);
     assert_eq!(run.code, 0, "{}", run.stderr);
@@ -521,7 +591,7 @@ fn a_killed_runtime_resumes_without_loss_or_duplicates() {
         "300 nodes and the registry: {summary}"
     );
     assert_eq!(registration["busy"], 0);
-    assert_each_node_registered_once(&state, 300);
+    assert_each_node_registered_once(dir.path(), 300);
     let mut results: BTreeMap<String, usize> = BTreeMap::new();
     for event in published(dir.path(), "NodeRegistrationResultEvent", None) {
         let entity = event["entity_id"].as_str().expect("entity_id");
@@ -570,18 +640,24 @@ async fn an_effect_in_flight_at_a_kill_is_called_again_after_the_restart() {
     let address = consul.uri();
     let data = dir.path().to_owned();
     tokio::task::spawn_blocking(move || {
-        let saved_in_flight = kill_once_stored(
-            &data,
-            &["--consul", &address],
-            &[node(7)],
-            "SELECT count(*) FROM instances WHERE reducer = 'registration' AND key = '00000000-0000-4000-8000-000000000007' AND json_array_length(snapshot, '$.pending') > 0",
-            1,
-        );
+        let saved_in_flight =
+            kill_once_stored(&data, &["--consul", &address], &[node(7)], |data| {
+                stored_registrations(data).iter().any(|i| {
+                    i["key"] == "00000000-0000-4000-8000-000000000007"
+                        && i["snapshot"]["pending"]
+                            .as_array()
+                            .is_some_and(|p| !p.is_empty())
+                })
+            });
         assert!(saved_in_flight, "the busy instance was not saved in flight");
 
         let (run, summary) = run(&data, &["--events", &events, "--consul", &address]);
         assert_eq!(run.code, 0, "{}", run.stderr);
-        assert_eq!(reducer(&summary, REGISTRATION)["outcomes"]["complete"], 2, "{summary}");
+        assert_eq!(
+            reducer(&summary, REGISTRATION)["outcomes"]["complete"],
+            2,
+            "{summary}"
+        );
         assert_eq!(reducer(&summary, REGISTRATION)["busy"], 0, "{summary}");
         // Both reducers took the event before the kill; neither takes it again.
         assert_eq!(summary["events"]["duplicates"], 2, "{summary}");
@@ -632,8 +708,7 @@ fn kill_once_stored(
     data: &Path,
     extra: &[&str],
     lines: &[String],
-    stored: &'static str,
-    at_least: i64,
+    stored_enough: impl Fn(&Path) -> bool,
 ) -> bool {
     let mut args = vec![
         "run",
@@ -653,13 +728,11 @@ fn kill_once_stored(
         writeln!(stdin, "{line}").expect("write event");
     }
     stdin.flush().expect("flush");
-    let state = data.join("state.db");
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut reached = false;
     while !reached && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
-        // Until the runtime has created its tables, the query fails.
-        reached = try_query(&state, stored).is_ok_and(|rows| rows[0][0].as_i64() >= Some(at_least));
+        reached = stored_enough(data);
     }
     child.0.kill().expect("SIGKILL");
     child.0.wait().expect("reaped");

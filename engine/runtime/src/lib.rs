@@ -12,6 +12,7 @@ pub mod effects;
 pub mod envelope;
 pub mod event_log;
 pub mod handler;
+pub mod instance_log;
 pub mod intent;
 pub mod metrics;
 pub mod ops;

@@ -767,7 +767,7 @@ async fn summarise(
         demo,
         handlers,
         bus: shared.bus.describe(),
-        state: shared.store.path().display().to_string(),
+        state: shared.store.instance_log_path().display().to_string(),
         event_log: shared.store.event_log_path().display().to_string(),
         listen: listen.map(|a| a.to_string()),
         cpu: crate::cpu::read(outcomes),

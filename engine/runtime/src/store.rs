@@ -1,12 +1,17 @@
-//! The runtime's own state, in one SQLite file under `--data-dir` (`state.db`):
-//! instance snapshots (each with the latest message ids it took) and dead letters;
-//! beside it, the log of published events (`event-log.jsonl`, [`crate::event_log`]).
-//! Writes go to one writer thread with its own connection, which commits them
-//! in batches (one transaction per batch, the last snapshot of an instance winning),
-//! so that many instances advancing at once cost few fsyncs. Reads (at start, for the
-//! summary and the `state` and `dlq` commands) go through sqlx. A batch is atomic: a snapshot, the
-//! processed ids in it and the dead letters of the same messages land together or not
-//! at all, which is what makes a restart lose and duplicate nothing.
+//! The runtime's own state under `--data-dir`: instance snapshots, each with the
+//! latest message ids it took, in a record log (`instances.jsonl`,
+//! [`crate::instance_log`]); dead letters in a SQLite file (`state.db`); the log of
+//! published events (`event-log.jsonl`, [`crate::event_log`]). Writes go to one writer
+//! thread, which takes them in batches, at most one per [`COMMIT_INTERVAL`], so that
+//! many instances advancing at once cost few writes. Reads (at start, for the summary
+//! and the `state` and `dlq` commands) read the files.
+//!
+//! Each batch is written in an order that makes a crash between two of its writes
+//! harmless: first the events it published, then its dead letters (one transaction),
+//! then the snapshots that mark its messages processed. A crash before the snapshots
+//! redoes those messages after the restart; their events are recognised in the event
+//! log and their dead letters in the table (one per message, stage and reason), so a
+//! restart loses and duplicates nothing.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -24,40 +29,21 @@ use tokio::sync::oneshot;
 
 use crate::envelope::Envelope;
 use crate::event_log::{EVENT_LOG_FILE, EventLog};
+use crate::instance_log::{INSTANCE_LOG_FILE, InstanceLog};
 
 pub const STATE_FILE: &str = "state.db";
 /// Writes per transaction at most; more wait for the next one. Above the ~12,000
 /// that 200 ms bring at the load the runtime is built for (20,000 workflow runs a
 /// second, about three writes each).
 const BATCH: usize = 16384;
-/// Transactions start at most this often. Nothing waits for the runtime's own state
+/// Batches start at most this often. Nothing waits for the runtime's own state
 /// (effects and follow-ups go on meanwhile; a flush cuts the wait short), so a
-/// longer interval costs no latency and saves many small commits, each of which
-/// rewrites whole pages of every index: a page that several changes touch is written
-/// once per commit. 200 ms instead of 50 took the writer from 42-47 to 30-32 us per
-/// workflow run together with `CHECKPOINT_PAGES` (docs/performance.md). A crash
-/// redoes at most this much more work.
+/// longer interval costs no latency, and an instance that changes several times
+/// within it is written once, in its latest state (docs/performance.md, seventh
+/// round). A crash redoes at most this much more work.
 const COMMIT_INTERVAL: Duration = Duration::from_millis(200);
-/// Log pages (4 KiB) after which the writer copies the write-ahead log into the
-/// file; SQLite's default is 1,000. A page that changes again before the checkpoint
-/// is copied once, so a longer log means fewer writes for the many small random
-/// updates of instance rows: less work for this thread and less disk traffic beside
-/// the effects' database (the p99 of a paced run fell with it). The log file keeps
-/// its largest size, up to 64 MiB. No workflow waits for this writer, so its
-/// checkpoints stay in its commits; the data file's, which effects wait behind, run
-/// on a thread of their own (onex-handlers' `db`).
-const CHECKPOINT_PAGES: u32 = 16000;
 
 const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS instances (
-    reducer    TEXT NOT NULL,
-    key        TEXT NOT NULL,
-    state      TEXT NOT NULL,
-    outcome    TEXT,
-    snapshot   TEXT NOT NULL,
-    updated_at TEXT NOT NULL,
-    PRIMARY KEY (reducer, key)
-);
 CREATE TABLE IF NOT EXISTS dead_letters (
     id         INTEGER PRIMARY KEY AUTOINCREMENT,
     at         TEXT NOT NULL,
@@ -68,6 +54,7 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     source     TEXT NOT NULL,
     raw        TEXT NOT NULL
 );
+CREATE INDEX IF NOT EXISTS dead_letters_by_message ON dead_letters (message_id);
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -131,8 +118,8 @@ pub struct Store {
     /// Set, and the writer thread woken, when a flush wants the next commit now.
     flush_asked: Arc<AtomicBool>,
     writer_thread: std::thread::Thread,
-    path: PathBuf,
     event_log: PathBuf,
+    instance_log: PathBuf,
 }
 
 /// A stored instance.
@@ -175,13 +162,16 @@ impl Store {
         let connection = open_writer(&path)?;
         let log = EventLog::open(&data_dir.join(EVENT_LOG_FILE))?;
         let event_log = log.path().to_owned();
+        let mut instances = InstanceLog::open(&data_dir.join(INSTANCE_LOG_FILE))?;
+        migrate_instances_table(&pool, &mut instances).await?;
+        let instance_log = instances.path().to_owned();
         let (writer, receiver) = std::sync::mpsc::channel();
         let flush_asked = Arc::new(AtomicBool::new(false));
         let thread = std::thread::Builder::new()
             .name("onex-state-db".into())
             .spawn({
                 let flush_asked = Arc::clone(&flush_asked);
-                move || write_loop(connection, log, receiver, &flush_asked)
+                move || write_loop(connection, log, instances, receiver, &flush_asked)
             })
             .map_err(|e| format!("cannot start the state writer: {e}"))?;
         let store = Store {
@@ -189,8 +179,8 @@ impl Store {
             writer,
             flush_asked,
             writer_thread: thread.thread().clone(),
-            path,
             event_log,
+            instance_log,
         };
         Ok((store, thread))
     }
@@ -208,12 +198,13 @@ impl Store {
         connect(&path, false).await
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     pub fn event_log_path(&self) -> &Path {
         &self.event_log
+    }
+
+    /// The record log of instance snapshots: where the instances' state lives.
+    pub fn instance_log_path(&self) -> &Path {
+        &self.instance_log
     }
 
     pub fn write(&self, write: Write) {
@@ -250,7 +241,10 @@ impl Store {
     }
 
     pub async fn instances(&self) -> Result<Vec<StoredInstance>, String> {
-        instances(&self.pool, None).await
+        let path = self.instance_log.clone();
+        tokio::task::spawn_blocking(move || crate::instance_log::read(&path))
+            .await
+            .map_err(|e| e.to_string())?
     }
 
     /// Reducer, key and message id of the processed marks that state files of
@@ -286,26 +280,46 @@ impl Store {
     }
 }
 
-pub async fn instances(
-    pool: &SqlitePool,
-    reducer: Option<&str>,
-) -> Result<Vec<StoredInstance>, String> {
-    sqlx::query("SELECT reducer, key, state, outcome, snapshot FROM instances WHERE ?1 IS NULL OR reducer = ?1 ORDER BY reducer, key")
-        .bind(reducer)
-        .fetch_all(pool)
+/// State files of earlier versions kept instance snapshots in a table of their own:
+/// its rows move to the record log (synced) before the table is dropped, so a crash
+/// in between moves them again, which changes nothing.
+async fn migrate_instances_table(pool: &SqlitePool, log: &mut InstanceLog) -> Result<(), String> {
+    let cannot =
+        |e: sqlx::Error| format!("cannot move the instances of an earlier state file: {e}");
+    let legacy: Option<String> = sqlx::query_scalar(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'instances'",
+    )
+    .fetch_optional(pool)
+    .await
+    .map_err(cannot)?;
+    if legacy.is_none() {
+        return Ok(());
+    }
+    let rows =
+        sqlx::query("SELECT reducer, key, state, outcome, snapshot FROM instances ORDER BY rowid")
+            .fetch_all(pool)
+            .await
+            .map_err(cannot)?;
+    let moved = rows.len();
+    for r in rows {
+        let row = InstanceRow {
+            reducer: r.get(0),
+            key: r.get(1),
+            state: r.get(2),
+            outcome: r.get(3),
+            snapshot: r.get(4),
+        };
+        log.append(&row)
+            .map_err(|e| format!("cannot write {}: {e}", log.path().display()))?;
+    }
+    log.sync()
+        .map_err(|e| format!("cannot write {}: {e}", log.path().display()))?;
+    sqlx::query("DROP TABLE instances")
+        .execute(pool)
         .await
-        .map(|rows| {
-            rows.iter()
-                .map(|r| StoredInstance {
-                    reducer: r.get(0),
-                    key: r.get(1),
-                    state: r.get(2),
-                    outcome: r.get(3),
-                    snapshot: r.get(4),
-                })
-                .collect()
-        })
-        .map_err(|e| e.to_string())
+        .map_err(cannot)?;
+    tracing::info!(moved, path = %log.path().display(), "instances of an earlier state file moved to the record log");
+    Ok(())
 }
 
 pub async fn dead_letters(pool: &SqlitePool) -> Result<Vec<DeadLetter>, String> {
@@ -335,6 +349,7 @@ pub async fn dead_letters(pool: &SqlitePool) -> Result<Vec<DeadLetter>, String> 
 fn write_loop(
     mut connection: rusqlite::Connection,
     mut log: EventLog,
+    mut instances: InstanceLog,
     receiver: std::sync::mpsc::Receiver<Write>,
     flush_asked: &AtomicBool,
 ) {
@@ -354,17 +369,18 @@ fn write_loop(
                 next = receiver.try_recv().ok();
             }
         }
-        // The events first: a snapshot committed before the events its run published
-        // were logged would, after a crash in between, never publish them again (the
-        // run is done); the other way round, the run is redone and its repeats are
-        // recognised in the log.
+        // In the order of the module's doc: a snapshot written before the events or
+        // dead letters of its run would, after a crash in between, never have them
+        // (the run is done); the other way round, the run is redone and its repeats
+        // are recognised. A step that fails (disk full, a file deleted) is said
+        // loudly and the later ones are left out: the batch will be redone after a
+        // restart.
         if let Err(e) = append_events(&mut log, &batch) {
             tracing::error!(path = %log.path().display(), error = %e, "cannot write the event log");
-        }
-        if let Err(e) = commit(&mut connection, &batch) {
-            // The state file is unusable (disk full, deleted): say so loudly; the
-            // batch stays unprocessed and will be redone after a restart.
-            tracing::error!(error = %e, "cannot write runtime state");
+        } else if let Err(e) = commit_dead_letters(&mut connection, &batch) {
+            tracing::error!(error = %e, "cannot write dead letters to the runtime's state file");
+        } else if let Err(e) = append_instances(&mut instances, &batch) {
+            tracing::error!(path = %instances.path().display(), error = %e, "cannot write instance snapshots");
         }
         batch.clear();
         for done in flushes.drain(..) {
@@ -394,60 +410,60 @@ fn open_writer(path: &Path) -> Result<rusqlite::Connection, String> {
         .busy_timeout(Duration::from_secs(10))
         .map_err(cannot)?;
     connection
-        .execute_batch(&format!(
-            "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA cache_size = -32768; \
-             PRAGMA wal_autocheckpoint = {CHECKPOINT_PAGES};"
-        ))
+        .execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;")
         .map_err(cannot)?;
     Ok(connection)
 }
 
-fn commit(connection: &mut rusqlite::Connection, batch: &[Write]) -> rusqlite::Result<()> {
-    // Only the last snapshot of each instance in the batch is written.
-    let mut last: HashMap<(&str, &str), usize> = HashMap::new();
-    let mut instances: Vec<&InstanceRow> = Vec::new();
+/// The batch's dead letters, in one transaction. One that the table holds already
+/// (the same message, stage and reason: a batch redone after a crash between this
+/// commit and its snapshots) is not kept twice.
+fn commit_dead_letters(
+    connection: &mut rusqlite::Connection,
+    batch: &[Write],
+) -> rusqlite::Result<()> {
+    let letters = batch.iter().flat_map(|write| match write {
+        Write::Changes(changes) => changes.dead_letters.as_slice(),
+        Write::DeadLetter(d) => std::slice::from_ref(d),
+        // Written by `append_events` and `append_instances`; a flush is taken out by
+        // the write loop.
+        Write::Event(_) | Write::Flush(_) => &[],
+    });
+    let tx = connection.transaction()?;
+    {
+        let mut keep = tx.prepare_cached(
+            "INSERT INTO dead_letters (at, stage, reason, event_type, message_id, source, raw) \
+             SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7 WHERE ?5 IS NULL OR NOT EXISTS \
+             (SELECT 1 FROM dead_letters WHERE message_id = ?5 AND stage = ?2 AND reason = ?3)",
+        )?;
+        for d in letters {
+            keep.execute(dead_letter_row(d))?;
+        }
+    }
+    tx.commit()
+}
+
+/// The batch's snapshots, the last of each instance only, appended to the record log.
+fn append_instances(log: &mut InstanceLog, batch: &[Write]) -> std::io::Result<()> {
+    let mut last: HashMap<(&str, &str), usize, foldhash::fast::RandomState> = HashMap::default();
+    let mut rows: Vec<&InstanceRow> = Vec::new();
     for write in batch {
         if let Write::Changes(changes) = write {
             for row in &changes.instances {
                 match last.get(&(row.reducer.as_str(), row.key.as_str())) {
-                    Some(&at) => instances[at] = row,
+                    Some(&at) => rows[at] = row,
                     None => {
-                        last.insert((&row.reducer, &row.key), instances.len());
-                        instances.push(row);
+                        last.insert((&row.reducer, &row.key), rows.len());
+                        rows.push(row);
                     }
                 }
             }
         }
     }
-    let now = jiff::Timestamp::now().to_string();
-    let tx = connection.transaction()?;
-    {
-        let mut upsert = tx.prepare_cached(
-            "INSERT INTO instances (reducer, key, state, outcome, snapshot, updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
-             ON CONFLICT (reducer, key) DO UPDATE SET state = excluded.state, outcome = excluded.outcome, snapshot = excluded.snapshot, updated_at = excluded.updated_at",
-        )?;
-        for i in instances {
-            upsert.execute((&i.reducer, &i.key, &i.state, &i.outcome, &i.snapshot, &now))?;
-        }
-        let mut keep = tx.prepare_cached(
-            "INSERT INTO dead_letters (at, stage, reason, event_type, message_id, source, raw) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        )?;
-        for write in batch {
-            match write {
-                Write::Changes(changes) => {
-                    for d in &changes.dead_letters {
-                        keep.execute(dead_letter_row(d))?;
-                    }
-                }
-                Write::DeadLetter(d) => {
-                    keep.execute(dead_letter_row(d))?;
-                }
-                // Written by `append_events`; a flush is taken out by the write loop.
-                Write::Event(_) | Write::Flush(_) => {}
-            }
-        }
+    for row in rows {
+        log.append(row)?;
     }
-    tx.commit()
+    log.flush()
 }
 
 /// Appends the batch's published events to the log and hands them to the file.
@@ -493,6 +509,104 @@ pub async fn read_instances(
     data_dir: &Path,
     reducer: Option<&str>,
 ) -> Result<Vec<StoredInstance>, String> {
+    // The state file says a runtime ran here; its instances are in the record log,
+    // or still in the table of an earlier version if no runtime has run here since.
     let pool = Store::open_existing(data_dir).await?;
-    instances(&pool, reducer).await
+    let legacy: Option<String> = sqlx::query_scalar(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'instances'",
+    )
+    .fetch_optional(&pool)
+    .await
+    .map_err(|e| e.to_string())?;
+    if legacy.is_some() {
+        return legacy_instances(&pool, reducer).await;
+    }
+    pool.close().await;
+    let path = data_dir.join(INSTANCE_LOG_FILE);
+    let mut stored = tokio::task::spawn_blocking(move || crate::instance_log::read(&path))
+        .await
+        .map_err(|e| e.to_string())??;
+    stored.retain(|s| reducer.is_none_or(|r| s.reducer == r));
+    Ok(stored)
+}
+
+async fn legacy_instances(
+    pool: &SqlitePool,
+    reducer: Option<&str>,
+) -> Result<Vec<StoredInstance>, String> {
+    sqlx::query("SELECT reducer, key, state, outcome, snapshot FROM instances WHERE ?1 IS NULL OR reducer = ?1 ORDER BY reducer, key")
+        .bind(reducer)
+        .fetch_all(pool)
+        .await
+        .map(|rows| {
+            rows.iter()
+                .map(|r| StoredInstance {
+                    reducer: r.get(0),
+                    key: r.get(1),
+                    state: r.get(2),
+                    outcome: r.get(3),
+                    snapshot: r.get(4),
+                })
+                .collect()
+        })
+        .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn letter(message_id: Option<&str>, reason: &str) -> DeadLetter {
+        DeadLetter {
+            id: None,
+            at: "2026-11-22T00:00:00Z".into(),
+            stage: "reject".into(),
+            reason: reason.into(),
+            event_type: Some("Happened".into()),
+            message_id: message_id.map(str::to_owned),
+            source: "bus".into(),
+            raw: "{}".into(),
+        }
+    }
+
+    fn kept(connection: &rusqlite::Connection) -> Vec<(Option<String>, String)> {
+        let mut query = connection
+            .prepare("SELECT message_id, reason FROM dead_letters ORDER BY id")
+            .expect("query");
+        query
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .expect("rows")
+            .collect::<Result<_, _>>()
+            .expect("rows")
+    }
+
+    /// A batch redone after a crash between its dead letters and its snapshots keeps
+    /// each dead letter once; letters without a message id cannot be told apart and
+    /// are all kept.
+    #[test]
+    fn a_redone_batch_keeps_each_dead_letter_once() {
+        let mut connection = rusqlite::Connection::open_in_memory().expect("database");
+        connection.execute_batch(SCHEMA).expect("schema");
+        let batch = || {
+            vec![
+                Write::Changes(Changes {
+                    instances: Vec::new(),
+                    dead_letters: vec![letter(Some("m1"), "no route"), letter(Some("m1"), "other")],
+                }),
+                Write::DeadLetter(letter(None, "not JSON")),
+            ]
+        };
+        commit_dead_letters(&mut connection, &batch()).expect("first");
+        commit_dead_letters(&mut connection, &batch()).expect("redone");
+        let m1 = Some("m1".to_owned());
+        assert_eq!(
+            kept(&connection),
+            vec![
+                (m1.clone(), "no route".to_owned()),
+                (m1, "other".to_owned()),
+                (None, "not JSON".to_owned()),
+                (None, "not JSON".to_owned()),
+            ]
+        );
+    }
 }

@@ -1,0 +1,390 @@
+//! Instance snapshots as a record log: `instances.jsonl` under `--data-dir`, one line
+//! per saved snapshot, the latest line of an instance being its state. Until the tenth
+//! round of docs/performance.md they were rows of the state file, upserted in place:
+//! at 10,000 nodes a table of ~900-byte rows changed at random, so each commit wrote a
+//! 4 KiB page per row to SQLite's log and each checkpoint copied it again, most of the
+//! state writer's time. Appending writes each snapshot's bytes once.
+//!
+//! The file holds superseded lines too; when it is more than twice the size of the
+//! latest ones (and past [`COMPACT_ABOVE`]), the writer copies the latest lines to a
+//! new file, syncs it and renames it over the old one. A line cut short by a crash is
+//! cut off when the log is opened (a record is whole or absent); readers skip a line
+//! that does not parse, such as one a running writer has not finished.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::store::{InstanceRow, StoredInstance};
+
+pub const INSTANCE_LOG_FILE: &str = "instances.jsonl";
+/// Below this the log is never compacted: rewriting a small file saves nothing.
+const COMPACT_ABOVE: u64 = 64 << 20;
+const BUFFER_BYTES: usize = 256 << 10;
+
+/// Offset and length (newline included) of a line, by reducer and key.
+type Index = HashMap<String, HashMap<String, (u64, u64), State>, State>;
+type State = foldhash::fast::RandomState;
+
+#[derive(Debug)]
+pub struct InstanceLog {
+    path: PathBuf,
+    file: BufWriter<File>,
+    /// Where each instance's latest line is.
+    latest: Index,
+    /// Bytes in the file, and in its latest lines.
+    size: u64,
+    live: u64,
+    compact_above: u64,
+    /// The line being written, kept to be reused.
+    line: Vec<u8>,
+}
+
+/// What precedes the snapshot in a line.
+#[derive(Deserialize)]
+struct Head {
+    reducer: String,
+    key: String,
+    state: String,
+    outcome: Option<String>,
+}
+
+/// Where the snapshot starts: it is the last field, and the byte sequence cannot occur
+/// earlier (a quote inside a JSON string is escaped).
+const SNAPSHOT_FIELD: &[u8] = b",\"snapshot\":";
+
+/// A line's head and its snapshot's text, unparsed: it is read back whole by whoever
+/// needs it (the runtime at start reports one it cannot read).
+fn split(line: &[u8]) -> Option<(Head, &[u8])> {
+    let at = line
+        .windows(SNAPSHOT_FIELD.len())
+        .position(|w| w == SNAPSHOT_FIELD)?;
+    let snapshot = line[at + SNAPSHOT_FIELD.len()..].strip_suffix(b"}")?;
+    let mut head = line[..at].to_vec();
+    head.push(b'}');
+    Some((serde_json::from_slice(&head).ok()?, snapshot))
+}
+
+impl InstanceLog {
+    /// Opens (creating) the log; a line cut short at its end is cut off.
+    pub fn open(path: &Path) -> Result<InstanceLog, String> {
+        let cannot = |e: std::io::Error| format!("cannot open {}: {e}", path.display());
+        let mut file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(path)
+            .map_err(cannot)?;
+        let mut text = Vec::new();
+        file.read_to_end(&mut text).map_err(cannot)?;
+        let whole = text.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        if whole < text.len() {
+            file.set_len(whole as u64).map_err(cannot)?;
+        }
+        file.seek(SeekFrom::End(0)).map_err(cannot)?;
+        let mut log = InstanceLog {
+            path: path.to_owned(),
+            file: BufWriter::with_capacity(BUFFER_BYTES, file),
+            latest: Index::default(),
+            size: whole as u64,
+            live: 0,
+            compact_above: COMPACT_ABOVE,
+            line: Vec::new(),
+        };
+        for (offset, line) in lines(&text[..whole]) {
+            if let Some((head, _)) = split(line) {
+                log.note(&head.reducer, &head.key, (offset, line.len() as u64 + 1));
+            }
+        }
+        Ok(log)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Appends the row's snapshot; `flush` hands them to the file.
+    pub fn append(&mut self, row: &InstanceRow) -> std::io::Result<()> {
+        self.line.clear();
+        encode(row, &mut self.line)?;
+        self.file.write_all(&self.line)?;
+        let length = self.line.len() as u64;
+        self.note(&row.reducer, &row.key, (self.size, length));
+        self.size += length;
+        Ok(())
+    }
+
+    /// Hands what is buffered to the file, then compacts the file if it is due.
+    pub fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()?;
+        if self.size > self.compact_above && self.size > 2 * self.live {
+            self.compact()?;
+        }
+        Ok(())
+    }
+
+    fn note(&mut self, reducer: &str, key: &str, line: (u64, u64)) {
+        let keys = match self.latest.get_mut(reducer) {
+            Some(keys) => keys,
+            None => self.latest.entry(reducer.to_owned()).or_default(),
+        };
+        match keys.get_mut(key) {
+            Some(before) => {
+                self.live -= before.1;
+                *before = line;
+            }
+            None => {
+                keys.insert(key.to_owned(), line);
+            }
+        }
+        self.live += line.1;
+    }
+
+    /// Writes the latest lines to a new file, in the order they were written, syncs
+    /// it and puts it in the old one's place. A crash before the rename leaves the
+    /// old file as it was.
+    fn compact(&mut self) -> std::io::Result<()> {
+        let started = std::time::Instant::now();
+        let before = self.size;
+        let mut latest: Vec<(u64, u64, &str, &str)> = self
+            .latest
+            .iter()
+            .flat_map(|(reducer, keys)| {
+                keys.iter().map(move |(key, &(offset, length))| {
+                    (offset, length, reducer.as_str(), key.as_str())
+                })
+            })
+            .collect();
+        latest.sort_unstable_by_key(|&(offset, ..)| offset);
+        // Built aside and swapped in only once the new file is in place, so that a
+        // failure leaves the index describing the old file.
+        let mut moved = Index::default();
+        let temporary = self.path.with_extension("jsonl.compacting");
+        let mut out = BufWriter::with_capacity(BUFFER_BYTES, File::create(&temporary)?);
+        let old = self.file.get_ref();
+        let mut buffer = Vec::new();
+        let mut size = 0;
+        for (offset, length, reducer, key) in latest {
+            buffer.resize(length as usize, 0);
+            old.read_exact_at(&mut buffer, offset)?;
+            out.write_all(&buffer)?;
+            moved
+                .entry(reducer.to_owned())
+                .or_default()
+                .insert(key.to_owned(), (size, length));
+            size += length;
+        }
+        let out = out.into_inner().map_err(|e| e.into_error())?;
+        out.sync_all()?;
+        std::fs::rename(&temporary, &self.path)?;
+        if let Some(dir) = self.path.parent() {
+            File::open(dir)?.sync_all()?;
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .open(&self.path)?;
+        self.file = BufWriter::with_capacity(BUFFER_BYTES, file);
+        self.latest = moved;
+        self.size = size;
+        self.live = size;
+        tracing::info!(path = %self.path.display(), before, after = size, took_ms = started.elapsed().as_millis() as u64, "instance log compacted");
+        Ok(())
+    }
+
+    /// Flushes and syncs the file.
+    pub fn sync(&mut self) -> std::io::Result<()> {
+        self.file.flush()?;
+        self.file.get_ref().sync_all()
+    }
+
+    #[cfg(test)]
+    fn compacting_above(mut self, bytes: u64) -> InstanceLog {
+        self.compact_above = bytes;
+        self
+    }
+}
+
+/// `{"reducer":…,"key":…,"state":…,"outcome":…,"snapshot":{…}}` and a newline; the
+/// snapshot is JSON already and goes in as it is.
+fn encode(row: &InstanceRow, line: &mut Vec<u8>) -> std::io::Result<()> {
+    let text = |line: &mut Vec<u8>, value: &str| {
+        sonic_rs::to_writer(&mut *line, value).map_err(std::io::Error::other)
+    };
+    line.extend_from_slice(b"{\"reducer\":");
+    text(line, &row.reducer)?;
+    line.extend_from_slice(b",\"key\":");
+    text(line, &row.key)?;
+    line.extend_from_slice(b",\"state\":");
+    text(line, &row.state)?;
+    line.extend_from_slice(b",\"outcome\":");
+    match &row.outcome {
+        Some(outcome) => text(line, outcome)?,
+        None => line.extend_from_slice(b"null"),
+    }
+    line.extend_from_slice(b",\"snapshot\":");
+    // A snapshot that could not be written is kept as null: read back, it says the
+    // instance is unreadable (and starts afresh) instead of letting an older line win.
+    match row.snapshot.as_str() {
+        "" => line.extend_from_slice(b"null"),
+        snapshot => line.extend_from_slice(snapshot.as_bytes()),
+    }
+    line.extend_from_slice(b"}\n");
+    Ok(())
+}
+
+/// The whole lines of `text` (each ended by a newline, left out) with their offsets.
+fn lines(text: &[u8]) -> impl Iterator<Item = (u64, &[u8])> {
+    let mut offset = 0;
+    text.split_inclusive(|&b| b == b'\n')
+        .filter_map(move |line| {
+            let at = offset;
+            offset += line.len() as u64;
+            Some((at, line.strip_suffix(b"\n")?))
+        })
+}
+
+/// The latest snapshot of every instance in the log at `path` (none if there is no
+/// log), ordered by reducer and key.
+pub fn read(path: &Path) -> Result<Vec<StoredInstance>, String> {
+    let text = match std::fs::read(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+    };
+    // Heads only, until the latest line of each instance is known.
+    let mut latest: HashMap<(String, String), (Head, &[u8]), State> = HashMap::default();
+    for (_, line) in lines(&text) {
+        if let Some((head, snapshot)) = split(line) {
+            latest.insert((head.reducer.clone(), head.key.clone()), (head, snapshot));
+        }
+    }
+    let mut stored: Vec<StoredInstance> = latest
+        .into_values()
+        .map(|(head, snapshot)| StoredInstance {
+            reducer: head.reducer,
+            key: head.key,
+            state: head.state,
+            outcome: head.outcome,
+            snapshot: String::from_utf8_lossy(snapshot).into_owned(),
+        })
+        .collect();
+    stored.sort_unstable_by(|a, b| (&a.reducer, &a.key).cmp(&(&b.reducer, &b.key)));
+    Ok(stored)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(key: &str, state: &str, n: usize) -> InstanceRow {
+        InstanceRow {
+            reducer: "r".into(),
+            key: key.into(),
+            state: state.into(),
+            outcome: (state == "done").then(|| "complete".into()),
+            snapshot: format!(r#"{{"state":"{state}","n":{n},"text":"a \"quoted\"\nline"}}"#),
+        }
+    }
+
+    fn summary(path: &Path) -> Vec<(String, String, Option<String>, String)> {
+        read(path)
+            .expect("read")
+            .into_iter()
+            .map(|s| (s.key, s.state, s.outcome, s.snapshot))
+            .collect()
+    }
+
+    #[test]
+    fn the_latest_line_of_each_instance_is_its_state_across_a_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(INSTANCE_LOG_FILE);
+        let mut log = InstanceLog::open(&path).expect("open");
+        log.append(&row("b", "busy", 1)).expect("append");
+        log.append(&row("a", "busy", 2)).expect("append");
+        log.append(&row("b", "done", 3)).expect("append");
+        log.flush().expect("flush");
+        drop(log);
+        let mut log = InstanceLog::open(&path).expect("reopen");
+        log.append(&row("a", "done", 4)).expect("append");
+        log.flush().expect("flush");
+        let stored = summary(&path);
+        assert_eq!(stored.len(), 2);
+        assert_eq!(stored[0].0, "a");
+        assert_eq!(stored[0].2.as_deref(), Some("complete"));
+        assert_eq!(stored[0].3, row("a", "done", 4).snapshot);
+        assert_eq!(stored[1].0, "b");
+        assert_eq!(stored[1].3, row("b", "done", 3).snapshot);
+    }
+
+    #[test]
+    fn keys_and_states_that_look_like_the_snapshot_field_are_read_back_whole() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(INSTANCE_LOG_FILE);
+        let mut log = InstanceLog::open(&path).expect("open");
+        let mut awkward = row(r#"k,"snapshot":{"x"}"#, r#"s,"snapshot":1"#, 1);
+        awkward.outcome = Some("\u{0}\n\"".into());
+        log.append(&awkward).expect("append");
+        log.flush().expect("flush");
+        let stored = read(&path).expect("read");
+        assert_eq!(stored.len(), 1);
+        assert_eq!(stored[0].key, awkward.key);
+        assert_eq!(stored[0].state, awkward.state);
+        assert_eq!(stored[0].outcome, awkward.outcome);
+        assert_eq!(stored[0].snapshot, awkward.snapshot);
+    }
+
+    #[test]
+    fn a_line_cut_short_is_cut_off_and_the_one_before_it_stands() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(INSTANCE_LOG_FILE);
+        let mut log = InstanceLog::open(&path).expect("open");
+        log.append(&row("a", "busy", 1)).expect("append");
+        log.flush().expect("flush");
+        drop(log);
+        let whole = std::fs::read(&path).expect("log");
+        let mut torn = whole.clone();
+        torn.extend_from_slice(br#"{"reducer":"r","key":"a","state":"done","outc"#);
+        std::fs::write(&path, &torn).expect("torn");
+        assert_eq!(summary(&path)[0].1, "busy", "a reader skips the torn line");
+        let mut log = InstanceLog::open(&path).expect("reopen");
+        assert_eq!(std::fs::read(&path).expect("log"), whole, "cut off");
+        log.append(&row("b", "busy", 2)).expect("append");
+        log.flush().expect("flush");
+        let keys: Vec<String> = summary(&path).into_iter().map(|s| s.0).collect();
+        assert_eq!(keys, ["a", "b"]);
+    }
+
+    #[test]
+    fn compaction_keeps_the_latest_line_of_each_instance_and_drops_the_rest() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(INSTANCE_LOG_FILE);
+        let mut log = InstanceLog::open(&path)
+            .expect("open")
+            .compacting_above(4096);
+        for n in 0..200 {
+            log.append(&row(&format!("k{}", n % 10), "busy", n))
+                .expect("append");
+            log.flush().expect("flush");
+        }
+        log.append(&row("k3", "done", 999)).expect("append");
+        log.flush().expect("flush");
+        let size = std::fs::metadata(&path).expect("log").len();
+        assert!(size < 3 * 4096, "compacted: {size} bytes");
+        let stored = summary(&path);
+        assert_eq!(stored.len(), 10);
+        assert_eq!(stored[3].3, row("k3", "done", 999).snapshot);
+        assert_eq!(stored[9].3, row("k9", "busy", 199).snapshot);
+        // Appends after a compaction land in the new file, and a reopen agrees.
+        log.append(&row("k0", "done", 1000)).expect("append");
+        log.flush().expect("flush");
+        drop(log);
+        InstanceLog::open(&path).expect("reopen");
+        assert_eq!(summary(&path)[0].3, row("k0", "done", 1000).snapshot);
+        assert!(!path.with_extension("jsonl.compacting").exists());
+    }
+}
