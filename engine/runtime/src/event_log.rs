@@ -36,6 +36,17 @@ pub struct EventLog {
     order: VecDeque<Arc<str>>,
 }
 
+/// A line file of the runtime's (this log, the instance log), opened to be read and
+/// appended to, created if missing.
+pub(crate) fn open_log_file(path: &Path) -> Result<File, String> {
+    OpenOptions::new()
+        .read(true)
+        .append(true)
+        .create(true)
+        .open(path)
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))
+}
+
 #[derive(serde::Deserialize)]
 struct LoggedId {
     message_id: String,
@@ -45,12 +56,7 @@ impl EventLog {
     /// Opens (creating) the log and remembers the ids at its end.
     pub fn open(path: &Path) -> Result<EventLog, String> {
         let cannot = |e: std::io::Error| format!("cannot open {}: {e}", path.display());
-        let mut file = OpenOptions::new()
-            .read(true)
-            .append(true)
-            .create(true)
-            .open(path)
-            .map_err(cannot)?;
+        let mut file = open_log_file(path)?;
         let length = file.metadata().map_err(cannot)?.len();
         let start = length.saturating_sub(TAIL_BYTES);
         file.seek(SeekFrom::Start(start)).map_err(cannot)?;

@@ -73,12 +73,7 @@ impl InstanceLog {
     /// Opens (creating) the log; a line cut short at its end is cut off.
     pub fn open(path: &Path) -> Result<InstanceLog, String> {
         let cannot = |e: std::io::Error| format!("cannot open {}: {e}", path.display());
-        let mut file = OpenOptions::new()
-            .read(true)
-            .append(true)
-            .create(true)
-            .open(path)
-            .map_err(cannot)?;
+        let mut file = crate::event_log::open_log_file(path)?;
         let mut text = Vec::new();
         file.read_to_end(&mut text).map_err(cannot)?;
         let whole = text.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
