@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::store::{InstanceRow, StoredInstance};
+use crate::store::StoredInstance;
 
 pub const INSTANCE_LOG_FILE: &str = "instances.jsonl";
 /// Below this the log is never compacted: rewriting a small file saves nothing.
@@ -103,7 +103,7 @@ impl InstanceLog {
     }
 
     /// Appends the row's snapshot; `flush` hands them to the file.
-    pub fn append(&mut self, row: &InstanceRow) -> std::io::Result<()> {
+    pub fn append(&mut self, row: &StoredInstance) -> std::io::Result<()> {
         self.line.clear();
         encode(row, &mut self.line)?;
         self.file.write_all(&self.line)?;
@@ -206,7 +206,7 @@ impl InstanceLog {
 
 /// `{"reducer":…,"key":…,"state":…,"outcome":…,"snapshot":{…}}` and a newline; the
 /// snapshot is JSON already and goes in as it is.
-fn encode(row: &InstanceRow, line: &mut Vec<u8>) -> std::io::Result<()> {
+fn encode(row: &StoredInstance, line: &mut Vec<u8>) -> std::io::Result<()> {
     let text = |line: &mut Vec<u8>, value: &str| {
         sonic_rs::to_writer(&mut *line, value).map_err(std::io::Error::other)
     };
@@ -276,8 +276,8 @@ pub fn read(path: &Path) -> Result<Vec<StoredInstance>, String> {
 mod tests {
     use super::*;
 
-    fn row(key: &str, state: &str, n: usize) -> InstanceRow {
-        InstanceRow {
+    fn row(key: &str, state: &str, n: usize) -> StoredInstance {
+        StoredInstance {
             reducer: "r".into(),
             key: key.into(),
             state: state.into(),

@@ -23,7 +23,7 @@ use crate::metrics::Counters;
 use crate::project::{Binding, ReducerId, When};
 use crate::runtime::Shared;
 use crate::slot::{Pending, Queued, Slot, Snapshot, Timer, TimerKind, Unsaved};
-use crate::store::{Changes, DeadLetter, InstanceRow, Write};
+use crate::store::{Changes, DeadLetter, StoredInstance, Write};
 use crate::template::{self, Record, Template, Var};
 use crate::work::WorkGuard;
 
@@ -217,7 +217,7 @@ impl Shard {
                 continue;
             }
             let snapshot = slot.snapshot(&spec.machine, &project.operations);
-            self.changes.instances.push(InstanceRow {
+            self.changes.instances.push(StoredInstance {
                 reducer: spec.name.clone(),
                 key: key.clone(),
                 state: snapshot.state.to_string(),

@@ -91,7 +91,7 @@ pub enum Write {
 
 #[derive(Debug, Default)]
 pub struct Changes {
-    pub instances: Vec<InstanceRow>,
+    pub instances: Vec<StoredInstance>,
     pub dead_letters: Vec<DeadLetter>,
 }
 
@@ -99,16 +99,6 @@ impl Changes {
     pub fn is_empty(&self) -> bool {
         self.instances.is_empty() && self.dead_letters.is_empty()
     }
-}
-
-#[derive(Debug)]
-pub struct InstanceRow {
-    pub reducer: String,
-    pub key: String,
-    pub state: String,
-    pub outcome: Option<String>,
-    /// The slot's [`crate::slot::Snapshot`] as JSON.
-    pub snapshot: String,
 }
 
 #[derive(Debug, Clone)]
@@ -122,13 +112,15 @@ pub struct Store {
     instance_log: PathBuf,
 }
 
-/// A stored instance.
+/// An instance as it is saved: written by the shards, read back at start, for the
+/// summary and by `onex state list`.
 #[derive(Debug, Clone)]
 pub struct StoredInstance {
     pub reducer: String,
     pub key: String,
     pub state: String,
     pub outcome: Option<String>,
+    /// The slot's [`crate::slot::Snapshot`] as JSON.
     pub snapshot: String,
 }
 
@@ -251,13 +243,7 @@ impl Store {
     /// earlier versions kept in a table of their own (now they are part of each
     /// snapshot); none for files without that table.
     pub async fn legacy_processed(&self) -> Result<Vec<(String, String, String)>, String> {
-        let legacy: Option<String> = sqlx::query_scalar(
-            "SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'processed'",
-        )
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(|e| e.to_string())?;
-        if legacy.is_none() {
+        if !has_table(&self.pool, "processed").await? {
             return Ok(Vec::new());
         }
         sqlx::query("SELECT reducer, key, message_id FROM processed ORDER BY rowid")
@@ -280,44 +266,37 @@ impl Store {
     }
 }
 
+/// Whether the state file has a table of this name (tables of earlier versions).
+async fn has_table(pool: &SqlitePool, name: &str) -> Result<bool, String> {
+    sqlx::query_scalar::<_, String>(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name = ?1",
+    )
+    .bind(name)
+    .fetch_optional(pool)
+    .await
+    .map(|found| found.is_some())
+    .map_err(|e| e.to_string())
+}
+
 /// State files of earlier versions kept instance snapshots in a table of their own:
 /// its rows move to the record log (synced) before the table is dropped, so a crash
 /// in between moves them again, which changes nothing.
 async fn migrate_instances_table(pool: &SqlitePool, log: &mut InstanceLog) -> Result<(), String> {
-    let cannot =
-        |e: sqlx::Error| format!("cannot move the instances of an earlier state file: {e}");
-    let legacy: Option<String> = sqlx::query_scalar(
-        "SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'instances'",
-    )
-    .fetch_optional(pool)
-    .await
-    .map_err(cannot)?;
-    if legacy.is_none() {
+    let cannot = |e: String| format!("cannot move the instances of an earlier state file: {e}");
+    if !has_table(pool, "instances").await.map_err(cannot)? {
         return Ok(());
     }
-    let rows =
-        sqlx::query("SELECT reducer, key, state, outcome, snapshot FROM instances ORDER BY rowid")
-            .fetch_all(pool)
-            .await
-            .map_err(cannot)?;
+    let rows = legacy_instances(pool, None).await.map_err(cannot)?;
     let moved = rows.len();
-    for r in rows {
-        let row = InstanceRow {
-            reducer: r.get(0),
-            key: r.get(1),
-            state: r.get(2),
-            outcome: r.get(3),
-            snapshot: r.get(4),
-        };
-        log.append(&row)
-            .map_err(|e| format!("cannot write {}: {e}", log.path().display()))?;
-    }
-    log.sync()
-        .map_err(|e| format!("cannot write {}: {e}", log.path().display()))?;
+    let written = rows
+        .iter()
+        .try_for_each(|row| log.append(row))
+        .and_then(|()| log.sync());
+    written.map_err(|e| cannot(format!("{}: {e}", log.path().display())))?;
     sqlx::query("DROP TABLE instances")
         .execute(pool)
         .await
-        .map_err(cannot)?;
+        .map_err(|e| cannot(e.to_string()))?;
     tracing::info!(moved, path = %log.path().display(), "instances of an earlier state file moved to the record log");
     Ok(())
 }
@@ -446,7 +425,7 @@ fn commit_dead_letters(
 /// The batch's snapshots, the last of each instance only, appended to the record log.
 fn append_instances(log: &mut InstanceLog, batch: &[Write]) -> std::io::Result<()> {
     let mut last: HashMap<(&str, &str), usize, foldhash::fast::RandomState> = HashMap::default();
-    let mut rows: Vec<&InstanceRow> = Vec::new();
+    let mut rows: Vec<&StoredInstance> = Vec::new();
     for write in batch {
         if let Write::Changes(changes) = write {
             for row in &changes.instances {
@@ -512,13 +491,7 @@ pub async fn read_instances(
     // The state file says a runtime ran here; its instances are in the record log,
     // or still in the table of an earlier version if no runtime has run here since.
     let pool = Store::open_existing(data_dir).await?;
-    let legacy: Option<String> = sqlx::query_scalar(
-        "SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'instances'",
-    )
-    .fetch_optional(&pool)
-    .await
-    .map_err(|e| e.to_string())?;
-    if legacy.is_some() {
+    if has_table(&pool, "instances").await? {
         return legacy_instances(&pool, reducer).await;
     }
     pool.close().await;
