@@ -39,7 +39,10 @@ pub struct InstanceLog {
     /// Bytes in the file, and in its latest lines.
     size: u64,
     live: u64,
+    /// The size past which the file is compacted: `compact_floor`, or twice the size
+    /// at which a compaction last failed, until one succeeds.
     compact_above: u64,
+    compact_floor: u64,
     /// The line being written, kept to be reused.
     line: Vec<u8>,
 }
@@ -88,6 +91,7 @@ impl InstanceLog {
             size: whole as u64,
             live: 0,
             compact_above: COMPACT_ABOVE,
+            compact_floor: COMPACT_ABOVE,
             line: Vec::new(),
         };
         for (offset, line) in lines(&text[..whole]) {
@@ -113,11 +117,18 @@ impl InstanceLog {
         Ok(())
     }
 
-    /// Hands what is buffered to the file, then compacts the file if it is due.
+    /// Hands what is buffered to the file, then compacts the file if it is due. A
+    /// compaction that fails (a full disk) is said loudly and left for when the file
+    /// has doubled again; the file as it was stays in use.
     pub fn flush(&mut self) -> std::io::Result<()> {
         self.file.flush()?;
         if self.size > self.compact_above && self.size > 2 * self.live {
-            self.compact()?;
+            let temporary = self.path.with_extension("jsonl.compacting");
+            if let Err(e) = self.compact(&temporary) {
+                let _ = std::fs::remove_file(&temporary);
+                self.compact_above = 2 * self.size;
+                tracing::error!(path = %self.path.display(), error = %e, retry_above = self.compact_above, "cannot compact the instance log");
+            }
         }
         Ok(())
     }
@@ -140,9 +151,10 @@ impl InstanceLog {
     }
 
     /// Writes the latest lines to a new file, in the order they were written, syncs
-    /// it and puts it in the old one's place. A crash before the rename leaves the
-    /// old file as it was.
-    fn compact(&mut self) -> std::io::Result<()> {
+    /// it and puts it in the old one's place. Until the rename the old file and the
+    /// index stand as they were; the new file is open before it, so appends after it
+    /// cannot go to the old one.
+    fn compact(&mut self, temporary: &Path) -> std::io::Result<()> {
         let started = std::time::Instant::now();
         let before = self.size;
         let mut latest: Vec<(u64, u64, &str, &str)> = self
@@ -155,11 +167,8 @@ impl InstanceLog {
             })
             .collect();
         latest.sort_unstable_by_key(|&(offset, ..)| offset);
-        // Built aside and swapped in only once the new file is in place, so that a
-        // failure leaves the index describing the old file.
         let mut moved = Index::default();
-        let temporary = self.path.with_extension("jsonl.compacting");
-        let mut out = BufWriter::with_capacity(BUFFER_BYTES, File::create(&temporary)?);
+        let mut out = BufWriter::with_capacity(BUFFER_BYTES, File::create(temporary)?);
         let old = self.file.get_ref();
         let mut buffer = Vec::new();
         let mut size = 0;
@@ -173,20 +182,19 @@ impl InstanceLog {
                 .insert(key.to_owned(), (size, length));
             size += length;
         }
-        let out = out.into_inner().map_err(|e| e.into_error())?;
-        out.sync_all()?;
-        std::fs::rename(&temporary, &self.path)?;
-        if let Some(dir) = self.path.parent() {
-            File::open(dir)?.sync_all()?;
-        }
-        let file = OpenOptions::new()
-            .read(true)
-            .append(true)
-            .open(&self.path)?;
+        out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        let file = OpenOptions::new().read(true).append(true).open(temporary)?;
+        std::fs::rename(temporary, &self.path)?;
         self.file = BufWriter::with_capacity(BUFFER_BYTES, file);
         self.latest = moved;
         self.size = size;
         self.live = size;
+        self.compact_above = self.compact_floor;
+        // The rename is durable once the directory is synced; until then a crash
+        // leaves the old file, which holds the same latest lines.
+        if let Some(dir) = self.path.parent() {
+            File::open(dir)?.sync_all()?;
+        }
         tracing::info!(path = %self.path.display(), before, after = size, took_ms = started.elapsed().as_millis() as u64, "instance log compacted");
         Ok(())
     }
@@ -200,6 +208,7 @@ impl InstanceLog {
     #[cfg(test)]
     fn compacting_above(mut self, bytes: u64) -> InstanceLog {
         self.compact_above = bytes;
+        self.compact_floor = bytes;
         self
     }
 }
@@ -314,6 +323,41 @@ mod tests {
         assert_eq!(stored[0].3, row("a", "done", 4).snapshot);
         assert_eq!(stored[1].0, "b");
         assert_eq!(stored[1].3, row("b", "done", 3).snapshot);
+    }
+
+    #[test]
+    fn a_compaction_that_fails_leaves_the_log_in_use_and_whole() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(INSTANCE_LOG_FILE);
+        // A directory where the compacted file would be written: creating it fails.
+        std::fs::create_dir(path.with_extension("jsonl.compacting")).expect("obstacle");
+        let mut log = InstanceLog::open(&path)
+            .expect("open")
+            .compacting_above(4096);
+        for n in 0..200 {
+            log.append(&row(&format!("k{}", n % 10), "busy", n))
+                .expect("append");
+            log.flush().expect("a failed compaction is no failed flush");
+        }
+        assert!(
+            std::fs::metadata(&path).expect("log").len() > 3 * 4096,
+            "not compacted"
+        );
+        let stored = summary(&path);
+        assert_eq!(stored.len(), 10);
+        assert_eq!(stored[9].3, row("k9", "busy", 199).snapshot);
+        // Out of the way, the next compaction that is due goes through.
+        std::fs::remove_dir(path.with_extension("jsonl.compacting")).expect("obstacle");
+        for n in 200..400 {
+            log.append(&row(&format!("k{}", n % 10), "busy", n))
+                .expect("append");
+            log.flush().expect("flush");
+        }
+        assert!(
+            std::fs::metadata(&path).expect("log").len() < 3 * 4096,
+            "compacted"
+        );
+        assert_eq!(summary(&path)[9].3, row("k9", "busy", 399).snapshot);
     }
 
     #[test]
