@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
-use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -72,32 +72,51 @@ fn split(line: &[u8]) -> Option<(Head, &[u8])> {
     Some((serde_json::from_slice(&head).ok()?, snapshot))
 }
 
+/// Reads the file's whole lines from its start, a buffer at a time, and hands `each`
+/// the offset, length (newline included) and head of every line that has one.
+/// Returns where the whole lines end: a line cut short after them has no newline.
+fn scan(file: &File, mut each: impl FnMut(u64, u64, Head)) -> std::io::Result<u64> {
+    let mut reader = BufReader::with_capacity(BUFFER_BYTES, file);
+    let mut line = Vec::new();
+    let mut offset = 0;
+    loop {
+        line.clear();
+        let length = reader.read_until(b'\n', &mut line)?;
+        let Some(text) = line.strip_suffix(b"\n") else {
+            return Ok(offset);
+        };
+        if let Some((head, _)) = split(text) {
+            each(offset, length as u64, head);
+        }
+        offset += length as u64;
+    }
+}
+
 impl InstanceLog {
     /// Opens (creating) the log; a line cut short at its end is cut off.
     pub fn open(path: &Path) -> Result<InstanceLog, String> {
         let cannot = |e: std::io::Error| format!("cannot open {}: {e}", path.display());
-        let mut file = crate::event_log::open_log_file(path)?;
-        let mut text = Vec::new();
-        file.read_to_end(&mut text).map_err(cannot)?;
-        let whole = text.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-        if whole < text.len() {
-            file.set_len(whole as u64).map_err(cannot)?;
+        let file = crate::event_log::open_log_file(path)?;
+        let mut index: Vec<(u64, u64, Head)> = Vec::new();
+        let whole = scan(&file, |offset, length, head| {
+            index.push((offset, length, head));
+        })
+        .map_err(cannot)?;
+        if whole < file.metadata().map_err(cannot)?.len() {
+            file.set_len(whole).map_err(cannot)?;
         }
-        file.seek(SeekFrom::End(0)).map_err(cannot)?;
         let mut log = InstanceLog {
             path: path.to_owned(),
             file: BufWriter::with_capacity(BUFFER_BYTES, file),
             latest: Index::default(),
-            size: whole as u64,
+            size: whole,
             live: 0,
             compact_above: COMPACT_ABOVE,
             compact_floor: COMPACT_ABOVE,
             line: Vec::new(),
         };
-        for (offset, line) in lines(&text[..whole]) {
-            if let Some((head, _)) = split(line) {
-                log.note(&head.reducer, &head.key, (offset, line.len() as u64 + 1));
-            }
+        for (offset, length, head) in index {
+            log.note(&head.reducer, &head.key, (offset, length));
         }
         Ok(log)
     }
@@ -241,42 +260,41 @@ fn encode(row: &StoredInstance, line: &mut Vec<u8>) -> std::io::Result<()> {
     Ok(())
 }
 
-/// The whole lines of `text` (each ended by a newline, left out) with their offsets.
-fn lines(text: &[u8]) -> impl Iterator<Item = (u64, &[u8])> {
-    let mut offset = 0;
-    text.split_inclusive(|&b| b == b'\n')
-        .filter_map(move |line| {
-            let at = offset;
-            offset += line.len() as u64;
-            Some((at, line.strip_suffix(b"\n")?))
-        })
-}
-
 /// The latest snapshot of every instance in the log at `path` (none if there is no
 /// log), ordered by reducer and key.
 pub fn read(path: &Path) -> Result<Vec<StoredInstance>, String> {
-    let text = match std::fs::read(path) {
-        Ok(text) => text,
+    let cannot = |e: std::io::Error| format!("cannot read {}: {e}", path.display());
+    let file = match File::open(path) {
+        Ok(file) => file,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+        Err(e) => return Err(cannot(e)),
     };
-    // Heads only, until the latest line of each instance is known.
-    let mut latest: HashMap<(String, String), (Head, &[u8]), State> = HashMap::default();
-    for (_, line) in lines(&text) {
-        if let Some((head, snapshot)) = split(line) {
-            latest.insert((head.reducer.clone(), head.key.clone()), (head, snapshot));
-        }
-    }
-    let mut stored: Vec<StoredInstance> = latest
-        .into_values()
-        .map(|(head, snapshot)| StoredInstance {
+    // Heads only, until the latest line of each instance is known; then those lines.
+    let mut latest: HashMap<(String, String), (u64, u64, Head), State> = HashMap::default();
+    scan(&file, |offset, length, head| {
+        latest.insert(
+            (head.reducer.clone(), head.key.clone()),
+            (offset, length, head),
+        );
+    })
+    .map_err(cannot)?;
+    let mut lines: Vec<(u64, u64, Head)> = latest.into_values().collect();
+    lines.sort_unstable_by_key(|&(offset, ..)| offset);
+    let mut stored = Vec::with_capacity(lines.len());
+    let mut line = Vec::new();
+    for (offset, length, head) in lines {
+        line.resize(length as usize, 0);
+        file.read_exact_at(&mut line, offset).map_err(cannot)?;
+        let text = line.strip_suffix(b"\n").unwrap_or(&line);
+        let snapshot = split(text).map_or(&b"null"[..], |(_, s)| s);
+        stored.push(StoredInstance {
             reducer: head.reducer,
             key: head.key,
             state: head.state,
             outcome: head.outcome,
             snapshot: String::from_utf8_lossy(snapshot).into_owned(),
-        })
-        .collect();
+        });
+    }
     stored.sort_unstable_by(|a, b| (&a.reducer, &a.key).cmp(&(&b.reducer, &b.key)));
     Ok(stored)
 }
