@@ -313,6 +313,16 @@ mod tests {
         }
     }
 
+    /// Saves of ten instances in turn, each flushed (so that compaction may run).
+    fn save_busy_rounds(log: &mut InstanceLog, saves: std::ops::Range<usize>) {
+        for n in saves {
+            log.append(&row(&format!("k{}", n % 10), "busy", n))
+                .expect("append");
+            log.flush()
+                .expect("flush (a compaction that fails is no failed flush)");
+        }
+    }
+
     fn summary(path: &Path) -> Vec<(String, String, Option<String>, String)> {
         read(path)
             .expect("read")
@@ -352,11 +362,7 @@ mod tests {
         let mut log = InstanceLog::open(&path)
             .expect("open")
             .compacting_above(4096);
-        for n in 0..200 {
-            log.append(&row(&format!("k{}", n % 10), "busy", n))
-                .expect("append");
-            log.flush().expect("a failed compaction is no failed flush");
-        }
+        save_busy_rounds(&mut log, 0..200);
         assert!(
             std::fs::metadata(&path).expect("log").len() > 3 * 4096,
             "not compacted"
@@ -366,11 +372,7 @@ mod tests {
         assert_eq!(stored[9].3, row("k9", "busy", 199).snapshot);
         // Out of the way, the next compaction that is due goes through.
         std::fs::remove_dir(path.with_extension("jsonl.compacting")).expect("obstacle");
-        for n in 200..400 {
-            log.append(&row(&format!("k{}", n % 10), "busy", n))
-                .expect("append");
-            log.flush().expect("flush");
-        }
+        save_busy_rounds(&mut log, 200..400);
         assert!(
             std::fs::metadata(&path).expect("log").len() < 3 * 4096,
             "compacted"
@@ -423,11 +425,7 @@ mod tests {
         let mut log = InstanceLog::open(&path)
             .expect("open")
             .compacting_above(4096);
-        for n in 0..200 {
-            log.append(&row(&format!("k{}", n % 10), "busy", n))
-                .expect("append");
-            log.flush().expect("flush");
-        }
+        save_busy_rounds(&mut log, 0..200);
         log.append(&row("k3", "done", 999)).expect("append");
         log.flush().expect("flush");
         let size = std::fs::metadata(&path).expect("log").len();
