@@ -60,16 +60,24 @@ struct Head {
 /// earlier (a quote inside a JSON string is escaped).
 const SNAPSHOT_FIELD: &[u8] = b",\"snapshot\":";
 
-/// A line's head and its snapshot's text, unparsed: it is read back whole by whoever
-/// needs it (the runtime at start reports one it cannot read).
-fn split(line: &[u8]) -> Option<(Head, &[u8])> {
+/// A line's head (its text up to the snapshot field) and its snapshot's text, which is
+/// left unparsed: whoever needs it reads it whole (the runtime at start reports one it
+/// cannot read).
+fn split(line: &[u8]) -> Option<(&[u8], &[u8])> {
     let at = line
         .windows(SNAPSHOT_FIELD.len())
         .position(|w| w == SNAPSHOT_FIELD)?;
     let snapshot = line[at + SNAPSHOT_FIELD.len()..].strip_suffix(b"}")?;
-    let mut head = line[..at].to_vec();
+    Some((&line[..at], snapshot))
+}
+
+/// A line's head, parsed on its own (closed with the brace the snapshot would end).
+fn head(line: &[u8]) -> Option<Head> {
+    let (text, _) = split(line)?;
+    let mut head = Vec::with_capacity(text.len() + 1);
+    head.extend_from_slice(text);
     head.push(b'}');
-    Some((serde_json::from_slice(&head).ok()?, snapshot))
+    serde_json::from_slice(&head).ok()
 }
 
 /// Reads the file's whole lines from its start, a buffer at a time, and hands `each`
@@ -85,7 +93,7 @@ fn scan(file: &File, mut each: impl FnMut(u64, u64, Head)) -> std::io::Result<u6
         let Some(text) = line.strip_suffix(b"\n") else {
             return Ok(offset);
         };
-        if let Some((head, _)) = split(text) {
+        if let Some(head) = head(text) {
             each(offset, length as u64, head);
         }
         offset += length as u64;
@@ -286,6 +294,7 @@ pub fn read(path: &Path) -> Result<Vec<StoredInstance>, String> {
         line.resize(length as usize, 0);
         file.read_exact_at(&mut line, offset).map_err(cannot)?;
         let text = line.strip_suffix(b"\n").unwrap_or(&line);
+        // Its head was parsed by the scan; only where the snapshot starts is needed.
         let snapshot = split(text).map_or(&b"null"[..], |(_, s)| s);
         stored.push(StoredInstance {
             reducer: head.reducer,
