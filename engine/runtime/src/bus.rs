@@ -13,7 +13,8 @@ use tokio::sync::mpsc;
 use crate::envelope::Envelope;
 use crate::work::{Work, WorkGuard};
 
-/// One delivered message; holding it keeps the run from counting as idle.
+/// One delivered message; holding it keeps the run from counting as idle, and until
+/// its receiver calls `work.taken()` it counts as waiting in the queue.
 #[derive(Debug)]
 pub struct Delivery {
     /// Shared by every subscriber, route and the event log: one allocation per
@@ -93,7 +94,7 @@ impl Bus for EmbeddedBus {
             if wanted {
                 let delivery = Delivery {
                     envelope: Arc::clone(&envelope),
-                    work: self.work.guard(),
+                    work: self.work.queued_guard(),
                     published,
                 };
                 // A receiver that closed in between simply stops receiving.

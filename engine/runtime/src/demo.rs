@@ -42,7 +42,9 @@ pub fn start(
         let ids = ids.clone();
         let pacer = Arc::clone(&pacer);
         tasks.push(tokio::spawn(async move {
-            while let Some(delivery) = requests.recv().await {
+            while let Some(mut delivery) = requests.recv().await {
+                // Taken: its answers wait for room in the queue themselves.
+                delivery.work.taken();
                 let Some(demo) = &shared.project.demo else {
                     return;
                 };

@@ -476,7 +476,7 @@ fn route(shared: &Arc<Shared>, senders: &[mpsc::UnboundedSender<Message>], deliv
             envelope: Arc::clone(&envelope),
             source: Cow::Borrowed("bus"),
             published,
-            work: shared.work.guard(),
+            work: shared.work.queued_guard(),
         });
     }
     // One dead letter per event, with every route that could not take it.

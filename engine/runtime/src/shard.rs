@@ -160,8 +160,9 @@ impl Shard {
                 envelope,
                 source,
                 published,
-                work,
+                mut work,
             } => {
+                work.taken();
                 let queued = Queued {
                     envelope,
                     route,

@@ -4,25 +4,37 @@
 //! sources are done; a guard dropped on any path (success, failure, panic unwinding)
 //! releases its unit, so the count cannot leak.
 //!
-//! The same count is the runtime's back-pressure: sources (event files, stdin, the
+//! The same guards are the runtime's back-pressure: sources (event files, stdin, the
 //! demo) wait for [`Work::room`] before they publish, so a burst of input is taken
-//! in as fast as it is processed instead of piling up in memory.
+//! in as fast as it is processed instead of piling up in memory. Two limits apply:
+//! - events waiting to be taken (on the bus or in a shard's queue, [`Work::queued`])
+//!   bound the time a new event waits behind others: latency;
+//! - all outstanding units (including work already done whose changes are not yet
+//!   with the store, effects waiting for their database commit, timers) bound memory.
+//!
+//! One limit for both made the runtime trade one for the other: most outstanding
+//! units at full speed are finished work waiting for the next hand-over or commit,
+//! so a limit low enough for a short queue starved the shards (docs/performance.md).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 
 use tokio::sync::Notify;
 
-/// Outstanding units above which sources wait. Large enough to keep every shard
-/// and the databases busy with full batches, small enough to bound memory and the
-/// time an event waits behind others once the runtime is saturated: a 10,000-node
-/// demo ran as fast with 3,072 as with 8,192 (p99 ~200 ms instead of ~600), while
-/// 2,048 cost 8% of the rate and 512 more than half (docs/performance.md).
-pub const MAX_OUTSTANDING: i64 = 3072;
+/// Events waiting to be taken above which sources wait: what a new event may find
+/// ahead of it once the runtime is saturated. A saturated 10,000-node demo ran as
+/// fast with 32 to 1,024 as with no such limit; its median latency fell from
+/// ~40 ms (1,024) to ~8 ms (64), below which it hardly moved (docs/performance.md).
+pub const MAX_QUEUED: i64 = 64;
+
+/// Outstanding units above which sources wait: the memory bound. Large enough never
+/// to limit a saturated 10,000-node demo, where the queue limit applies first.
+pub const MAX_OUTSTANDING: i64 = 8192;
 
 #[derive(Debug, Default)]
 pub struct Work {
     outstanding: AtomicI64,
+    queued: AtomicI64,
     changed: Notify,
     room: Notify,
 }
@@ -34,11 +46,28 @@ impl Work {
 
     pub fn guard(self: &Arc<Self>) -> WorkGuard {
         self.outstanding.fetch_add(1, Ordering::SeqCst);
-        WorkGuard(Arc::clone(self))
+        WorkGuard {
+            work: Arc::clone(self),
+            queued: false,
+        }
+    }
+
+    /// A unit for an event that waits to be taken: it counts towards the queue
+    /// limit too until [`WorkGuard::taken`].
+    pub fn queued_guard(self: &Arc<Self>) -> WorkGuard {
+        self.queued.fetch_add(1, Ordering::SeqCst);
+        let mut guard = self.guard();
+        guard.queued = true;
+        guard
     }
 
     pub fn outstanding(&self) -> i64 {
         self.outstanding.load(Ordering::SeqCst)
+    }
+
+    /// Events waiting to be taken.
+    pub fn queued(&self) -> i64 {
+        self.queued.load(Ordering::SeqCst)
     }
 
     /// Resolves once nothing is outstanding.
@@ -52,26 +81,48 @@ impl Work {
         }
     }
 
-    /// Resolves once fewer than [`MAX_OUTSTANDING`] units are outstanding.
+    /// Resolves once fewer than [`MAX_QUEUED`] events wait and fewer than
+    /// [`MAX_OUTSTANDING`] units are outstanding.
     pub async fn room(&self) {
         loop {
             let notified = self.room.notified();
-            if self.outstanding() < MAX_OUTSTANDING {
+            if self.queued() < MAX_QUEUED && self.outstanding() < MAX_OUTSTANDING {
                 return;
             }
             notified.await;
         }
     }
+
+    fn release_queued(&self) {
+        if self.queued.fetch_sub(1, Ordering::SeqCst) == MAX_QUEUED {
+            self.room.notify_waiters();
+        }
+    }
 }
 
 #[derive(Debug)]
-pub struct WorkGuard(Arc<Work>);
+pub struct WorkGuard {
+    work: Arc<Work>,
+    /// Still counted as an event waiting to be taken.
+    queued: bool,
+}
+
+impl WorkGuard {
+    /// The event this unit stands for was taken from its queue; the unit stays
+    /// outstanding until the guard is dropped.
+    pub fn taken(&mut self) {
+        if std::mem::take(&mut self.queued) {
+            self.work.release_queued();
+        }
+    }
+}
 
 impl Drop for WorkGuard {
     fn drop(&mut self) {
-        match self.0.outstanding.fetch_sub(1, Ordering::SeqCst) {
-            1 => self.0.changed.notify_waiters(),
-            MAX_OUTSTANDING => self.0.room.notify_waiters(),
+        self.taken();
+        match self.work.outstanding.fetch_sub(1, Ordering::SeqCst) {
+            1 => self.work.changed.notify_waiters(),
+            MAX_OUTSTANDING => self.work.room.notify_waiters(),
             _ => {}
         }
     }
@@ -98,5 +149,28 @@ mod tests {
             .expect("task");
         drop(guards);
         assert_eq!(work.outstanding(), 0);
+    }
+
+    #[tokio::test]
+    async fn sources_wait_while_the_queue_is_full_until_an_event_is_taken() {
+        let work = Work::new();
+        let mut queued: Vec<WorkGuard> = (0..MAX_QUEUED).map(|_| work.queued_guard()).collect();
+        let waiting = tokio::spawn({
+            let work = Arc::clone(&work);
+            async move { work.room().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "room while the queue is full");
+        // Taken but not finished: the queue has room, the unit stays outstanding.
+        queued[0].taken();
+        queued[0].taken();
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
+            .await
+            .expect("room once an event is taken")
+            .expect("task");
+        assert_eq!(work.queued(), MAX_QUEUED - 1, "taking twice releases once");
+        assert_eq!(work.outstanding(), MAX_QUEUED);
+        drop(queued);
+        assert_eq!((work.queued(), work.outstanding()), (0, 0));
     }
 }
