@@ -132,21 +132,31 @@ impl Drop for WorkGuard {
 mod tests {
     use super::*;
 
+    /// A source waiting for room, checked to be waiting.
+    async fn waiting_source(work: &Arc<Work>, why: &str) -> tokio::task::JoinHandle<()> {
+        let waiting = tokio::spawn({
+            let work = Arc::clone(work);
+            async move { work.room().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "room while {why}");
+        waiting
+    }
+
+    async fn gets_room(waiting: tokio::task::JoinHandle<()>, why: &str) {
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
+            .await
+            .unwrap_or_else(|_| panic!("room once {why}"))
+            .expect("task");
+    }
+
     #[tokio::test]
     async fn sources_wait_for_room_until_a_unit_is_released() {
         let work = Work::new();
         let mut guards: Vec<WorkGuard> = (0..MAX_OUTSTANDING).map(|_| work.guard()).collect();
-        let waiting = tokio::spawn({
-            let work = Arc::clone(&work);
-            async move { work.room().await }
-        });
-        tokio::task::yield_now().await;
-        assert!(!waiting.is_finished(), "room while the limit is reached");
+        let waiting = waiting_source(&work, "the limit is reached").await;
         guards.pop();
-        tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
-            .await
-            .expect("room once a unit is released")
-            .expect("task");
+        gets_room(waiting, "a unit is released").await;
         drop(guards);
         assert_eq!(work.outstanding(), 0);
     }
@@ -155,19 +165,11 @@ mod tests {
     async fn sources_wait_while_the_queue_is_full_until_an_event_is_taken() {
         let work = Work::new();
         let mut queued: Vec<WorkGuard> = (0..MAX_QUEUED).map(|_| work.queued_guard()).collect();
-        let waiting = tokio::spawn({
-            let work = Arc::clone(&work);
-            async move { work.room().await }
-        });
-        tokio::task::yield_now().await;
-        assert!(!waiting.is_finished(), "room while the queue is full");
+        let waiting = waiting_source(&work, "the queue is full").await;
         // Taken but not finished: the queue has room, the unit stays outstanding.
         queued[0].taken();
         queued[0].taken();
-        tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
-            .await
-            .expect("room once an event is taken")
-            .expect("task");
+        gets_room(waiting, "an event is taken").await;
         assert_eq!(work.queued(), MAX_QUEUED - 1, "taking twice releases once");
         assert_eq!(work.outstanding(), MAX_QUEUED);
         drop(queued);
