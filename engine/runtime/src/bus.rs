@@ -13,8 +13,9 @@ use tokio::sync::mpsc;
 use crate::envelope::Envelope;
 use crate::work::{Work, WorkGuard};
 
-/// One delivered message; holding it keeps the run from counting as idle, and until
-/// its receiver calls `work.taken()` it counts as waiting in the queue.
+/// One delivered message; holding it keeps the run from counting as idle, and a
+/// [`Subscriber::Processor`]'s counts as waiting in the queue until its receiver
+/// calls `work.taken()`.
 #[derive(Debug)]
 pub struct Delivery {
     /// Shared by every subscriber, route and the event log: one allocation per
@@ -32,7 +33,7 @@ pub trait Bus: Send + Sync + std::fmt::Debug {
     /// closed (shutting down).
     fn publish(&self, envelope: Envelope) -> Result<(), String>;
     /// Subscribes to the given event types (`None`: all).
-    fn subscribe(&self, event_types: Option<HashSet<String>>) -> Subscription;
+    fn subscribe(&self, event_types: Option<HashSet<String>>, kind: Subscriber) -> Subscription;
     /// Where messages go, for people: "embedded (in-process)".
     fn describe(&self) -> String;
     /// Keeps every published message before it is delivered (the runtime's event
@@ -44,14 +45,27 @@ pub trait Bus: Send + Sync + std::fmt::Debug {
 
 pub type Journal = Box<dyn Fn(&Arc<Envelope>) + Send + Sync>;
 
+/// What a subscriber does with its messages, which says whether those not yet
+/// received count against the queue limit of [`Work::room`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Subscriber {
+    /// Takes messages in for processing (the router): its backlog is the runtime's
+    /// input queue.
+    Processor,
+    /// Publishes in answer (the demo) and so waits for room itself: counting its
+    /// backlog could hold it back behind messages only it can take.
+    Source,
+}
+
 #[derive(Debug)]
-struct Subscriber {
+struct Listener {
     event_types: Option<HashSet<String>>,
+    kind: Subscriber,
     sender: mpsc::UnboundedSender<Delivery>,
 }
 
 pub struct EmbeddedBus {
-    subscribers: Mutex<Vec<Subscriber>>,
+    subscribers: Mutex<Vec<Listener>>,
     work: Arc<Work>,
     journal: std::sync::OnceLock<Journal>,
 }
@@ -94,7 +108,10 @@ impl Bus for EmbeddedBus {
             if wanted {
                 let delivery = Delivery {
                     envelope: Arc::clone(&envelope),
-                    work: self.work.queued_guard(),
+                    work: match subscriber.kind {
+                        Subscriber::Processor => self.work.queued_guard(),
+                        Subscriber::Source => self.work.guard(),
+                    },
                     published,
                 };
                 // A receiver that closed in between simply stops receiving.
@@ -104,11 +121,12 @@ impl Bus for EmbeddedBus {
         Ok(())
     }
 
-    fn subscribe(&self, event_types: Option<HashSet<String>>) -> Subscription {
+    fn subscribe(&self, event_types: Option<HashSet<String>>, kind: Subscriber) -> Subscription {
         let (sender, receiver) = mpsc::unbounded_channel();
         if let Ok(mut subscribers) = self.subscribers.lock() {
-            subscribers.push(Subscriber {
+            subscribers.push(Listener {
                 event_types,
+                kind,
                 sender,
             });
         }
@@ -121,5 +139,28 @@ impl Bus for EmbeddedBus {
 
     fn set_journal(&self, journal: Journal) {
         let _ = self.journal.set(journal);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn only_a_processors_backlog_counts_as_the_queue() {
+        let work = Work::new();
+        let bus = EmbeddedBus::new(Arc::clone(&work));
+        let mut processor = bus.subscribe(None, Subscriber::Processor);
+        let mut source = bus.subscribe(None, Subscriber::Source);
+        let envelope: Envelope =
+            serde_json::from_str(r#"{"message_id": "m-1", "event_type": "Tick"}"#)
+                .expect("envelope");
+        bus.publish(envelope).expect("published");
+        assert_eq!((work.queued(), work.outstanding()), (1, 2));
+        let mut taken = processor.recv().await.expect("delivered");
+        taken.work.taken();
+        assert_eq!((work.queued(), work.outstanding()), (0, 2));
+        drop((taken, source.recv().await.expect("delivered")));
+        assert_eq!(work.outstanding(), 0);
     }
 }

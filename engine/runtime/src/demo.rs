@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 
+use crate::bus::Subscriber;
 use crate::project::{Demo, EventSpec};
 use crate::runtime::{Shared, render_event};
 use crate::template::Var;
@@ -36,15 +37,13 @@ pub fn start(
     let pacer = Arc::new(Pacer::new(rate));
     let answered: HashSet<String> = spec.answers.keys().cloned().collect();
     if !answered.is_empty() {
-        let mut requests = shared.bus.subscribe(Some(answered));
+        let mut requests = shared.bus.subscribe(Some(answered), Subscriber::Source);
         let shared = Arc::clone(&shared);
         let received = Arc::clone(&received);
         let ids = ids.clone();
         let pacer = Arc::clone(&pacer);
         tasks.push(tokio::spawn(async move {
-            while let Some(mut delivery) = requests.recv().await {
-                // Taken: its answers wait for room in the queue themselves.
-                delivery.work.taken();
+            while let Some(delivery) = requests.recv().await {
                 let Some(demo) = &shared.project.demo else {
                     return;
                 };

@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use tokio::io::AsyncBufReadExt;
 use tokio::sync::mpsc;
 
-use crate::bus::{Bus, Delivery};
+use crate::bus::{Bus, Delivery, Subscriber};
 use crate::effects::EffectRunner;
 use crate::envelope::Envelope;
 use crate::handler::Handlers;
@@ -259,7 +259,7 @@ pub async fn run(
 
     // The router: consumed events -> instances.
     let routed: HashSet<String> = project.routes.keys().cloned().collect();
-    let mut subscription = bus.subscribe(Some(routed));
+    let mut subscription = bus.subscribe(Some(routed), Subscriber::Processor);
     let router_shared = Arc::clone(&shared);
     let router_senders = shard_senders.clone();
     let router = tokio::spawn(async move {
