@@ -81,20 +81,25 @@ fn run(data: &Path, extra: &[&str]) -> (Run, Value) {
     (run, summary)
 }
 
-/// `onex state list` of the registration reducer, as JSON rows.
-fn registrations(data: &Path, extra: &[&str]) -> Vec<Value> {
+/// `onex <command> list` (`state`, `dlq`) of the state in `data`, in JSON Lines.
+fn list_json(command: &str, data: &Path, extra: &[&str]) -> Run {
     let mut args = vec![
-        "state",
+        command,
         "list",
         "--data-dir",
         path_str(data),
-        "--reducer",
-        REGISTRATION,
         "--format",
         "json",
     ];
     args.extend_from_slice(extra);
-    onex(&args).json_lines()
+    onex(&args)
+}
+
+/// `onex state list` of the registration reducer, as JSON rows.
+fn registrations(data: &Path, extra: &[&str]) -> Vec<Value> {
+    let mut args = vec!["--reducer", REGISTRATION];
+    args.extend_from_slice(extra);
+    list_json("state", data, &args).json_lines()
 }
 
 /// Starts `onex` from the repository root with every stream piped.
@@ -334,15 +339,7 @@ fn invalid_introspections_fail_with_their_reason_and_unroutable_events_are_kept(
         "{errors}"
     );
 
-    let letters = onex(&[
-        "dlq",
-        "list",
-        "--data-dir",
-        path_str(dir.path()),
-        "--format",
-        "json",
-    ])
-    .json_lines();
+    let letters = list_json("dlq", dir.path(), &[]).json_lines();
     let reasons: Vec<(String, String)> = letters
         .iter()
         .map(|l| {
@@ -491,14 +488,7 @@ fn processed_ids_of_an_earlier_state_file_are_still_recognised() {
     assert_eq!(first.code, 0, "{}", first.stderr);
     write_earlier_state_file(dir.path());
     assert!(!dir.path().join("instances.jsonl").exists());
-    let listed = onex(&[
-        "state",
-        "list",
-        "--data-dir",
-        path_str(dir.path()),
-        "--format",
-        "json",
-    ]);
+    let listed = list_json("state", dir.path(), &[]);
     assert_eq!(listed.code, 0, "{}", listed.stderr);
     assert_eq!(
         listed.stdout.lines().count(),
