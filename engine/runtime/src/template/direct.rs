@@ -97,9 +97,18 @@ impl Direct {
         Some(self.eval(Scope::of(scope)?)?.view()?.truthy())
     }
 
-    fn eval<'a>(&self, scope: Scope<'a>) -> Option<Val<'a>> {
+    /// The value of a constant, for folding literals made of constants.
+    fn constant(&self) -> Option<Value> {
+        match self {
+            Direct::Const(value) => Some(value.clone()),
+            _ => None,
+        }
+    }
+
+    fn eval<'a>(&'a self, scope: Scope<'a>) -> Option<Val<'a>> {
         Some(match self {
-            Direct::Const(value) => Val::Owned(value.clone()),
+            // Lent, not copied: only what the result keeps of it is cloned.
+            Direct::Const(value) => Val::Ref(Node::Value(value)),
             Direct::Var { name, global } => match scope.get(name) {
                 Some(value) => value?,
                 None if *global => return None,
@@ -228,10 +237,20 @@ fn from_ast(expr: &ast::Expr<'_>) -> Option<Direct> {
             },
         },
         ast::Expr::List(list) => {
-            Direct::List(list.items.iter().map(from_ast).collect::<Option<_>>()?)
+            let items: Vec<Direct> = list.items.iter().map(from_ast).collect::<Option<_>>()?;
+            // A literal of constants (`['a', 'b'][i]`) is built once, here.
+            match items
+                .iter()
+                .map(Direct::constant)
+                .collect::<Option<Vec<_>>>()
+            {
+                Some(values) => Direct::Const(Value::Array(values)),
+                None => Direct::List(items),
+            }
         }
-        ast::Expr::Map(map) => Direct::Map(
-            map.keys
+        ast::Expr::Map(map) => {
+            let entries: Vec<(String, Direct)> = map
+                .keys
                 .iter()
                 .zip(&map.values)
                 .map(|(key, value)| match key {
@@ -240,8 +259,16 @@ fn from_ast(expr: &ast::Expr<'_>) -> Option<Direct> {
                     }
                     _ => None,
                 })
-                .collect::<Option<_>>()?,
-        ),
+                .collect::<Option<_>>()?;
+            let constants = entries
+                .iter()
+                .map(|(key, value)| Some((key.clone(), value.constant()?)))
+                .collect::<Option<Map<_, _>>>();
+            match constants {
+                Some(map) => Direct::Const(Value::Object(map)),
+                None => Direct::Map(entries),
+            }
+        }
         ast::Expr::Filter(filter) => {
             let input = filter.expr.as_ref()?;
             let filter_name = filter.name;
@@ -565,7 +592,7 @@ impl<'a> Val<'a> {
 }
 
 impl Filter {
-    fn apply<'a>(&self, input: Val<'a>, scope: Scope<'a>) -> Option<Val<'a>> {
+    fn apply<'a>(&'a self, input: Val<'a>, scope: Scope<'a>) -> Option<Val<'a>> {
         Some(match self {
             Filter::ToJson => Val::Owned(Value::String(match input {
                 Val::Undefined => "null".to_owned(),
