@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
-use onex_core::{Event, Instance, Machine, StepRecord, step_in_place};
+use onex_core::{Change, Event, Instance, Machine, StepRecord, step_in_place};
 use serde_json::{Map, Value, json};
 
 use crate::cli::{ReplayArgs, ReplayFormat};
@@ -143,11 +143,11 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<u8> {
                 let context = context.map(Arc::new);
                 let event = Event {
                     trigger: &trigger,
-                    context: context.as_ref(),
+                    context: context.as_ref().map(Change::Lent),
                     correlation_id: correlation_id.as_ref(),
                     message_id: id.as_ref(),
                 };
-                step_in_place(&machine, instance, &event, &mut record);
+                step_in_place(&machine, instance, event, &mut record);
                 counts.events += 1;
                 counts.intents += record.intents.len() as u64;
                 counts.completed += u64::from(record.completed);

@@ -23,7 +23,7 @@ use std::time::Instant;
 
 use anyhow::Context as _;
 use onex_contract::yaml::{Node, NodeKind};
-use onex_core::{Event, Instance, Machine, StepRecord, step_in_place};
+use onex_core::{Change, Event, Instance, Machine, StepRecord, step_in_place};
 use onex_diag::{SourceFile, Span};
 use serde_json::{Map, Value, json};
 
@@ -228,11 +228,11 @@ fn run_scenario(machine: &Machine, source: &SourceFile, scenario: &Node, index: 
         let id: Option<Arc<str>> = step.get("id").and_then(Node::as_str).map(Arc::from);
         let event = Event {
             trigger,
-            context: context.as_ref(),
+            context: context.as_ref().map(Change::Lent),
             correlation_id: correlation.as_ref(),
             message_id: id.as_ref(),
         };
-        step_in_place(machine, &mut instance, &event, &mut record);
+        step_in_place(machine, &mut instance, event, &mut record);
         if let Some(expect) = step.get("expect") {
             failures.extend(check_keys(source, expect, EXPECT_KEYS, "`expect`"));
             for problem in compare(machine, &record, &instance, expect) {

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use onex_contract::{Contract, load};
-use onex_core::{Event, Instance, Machine, StepRecord, step_in_place};
+use onex_core::{Change, Event, Instance, Machine, StepRecord, step_in_place};
 use serde_json::{Map, Value, json};
 
 /// Counts heap bytes allocated while `COUNTING` is on, to measure what an instance
@@ -74,9 +74,9 @@ fn happy_path(c: &mut Criterion) {
         step_in_place(
             &machine,
             &mut instance,
-            &Event {
+            Event {
                 trigger,
-                context,
+                context: context.map(Change::Lent),
                 correlation_id: Some(&correlation),
                 message_id: None,
             },
@@ -94,11 +94,11 @@ fn happy_path(c: &mut Criterion) {
             for (trigger, context) in events {
                 let event = Event {
                     trigger,
-                    context,
+                    context: context.map(Change::Lent),
                     correlation_id: Some(&correlation),
                     message_id: None,
                 };
-                step_in_place(&machine, &mut instance, &event, &mut record);
+                step_in_place(&machine, &mut instance, event, &mut record);
             }
             record.intents.len()
         })

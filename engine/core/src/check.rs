@@ -18,7 +18,7 @@ use crate::eval::Outcome;
 use crate::instance::Instance;
 use crate::machine::{Machine, StateId};
 use crate::record::StepRecord;
-use crate::step::{Event, step_in_place};
+use crate::step::{Change, Event, step_in_place};
 
 // What the exploration can find: not contract lints (loading does not run them) but
 // described the same way, so that every output format renders them.
@@ -111,9 +111,9 @@ pub fn explore(machine: &Machine, limits: Limits) -> Exploration {
                 step_in_place(
                     machine,
                     &mut instance,
-                    &Event {
+                    Event {
                         trigger,
-                        context: Some(&context),
+                        context: Some(Change::Lent(&context)),
                         ..Event::default()
                     },
                     &mut record,

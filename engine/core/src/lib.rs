@@ -19,4 +19,4 @@ pub use eval::{Outcome, evaluate};
 pub use instance::{HISTORY_LIMIT, HistoryEntry, Instance};
 pub use machine::{Action, ActionId, CompileError, Guard, Machine, StateId, TransitionId};
 pub use record::{ConditionRecord, IdempotencyKey, Intent, Rejection, StepRecord, StepShared};
-pub use step::{Event, step, step_in_place};
+pub use step::{Change, Event, step, step_in_place};

@@ -10,22 +10,44 @@ use crate::machine::Machine;
 use crate::record::{ConditionRecord, Intent, Rejection, StepRecord, StepShared};
 
 /// One event as the step sees it.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Event<'a> {
     pub trigger: &'a str,
     /// Merged into the instance context (event keys win; an explicit null sets null)
-    /// before guards are evaluated; on rejection nothing is merged.
-    pub context: Option<&'a Arc<Map<String, Value>>>,
+    /// when the step is taken; guards read it over the context; on rejection nothing
+    /// is merged.
+    pub context: Option<Change<'a>>,
     pub correlation_id: Option<&'a Arc<str>>,
     /// The id of the message that carried the event; becomes the intents' causation id.
     pub message_id: Option<&'a Arc<str>>,
+}
+
+/// An event's context change, and whether the step may keep its values.
+#[derive(Debug, Clone)]
+pub enum Change<'a> {
+    /// Copied into the context; the record keeps it as `context_change` (replays,
+    /// scenario tests and the checker read it back).
+    Lent(&'a Arc<Map<String, Value>>),
+    /// Moved into the context, nothing copied; the record does not keep it. For a
+    /// caller that never reads the change back (the runtime, where an event's payload
+    /// copied into the context is most of what an instance holds).
+    Given(Map<String, Value>),
+}
+
+impl Change<'_> {
+    fn map(&self) -> &Map<String, Value> {
+        match self {
+            Change::Lent(map) => map,
+            Change::Given(map) => map,
+        }
+    }
 }
 
 /// The pure step: a new snapshot and the record of what happened.
 pub fn step(machine: &Machine, instance: &Instance, event: &Event<'_>) -> (Instance, StepRecord) {
     let mut next = instance.clone();
     let mut record = StepRecord::default();
-    step_in_place(machine, &mut next, event, &mut record);
+    step_in_place(machine, &mut next, event.clone(), &mut record);
     (next, record)
 }
 
@@ -34,7 +56,7 @@ pub fn step(machine: &Machine, instance: &Instance, event: &Event<'_>) -> (Insta
 pub fn step_in_place(
     machine: &Machine,
     instance: &mut Instance,
-    event: &Event<'_>,
+    event: Event<'_>,
     record: &mut StepRecord,
 ) {
     let trigger = machine.trigger_name(event.trigger);
@@ -51,7 +73,7 @@ pub fn step_in_place(
         for (index, guard) in machine.transitions[id].guards.iter().enumerate() {
             let actual = lookup(
                 &guard.expression.field,
-                event.context.map(|c| &**c),
+                event.context.as_ref().map(Change::map),
                 &instance.context,
             );
             let outcome = evaluate(guard, actual);
@@ -76,17 +98,31 @@ pub fn step_in_place(
         record.sequence = instance.sequence;
         return;
     };
-    if let Some(changes) = event.context {
-        let context = Arc::make_mut(&mut instance.context);
-        for (key, value) in changes.iter() {
-            match context.get_mut(key) {
-                Some(slot) => slot.clone_from(value),
-                None => {
-                    context.insert(key.clone(), value.clone());
+    match event.context {
+        Some(Change::Lent(changes)) => {
+            let context = Arc::make_mut(&mut instance.context);
+            for (key, value) in changes.iter() {
+                match context.get_mut(key) {
+                    Some(slot) => slot.clone_from(value),
+                    None => {
+                        context.insert(key.clone(), value.clone());
+                    }
+                }
+            }
+            record.context_change = Some(Arc::clone(changes));
+        }
+        Some(Change::Given(changes)) => {
+            let context = Arc::make_mut(&mut instance.context);
+            for (key, value) in changes {
+                match context.get_mut(&key) {
+                    Some(slot) => *slot = value,
+                    None => {
+                        context.insert(key, value);
+                    }
                 }
             }
         }
-        record.context_change = Some(changes.clone());
+        None => {}
     }
     let transition = &machine.transitions[id];
     let from = instance.state;

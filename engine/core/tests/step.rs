@@ -31,7 +31,7 @@ fn fire(
         instance,
         &Event {
             trigger,
-            context: ctx.as_ref(),
+            context: ctx.as_ref().map(onex_core::Change::Lent),
             ..Event::default()
         },
     )
@@ -176,6 +176,54 @@ fn the_event_context_merges_and_null_sets_null() {
     );
 }
 
+/// The runtime's form: a given change merges as a lent one does (guards read it, keys
+/// win, null sets null, order kept) but is not kept in the record; on rejection
+/// nothing is merged.
+#[test]
+fn a_given_change_merges_like_a_lent_one_and_is_not_recorded() {
+    let m = machine(PRIORITIES);
+    let given = |instance: &Instance, trigger: &str, change: Value| {
+        let mut next = instance.clone();
+        let mut record = onex_core::StepRecord::default();
+        let change = change.as_object().cloned().expect("object");
+        onex_core::step_in_place(
+            &m,
+            &mut next,
+            Event {
+                trigger,
+                context: Some(onex_core::Change::Given(change)),
+                ..Event::default()
+            },
+            &mut record,
+        );
+        (next, record)
+    };
+    let start = Instance::new(&m, "i");
+    let changes = [
+        json!({"a": 1, "b": 2, "n": 11}),
+        json!({"b": null, "c": [1]}),
+    ];
+    let (mut lent, mut given_to) = (start.clone(), start.clone());
+    for (trigger, change) in [("again", &changes[0]), ("again", &changes[1])] {
+        let (next, record) = fire(&m, &lent, trigger, Some(change.clone()));
+        lent = next;
+        assert!(record.context_change.is_some());
+        let (next, record) = given(&given_to, trigger, change.clone());
+        given_to = next;
+        assert!(record.rejection.is_none() && record.context_change.is_none());
+    }
+    assert_eq!(
+        serde_json::to_string(&*given_to.context).expect("json"),
+        serde_json::to_string(&*lent.context).expect("json"),
+    );
+    // `n > 10` is read from the given change: `go` takes the guarded transition to c.
+    let (next, _) = given(&start, "go", json!({"n": 11}));
+    assert_eq!(state(&m, &next), "c");
+    // Rejected (no `again` from c): the context is left as it was.
+    let (after, record) = given(&next, "again", json!({"n": 0}));
+    assert!(record.rejection.is_some());
+    assert_eq!(after.context, next.context);
+}
 #[test]
 fn terminal_states_complete_a_run_and_keys_are_deterministic() {
     let m = machine(PRIORITIES);

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use onex_contract::model::execution::RuntimeAction;
-use onex_core::{Event, StepRecord};
+use onex_core::{Change, Event, StepRecord};
 use serde_json::{Map, Value, json};
 use tokio::sync::mpsc;
 
@@ -395,7 +395,6 @@ impl Shard {
         }
         self.counters
             .event(&self.shared.metrics, &queued.envelope.event_type);
-        let patch = Arc::new(patch);
         let correlation: Option<Arc<str>> =
             queued.envelope.correlation_id.as_deref().map(Arc::from);
         let message_id: Arc<str> = Arc::from(queued.envelope.message_id.as_str());
@@ -403,7 +402,7 @@ impl Shard {
             reducer,
             key,
             &route.trigger,
-            Some(&patch),
+            Some(patch),
             correlation.as_ref(),
             Some(&message_id),
             0,
@@ -420,7 +419,7 @@ impl Shard {
         reducer: ReducerId,
         key: &str,
         trigger: &str,
-        context: Option<&Arc<Map<String, Value>>>,
+        context: Option<Map<String, Value>>,
         correlation: Option<&Arc<str>>,
         message_id: Option<&Arc<str>>,
         depth: u32,
@@ -437,11 +436,12 @@ impl Shard {
         };
         let event = Event {
             trigger,
-            context,
+            // Given, not lent: the route's patch is moved into the context.
+            context: context.map(Change::Given),
             correlation_id: carried.as_ref(),
             message_id,
         };
-        onex_core::step_in_place(machine, &mut slot.instance, &event, &mut self.record);
+        onex_core::step_in_place(machine, &mut slot.instance, event, &mut self.record);
         if self.record.rejection.is_some() {
             let reason = self
                 .record
