@@ -33,16 +33,17 @@ pub fn start(
     spec: &Demo,
     rate: Option<f64>,
 ) -> Vec<String> {
-    let ids: Vec<String> = (0..count).map(entity_uuid).collect();
+    let ids: Arc<[String]> = (0..count).map(entity_uuid).collect();
     let pacer = Arc::new(Pacer::new(rate));
     let answered: HashSet<String> = spec.answers.keys().cloned().collect();
     if !answered.is_empty() {
         let mut requests = shared.bus.subscribe(Some(answered), Subscriber::Source);
         let shared = Arc::clone(&shared);
         let received = Arc::clone(&received);
-        let ids = ids.clone();
+        let ids = Arc::clone(&ids);
         let pacer = Arc::clone(&pacer);
         tasks.push(tokio::spawn(async move {
+            let runtime = Arc::new(Value::Null);
             while let Some(delivery) = requests.recv().await {
                 let Some(demo) = &shared.project.demo else {
                     return;
@@ -65,13 +66,17 @@ pub fn start(
                         continue;
                     }
                     pacer.wait(&shared, answers.len()).await;
+                    let entity = Entity {
+                        index,
+                        id,
+                        sequence: 0,
+                    };
                     publish(
                         &shared,
                         demo,
                         answers,
-                        index,
-                        0,
-                        Some(&delivery.envelope),
+                        &entity,
+                        (&runtime, Some(&delivery.envelope)),
                         &received,
                     );
                 }
@@ -81,13 +86,27 @@ pub fn start(
     }
     let guard = shared.work.guard();
     let periodic = spec.periodic.as_ref().map(|(interval, _)| *interval);
+    let entities = Arc::clone(&ids);
     tasks.push(tokio::spawn(async move {
         let Some(demo) = &shared.project.demo else {
             return;
         };
+        let runtime = Arc::new(Value::Null);
+        let entity = |index: usize, sequence: u64| Entity {
+            index,
+            id: &entities[index],
+            sequence,
+        };
         for index in 0..count {
             pacer.wait(&shared, demo.on_start.len()).await;
-            publish(&shared, demo, &demo.on_start, index, 0, None, &received);
+            publish(
+                &shared,
+                demo,
+                &demo.on_start,
+                &entity(index, 0),
+                (&runtime, None),
+                &received,
+            );
         }
         let Some(interval) = periodic else { return };
         let Some((_, event)) = &demo.periodic else {
@@ -98,7 +117,8 @@ pub fn start(
         loop {
             for index in 0..count {
                 pacer.wait(&shared, 1).await;
-                publish(&shared, demo, events, index, sequence, None, &received);
+                let entity = entity(index, sequence);
+                publish(&shared, demo, events, &entity, (&runtime, None), &received);
             }
             if until_idle {
                 break;
@@ -108,7 +128,7 @@ pub fn start(
         }
         drop(guard);
     }));
-    ids
+    ids.to_vec()
 }
 
 /// When the next events may go: at once when the runtime has room, or on an even
@@ -145,24 +165,33 @@ fn entity_uuid(index: usize) -> String {
     crate::envelope::name_based_id(format!("onex-demo-entity/{index}").as_bytes())
 }
 
+/// One simulated entity at one round of its events.
+struct Entity<'a> {
+    index: usize,
+    /// Its id, derived once from the index when the demo starts.
+    id: &'a str,
+    sequence: u64,
+}
+
+/// Renders and publishes `events` for `entity`; `scope` is the templates' `runtime`
+/// (none, shared by all of a task's events) and the event being answered.
 fn publish(
     shared: &Shared,
     demo: &Demo,
     events: &[EventSpec],
-    index: usize,
-    sequence: u64,
-    cause: Option<&Arc<crate::envelope::Envelope>>,
+    entity: &Entity<'_>,
+    scope: (&Arc<Value>, Option<&Arc<crate::envelope::Envelope>>),
     received: &AtomicU64,
 ) {
+    let (runtime, cause) = scope;
     let entity = Arc::new(json!({
-        "index": index,
-        "uuid": entity_uuid(index),
-        "sequence": sequence,
-        "uptime_seconds": sequence * 30,
+        "index": entity.index,
+        "uuid": entity.id,
+        "sequence": entity.sequence,
+        "uptime_seconds": entity.sequence * 30,
     }));
-    let runtime = Arc::new(Value::Null);
     for event in events {
-        match render_event(shared, event, &runtime, Some((&entity, cause))) {
+        match render_event(shared, event, runtime, Some((&entity, cause))) {
             Ok(mut envelope) => {
                 if envelope.entity_id.is_none()
                     && let Some(template) = &demo.entity_id
