@@ -7,8 +7,10 @@
 //! A message published again (an intent repeated by a retry or after a restart; its id
 //! is derived from the intent's idempotency key) is logged once: the ids of the latest
 //! [`REMEMBERED`] messages are kept, and read back from the end of the file when it is
-//! opened. A line cut short by a crash is ended, so the next one starts on a line of its
-//! own; readers skip a line that does not parse.
+//! opened. A line cut short by a crash is cut off, as in the instance log: it could not
+//! be read anyway, its id was not remembered, so the event is logged when it is
+//! published again (the batch it belonged to was not saved and is redone under the same
+//! ids), and readers see whole lines only (`jq` stops at a line that does not parse).
 
 use std::collections::{HashSet, VecDeque};
 use std::fs::{File, OpenOptions};
@@ -69,7 +71,23 @@ impl EventLog {
             seen: HashSet::new(),
             order: VecDeque::new(),
         };
-        let mut lines = tail.split(|&b| b == b'\n');
+        let whole = match tail.iter().rposition(|&b| b == b'\n') {
+            Some(last) => last + 1,
+            None if start == 0 => 0,
+            // A line longer than the tail read back: end it rather than cut what
+            // cannot be seen.
+            None => {
+                log.file.write_all(b"\n").map_err(cannot)?;
+                tail.len()
+            }
+        };
+        if whole < tail.len() {
+            log.file
+                .get_ref()
+                .set_len(start + whole as u64)
+                .map_err(cannot)?;
+        }
+        let mut lines = tail[..whole].split(|&b| b == b'\n');
         if start > 0 {
             lines.next(); // begun mid-line
         }
@@ -77,9 +95,6 @@ impl EventLog {
             if let Ok(logged) = serde_json::from_slice::<LoggedId>(line) {
                 log.remember(&logged.message_id);
             }
-        }
-        if tail.last().is_some_and(|&b| b != b'\n') {
-            log.file.write_all(b"\n").map_err(cannot)?;
         }
         Ok(log)
     }
@@ -185,15 +200,20 @@ mod tests {
     }
 
     #[test]
-    fn a_line_cut_short_is_ended_before_the_next() {
+    fn a_line_cut_short_is_cut_off_and_its_message_logged_again() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join(EVENT_LOG_FILE);
-        std::fs::write(&path, "{\"message_id\": \"a\", \"event_ty").expect("torn log");
+        let whole = "{\"message_id\": \"a\"}\n";
+        std::fs::write(&path, format!("{whole}{{\"message_id\": \"b\", \"event_ty"))
+            .expect("torn log");
         let mut log = EventLog::open(&path).expect("open");
-        log.append(&envelope("b")).expect("b");
+        log.append(&envelope("a")).expect("a, logged already");
+        log.append(&envelope("b")).expect("b, torn before");
         log.flush().expect("flush");
         let text = std::fs::read_to_string(&path).expect("log");
+        assert!(text.starts_with(whole), "{text}");
         assert_eq!(text.lines().count(), 2, "{text}");
-        assert_eq!(lines(&path)[0]["message_id"], "b");
+        assert!(text.ends_with('\n'), "{text}");
+        assert_eq!(lines(&path)[1]["message_id"], "b");
     }
 }
