@@ -133,6 +133,35 @@ impl InstanceLog {
         &self.path
     }
 
+    /// The latest snapshot of every instance, read through the index (the runtime's
+    /// restore at start: the file was scanned once already, to build the index).
+    pub fn latest(&mut self) -> Result<Vec<StoredInstance>, String> {
+        let cannot = |e: std::io::Error| format!("cannot read {}: {e}", self.path.display());
+        self.file.flush().map_err(cannot)?;
+        let mut lines: Vec<(u64, u64)> = self
+            .latest
+            .values()
+            .flat_map(|keys| keys.values().copied())
+            .collect();
+        lines.sort_unstable();
+        let mut stored = Vec::with_capacity(lines.len());
+        let mut line = Vec::new();
+        for (offset, length) in lines {
+            line.resize(length as usize, 0);
+            self.file
+                .get_ref()
+                .read_exact_at(&mut line, offset)
+                .map_err(cannot)?;
+            let text = line.strip_suffix(b"\n").unwrap_or(&line);
+            // Every indexed line had a head when it was indexed.
+            if let (Some(head), Some((_, snapshot))) = (head(text), split(text)) {
+                stored.push(stored_instance(head, snapshot));
+            }
+        }
+        stored.sort_unstable_by(|a, b| (&a.reducer, &a.key).cmp(&(&b.reducer, &b.key)));
+        Ok(stored)
+    }
+
     /// Appends the row's snapshot; `flush` hands them to the file.
     pub fn append(&mut self, row: &StoredInstance) -> std::io::Result<()> {
         self.line.clear();
@@ -268,6 +297,21 @@ fn encode(row: &StoredInstance, line: &mut Vec<u8>) -> std::io::Result<()> {
     Ok(())
 }
 
+fn stored_instance(head: Head, snapshot: &[u8]) -> StoredInstance {
+    StoredInstance {
+        reducer: head.reducer,
+        key: head.key,
+        state: head.state,
+        outcome: head.outcome,
+        // The log holds what this program wrote; `from_utf8` checks it several times
+        // faster than the lossy form, which is left for a damaged line.
+        snapshot: std::str::from_utf8(snapshot).map_or_else(
+            |_| String::from_utf8_lossy(snapshot).into_owned(),
+            str::to_owned,
+        ),
+    }
+}
+
 /// The latest snapshot of every instance in the log at `path` (none if there is no
 /// log), ordered by reducer and key.
 pub fn read(path: &Path) -> Result<Vec<StoredInstance>, String> {
@@ -296,18 +340,7 @@ pub fn read(path: &Path) -> Result<Vec<StoredInstance>, String> {
         let text = line.strip_suffix(b"\n").unwrap_or(&line);
         // Its head was parsed by the scan; only where the snapshot starts is needed.
         let snapshot = split(text).map_or(&b"null"[..], |(_, s)| s);
-        stored.push(StoredInstance {
-            reducer: head.reducer,
-            key: head.key,
-            state: head.state,
-            outcome: head.outcome,
-            // The log holds what this program wrote; `from_utf8` checks it several
-            // times faster than the lossy form, which is left for a damaged line.
-            snapshot: std::str::from_utf8(snapshot).map_or_else(
-                |_| String::from_utf8_lossy(snapshot).into_owned(),
-                str::to_owned,
-            ),
-        });
+        stored.push(stored_instance(head, snapshot));
     }
     stored.sort_unstable_by(|a, b| (&a.reducer, &a.key).cmp(&(&b.reducer, &b.key)));
     Ok(stored)
@@ -365,6 +398,34 @@ mod tests {
         assert_eq!(stored[0].3, row("a", "done", 4).snapshot);
         assert_eq!(stored[1].0, "b");
         assert_eq!(stored[1].3, row("b", "done", 3).snapshot);
+    }
+
+    /// The runtime restores through the open log's index (the file is scanned once);
+    /// what it reads must be what a scan of the file reads, unflushed saves included.
+    #[test]
+    fn the_index_reads_the_same_latest_lines_as_a_scan() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(INSTANCE_LOG_FILE);
+        let mut log = InstanceLog::open(&path).expect("open");
+        for n in 0..3 {
+            for key in ["c", "a", "b"] {
+                log.append(&row(key, "busy", n)).expect("append");
+            }
+        }
+        log.flush().expect("flush");
+        drop(log);
+        let mut log = InstanceLog::open(&path).expect("reopen");
+        log.append(&row("b", "done", 9))
+            .expect("append, not flushed");
+        let through_index: Vec<_> = log
+            .latest()
+            .expect("latest")
+            .into_iter()
+            .map(|s| (s.key, s.state, s.outcome, s.snapshot))
+            .collect();
+        assert_eq!(through_index, summary(&path));
+        assert_eq!(through_index.len(), 3);
+        assert_eq!(through_index[1].3, row("b", "done", 9).snapshot);
     }
 
     #[test]

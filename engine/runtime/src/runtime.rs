@@ -24,7 +24,7 @@ use crate::metrics::Metrics;
 use crate::project::{EventSpec, Project, ReducerId};
 use crate::shard::{Message, Shard, shard_of};
 use crate::slot::{InFlight, Snapshot};
-use crate::store::{DeadLetter, Store, Write};
+use crate::store::{DeadLetter, Opened, Store, StoredInstance, Write};
 use crate::template::{self, Record, Var};
 use crate::work::Work;
 
@@ -188,7 +188,11 @@ pub async fn run(
 ) -> Result<Summary, String> {
     let started = Instant::now();
     let project = Arc::new(project);
-    let (store, writer) = Store::open(&options.data_dir).await?;
+    let Opened {
+        store,
+        writer,
+        stored,
+    } = Store::open(&options.data_dir).await?;
     refuse_own_event_log(&options.sources, store.event_log_path())?;
     let runtime_id = match store.meta("runtime_id").await? {
         Some(id) => id,
@@ -255,7 +259,7 @@ pub async fn run(
         shard_tasks.push(tokio::spawn(shard.run(receiver)));
         shard_senders.push(sender);
     }
-    restore(&shared, &shard_senders).await?;
+    restore(&shared, stored, &shard_senders).await?;
 
     // The router: consumed events -> instances.
     let routed: HashSet<String> = project.routes.keys().cloned().collect();
@@ -392,6 +396,7 @@ async fn until_idle(work: &Work) {
 
 async fn restore(
     shared: &Arc<Shared>,
+    stored: Vec<StoredInstance>,
     senders: &[mpsc::UnboundedSender<Message>],
 ) -> Result<(), String> {
     let project = &shared.project;
@@ -404,7 +409,7 @@ async fn restore(
             .push(message_id);
     }
     let mut restored = 0;
-    for stored in shared.store.instances().await? {
+    for stored in stored {
         let Some(reducer) = project.reducer(&stored.reducer) else {
             tracing::warn!(reducer = %stored.reducer, "stored instances of a reducer the contracts no longer declare are left alone");
             continue;

@@ -140,9 +140,19 @@ pub async fn connect(path: &Path, create: bool) -> Result<SqlitePool, String> {
         .map_err(|e| format!("cannot open {}: {e}", path.display()))
 }
 
+/// What [`Store::open`] gives: the store, its writer thread, and the instances that
+/// were stored when it opened.
+#[derive(Debug)]
+pub struct Opened {
+    pub store: Store,
+    pub writer: std::thread::JoinHandle<()>,
+    pub stored: Vec<StoredInstance>,
+}
+
 impl Store {
-    /// Opens (creating) `state.db` in `data_dir` and starts its writer.
-    pub async fn open(data_dir: &Path) -> Result<(Store, std::thread::JoinHandle<()>), String> {
+    /// Opens (creating) `state.db` in `data_dir` and starts its writer. Also returns the
+    /// instances stored there, read while the instance log is opened (one pass over it).
+    pub async fn open(data_dir: &Path) -> Result<Opened, String> {
         std::fs::create_dir_all(data_dir)
             .map_err(|e| format!("cannot create data directory {}: {e}", data_dir.display()))?;
         let path = data_dir.join(STATE_FILE);
@@ -156,6 +166,7 @@ impl Store {
         let event_log = log.path().to_owned();
         let mut instances = InstanceLog::open(&data_dir.join(INSTANCE_LOG_FILE))?;
         migrate_instances_table(&pool, &mut instances).await?;
+        let stored = instances.latest()?;
         let instance_log = instances.path().to_owned();
         let (writer, receiver) = std::sync::mpsc::channel();
         let flush_asked = Arc::new(AtomicBool::new(false));
@@ -174,7 +185,11 @@ impl Store {
             event_log,
             instance_log,
         };
-        Ok((store, thread))
+        Ok(Opened {
+            store,
+            writer: thread,
+            stored,
+        })
     }
 
     /// Opens an existing `state.db` for reading (the `dlq` and `state` commands).
