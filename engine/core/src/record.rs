@@ -19,6 +19,19 @@ pub struct IdempotencyKey {
     pub action: u32,
 }
 
+impl IdempotencyKey {
+    /// The key as text in one allocation: `to_string` starts from an empty string and
+    /// grows it three or four times for a key this long, for every intent.
+    pub fn to_text(&self) -> String {
+        use std::fmt::Write;
+        // Hex machine, three separators, two decimal numbers at most 20 digits each.
+        let mut text = String::with_capacity(16 + 3 + 20 + 10 + self.instance.len());
+        // Writing into a String cannot fail.
+        let _ = write!(text, "{self}");
+        text
+    }
+}
+
 impl fmt::Display for IdempotencyKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(

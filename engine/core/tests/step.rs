@@ -241,9 +241,12 @@ fn terminal_states_complete_a_run_and_keys_are_deterministic() {
     let keys_again: Vec<String> = again
         .intents
         .iter()
-        .map(|i| again_block.idempotency_key(i).to_string())
+        .map(|i| again_block.idempotency_key(i).to_text())
         .collect();
-    assert_eq!(keys, keys_again, "same inputs, same keys");
+    assert_eq!(
+        keys, keys_again,
+        "same inputs, same keys (text and display alike)"
+    );
     assert!(keys[0].ends_with(":node-7:1:0"), "{}", keys[0]);
 }
 

@@ -504,7 +504,7 @@ impl Shard {
                         tracing::debug!(reducer = %spec.name, key, action = %action.name, performed_by = kind.as_str(), "runtime action");
                     }
                     Binding::Effect(operation) => {
-                        let intent_key = shared.idempotency_key(intent).to_string();
+                        let intent_key = shared.idempotency_key(intent).to_text();
                         let intent_value = Arc::new(Intent {
                             action: Arc::clone(&action.name),
                             instance: Arc::clone(&shared.instance),
@@ -676,7 +676,7 @@ impl Shard {
             return;
         };
         let pending = slot.pending.remove(position);
-        let action_name = spec.machine.action(pending.action).name.to_string();
+        let action_name = &spec.machine.action(pending.action).name;
         let operation = &project.operations[pending.operation];
         if let Err(failure) = &outcome {
             tracing::warn!(reducer = %spec.name, key, action = %action_name, operation = %operation.name, error = %failure.message(), "effect failed");
