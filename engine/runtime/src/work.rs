@@ -24,8 +24,9 @@ use tokio::sync::Notify;
 /// Events waiting to be taken above which sources wait: what a new event may find
 /// ahead of it once the runtime is saturated. A saturated 10,000-node demo ran as
 /// fast with 32 to 1,024 as with no such limit; its median latency fell from
-/// ~40 ms (1,024) to ~8 ms (64), below which it hardly moved (docs/performance.md).
-pub const MAX_QUEUED: i64 = 64;
+/// ~40 ms (1,024) to ~8 ms (64) and ~6 ms (32), and at 32 its p99 too (twelfth round
+/// of docs/performance.md: 36.6 -> 26.0 ms, medians of ten alternating pairs).
+pub const MAX_QUEUED: i64 = 32;
 
 /// Outstanding units above which sources wait: the memory bound. Large enough never
 /// to limit a saturated 10,000-node demo, where the queue limit applies first.
