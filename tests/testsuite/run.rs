@@ -301,6 +301,59 @@ fn the_demo_registers_every_node_and_loses_none() {
     );
 }
 
+/// `cargo run` execs `onex` in the process that checked the build, and exec keeps the
+/// process's CPU clock: the summary's CPU must count from onex's own start. A shell
+/// burns CPU, says how much (`times`), then becomes onex.
+#[test]
+#[cfg(target_os = "linux")]
+fn cpu_spent_before_exec_is_not_counted_as_the_runs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let burn = "i=0; while [ $i -lt 2000000 ]; do i=$((i+1)); done; times >&2; exec \"$0\" \"$@\"";
+    let mut command = Command::new("sh");
+    command
+        .args(["-c", burn, env!("CARGO_BIN_EXE_onex")])
+        .args([
+            "run",
+            "--contract",
+            "contracts/",
+            "--demo",
+            "1",
+            "--until-idle",
+        ])
+        .args(["--listen", "off", "--format", "json", "--data-dir"])
+        .arg(dir.path());
+    let output = clean_env(&mut command)
+        .current_dir(repo_root())
+        .stdin(Stdio::null())
+        .output()
+        .expect("sh runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    // dash and bash: `0m1.490000s 0m0.000000s`, the shell's user and system time.
+    let seconds = |field: &str| -> f64 {
+        let (minutes, rest) = field.split_once('m').expect("XmY.Ys");
+        minutes.parse::<f64>().expect("minutes") * 60.0
+            + rest.trim_end_matches('s').parse::<f64>().expect("seconds")
+    };
+    let burnt_ms: f64 = stderr
+        .lines()
+        .next()
+        .expect("the shell's times")
+        .split_whitespace()
+        .map(seconds)
+        .sum::<f64>()
+        * 1000.0;
+    assert!(burnt_ms >= 300.0, "the shell burnt only {burnt_ms} ms");
+    let summary: Value = serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("summary is not JSON ({e}): {stderr}"));
+    let cpu = &summary["cpu"];
+    let reported =
+        cpu["user_ms"].as_u64().expect("user") + cpu["system_ms"].as_u64().expect("system");
+    assert!(
+        (reported as f64) < burnt_ms,
+        "onex reports {reported} ms, the shell alone burnt {burnt_ms} ms before it: {cpu}"
+    );
+}
+
 #[test]
 fn invalid_introspections_fail_with_their_reason_and_unroutable_events_are_kept() {
     let dir = tempfile::tempdir().expect("tempdir");

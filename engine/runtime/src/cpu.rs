@@ -4,9 +4,15 @@
 //! says what a machine can carry, since the rate also depends on what else runs.
 //!
 //! Read from Linux's `/proc`; elsewhere there are no figures (`None`).
+//!
+//! `execve` keeps a process's CPU clock running: `cargo run` execs the program in the
+//! process that checked the build, so the clock starts with cargo's own time (170-200
+//! ms here, more than a 100-node run spends). [`mark_start`], called first thing in
+//! `main`, notes where the program began; the figures count from there.
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::OnceLock;
 
 use serde::Serialize;
 
@@ -26,16 +32,37 @@ pub struct CpuFigures {
     pub by_thread: BTreeMap<String, u64>,
 }
 
-/// The process's CPU time so far; `outcomes` gives the per-outcome figure.
+/// The process's CPU clock (user, system ticks) when the program began; before it,
+/// the process may have been another program (see the module's note).
+static START: OnceLock<(u64, u64)> = OnceLock::new();
+
+/// Notes the CPU time the process has spent before this program's work: what
+/// [`read`] leaves out. Only the first call counts.
+pub fn mark_start() {
+    if let Some(times) = times(Path::new("/proc/self")) {
+        let _ = START.set(times);
+    }
+}
+
+/// The CPU time this program has spent so far (since [`mark_start`], if called);
+/// `outcomes` gives the per-outcome figure.
 pub fn read(outcomes: usize) -> Option<CpuFigures> {
-    let (user, system) = times(Path::new("/proc/self"))?;
+    let before = START.get().copied().unwrap_or_default();
+    let (user, system) = since(times(Path::new("/proc/self"))?, before);
+    // The time before the start is the main thread's: exec keeps the thread that
+    // called it, and threads of the earlier program did not survive.
+    let main_thread = std::process::id().to_string();
     let mut by_thread = BTreeMap::new();
     for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
         let path = task.path();
-        let (Some((user, system)), Ok(name)) =
-            (times(&path), std::fs::read_to_string(path.join("comm")))
+        let (Some(times), Ok(name)) = (times(&path), std::fs::read_to_string(path.join("comm")))
         else {
             continue; // the thread ended meanwhile
+        };
+        let (user, system) = if task.file_name().to_str() == Some(main_thread.as_str()) {
+            since(times, before)
+        } else {
+            times
         };
         *by_thread.entry(name.trim().to_owned()).or_insert(0) += ms(user + system);
     }
@@ -46,6 +73,14 @@ pub fn read(outcomes: usize) -> Option<CpuFigures> {
         per_outcome_us: (outcomes > 0).then(|| total_ms as f64 * 1000.0 / outcomes as f64),
         by_thread,
     })
+}
+
+/// User and system ticks spent after `before`.
+fn since((user, system): (u64, u64), before: (u64, u64)) -> (u64, u64) {
+    (
+        user.saturating_sub(before.0),
+        system.saturating_sub(before.1),
+    )
 }
 
 fn ms(ticks: u64) -> u64 {
@@ -77,6 +112,14 @@ mod tests {
         let stat = "4242 (odd) name) S 1 4242 4242 0 -1 4194560 100 0 0 0 731 58 0 0 20 0 3 0";
         assert_eq!(parse_stat(stat), Some((731, 58)));
         assert_eq!(parse_stat("4242 (cut"), None);
+    }
+
+    #[test]
+    fn time_before_the_start_is_left_out() {
+        assert_eq!(since((731, 58), (17, 9)), (714, 49));
+        assert_eq!(since((731, 58), (0, 0)), (731, 58));
+        // Never below zero, whatever the clocks say.
+        assert_eq!(since((5, 5), (7, 9)), (0, 0));
     }
 
     #[test]
