@@ -71,9 +71,13 @@ fn split(line: &[u8]) -> Option<(&[u8], &[u8])> {
     Some((&line[..at], snapshot))
 }
 
-/// A line's head, parsed on its own (closed with the brace the snapshot would end).
+/// A line's head, parsed on its own.
 fn head(line: &[u8]) -> Option<Head> {
-    let (text, _) = split(line)?;
+    parse_head(split(line)?.0)
+}
+
+/// The text before the snapshot field, closed with the brace the snapshot would end.
+fn parse_head(text: &[u8]) -> Option<Head> {
     let mut head = Vec::with_capacity(text.len() + 1);
     head.extend_from_slice(text);
     head.push(b'}');
@@ -154,7 +158,9 @@ impl InstanceLog {
                 .map_err(cannot)?;
             let text = line.strip_suffix(b"\n").unwrap_or(&line);
             // Every indexed line had a head when it was indexed.
-            if let (Some(head), Some((_, snapshot))) = (head(text), split(text)) {
+            if let Some((head_text, snapshot)) = split(text)
+                && let Some(head) = parse_head(head_text)
+            {
                 stored.push(stored_instance(head, snapshot));
             }
         }
