@@ -142,30 +142,28 @@ impl InstanceLog {
     pub fn latest(&mut self) -> Result<Vec<StoredInstance>, String> {
         let cannot = |e: std::io::Error| format!("cannot read {}: {e}", self.path.display());
         self.file.flush().map_err(cannot)?;
-        let mut lines: Vec<(u64, u64)> = self
-            .latest
-            .values()
-            .flat_map(|keys| keys.values().copied())
+        let lines = self
+            .lines_in_order()
+            .into_iter()
+            .map(|(offset, length, ..)| (offset, length, None))
             .collect();
-        lines.sort_unstable();
-        let mut stored = Vec::with_capacity(lines.len());
-        let mut line = Vec::new();
-        for (offset, length) in lines {
-            line.resize(length as usize, 0);
-            self.file
-                .get_ref()
-                .read_exact_at(&mut line, offset)
-                .map_err(cannot)?;
-            let text = line.strip_suffix(b"\n").unwrap_or(&line);
-            // Every indexed line had a head when it was indexed.
-            if let Some((head_text, snapshot)) = split(text)
-                && let Some(head) = parse_head(head_text)
-            {
-                stored.push(stored_instance(head, snapshot));
-            }
-        }
-        stored.sort_unstable_by(|a, b| (&a.reducer, &a.key).cmp(&(&b.reducer, &b.key)));
-        Ok(stored)
+        read_lines(self.file.get_ref(), lines).map_err(cannot)
+    }
+
+    /// The latest line of every instance (offset, length, reducer, key), in the order
+    /// they were written.
+    fn lines_in_order(&self) -> Vec<(u64, u64, &str, &str)> {
+        let mut lines: Vec<(u64, u64, &str, &str)> = self
+            .latest
+            .iter()
+            .flat_map(|(reducer, keys)| {
+                keys.iter().map(move |(key, &(offset, length))| {
+                    (offset, length, reducer.as_str(), key.as_str())
+                })
+            })
+            .collect();
+        lines.sort_unstable_by_key(|&(offset, ..)| offset);
+        lines
     }
 
     /// Appends the row's snapshot; `flush` hands them to the file.
@@ -219,16 +217,7 @@ impl InstanceLog {
     fn compact(&mut self, temporary: &Path) -> std::io::Result<()> {
         let started = std::time::Instant::now();
         let before = self.size;
-        let mut latest: Vec<(u64, u64, &str, &str)> = self
-            .latest
-            .iter()
-            .flat_map(|(reducer, keys)| {
-                keys.iter().map(move |(key, &(offset, length))| {
-                    (offset, length, reducer.as_str(), key.as_str())
-                })
-            })
-            .collect();
-        latest.sort_unstable_by_key(|&(offset, ..)| offset);
+        let latest = self.lines_in_order();
         let mut moved = Index::default();
         let mut out = BufWriter::with_capacity(BUFFER_BYTES, File::create(temporary)?);
         let old = self.file.get_ref();
@@ -336,17 +325,32 @@ pub fn read(path: &Path) -> Result<Vec<StoredInstance>, String> {
         );
     })
     .map_err(cannot)?;
-    let mut lines: Vec<(u64, u64, Head)> = latest.into_values().collect();
+    let lines = latest
+        .into_values()
+        .map(|(offset, length, head)| (offset, length, Some(head)))
+        .collect();
+    read_lines(&file, lines).map_err(cannot)
+}
+
+/// The instances in `lines` (offset, length with its newline, and the head if a scan
+/// parsed it already), read in file order; ordered by reducer and key.
+fn read_lines(
+    file: &File,
+    mut lines: Vec<(u64, u64, Option<Head>)>,
+) -> std::io::Result<Vec<StoredInstance>> {
     lines.sort_unstable_by_key(|&(offset, ..)| offset);
     let mut stored = Vec::with_capacity(lines.len());
     let mut line = Vec::new();
     for (offset, length, head) in lines {
         line.resize(length as usize, 0);
-        file.read_exact_at(&mut line, offset).map_err(cannot)?;
+        file.read_exact_at(&mut line, offset)?;
         let text = line.strip_suffix(b"\n").unwrap_or(&line);
-        // Its head was parsed by the scan; only where the snapshot starts is needed.
-        let snapshot = split(text).map_or(&b"null"[..], |(_, s)| s);
-        stored.push(stored_instance(head, snapshot));
+        let Some((head_text, snapshot)) = split(text) else {
+            continue; // not a line this log writes; it was never indexed
+        };
+        if let Some(head) = head.or_else(|| parse_head(head_text)) {
+            stored.push(stored_instance(head, snapshot));
+        }
     }
     stored.sort_unstable_by(|a, b| (&a.reducer, &a.key).cmp(&(&b.reducer, &b.key)));
     Ok(stored)
