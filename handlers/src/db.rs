@@ -18,7 +18,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, mpsc};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use onex_runtime::handler::{BoxFuture, Call, Failure, Handler, Outcome};
 use onex_runtime::project::Project;
@@ -39,6 +39,21 @@ const CHECKPOINT_AFTER: Duration = Duration::from_millis(200);
 /// The saturated 10,000-node demo leaves a log file of about 40 MB (the pages
 /// committed between the checkpoints come on top).
 const RESTART_LOG_AT: i64 = 4096;
+/// Before the restarting checkpoint, passive ones catch up until the last added no
+/// more than this many pages: what is left is copied and synced while the writer
+/// waits (about 10 µs a page here).
+const RESTART_WITH_AT_MOST: i64 = 64;
+/// Passive catch-up checkpoints at most before the restarting one.
+const CATCH_UP_ROUNDS: usize = 8;
+/// How often at most a group starts. Statements that arrive meanwhile join it: the
+/// rows of randomly keyed tables sit on different pages, so every commit writes a
+/// log page for nearly every statement unless commits are few and large.
+const GROUP_SPACING: Duration = Duration::from_millis(1);
+/// How long a connection waits out a lock another holds (the restarting checkpoint,
+/// or the writer when the checkpointer wants to restart the log).
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a connection sleeps before it tries a held lock again.
+const BUSY_RETRY_AFTER: Duration = Duration::from_micros(100);
 
 #[derive(Debug)]
 enum Job {
@@ -153,8 +168,14 @@ fn writer(path: &Path, jobs: &mpsc::Receiver<Job>) {
     let mut group = Vec::with_capacity(GROUP);
     let mut buffers = Buffers::default();
     let checkpointer = Checkpointer::start(path);
+    let mut last_group = Instant::now() - GROUP_SPACING;
     while let Ok(first) = jobs.recv() {
         group.push(first);
+        // Under load the previous group began less than the spacing ago: wait the
+        // rest so that this one takes what arrives meanwhile. An idle writer
+        // starts at once.
+        std::thread::sleep(GROUP_SPACING.saturating_sub(last_group.elapsed()));
+        last_group = Instant::now();
         while group.len() < GROUP {
             match jobs.try_recv() {
                 Ok(job) => group.push(job),
@@ -220,7 +241,7 @@ fn checkpoints(path: &Path, nudges: &mpsc::Receiver<()>) {
         let _ = nudges.try_recv();
         if connection.is_none() {
             connection = Connection::open(path)
-                .and_then(|c| c.busy_timeout(Duration::from_secs(10)).map(|()| c))
+                .and_then(|c| c.busy_handler(Some(retry_soon)).map(|()| c))
                 .inspect_err(|e| tracing::warn!(path = %path.display(), error = %e, "checkpointer cannot open the database"))
                 .ok();
         }
@@ -235,19 +256,38 @@ fn checkpoints(path: &Path, nudges: &mpsc::Receiver<()>) {
 /// A passive checkpoint, and a restarting one once the log is long. SQLite starts
 /// the log over only when a write begins with every page copied, which a writer that
 /// never pauses does not do, so the log would grow without end. The restarting
-/// checkpoint holds the writer back while it copies what is left and syncs the file
-/// (about 5 µs a page here), so a second passive one first copies the pages
-/// committed during the first, and what is left is a few milliseconds' worth.
+/// checkpoint holds the writer back while it copies what is left and syncs the log
+/// and the file (about 10 µs a page here), so passive ones first copy what was
+/// committed meanwhile, each round shorter than the one before, until what is left
+/// is a millisecond's worth.
 fn checkpoint(connection: &Connection) -> rusqlite::Result<()> {
     // The second column of the answer: pages in the log.
     let passive = || -> rusqlite::Result<i64> {
         connection.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| row.get(1))
     };
-    if passive()? >= RESTART_LOG_AT {
-        passive()?;
-        connection.query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(()))?;
+    let mut pages = passive()?;
+    if pages < RESTART_LOG_AT {
+        return Ok(());
     }
-    Ok(())
+    for _ in 0..CATCH_UP_ROUNDS {
+        let now = passive()?;
+        let added = now - std::mem::replace(&mut pages, now);
+        if added <= RESTART_WITH_AT_MOST {
+            break;
+        }
+    }
+    connection.query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(()))
+}
+
+/// Busy handler: SQLite's own sleeps 1, 2, 5, 10, 15... ms between tries, so a
+/// writer that found the log held by a restart of 2 ms slept 10 ms and more.
+fn retry_soon(attempts: i32) -> bool {
+    let waited = BUSY_RETRY_AFTER * u32::try_from(attempts).unwrap_or(u32::MAX);
+    if waited >= BUSY_TIMEOUT {
+        return false;
+    }
+    std::thread::sleep(BUSY_RETRY_AFTER);
+    true
 }
 
 /// Opens the writer's connection; with `checkpointer`, SQLite leaves checkpoints to it.
@@ -258,7 +298,7 @@ fn open(path: &Path, checkpointer: bool) -> Result<Connection, String> {
     }
     let connection = Connection::open(path).map_err(|e| cannot(&e))?;
     connection
-        .busy_timeout(Duration::from_secs(10))
+        .busy_handler(Some(retry_soon))
         .map_err(|e| cannot(&e))?;
     connection
         .execute_batch(
@@ -587,6 +627,23 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    #[tokio::test]
+    async fn a_statement_waits_out_a_lock_held_elsewhere() {
+        let (dir, db) = database_with("CREATE TABLE t (id TEXT)").await;
+        let other = Connection::open(dir.path().join("data.db")).expect("open");
+        other.execute_batch("BEGIN IMMEDIATE").expect("lock");
+        let holder = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            other.execute_batch("COMMIT").expect("unlock");
+        });
+        let started = Instant::now();
+        db.execute("INSERT INTO t (id) VALUES ($1)", vec![json!("a")])
+            .await
+            .expect("the insert waits for the lock instead of failing");
+        assert!(started.elapsed() >= Duration::from_millis(100));
+        holder.join().expect("holder");
     }
 
     #[tokio::test]
