@@ -1,6 +1,9 @@
 //! The log of published events: one envelope per line, as JSON, in `event-log.jsonl` beside
-//! the state file. The state store's writer thread appends to it and writes it out with
-//! each of its commits. It was a table of the state file until the ninth round of
+//! the state file. The publisher turns the envelope into its line ([`LogLine`]); the state
+//! store's writer thread appends the lines and writes them out with each of its commits.
+//! That thread once serialised the envelopes itself and so was often the last to hold
+//! them: freeing their twenty-odd strings there, memory the workers allocated, was a
+//! third of its time and made the workers' allocator collect them back. It was a table of the state file until the ninth round of
 //! docs/performance.md: rows of ~500 bytes under a unique index were half that thread's
 //! time. A line file is what `jq`, `grep` and `tail -f` read, and what a bus would hand on.
 //!
@@ -12,7 +15,7 @@
 //! published again (the batch it belonged to was not saved and is redone under the same
 //! ids), and readers see whole lines only (`jq` stops at a line that does not parse).
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -32,9 +35,7 @@ const BUFFER_BYTES: usize = 256 << 10;
 pub struct EventLog {
     path: PathBuf,
     file: BufWriter<File>,
-    /// The line being written, kept to be reused.
-    line: Vec<u8>,
-    seen: HashSet<Arc<str>>,
+    seen: foldhash::HashSet<Arc<str>>,
     order: VecDeque<Arc<str>>,
 }
 
@@ -67,8 +68,7 @@ impl EventLog {
         let mut log = EventLog {
             path: path.to_owned(),
             file: BufWriter::with_capacity(BUFFER_BYTES, file),
-            line: Vec::new(),
-            seen: HashSet::new(),
+            seen: Default::default(),
             order: VecDeque::new(),
         };
         let whole = match tail.iter().rposition(|&b| b == b'\n') {
@@ -93,7 +93,7 @@ impl EventLog {
         }
         for line in lines {
             if let Ok(logged) = serde_json::from_slice::<LoggedId>(line) {
-                log.remember(&logged.message_id);
+                log.remember(&Arc::from(logged.message_id));
             }
         }
         Ok(log)
@@ -103,16 +103,12 @@ impl EventLog {
         &self.path
     }
 
-    /// Appends the envelope unless its message is logged already.
-    pub fn append(&mut self, envelope: &Envelope) -> std::io::Result<()> {
-        if !self.remember(&envelope.message_id) {
+    /// Appends the line unless its message is logged already.
+    pub fn append(&mut self, line: &LogLine) -> std::io::Result<()> {
+        if !self.remember(&line.message_id) {
             return Ok(());
         }
-        // sonic-rs, as for snapshots: it escapes strings a vector at a time.
-        self.line.clear();
-        sonic_rs::to_writer(&mut self.line, envelope).map_err(std::io::Error::other)?;
-        self.line.push(b'\n');
-        self.file.write_all(&self.line)
+        self.file.write_all(&line.text)
     }
 
     /// Hands what is buffered to the file.
@@ -121,7 +117,7 @@ impl EventLog {
     }
 
     /// False when `id` is one of the ids remembered already.
-    fn remember(&mut self, id: &str) -> bool {
+    fn remember(&mut self, id: &Arc<str>) -> bool {
         if self.seen.contains(id) {
             return false;
         }
@@ -130,10 +126,30 @@ impl EventLog {
         {
             self.seen.remove(&oldest);
         }
-        let id: Arc<str> = Arc::from(id);
-        self.seen.insert(Arc::clone(&id));
-        self.order.push_back(id);
+        self.seen.insert(Arc::clone(id));
+        self.order.push_back(Arc::clone(id));
         true
+    }
+}
+
+/// An event's line in the log, newline included, with its message id (by which a
+/// repeat is recognised).
+#[derive(Debug)]
+pub struct LogLine {
+    message_id: Arc<str>,
+    text: Vec<u8>,
+}
+
+impl LogLine {
+    pub fn of(envelope: &Envelope) -> Result<LogLine, String> {
+        // sonic-rs, as for snapshots: it escapes strings a vector at a time.
+        let mut text = Vec::with_capacity(512);
+        sonic_rs::to_writer(&mut text, envelope).map_err(|e| e.to_string())?;
+        text.push(b'\n');
+        Ok(LogLine {
+            message_id: Arc::from(envelope.message_id.as_str()),
+            text,
+        })
     }
 }
 
@@ -141,6 +157,10 @@ impl EventLog {
 mod tests {
     use super::*;
     use serde_json::{Value, json};
+
+    fn line(id: &str) -> LogLine {
+        LogLine::of(&envelope(id)).expect("line")
+    }
 
     fn envelope(id: &str) -> Envelope {
         serde_json::from_value(json!({
@@ -165,14 +185,14 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join(EVENT_LOG_FILE);
         let mut log = EventLog::open(&path).expect("open");
-        log.append(&envelope("a")).expect("a");
-        log.append(&envelope("b")).expect("b");
-        log.append(&envelope("a")).expect("a again");
+        log.append(&line("a")).expect("a");
+        log.append(&line("b")).expect("b");
+        log.append(&line("a")).expect("a again");
         log.flush().expect("flush");
         drop(log);
         let mut log = EventLog::open(&path).expect("reopen");
-        log.append(&envelope("b")).expect("b after the reopen");
-        log.append(&envelope("c")).expect("c");
+        log.append(&line("b")).expect("b after the reopen");
+        log.append(&line("c")).expect("c");
         log.flush().expect("flush");
         let ids: Vec<Value> = lines(&path)
             .into_iter()
@@ -191,7 +211,8 @@ mod tests {
         written.payload =
             Arc::new(json!({awkward: [awkward, 1.5, -2, u64::MAX, null, {"": awkward}]}));
         let mut log = EventLog::open(&path).expect("open");
-        log.append(&written).expect("append");
+        log.append(&LogLine::of(&written).expect("line"))
+            .expect("append");
         log.flush().expect("flush");
         let text = std::fs::read_to_string(&path).expect("log");
         assert_eq!(text.lines().count(), 1, "one line: {text}");
@@ -207,8 +228,8 @@ mod tests {
         std::fs::write(&path, format!("{whole}{{\"message_id\": \"b\", \"event_ty"))
             .expect("torn log");
         let mut log = EventLog::open(&path).expect("open");
-        log.append(&envelope("a")).expect("a, logged already");
-        log.append(&envelope("b")).expect("b, torn before");
+        log.append(&line("a")).expect("a, logged already");
+        log.append(&line("b")).expect("b, torn before");
         log.flush().expect("flush");
         let text = std::fs::read_to_string(&path).expect("log");
         assert!(text.starts_with(whole), "{text}");

@@ -19,6 +19,7 @@ use tokio::sync::mpsc;
 use crate::bus::{Bus, Delivery, Subscriber};
 use crate::effects::EffectRunner;
 use crate::envelope::Envelope;
+use crate::event_log::LogLine;
 use crate::handler::Handlers;
 use crate::metrics::Metrics;
 use crate::project::{EventSpec, Project, ReducerId};
@@ -246,7 +247,10 @@ pub async fn run(
     // effect can run, resumed ones included.
     let journal_store = store.clone();
     bus.set_journal(Box::new(move |envelope| {
-        journal_store.write(Write::Event(Arc::clone(envelope)))
+        match LogLine::of(envelope) {
+            Ok(line) => journal_store.write(Write::Event(line)),
+            Err(e) => tracing::error!(message_id = %envelope.message_id, error = %e, "cannot write the event to the event log"),
+        }
     }));
 
     // Shards, then the instances they take over from the last run.

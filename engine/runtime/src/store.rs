@@ -27,8 +27,7 @@ use sqlx::sqlite::{
 };
 use tokio::sync::oneshot;
 
-use crate::envelope::Envelope;
-use crate::event_log::{EVENT_LOG_FILE, EventLog};
+use crate::event_log::{EVENT_LOG_FILE, EventLog, LogLine};
 use crate::instance_log::{INSTANCE_LOG_FILE, InstanceLog};
 
 pub const STATE_FILE: &str = "state.db";
@@ -85,7 +84,7 @@ pub enum Write {
     /// dead letters land together or not at all.
     Changes(Changes),
     DeadLetter(DeadLetter),
-    Event(Arc<Envelope>),
+    Event(LogLine),
     Flush(oneshot::Sender<()>),
 }
 
@@ -463,8 +462,8 @@ fn append_instances(log: &mut InstanceLog, batch: &[Write]) -> std::io::Result<(
 /// Appends the batch's published events to the log and hands them to the file.
 fn append_events(log: &mut EventLog, batch: &[Write]) -> std::io::Result<()> {
     for write in batch {
-        if let Write::Event(envelope) = write {
-            log.append(envelope)?;
+        if let Write::Event(line) = write {
+            log.append(line)?;
         }
     }
     log.flush()
