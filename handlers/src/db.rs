@@ -168,7 +168,9 @@ fn writer(path: &Path, jobs: &mpsc::Receiver<Job>) {
     let mut group = Vec::with_capacity(GROUP);
     let mut buffers = Buffers::default();
     let checkpointer = Checkpointer::start(path);
-    let mut last_group = Instant::now() - GROUP_SPACING;
+    let mut last_group = Instant::now()
+        .checked_sub(GROUP_SPACING)
+        .unwrap_or_else(Instant::now);
     while let Ok(first) = jobs.recv() {
         group.push(first);
         // Under load the previous group began less than the spacing ago: wait the

@@ -3,9 +3,10 @@
 //! store's writer thread appends the lines and writes them out with each of its commits.
 //! That thread once serialised the envelopes itself and so was often the last to hold
 //! them: freeing their twenty-odd strings there, memory the workers allocated, was a
-//! third of its time and made the workers' allocator collect them back. It was a table of the state file until the ninth round of
-//! docs/performance.md: rows of ~500 bytes under a unique index were half that thread's
-//! time. A line file is what `jq`, `grep` and `tail -f` read, and what a bus would hand on.
+//! third of its time and made the workers' allocator collect them back (thirteenth
+//! round of docs/performance.md). The log was a table of the state file until the
+//! ninth round: rows of ~500 bytes under a unique index were half that thread's time. A
+//! line file is what `jq`, `grep` and `tail -f` read, and what a bus would hand on.
 //!
 //! A message published again (an intent repeated by a retry or after a restart; its id
 //! is derived from the intent's idempotency key) is logged once: the ids of the latest
