@@ -43,7 +43,7 @@ pub trait Bus: Send + Sync + std::fmt::Debug {
     }
 }
 
-pub type Journal = Box<dyn Fn(&Arc<Envelope>) + Send + Sync>;
+pub type Journal = Box<dyn Fn(&Envelope) + Send + Sync>;
 
 /// What a subscriber does with its messages, which says whether those not yet
 /// received count against the queue limit of [`Work::room`].
