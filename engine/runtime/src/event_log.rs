@@ -23,6 +23,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::envelope::Envelope;
+use crate::json_text::SizeHint;
 
 pub const EVENT_LOG_FILE: &str = "event-log.jsonl";
 /// Message ids remembered against repeats: far more than are in flight at once (at
@@ -142,10 +143,10 @@ pub struct LogLine {
 }
 
 impl LogLine {
-    pub fn of(envelope: &Envelope) -> Result<LogLine, String> {
+    /// `sizes` is the publisher's: the length of its last line sizes this one's buffer.
+    pub fn of(envelope: &Envelope, sizes: &SizeHint) -> Result<LogLine, String> {
         // sonic-rs, as for snapshots: it escapes strings a vector at a time.
-        let mut text = Vec::with_capacity(512);
-        sonic_rs::to_writer(&mut text, envelope).map_err(|e| e.to_string())?;
+        let mut text = sizes.write(envelope).map_err(|e| e.to_string())?;
         text.push(b'\n');
         Ok(LogLine {
             message_id: Arc::from(envelope.message_id.as_str()),
@@ -160,7 +161,7 @@ mod tests {
     use serde_json::{Value, json};
 
     fn line(id: &str) -> LogLine {
-        LogLine::of(&envelope(id)).expect("line")
+        LogLine::of(&envelope(id), &SizeHint::default()).expect("line")
     }
 
     fn envelope(id: &str) -> Envelope {
@@ -212,7 +213,7 @@ mod tests {
         written.payload =
             Arc::new(json!({awkward: [awkward, 1.5, -2, u64::MAX, null, {"": awkward}]}));
         let mut log = EventLog::open(&path).expect("open");
-        log.append(&LogLine::of(&written).expect("line"))
+        log.append(&LogLine::of(&written, &SizeHint::default()).expect("line"))
             .expect("append");
         log.flush().expect("flush");
         let text = std::fs::read_to_string(&path).expect("log");

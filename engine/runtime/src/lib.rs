@@ -14,6 +14,7 @@ pub mod event_log;
 pub mod handler;
 pub mod instance_log;
 pub mod intent;
+pub mod json_text;
 pub mod metrics;
 pub mod ops;
 pub mod project;

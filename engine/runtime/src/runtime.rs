@@ -21,6 +21,7 @@ use crate::effects::EffectRunner;
 use crate::envelope::Envelope;
 use crate::event_log::LogLine;
 use crate::handler::Handlers;
+use crate::json_text::SizeHint;
 use crate::metrics::Metrics;
 use crate::project::{EventSpec, Project, ReducerId};
 use crate::shard::{Message, Shard, shard_of};
@@ -246,8 +247,9 @@ pub async fn run(
     // The event log: everything published, kept in the store. Set before any
     // effect can run, resumed ones included.
     let journal_store = store.clone();
+    let line_sizes = SizeHint::default();
     bus.set_journal(Box::new(move |envelope| {
-        match LogLine::of(envelope) {
+        match LogLine::of(envelope, &line_sizes) {
             Ok(line) => journal_store.write(Write::Event(line)),
             Err(e) => tracing::error!(message_id = %envelope.message_id, error = %e, "cannot write the event to the event log"),
         }

@@ -19,6 +19,7 @@ use tokio::sync::mpsc;
 use crate::envelope::Envelope;
 use crate::handler::{Call, Outcome};
 use crate::intent::Intent;
+use crate::json_text::SizeHint;
 use crate::metrics::Counters;
 use crate::project::{Binding, ReducerId, When};
 use crate::runtime::Shared;
@@ -89,6 +90,8 @@ pub struct Shard {
     /// What goes to the store at the next hand-over.
     changes: Changes,
     counters: Counters,
+    /// Per reducer: sizes the buffer of the next snapshot's text.
+    snapshot_sizes: Vec<SizeHint>,
 }
 
 impl Shard {
@@ -104,6 +107,7 @@ impl Shard {
             unsaved: Vec::new(),
             changes: Changes::default(),
             counters: Counters::default(),
+            snapshot_sizes: (0..reducers).map(|_| SizeHint::default()).collect(),
         }
     }
 
@@ -224,7 +228,9 @@ impl Shard {
                 state: snapshot.state.to_string(),
                 outcome: slot.outcome.clone(),
                 // sonic-rs: the text of snapshots is the shards' largest output.
-                snapshot: sonic_rs::to_string(&snapshot).unwrap_or_default(),
+                snapshot: self.snapshot_sizes[reducer]
+                    .write_string(&snapshot)
+                    .unwrap_or_default(),
             });
             slot.unsaved = None;
         }
