@@ -111,6 +111,18 @@ pub fn step_in_place(
             }
             record.context_change = Some(Arc::clone(changes));
         }
+        Some(Change::Given(changes))
+            if instance.context.is_empty() || instance.context.keys().eq(changes.keys()) =>
+        {
+            // Nothing of the context stays (a first event, or a change of the same
+            // keys in the same order, as a route's): the change becomes the context,
+            // as the merge below would make it, without hashing each key again or
+            // copying a context that is still shared.
+            match Arc::get_mut(&mut instance.context) {
+                Some(context) => *context = changes,
+                None => instance.context = Arc::new(changes),
+            }
+        }
         Some(Change::Given(changes)) => {
             let context = Arc::make_mut(&mut instance.context);
             for (key, value) in changes {

@@ -199,22 +199,32 @@ fn a_given_change_merges_like_a_lent_one_and_is_not_recorded() {
         (next, record)
     };
     let start = Instance::new(&m, "i");
+    // Into an empty context; a merge; every key in the context's order (replaced
+    // whole); every key in another order (the context's order is kept).
     let changes = [
         json!({"a": 1, "b": 2, "n": 11}),
         json!({"b": null, "c": [1]}),
+        json!({"a": 4, "b": 5, "n": 12, "c": null}),
+        json!({"c": 6, "n": 13, "b": 7, "a": 8}),
     ];
     let (mut lent, mut given_to) = (start.clone(), start.clone());
-    for (trigger, change) in [("again", &changes[0]), ("again", &changes[1])] {
+    for change in &changes {
+        let trigger = "again";
         let (next, record) = fire(&m, &lent, trigger, Some(change.clone()));
         lent = next;
         assert!(record.context_change.is_some());
         let (next, record) = given(&given_to, trigger, change.clone());
         given_to = next;
         assert!(record.rejection.is_none() && record.context_change.is_none());
+        assert_eq!(
+            serde_json::to_string(&*given_to.context).expect("json"),
+            serde_json::to_string(&*lent.context).expect("json"),
+            "after {change}"
+        );
     }
     assert_eq!(
         serde_json::to_string(&*given_to.context).expect("json"),
-        serde_json::to_string(&*lent.context).expect("json"),
+        r#"{"a":8,"b":7,"n":13,"c":6}"#
     );
     // `n > 10` is read from the given change: `go` takes the guarded transition to c.
     let (next, _) = given(&start, "go", json!({"n": 11}));

@@ -24,7 +24,7 @@ use onex_core::Machine;
 use onex_diag::{Diagnostic, FileReport, Severity, SourceFile, Span};
 use serde_json::{Map, Value};
 
-use crate::template::{Template, TemplateError};
+use crate::template::{Fields, Template, TemplateError};
 
 pub type ReducerId = usize;
 pub type OperationId = usize;
@@ -119,7 +119,7 @@ pub struct Route {
     pub reducer: ReducerId,
     pub trigger: Arc<str>,
     pub key: Template,
-    pub context: Vec<(String, Template)>,
+    pub context: Fields,
     pub validate: Option<Validation>,
 }
 
@@ -886,7 +886,7 @@ impl Builder<'_> {
                 &Value::String(spec.instance_key.clone()),
                 &format!("{pointer}/instance_key"),
             );
-            let context = self.templates(&spec.context, &format!("{pointer}/context"));
+            let context = Fields::new(self.templates(&spec.context, &format!("{pointer}/context")));
             let validate = spec
                 .validate
                 .as_ref()

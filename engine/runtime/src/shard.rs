@@ -365,22 +365,17 @@ impl Shard {
                 .get_or_insert(queued.published.unwrap_or_else(Instant::now));
         }
         let scope = queued.envelope.vars();
-        let mut patch = Map::new();
-        for (name, template) in &route.context {
-            match template.render(&scope) {
-                Ok(value) => {
-                    patch.insert(name.clone(), value);
-                }
-                Err(e) => {
-                    self.dead_letter(
-                        &queued,
-                        "route",
-                        format!("context `{name}` of route to `{}`: {e}", route.trigger),
-                    );
-                    return;
-                }
+        let mut patch = match route.context.render(&scope, |_, _| false) {
+            Ok(patch) => patch,
+            Err((name, e)) => {
+                self.dead_letter(
+                    &queued,
+                    "route",
+                    format!("context `{name}` of route to `{}`: {e}", route.trigger),
+                );
+                return;
             }
-        }
+        };
         if let Some(validation) = &route.validate {
             let errors: Vec<Value> = validation
                 .schema

@@ -66,8 +66,72 @@ enum Kind {
     Literal(Value),
     Expr(Expr),
     Text(Vec<Segment>),
-    Map(Vec<(String, Template)>),
+    Map(Fields),
     List(Vec<Template>),
+}
+
+/// Named templates rendered into one object, in order (an object template's entries,
+/// a route's context).
+#[derive(Debug)]
+pub struct Fields {
+    entries: Vec<(String, Template)>,
+    /// The keys in order, each with null, cloned for every rendering: a clone copies
+    /// the keys' hashes where inserting them would compute them again (serde_json's
+    /// maps hash with SipHash, a twentieth of a registration's instructions). None
+    /// when two entries share a key (the later value wins, as inserts give) or when
+    /// there are more entries than `Fields::render` tracks.
+    keys: Option<Map<String, Value>>,
+}
+
+impl Fields {
+    pub fn new(entries: Vec<(String, Template)>) -> Fields {
+        let keys: Map<String, Value> = entries
+            .iter()
+            .map(|(key, _)| (key.clone(), Value::Null))
+            .collect();
+        let distinct = keys.len() == entries.len() && entries.len() <= u64::BITS as usize;
+        Fields {
+            keys: distinct.then_some(keys),
+            entries,
+        }
+    }
+
+    /// Renders every entry; one whose value `omit` says to leave out is not in the
+    /// object. An error comes with the entry's key.
+    pub fn render<'f>(
+        &'f self,
+        scope: &minijinja::Value,
+        omit: impl Fn(&Template, &Value) -> bool,
+    ) -> Result<Map<String, Value>, (&'f str, TemplateError)> {
+        let Some(keys) = &self.keys else {
+            let mut map = Map::with_capacity(self.entries.len());
+            for (key, child) in &self.entries {
+                let value = render_at(child, scope).map_err(|e| (key.as_str(), e))?;
+                if !omit(child, &value) {
+                    map.insert(key.clone(), value);
+                }
+            }
+            return Ok(map);
+        };
+        let mut map = keys.clone();
+        let mut omitted = 0u64;
+        for (index, ((key, child), slot)) in self.entries.iter().zip(map.values_mut()).enumerate() {
+            let value = render_at(child, scope).map_err(|e| (key.as_str(), e))?;
+            if omit(child, &value) {
+                omitted |= 1 << index;
+            }
+            *slot = value;
+        }
+        if omitted != 0 {
+            let mut index = 0;
+            map.retain(|_, _| {
+                let keep = omitted & (1 << index) == 0;
+                index += 1;
+                keep
+            });
+        }
+        Ok(map)
+    }
 }
 
 #[derive(Debug)]
@@ -166,9 +230,9 @@ impl Template {
                 map.extend(fixed);
                 Template(Kind::Literal(Value::Object(map)))
             }
-            Kind::Map(mut entries) => {
+            Kind::Map(Fields { mut entries, .. }) => {
                 entries.extend(fixed.into_iter().map(|(k, v)| (k, Template::literal(v))));
-                Template(Kind::Map(entries))
+                Template(Kind::Map(Fields::new(entries)))
             }
             _ => Template(Kind::Literal(Value::Object(fixed.into_iter().collect()))),
         }
@@ -213,7 +277,7 @@ fn compile_at(value: &Value, pointer: &str) -> Result<Template, TemplateError> {
             Ok(if all_literal {
                 Template(Kind::Literal(value.clone()))
             } else {
-                Template(Kind::Map(entries))
+                Template(Kind::Map(Fields::new(entries)))
             })
         }
         Value::Array(items) => {
@@ -331,17 +395,10 @@ fn render_at(template: &Template, scope: &minijinja::Value) -> Result<Value, Tem
             }
             Ok(Value::String(out))
         }
-        Kind::Map(entries) => {
-            let mut map = Map::with_capacity(entries.len());
-            for (key, child) in entries {
-                let value = render_at(child, scope).map_err(|e| e.below(&escape(key)))?;
-                let omit = value.is_null() && !child.is_literal();
-                if !omit {
-                    map.insert(key.clone(), value);
-                }
-            }
-            Ok(Value::Object(map))
-        }
+        Kind::Map(fields) => fields
+            .render(scope, |child, value| value.is_null() && !child.is_literal())
+            .map(Value::Object)
+            .map_err(|(key, e)| e.below(&escape(key))),
         Kind::List(items) => items
             .iter()
             .enumerate()
@@ -766,6 +823,47 @@ mod tests {
                 json!({"x": 1})
             ),
             json!({"a": 1, "c": null})
+        );
+    }
+
+    #[test]
+    fn object_templates_keep_the_written_key_order() {
+        // Three ways of rendering an object: from its keys cloned; by inserting, when
+        // `with_fixed` repeats a key (whose later value wins); by inserting, when it
+        // has more entries than the clone tracks. Each keeps the written order, less
+        // the keys whose expression is none.
+        let text = |value: Value| serde_json::to_string(&value).expect("json");
+        let written = json!({"z": "{{ x }}", "gone": "{{ nothing }}", "a": 2, "m": "{{ x + 1 }}"});
+        assert_eq!(
+            text(render(written.clone(), json!({"x": 1}))),
+            r#"{"z":1,"a":2,"m":2}"#
+        );
+        let repeated = Template::with_fixed(
+            Template::compile(&written).expect("compiles"),
+            vec![("a".into(), json!(3))],
+        );
+        let x = scope(&[("x", Var::Json(Arc::new(json!(1))))]);
+        assert_eq!(
+            text(repeated.render(&x).expect("renders")),
+            r#"{"z":1,"a":3,"m":2}"#
+        );
+        let many: Map<String, Value> = (0..70)
+            .map(|i| {
+                let value = if i % 2 == 0 {
+                    "{{ x }}"
+                } else {
+                    "{{ nothing }}"
+                };
+                (format!("k{i}"), json!(value))
+            })
+            .collect();
+        let expected: Map<String, Value> = (0..70)
+            .step_by(2)
+            .map(|i| (format!("k{i}"), json!(1)))
+            .collect();
+        assert_eq!(
+            text(render(Value::Object(many), json!({"x": 1}))),
+            text(Value::Object(expected))
         );
     }
 
