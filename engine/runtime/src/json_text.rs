@@ -3,9 +3,9 @@
 //! sonic-rs reserves six times a string's length (its worst case for escapes) before
 //! writing the string, so a buffer started small is grown, and copied, several times
 //! per text: for snapshots and event log lines that growth was a tenth of the
-//! workers' time. Texts of one kind (one reducer's snapshots, the event log's lines,
-//! one handler's bodies) have much the same length from one to the next, so the last
-//! length, with a margin, sizes the next buffer.
+//! workers' time. Texts of one kind (one reducer's snapshots, the event log's lines)
+//! have much the same length from one to the next, so the last length, with a
+//! margin, sizes the next buffer.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
