@@ -3,6 +3,8 @@
 //! sent as `Idempotency-Key` unless the contract sets that header itself. Plain HTTP;
 //! HTTPS needs a TLS build of reqwest (not in this build, see docs/handlers.md).
 
+use std::borrow::Cow;
+use std::sync::Arc;
 use std::time::Duration;
 
 use onex_runtime::handler::{BoxFuture, Call, Failure, Handler, Outcome};
@@ -35,12 +37,12 @@ impl Handler for HttpHandler {
         "http"
     }
 
-    fn target(&self, config: &Value) -> String {
+    fn target<'a>(&'a self, config: &'a Value) -> Cow<'a, str> {
         let url = config["url_template"].as_str().unwrap_or("");
-        url.split('/').take(3).collect::<Vec<_>>().join("/")
+        Cow::Owned(url.split('/').take(3).collect::<Vec<_>>().join("/"))
     }
 
-    fn call<'a>(&'a self, call: &'a Call) -> BoxFuture<'a, Outcome> {
+    fn call<'a>(&'a self, call: &'a Arc<Call>) -> BoxFuture<'a, Outcome> {
         Box::pin(async move {
             let config = &call.config;
             let url = config["url_template"]
@@ -62,7 +64,7 @@ impl Handler for HttpHandler {
                 }
             }
             if !has_idempotency_header {
-                request = request.header("Idempotency-Key", &call.idempotency_key);
+                request = request.header("Idempotency-Key", &*call.idempotency_key);
             }
             if let Some(query) = config["query_params"].as_object() {
                 let pairs: Vec<(String, String)> = query

@@ -3,6 +3,7 @@
 //! The message id is derived from the intent's idempotency key, so a repeated intent
 //! publishes the same message, which consumers and the event log recognise.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use onex_runtime::bus::Bus;
@@ -26,11 +27,11 @@ impl Handler for KafkaHandler {
         "kafka"
     }
 
-    fn target(&self, config: &Value) -> String {
-        config["topic"].as_str().unwrap_or("").to_owned()
+    fn target<'a>(&'a self, config: &'a Value) -> Cow<'a, str> {
+        Cow::Borrowed(config["topic"].as_str().unwrap_or(""))
     }
 
-    fn call<'a>(&'a self, call: &'a Call) -> BoxFuture<'a, Outcome> {
+    fn call<'a>(&'a self, call: &'a Arc<Call>) -> BoxFuture<'a, Outcome> {
         Box::pin(async move {
             let config = &call.config;
             let payload = match (&config["payload"], &config["payload_template"]) {

@@ -1,5 +1,7 @@
 //! `log`: writes the rendered `message_template` to the log at `level`.
 
+use std::sync::Arc;
+
 use onex_runtime::handler::{BoxFuture, Call, Handler, Outcome};
 use serde_json::{Value, json};
 
@@ -11,13 +13,13 @@ impl Handler for LogHandler {
         "log"
     }
 
-    fn call<'a>(&'a self, call: &'a Call) -> BoxFuture<'a, Outcome> {
+    fn call<'a>(&'a self, call: &'a Arc<Call>) -> BoxFuture<'a, Outcome> {
         Box::pin(async move {
             let message = match &call.config["message_template"] {
                 Value::String(s) => s.clone(),
                 other => other.to_string(),
             };
-            let operation = call.operation.as_str();
+            let operation = &*call.operation;
             let correlation_id = call.correlation_id.as_deref().unwrap_or("");
             match call.config["level"].as_str().unwrap_or("info") {
                 "trace" => {

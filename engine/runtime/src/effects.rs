@@ -60,7 +60,7 @@ impl EffectRunner {
             metrics
                 .effects
                 .get_or_create(&vec![
-                    ("operation", operation.name.clone()),
+                    ("operation", operation.name.to_string()),
                     ("result", result.to_owned()),
                 ])
                 .clone()
@@ -90,7 +90,7 @@ impl EffectRunner {
 
     /// Runs `call` for `operation` until it succeeds, fails permanently, or its retries
     /// are spent. The result is the handler's response, or why it failed.
-    pub async fn run(&self, id: OperationId, operation: &Operation, call: &Call) -> Outcome {
+    pub async fn run(&self, id: OperationId, operation: &Operation, call: &Arc<Call>) -> Outcome {
         let measures = &self.measures[id];
         let Some(handler) = self.handlers.get(&operation.handler) else {
             return Err(Failure::Permanent(format!(
@@ -98,10 +98,14 @@ impl EffectRunner {
                 operation.handler
             )));
         };
-        let target = format!("{}:{}", operation.handler, handler.target(&call.config));
+        let target = handler.target(&call.config);
+        let target = TargetName {
+            handler: &operation.handler,
+            target: &target,
+        };
         let mut attempt: u32 = 0;
         loop {
-            let outcome = match self.admit(&target, operation.breaker.as_ref()) {
+            let outcome = match self.admit(target, operation.breaker.as_ref()) {
                 Err(message) => Err(Failure::Transient(message)),
                 Ok(()) => {
                     let started = Instant::now();
@@ -116,7 +120,7 @@ impl EffectRunner {
                     measures
                         .handler_seconds
                         .observe(started.elapsed().as_secs_f64());
-                    self.record(&target, operation.breaker.as_ref(), outcome.is_ok());
+                    self.record(target, operation.breaker.as_ref(), outcome.is_ok());
                     outcome
                 }
             };
@@ -148,7 +152,11 @@ impl EffectRunner {
         }
     }
 
-    fn admit(&self, target: &str, spec: Option<&CircuitBreakerSpec>) -> Result<(), String> {
+    fn admit(
+        &self,
+        target: TargetName<'_>,
+        spec: Option<&CircuitBreakerSpec>,
+    ) -> Result<(), String> {
         let Some(spec) = spec else { return Ok(()) };
         let Ok(mut breakers) = self.breakers.lock() else {
             return Ok(());
@@ -181,7 +189,7 @@ impl EffectRunner {
         }
     }
 
-    fn record(&self, target: &str, spec: Option<&CircuitBreakerSpec>, ok: bool) {
+    fn record(&self, target: TargetName<'_>, spec: Option<&CircuitBreakerSpec>, ok: bool) {
         let Some(spec) = spec else { return };
         let Ok(mut breakers) = self.breakers.lock() else {
             return;
@@ -221,19 +229,19 @@ impl EffectRunner {
     fn breaker<'m>(
         &self,
         breakers: &'m mut Vec<TargetBreaker>,
-        target: &str,
+        target: TargetName<'_>,
     ) -> &'m mut TargetBreaker {
-        let index = match breakers.iter().position(|known| known.target == target) {
+        let index = match breakers.iter().position(|known| target.is(&known.target)) {
             Some(index) => index,
             None => {
                 let gauge = self
                     .metrics
                     .breaker_state
-                    .get_or_create(&vec![("target", target.to_owned())])
+                    .get_or_create(&vec![("target", target.to_string())])
                     .clone();
                 gauge.set(0);
                 breakers.push(TargetBreaker {
-                    target: target.to_owned(),
+                    target: target.to_string(),
                     breaker: Breaker::Closed { failures: 0 },
                     gauge,
                 });
@@ -241,6 +249,29 @@ impl EffectRunner {
             }
         };
         &mut breakers[index]
+    }
+}
+
+/// What a breaker guards, shown as `handler:target`; compared with a known target
+/// without being formatted, since it is looked up twice per call.
+#[derive(Debug, Clone, Copy)]
+struct TargetName<'a> {
+    handler: &'a str,
+    target: &'a str,
+}
+
+impl TargetName<'_> {
+    fn is(self, known: &str) -> bool {
+        known
+            .strip_prefix(self.handler)
+            .and_then(|rest| rest.strip_prefix(':'))
+            .is_some_and(|rest| rest == self.target)
+    }
+}
+
+impl std::fmt::Display for TargetName<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.handler, self.target)
     }
 }
 
@@ -339,7 +370,23 @@ mod tests {
     }
 
     #[test]
+    fn a_target_name_matches_only_its_own_formatted_text() {
+        let target = TargetName {
+            handler: "db",
+            target: "x",
+        };
+        assert!(target.is(&target.to_string()));
+        for other in ["db:xy", "db:", "dbx", "d:x", "db:x:", "dbb:x", ""] {
+            assert!(!target.is(other), "{other}");
+        }
+    }
+
+    #[test]
     fn a_breaker_opens_at_its_threshold_and_its_gauge_follows() {
+        let target = TargetName {
+            handler: "db",
+            target: "x",
+        };
         let metrics = Arc::new(Metrics::default());
         let runner = EffectRunner::new(Handlers::new(), Arc::clone(&metrics), &[]);
         let spec = CircuitBreakerSpec {
@@ -355,18 +402,18 @@ mod tests {
                 .get_or_create(&vec![("target", "db:x".to_owned())])
                 .get()
         };
-        assert!(runner.admit("db:x", Some(&spec)).is_ok());
-        runner.record("db:x", Some(&spec), false);
+        assert!(runner.admit(target, Some(&spec)).is_ok());
+        runner.record(target, Some(&spec), false);
         assert_eq!(gauge(), 0, "one failure is under the threshold");
-        runner.record("db:x", Some(&spec), false);
+        runner.record(target, Some(&spec), false);
         assert_eq!(gauge(), 2, "open");
         // Open for 0 ms: the next call is the half-open trial, and a second waits.
-        assert!(runner.admit("db:x", Some(&spec)).is_ok());
+        assert!(runner.admit(target, Some(&spec)).is_ok());
         assert_eq!(gauge(), 1, "half-open");
-        assert!(runner.admit("db:x", Some(&spec)).is_err());
-        runner.record("db:x", Some(&spec), true);
+        assert!(runner.admit(target, Some(&spec)).is_err());
+        runner.record(target, Some(&spec), true);
         assert_eq!(gauge(), 0, "closed again");
-        assert!(runner.admit("db:x", Some(&spec)).is_ok());
+        assert!(runner.admit(target, Some(&spec)).is_ok());
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! timeouts and circuit breaking are the runtime's, so a handler makes one attempt and
 //! says how it went. A handler never panics: every failure is a [`Failure`].
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
@@ -17,11 +18,12 @@ use crate::project::Project;
 /// One attempt of one operation.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Call {
-    pub operation: String,
+    /// The operation's name, shared with the project.
+    pub operation: Arc<str>,
     /// The rendered `io_config` (handler_type, operation and query_template as written).
     pub config: Value,
     /// Stable across retries and re-deliveries of the same intent.
-    pub idempotency_key: String,
+    pub idempotency_key: Arc<str>,
     /// Shared with the intent (and its instance): no copy per call.
     pub correlation_id: Option<Arc<str>>,
     pub causation_id: Option<Arc<str>>,
@@ -49,13 +51,15 @@ pub trait Handler: Send + Sync + std::fmt::Debug {
     fn name(&self) -> &'static str;
 
     /// What the handler talks to, for the circuit breaker's key and for people.
-    fn target(&self, config: &Value) -> String {
+    fn target<'a>(&'a self, config: &'a Value) -> Cow<'a, str> {
         let _ = config;
-        self.name().to_owned()
+        Cow::Borrowed(self.name())
     }
 
     /// One attempt. The response becomes `result` for the orchestrator's templates.
-    fn call<'a>(&'a self, call: &'a Call) -> BoxFuture<'a, Outcome>;
+    /// The call is shared: a handler that hands it to another thread keeps a
+    /// reference instead of copying what it needs.
+    fn call<'a>(&'a self, call: &'a Arc<Call>) -> BoxFuture<'a, Outcome>;
 
     /// Runs once before the first event (creates tables, opens connections).
     fn prepare<'a>(&'a self, project: &'a Project) -> BoxFuture<'a, Result<(), String>> {

@@ -20,10 +20,12 @@ pub struct Intent {
     pub action: Arc<str>,
     /// The instance key.
     pub instance: Arc<str>,
-    pub idempotency_key: String,
+    /// Shared with the instance's pending effect and its call: one text per intent.
+    pub idempotency_key: Arc<str>,
     pub correlation_id: Option<Arc<str>>,
     pub causation_id: Option<Arc<str>>,
-    pub emitted_at: String,
+    /// One text for all the intents of a step.
+    pub emitted_at: Arc<str>,
     /// The action's `config` from the FSM contract.
     pub config: Option<Arc<Value>>,
 }

@@ -131,7 +131,7 @@ pub struct Validation {
 
 #[derive(Debug)]
 pub struct Operation {
-    pub name: String,
+    pub name: Arc<str>,
     pub handler: String,
     pub when: Option<Template>,
     /// The key handed to the handler; `None`: the intent's key.
@@ -590,7 +590,7 @@ impl Builder<'_> {
                 }
             }
             operations.push(Operation {
-                name: op.operation_name.clone(),
+                name: Arc::from(op.operation_name.as_str()),
                 handler,
                 when,
                 idempotency_key,

@@ -46,7 +46,7 @@ const HAND_OVER_EVERY: Duration = TICK;
 const SAVE_BUSY_AFTER: Duration = Duration::from_secs(1);
 
 /// An effect to run again after a restart: intent key, operation, call.
-type Redo = (String, usize, Result<Arc<Call>, String>);
+type Redo = (Arc<str>, usize, Result<Arc<Call>, String>);
 
 #[derive(Debug)]
 pub enum Message {
@@ -61,8 +61,8 @@ pub enum Message {
     },
     Result {
         reducer: ReducerId,
-        key: String,
-        intent_key: String,
+        key: Arc<str>,
+        intent_key: Arc<str>,
         outcome: Outcome,
         work: WorkGuard,
     },
@@ -84,7 +84,7 @@ pub struct Shard {
     timers: BinaryHeap<Reverse<(u64, ReducerId, String, u64)>>,
     record: StepRecord,
     /// Effects that completed when dispatched, for `take_settled`.
-    settled: VecDeque<(ReducerId, String, String, Outcome)>,
+    settled: VecDeque<(ReducerId, Arc<str>, Arc<str>, Outcome)>,
     /// Instances with unsaved changes, in change order.
     unsaved: Vec<(ReducerId, String)>,
     /// What goes to the store at the next hand-over.
@@ -302,8 +302,9 @@ impl Shard {
             )));
         }
         self.slots.insert(reducer, key, slot);
+        let instance: Arc<str> = Arc::from(key);
         for (intent_key, operation, call) in redo {
-            self.dispatch(reducer, key, intent_key, operation, call);
+            self.dispatch(reducer, &instance, intent_key, operation, call);
         }
     }
 
@@ -491,7 +492,7 @@ impl Shard {
         // rendered, so that results written into the context later need not copy it.
         if let Some(shared) = self.record.step.take() {
             // The intents of one step are emitted together: one time for all of them.
-            let mut emitted_at: Option<String> = None;
+            let mut emitted_at: Option<Arc<str>> = None;
             for intent in &self.record.intents {
                 let action = machine.action(intent.action);
                 self.counters
@@ -505,16 +506,17 @@ impl Shard {
                         tracing::debug!(reducer = %spec.name, key, action = %action.name, performed_by = kind.as_str(), "runtime action");
                     }
                     Binding::Effect(operation) => {
-                        let intent_key = shared.idempotency_key(intent).to_text();
+                        let intent_key: Arc<str> =
+                            Arc::from(shared.idempotency_key(intent).to_text());
                         let intent_value = Arc::new(Intent {
                             action: Arc::clone(&action.name),
                             instance: Arc::clone(&shared.instance),
-                            idempotency_key: intent_key.clone(),
+                            idempotency_key: Arc::clone(&intent_key),
                             correlation_id: shared.correlation_id.clone(),
                             causation_id: shared.causation_id.clone(),
-                            emitted_at: emitted_at
-                                .get_or_insert_with(|| jiff::Timestamp::now().to_string())
-                                .clone(),
+                            emitted_at: Arc::clone(emitted_at.get_or_insert_with(|| {
+                                Arc::from(jiff::Timestamp::now().to_string())
+                            })),
                             config: action.config.clone(),
                         });
                         let input = Arc::clone(&shared.context);
@@ -544,10 +546,11 @@ impl Shard {
         }
         for (intent_key, action, operation, input, intent_value) in dispatches {
             let work = self.shared.work.guard();
+            let instance = Arc::clone(&intent_value.instance);
             let call = self.render_call(&intent_key, operation, input, &intent_value);
             if let Some(slot) = self.slots.get_mut(reducer, key) {
                 slot.pending.push(Pending {
-                    key: intent_key.clone(),
+                    key: Arc::clone(&intent_key),
                     action,
                     operation,
                     generation,
@@ -556,7 +559,7 @@ impl Shard {
                     work: Some(work),
                 });
             }
-            self.dispatch(reducer, key, intent_key, operation, call);
+            self.dispatch(reducer, &instance, intent_key, operation, call);
         }
         self.enter(reducer, key, to, depth);
         Ok(())
@@ -672,7 +675,7 @@ impl Shard {
         let Some(slot) = self.slots.get_mut(reducer, key) else {
             return;
         };
-        let Some(position) = slot.pending.iter().position(|p| p.key == intent_key) else {
+        let Some(position) = slot.pending.iter().position(|p| *p.key == *intent_key) else {
             // Settled already (timed out): the late result changes nothing.
             return;
         };
@@ -823,7 +826,7 @@ impl Shard {
     /// context of the step that emitted the intent) and the intent.
     fn render_call(
         &self,
-        intent_key: &str,
+        intent_key: &Arc<str>,
         operation: usize,
         input: Arc<Map<String, Value>>,
         intent: &Arc<Intent>,
@@ -840,8 +843,8 @@ impl Shard {
             .map_err(|e| format!("template {e}"))?;
         let idempotency_key = match &op.idempotency_key {
             Some(template) => match template.render(&scope) {
-                Ok(Value::String(key)) if !key.is_empty() => key,
-                Ok(Value::Number(n)) => n.to_string(),
+                Ok(Value::String(key)) if !key.is_empty() => Arc::from(key),
+                Ok(Value::Number(n)) => Arc::from(n.to_string()),
                 Ok(other) => {
                     return Err(format!(
                         "template at /idempotency_key: gave {other}, not a key"
@@ -849,7 +852,7 @@ impl Shard {
                 }
                 Err(e) => return Err(format!("template {e}")),
             },
-            None => intent_key.to_owned(),
+            None => Arc::clone(intent_key),
         };
         Ok(Arc::new(Call {
             operation: op.name.clone(),
@@ -864,14 +867,14 @@ impl Shard {
     fn dispatch(
         &mut self,
         reducer: ReducerId,
-        key: &str,
-        intent_key: String,
+        key: &Arc<str>,
+        intent_key: Arc<str>,
         operation: usize,
         call: Result<Arc<Call>, String>,
     ) {
         let shared = Arc::clone(&self.shared);
         let sender = self.sender.clone();
-        let key = key.to_owned();
+        let key = Arc::clone(key);
         let work = shared.work.guard();
         let mut effect = Box::pin(async move {
             let op = &shared.project.operations[operation];

@@ -85,7 +85,8 @@ pub struct Unsaved {
 /// An effect in flight.
 #[derive(Debug)]
 pub struct Pending {
-    pub key: String,
+    /// The intent's idempotency key, shared with the intent.
+    pub key: Arc<str>,
     pub action: u32,
     pub operation: OperationId,
     pub generation: u64,
@@ -268,12 +269,12 @@ impl Slot {
                 .ok_or_else(|| format!("action `{}` is no longer in the contract", p.action))?;
             let operation = operations
                 .iter()
-                .position(|o| o.name == p.operation)
+                .position(|o| *o.name == *p.operation)
                 .ok_or_else(|| {
                     format!("operation `{}` is no longer in the effects", p.operation)
                 })?;
             pending.push(Pending {
-                key: p.key.into_owned(),
+                key: Arc::from(p.key),
                 action: action as u32,
                 operation,
                 generation: p.generation,
