@@ -10,7 +10,7 @@ use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
-use onex_runtime::handler::{BoxFuture, Call, Failure, Handler, Outcome};
+use onex_runtime::handler::{BoxFuture, Call, Config, Failure, Handler, Outcome};
 use onex_runtime::json_text::SizeHint;
 use serde_json::{Value, json};
 
@@ -80,7 +80,7 @@ impl Handler for ConsulHandler {
         "consul"
     }
 
-    fn target<'a>(&'a self, _config: &'a Value) -> Cow<'a, str> {
+    fn target<'a>(&'a self, _config: &'a Config) -> Cow<'a, str> {
         match &self.target {
             Target::Agent { address, .. } => Cow::Borrowed(address),
             Target::LocalCatalog(_) => Cow::Borrowed("local-catalog"),

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
-use onex_runtime::handler::{BoxFuture, Call, Failure, Handler, Outcome};
+use onex_runtime::handler::{BoxFuture, Call, Config, Failure, Handler, Outcome};
 use onex_runtime::project::Project;
 use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{Connection, ToSql};
@@ -527,7 +527,7 @@ impl Handler for DbHandler {
         "db"
     }
 
-    fn target<'a>(&'a self, _config: &'a Value) -> Cow<'a, str> {
+    fn target<'a>(&'a self, _config: &'a Config) -> Cow<'a, str> {
         self.database.path.to_string_lossy()
     }
 
@@ -635,10 +635,19 @@ mod tests {
         );
     }
 
+    /// A call whose SQL is the operation's written part and whose parameters are
+    /// rendered, as the runtime makes them.
     fn call(config: Value) -> Arc<Call> {
+        let Value::Object(mut rendered) = config else {
+            panic!("a test config is an object");
+        };
+        let mut written = Map::new();
+        if let Some(sql) = rendered.remove("query_template") {
+            written.insert("query_template".to_owned(), sql);
+        }
         Arc::new(Call {
             operation: Arc::from("upsert"),
-            config,
+            config: Config::new(rendered, Arc::new(written)),
             idempotency_key: Arc::from("k"),
             correlation_id: None,
             causation_id: None,

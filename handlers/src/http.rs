@@ -7,7 +7,7 @@ use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
-use onex_runtime::handler::{BoxFuture, Call, Failure, Handler, Outcome};
+use onex_runtime::handler::{BoxFuture, Call, Config, Failure, Handler, Outcome};
 use serde_json::{Value, json};
 
 #[derive(Debug)]
@@ -37,7 +37,7 @@ impl Handler for HttpHandler {
         "http"
     }
 
-    fn target<'a>(&'a self, config: &'a Value) -> Cow<'a, str> {
+    fn target<'a>(&'a self, config: &'a Config) -> Cow<'a, str> {
         let url = config["url_template"].as_str().unwrap_or("");
         Cow::Owned(url.split('/').take(3).collect::<Vec<_>>().join("/"))
     }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use onex_runtime::bus::Bus;
 use onex_runtime::envelope::{Envelope, name_based_id};
-use onex_runtime::handler::{BoxFuture, Call, Failure, Handler, Outcome};
+use onex_runtime::handler::{BoxFuture, Call, Config, Failure, Handler, Outcome};
 use serde_json::{Value, json};
 
 #[derive(Debug)]
@@ -27,7 +27,7 @@ impl Handler for KafkaHandler {
         "kafka"
     }
 
-    fn target<'a>(&'a self, config: &'a Value) -> Cow<'a, str> {
+    fn target<'a>(&'a self, config: &'a Config) -> Cow<'a, str> {
         Cow::Borrowed(config["topic"].as_str().unwrap_or(""))
     }
 

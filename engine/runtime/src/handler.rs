@@ -11,7 +11,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use crate::project::Project;
 
@@ -20,13 +20,75 @@ use crate::project::Project;
 pub struct Call {
     /// The operation's name, shared with the project.
     pub operation: Arc<str>,
-    /// The rendered `io_config` (handler_type, operation and query_template as written).
-    pub config: Value,
+    /// The operation's `io_config`, its templates rendered for this call.
+    pub config: Config,
     /// Stable across retries and re-deliveries of the same intent.
     pub idempotency_key: Arc<str>,
     /// Shared with the intent (and its instance): no copy per call.
     pub correlation_id: Option<Arc<str>>,
     pub causation_id: Option<Arc<str>>,
+}
+
+/// An operation's `io_config` for one call: the entries rendered for it, and the
+/// ones written without templates (`handler_type`, `operation`, `query_template`, and
+/// any other plain value), which all the operation's calls share. Copying those into
+/// every call cost several allocations per effect, and the SQL text.
+///
+/// Read by key like a JSON object (`config["topic"]`, null when absent); its JSON
+/// form is one object, so a call kept in a snapshot reads back whole.
+#[derive(Debug, Clone, Default)]
+pub struct Config {
+    rendered: Map<String, Value>,
+    written: Arc<Map<String, Value>>,
+}
+
+impl Config {
+    pub fn new(rendered: Map<String, Value>, written: Arc<Map<String, Value>>) -> Config {
+        Config { rendered, written }
+    }
+
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.rendered.get(key).or_else(|| self.written.get(key))
+    }
+
+    /// Every entry once: the rendered ones, then the written ones.
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &Value)> {
+        let written = self
+            .written
+            .iter()
+            .filter(|(key, _)| !self.rendered.contains_key(*key));
+        self.rendered.iter().chain(written)
+    }
+}
+
+impl From<Map<String, Value>> for Config {
+    fn from(rendered: Map<String, Value>) -> Config {
+        Config {
+            rendered,
+            written: Arc::default(),
+        }
+    }
+}
+
+impl std::ops::Index<&str> for Config {
+    type Output = Value;
+
+    fn index(&self, key: &str) -> &Value {
+        static NULL: Value = Value::Null;
+        self.get(key).unwrap_or(&NULL)
+    }
+}
+
+impl Serialize for Config {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(self.iter())
+    }
+}
+
+impl<'de> Deserialize<'de> for Config {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Config, D::Error> {
+        Map::deserialize(deserializer).map(Config::from)
+    }
 }
 
 /// Why an attempt failed. Transient failures are retried; permanent ones are not.
@@ -51,7 +113,7 @@ pub trait Handler: Send + Sync + std::fmt::Debug {
     fn name(&self) -> &'static str;
 
     /// What the handler talks to, for the circuit breaker's key and for people.
-    fn target<'a>(&'a self, config: &'a Value) -> Cow<'a, str> {
+    fn target<'a>(&'a self, config: &'a Config) -> Cow<'a, str> {
         let _ = config;
         Cow::Borrowed(self.name())
     }
@@ -97,5 +159,40 @@ impl Handlers {
 
     pub fn iter(&self) -> impl Iterator<Item = &Arc<dyn Handler>> {
         self.by_name.values()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn object(value: Value) -> Map<String, Value> {
+        match value {
+            Value::Object(map) => map,
+            _ => Map::new(),
+        }
+    }
+
+    /// A call's config reads, writes and reads back as the one object it stands for.
+    #[test]
+    fn a_config_is_one_object_of_its_rendered_and_written_entries() {
+        let config = Config::new(
+            object(json!({"query_params": ["a", 1], "operation": "rendered wins"})),
+            Arc::new(object(json!({"handler_type": "db", "operation": "upsert"}))),
+        );
+        assert_eq!(config["handler_type"], "db");
+        assert_eq!(config["query_params"], json!(["a", 1]));
+        assert_eq!(config["operation"], "rendered wins");
+        assert_eq!(config["missing"], Value::Null);
+        let text = serde_json::to_string(&config).expect("writes");
+        assert_eq!(
+            text,
+            r#"{"query_params":["a",1],"operation":"rendered wins","handler_type":"db"}"#
+        );
+        let read: Config = serde_json::from_str(&text).expect("reads");
+        assert_eq!(serde_json::to_string(&read).expect("writes"), text);
+        assert_eq!(read["handler_type"], "db");
     }
 }

@@ -136,9 +136,11 @@ pub struct Operation {
     pub when: Option<Template>,
     /// The key handed to the handler; `None`: the intent's key.
     pub idempotency_key: Option<Template>,
-    /// `io_config` with its templates compiled; `handler_type`, `operation` and
-    /// `query_template` are never templated.
+    /// `io_config`'s templated entries, compiled.
     pub config: Template,
+    /// `io_config`'s other entries, as written: those that are never templated
+    /// (`NEVER_TEMPLATED`) and plain values. Shared by every call.
+    pub written: Arc<Map<String, Value>>,
     pub retry: Option<RetryPolicy>,
     pub breaker: Option<CircuitBreakerSpec>,
     pub timeout: Duration,
@@ -163,6 +165,9 @@ pub struct Demo {
 }
 
 const DEFAULT_SETTLE_SECONDS: u64 = 30;
+/// `io_config` entries taken as written even when they look like templates: the
+/// handler's name and operation, and SQL (whose text may hold `{{` in a literal).
+const NEVER_TEMPLATED: [&str; 3] = ["handler_type", "operation", "query_template"];
 const DEFAULT_OPERATION_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What loading a project gives: the project when nothing is wrong, and a report per
@@ -539,21 +544,26 @@ impl Builder<'_> {
                 .and_then(Value::as_str)
                 .unwrap_or_default()
                 .to_owned();
-            // Fixed parts are taken out before compiling so that they are never templated.
-            let fixed: Vec<(String, Value)> = ["handler_type", "operation", "query_template"]
-                .iter()
-                .filter_map(|k| {
-                    config
-                        .as_object_mut()
-                        .and_then(|m| m.remove(*k))
-                        .map(|v| ((*k).to_owned(), v))
-                })
-                .collect();
-            let mut compiled =
-                self.effect_template(file_index, &config, &format!("{pointer}/io_config"));
-            if !fixed.is_empty() {
-                compiled = Template::with_fixed(compiled, fixed);
+            // Entries that are never templated, and plain values, are taken out before
+            // compiling: every call shares them as written.
+            let mut written = Map::new();
+            if let Some(entries) = config.as_object_mut() {
+                let plain: Vec<String> = entries
+                    .iter()
+                    .filter(|(key, value)| {
+                        NEVER_TEMPLATED.contains(&key.as_str())
+                            || Template::compile(value).is_ok_and(|t| t.is_literal())
+                    })
+                    .map(|(key, _)| key.clone())
+                    .collect();
+                for key in plain {
+                    if let Some(value) = entries.shift_remove(&key) {
+                        written.insert(key, value);
+                    }
+                }
             }
+            let compiled =
+                self.effect_template(file_index, &config, &format!("{pointer}/io_config"));
             let when = op.when.as_ref().map(|w| {
                 self.effect_template(
                     file_index,
@@ -595,6 +605,7 @@ impl Builder<'_> {
                 when,
                 idempotency_key,
                 config: compiled,
+                written: Arc::new(written),
                 retry: op
                     .retry_policy
                     .clone()

@@ -17,7 +17,7 @@ use serde_json::{Map, Value, json};
 use tokio::sync::mpsc;
 
 use crate::envelope::Envelope;
-use crate::handler::{Call, Outcome};
+use crate::handler::{Call, Config, Outcome};
 use crate::intent::Intent;
 use crate::json_text::SizeHint;
 use crate::metrics::Counters;
@@ -837,10 +837,11 @@ impl Shard {
             ("intent", Var::Record(intent.clone())),
             ("env", self.shared.env.clone()),
         ]);
-        let config = op
-            .config
-            .render(&scope)
-            .map_err(|e| format!("template {e}"))?;
+        let rendered = match op.config.render(&scope) {
+            Ok(Value::Object(entries)) => entries,
+            Ok(_) => Map::new(),
+            Err(e) => return Err(format!("template {e}")),
+        };
         let idempotency_key = match &op.idempotency_key {
             Some(template) => match template.render(&scope) {
                 Ok(Value::String(key)) if !key.is_empty() => Arc::from(key),
@@ -856,7 +857,7 @@ impl Shard {
         };
         Ok(Arc::new(Call {
             operation: op.name.clone(),
-            config,
+            config: Config::new(rendered, Arc::clone(&op.written)),
             idempotency_key,
             correlation_id: intent.correlation_id.clone(),
             causation_id: intent.causation_id.clone(),

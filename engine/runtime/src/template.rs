@@ -222,22 +222,6 @@ impl Template {
         Template(Kind::Literal(value))
     }
 
-    /// Adds keys whose values are taken as written (never templated) to an object
-    /// template.
-    pub fn with_fixed(template: Template, fixed: Vec<(String, Value)>) -> Template {
-        match template.0 {
-            Kind::Literal(Value::Object(mut map)) => {
-                map.extend(fixed);
-                Template(Kind::Literal(Value::Object(map)))
-            }
-            Kind::Map(Fields { mut entries, .. }) => {
-                entries.extend(fixed.into_iter().map(|(k, v)| (k, Template::literal(v))));
-                Template(Kind::Map(Fields::new(entries)))
-            }
-            _ => Template(Kind::Literal(Value::Object(fixed.into_iter().collect()))),
-        }
-    }
-
     /// Whether rendering can give anything but the value as written.
     pub fn is_literal(&self) -> bool {
         matches!(self.0, Kind::Literal(_))
@@ -829,7 +813,7 @@ mod tests {
     #[test]
     fn object_templates_keep_the_written_key_order() {
         // Three ways of rendering an object: from its keys cloned; by inserting, when
-        // `with_fixed` repeats a key (whose later value wins); by inserting, when it
+        // its entries repeat a key (whose later value wins); by inserting, when it
         // has more entries than the clone tracks. Each keeps the written order, less
         // the keys whose expression is none.
         let text = |value: Value| serde_json::to_string(&value).expect("json");
@@ -838,10 +822,14 @@ mod tests {
             text(render(written.clone(), json!({"x": 1}))),
             r#"{"z":1,"a":2,"m":2}"#
         );
-        let repeated = Template::with_fixed(
-            Template::compile(&written).expect("compiles"),
-            vec![("a".into(), json!(3))],
-        );
+        let mut entries: Vec<(String, Template)> = written
+            .as_object()
+            .expect("an object")
+            .iter()
+            .map(|(key, value)| (key.clone(), Template::compile(value).expect("compiles")))
+            .collect();
+        entries.push(("a".into(), Template::literal(json!(3))));
+        let repeated = Template(Kind::Map(Fields::new(entries)));
         let x = scope(&[("x", Var::Json(Arc::new(json!(1))))]);
         assert_eq!(
             text(repeated.render(&x).expect("renders")),
