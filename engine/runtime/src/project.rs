@@ -137,7 +137,7 @@ pub struct Operation {
     /// The key handed to the handler; `None`: the intent's key.
     pub idempotency_key: Option<Template>,
     /// `io_config`'s templated entries, compiled.
-    pub config: Template,
+    pub config: Fields,
     /// `io_config`'s other entries, as written: those that are never templated
     /// (`NEVER_TEMPLATED`) and plain values. Shared by every call.
     pub written: Arc<Map<String, Value>>,
@@ -538,32 +538,31 @@ impl Builder<'_> {
     ) {
         for (i, op) in spec.operations.iter().enumerate() {
             let pointer = format!("/effect_operations/operations/{i}");
-            let mut config = op.io_config.clone();
+            let config = &op.io_config;
             let handler = config
                 .get("handler_type")
                 .and_then(Value::as_str)
                 .unwrap_or_default()
                 .to_owned();
-            // Entries that are never templated, and plain values, are taken out before
-            // compiling: every call shares them as written.
+            // Entries that are never templated, and plain values, are shared by every
+            // call as written; the others are rendered for each call.
             let mut written = Map::new();
-            if let Some(entries) = config.as_object_mut() {
-                let plain: Vec<String> = entries
-                    .iter()
-                    .filter(|(key, value)| {
-                        NEVER_TEMPLATED.contains(&key.as_str())
-                            || Template::compile(value).is_ok_and(|t| t.is_literal())
-                    })
-                    .map(|(key, _)| key.clone())
-                    .collect();
-                for key in plain {
-                    if let Some(value) = entries.shift_remove(&key) {
-                        written.insert(key, value);
+            let mut templated = Vec::new();
+            for (key, value) in config.as_object().into_iter().flatten() {
+                let template = if NEVER_TEMPLATED.contains(&key.as_str()) {
+                    None
+                } else {
+                    let at = format!("{pointer}/io_config/{}", escape(key));
+                    Some(self.effect_template(file_index, value, &at))
+                        .filter(|template| !template.is_literal())
+                };
+                match template {
+                    Some(template) => templated.push((key.clone(), template)),
+                    None => {
+                        written.insert(key.clone(), value.clone());
                     }
                 }
             }
-            let compiled =
-                self.effect_template(file_index, &config, &format!("{pointer}/io_config"));
             let when = op.when.as_ref().map(|w| {
                 self.effect_template(
                     file_index,
@@ -604,7 +603,7 @@ impl Builder<'_> {
                 handler,
                 when,
                 idempotency_key,
-                config: compiled,
+                config: Fields::new(templated),
                 written: Arc::new(written),
                 retry: op
                     .retry_policy

@@ -837,11 +837,10 @@ impl Shard {
             ("intent", Var::Record(intent.clone())),
             ("env", self.shared.env.clone()),
         ]);
-        let rendered = match op.config.render(&scope) {
-            Ok(Value::Object(entries)) => entries,
-            Ok(_) => Map::new(),
-            Err(e) => return Err(format!("template {e}")),
-        };
+        let rendered = op
+            .config
+            .render_object(&scope)
+            .map_err(|e| format!("template {e}"))?;
         let idempotency_key = match &op.idempotency_key {
             Some(template) => match template.render(&scope) {
                 Ok(Value::String(key)) if !key.is_empty() => Arc::from(key),

@@ -132,6 +132,16 @@ impl Fields {
         }
         Ok(map)
     }
+
+    /// Renders as an object template does: an entry whose expression gives none is
+    /// left out, and an error's pointer starts at its entry.
+    pub fn render_object(
+        &self,
+        scope: &minijinja::Value,
+    ) -> Result<Map<String, Value>, TemplateError> {
+        self.render(scope, |child, value| value.is_null() && !child.is_literal())
+            .map_err(|(key, e)| e.below(&escape(key)))
+    }
 }
 
 #[derive(Debug)]
@@ -379,10 +389,7 @@ fn render_at(template: &Template, scope: &minijinja::Value) -> Result<Value, Tem
             }
             Ok(Value::String(out))
         }
-        Kind::Map(fields) => fields
-            .render(scope, |child, value| value.is_null() && !child.is_literal())
-            .map(Value::Object)
-            .map_err(|(key, e)| e.below(&escape(key))),
+        Kind::Map(fields) => fields.render_object(scope).map(Value::Object),
         Kind::List(items) => items
             .iter()
             .enumerate()
