@@ -38,8 +38,7 @@ impl Handler for HttpHandler {
     }
 
     fn target<'a>(&'a self, config: &'a Config) -> Cow<'a, str> {
-        let url = config["url_template"].as_str().unwrap_or("");
-        Cow::Owned(url.split('/').take(3).collect::<Vec<_>>().join("/"))
+        Cow::Borrowed(origin(config["url_template"].as_str().unwrap_or("")))
     }
 
     fn call<'a>(&'a self, call: &'a Arc<Call>) -> BoxFuture<'a, Outcome> {
@@ -108,5 +107,39 @@ impl Handler for HttpHandler {
 
     fn describe(&self) -> String {
         "HTTP requests to the URLs in the effect contracts".into()
+    }
+}
+
+/// The URL up to its path (`http://host:port`), which the breaker guards: the text
+/// before its third `/`, or all of it.
+fn origin(url: &str) -> &str {
+    match url.match_indices('/').nth(2) {
+        Some((end, _)) => &url[..end],
+        None => url,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::origin;
+
+    #[test]
+    fn the_breaker_guards_a_url_up_to_its_path() {
+        for (url, expected) in [
+            (
+                "http://consul:8500/v1/agent/service/register",
+                "http://consul:8500",
+            ),
+            ("http://consul:8500/", "http://consul:8500"),
+            ("http://consul:8500", "http://consul:8500"),
+            ("no-scheme/a/b", "no-scheme/a/b"),
+            ("a/b/c/d", "a/b/c"),
+            ("", ""),
+        ] {
+            // The same text as the three first `/`-separated parts joined again.
+            let joined = url.split('/').take(3).collect::<Vec<_>>().join("/");
+            assert_eq!(origin(url), expected, "{url}");
+            assert_eq!(origin(url), joined, "{url}");
+        }
     }
 }
