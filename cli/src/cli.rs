@@ -109,6 +109,16 @@ pub struct RunArgs {
         env = "ONEX_DRAIN_TIMEOUT"
     )]
     pub drain_timeout: u64,
+    /// Effects waiting on backends above which sources stop taking in events
+    /// (back-pressure): what one stall of a backend can hold up.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = onex_runtime::work::DEFAULT_MAX_EFFECTS,
+        value_parser = clap::value_parser!(i64).range(1..),
+        env = "ONEX_MAX_EFFECTS"
+    )]
+    pub max_effects: i64,
     /// Instance shards (each processes its instances in order); default: 4 per core.
     #[arg(long, value_name = "N", env = "ONEX_SHARDS")]
     pub shards: Option<usize>,

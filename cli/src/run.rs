@@ -78,8 +78,9 @@ pub fn run(args: &RunArgs) -> anyhow::Result<u8> {
         .thread_name("onex-worker")
         .build()
         .context("cannot start the async runtime")?;
+    let max_effects = args.max_effects;
     let summary = runtime.block_on(async move {
-        let work = Work::new();
+        let work = Work::with_max_effects(max_effects);
         let bus: Arc<dyn Bus> = EmbeddedBus::new(Arc::clone(&work));
         let handlers = onex_handlers::builtin(&settings, Arc::clone(&bus));
         onex_runtime::runtime::run(project, handlers, bus, work, options, shutdown_signal()).await

@@ -466,6 +466,30 @@ fn a_demo_rate_spreads_the_events_over_time() {
     assert!(elapsed >= 290, "60 events at 200/s took {elapsed} ms");
 }
 
+#[test]
+fn the_tightest_effect_limit_holds_sources_back_and_loses_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // With one effect allowed to wait on a backend, the sources wait after almost
+    // every event; the effects' outcomes must still bring them room.
+    let (run, summary) = run(dir.path(), &["--demo", "30", "--max-effects", "1"]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(
+        summary["demo"],
+        json!({"entities": 30, "reached_outcome": 30, "lost": 0})
+    );
+    assert_eq!(
+        reducer(&summary, REGISTRATION)["outcomes"],
+        json!({"complete": 31, "failed": 0, "partial": 0})
+    );
+    let refused = run_human(dir.path(), &["--demo", "1", "--max-effects", "0"]);
+    assert_eq!(refused.code, 2, "{}", refused.stderr);
+    assert!(
+        refused.stderr.contains("--max-effects"),
+        "{}",
+        refused.stderr
+    );
+}
+
 /// A copy of `contracts/` in `dir`, with `edit` applied to one of its files.
 fn edited_contracts(dir: &Path, file: &str, edit: impl Fn(String) -> String) -> std::path::PathBuf {
     let contracts = dir.join("contracts");

@@ -875,7 +875,7 @@ impl Shard {
         let shared = Arc::clone(&self.shared);
         let sender = self.sender.clone();
         let key = Arc::clone(key);
-        let work = shared.work.guard();
+        let mut work = shared.work.effect_guard();
         let mut effect = Box::pin(async move {
             let op = &shared.project.operations[operation];
             match call {
@@ -894,6 +894,7 @@ impl Shard {
         }
         tokio::spawn(async move {
             let outcome = effect.await;
+            work.settled();
             let _ = sender.send(Message::Result {
                 reducer,
                 key,

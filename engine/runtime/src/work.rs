@@ -12,6 +12,10 @@
 //! - all outstanding units (including work already done whose changes are not yet
 //!   with the store, effects waiting for their database commit, timers) bound memory.
 //!
+//! - effects waiting on a backend ([`Work::effects`]) bound what one stall of a
+//!   backend catches: new events wait at their source instead of joining the effects
+//!   that wait, all of which would finish late together.
+//!
 //! One limit for both made the runtime trade one for the other: most outstanding
 //! units at full speed are finished work waiting for the next hand-over or commit,
 //! so a limit low enough for a short queue starved the shards (docs/performance.md).
@@ -37,17 +41,40 @@ pub const RESUME_QUEUED: i64 = MAX_QUEUED / 2;
 /// to limit a saturated 10,000-node demo, where the queue limit applies first.
 pub const MAX_OUTSTANDING: i64 = 8192;
 
-#[derive(Debug, Default)]
+/// Effects waiting on a backend above which sources wait (`--max-effects`). In a
+/// saturated 10,000-node demo a stall of the embedded database (its writer thread
+/// preempted, a log restart) let 1,000-2,000 effects collect, and the instances
+/// waiting on them made the p99; at 256 the same runs kept their rate and their p99
+/// fell from ~30 ms to ~10 ms, at 128 the rate fell (seventeenth round of
+/// docs/performance.md). A backend with a round trip of 10 ms still allows ~25,000
+/// effects a second at this limit.
+pub const DEFAULT_MAX_EFFECTS: i64 = 256;
+
+#[derive(Debug)]
 pub struct Work {
     outstanding: AtomicI64,
     queued: AtomicI64,
+    effects: AtomicI64,
+    max_effects: i64,
     changed: Notify,
     room: Notify,
 }
 
 impl Work {
     pub fn new() -> Arc<Work> {
-        Arc::new(Work::default())
+        Work::with_max_effects(DEFAULT_MAX_EFFECTS)
+    }
+
+    /// Sources wait while `max_effects` (at least 1) effects wait on a backend.
+    pub fn with_max_effects(max_effects: i64) -> Arc<Work> {
+        Arc::new(Work {
+            outstanding: AtomicI64::new(0),
+            queued: AtomicI64::new(0),
+            effects: AtomicI64::new(0),
+            max_effects: max_effects.max(1),
+            changed: Notify::new(),
+            room: Notify::new(),
+        })
     }
 
     pub fn guard(self: &Arc<Self>) -> WorkGuard {
@@ -55,6 +82,7 @@ impl Work {
         WorkGuard {
             work: Arc::clone(self),
             queued: false,
+            effect: false,
         }
     }
 
@@ -67,6 +95,15 @@ impl Work {
         guard
     }
 
+    /// A unit for an effect that waits on a backend: it counts towards the effect
+    /// limit too until [`WorkGuard::settled`].
+    pub fn effect_guard(self: &Arc<Self>) -> WorkGuard {
+        self.effects.fetch_add(1, Ordering::SeqCst);
+        let mut guard = self.guard();
+        guard.effect = true;
+        guard
+    }
+
     pub fn outstanding(&self) -> i64 {
         self.outstanding.load(Ordering::SeqCst)
     }
@@ -74,6 +111,11 @@ impl Work {
     /// Events waiting to be taken.
     pub fn queued(&self) -> i64 {
         self.queued.load(Ordering::SeqCst)
+    }
+
+    /// Effects waiting on a backend.
+    pub fn effects(&self) -> i64 {
+        self.effects.load(Ordering::SeqCst)
     }
 
     /// Resolves once nothing is outstanding.
@@ -87,21 +129,35 @@ impl Work {
         }
     }
 
-    /// Resolves once fewer than [`MAX_QUEUED`] events wait and fewer than
-    /// [`MAX_OUTSTANDING`] units are outstanding; a source that has to wait for the
-    /// queue waits until it is down to [`RESUME_QUEUED`].
+    /// Resolves once fewer than [`MAX_QUEUED`] events wait, fewer than
+    /// [`MAX_OUTSTANDING`] units are outstanding and fewer effects than the limit
+    /// wait on a backend; a source that has to wait for the queue waits until it is
+    /// down to [`RESUME_QUEUED`], for the effects until three quarters of the limit.
     pub async fn room(&self) {
         loop {
             let notified = self.room.notified();
-            if self.queued() < MAX_QUEUED && self.outstanding() < MAX_OUTSTANDING {
+            if self.queued() < MAX_QUEUED
+                && self.outstanding() < MAX_OUTSTANDING
+                && self.effects() < self.max_effects
+            {
                 return;
             }
             notified.await;
         }
     }
 
+    fn resume_effects(&self) -> i64 {
+        self.max_effects * 3 / 4
+    }
+
     fn release_queued(&self) {
         if self.queued.fetch_sub(1, Ordering::SeqCst) == RESUME_QUEUED + 1 {
+            self.room.notify_waiters();
+        }
+    }
+
+    fn release_effect(&self) {
+        if self.effects.fetch_sub(1, Ordering::SeqCst) == self.resume_effects() + 1 {
             self.room.notify_waiters();
         }
     }
@@ -112,6 +168,8 @@ pub struct WorkGuard {
     work: Arc<Work>,
     /// Still counted as an event waiting to be taken.
     queued: bool,
+    /// Still counted as an effect waiting on a backend.
+    effect: bool,
 }
 
 impl WorkGuard {
@@ -122,11 +180,20 @@ impl WorkGuard {
             self.work.release_queued();
         }
     }
+
+    /// The effect this unit stands for has its outcome; the unit stays outstanding
+    /// until the guard is dropped.
+    pub fn settled(&mut self) {
+        if std::mem::take(&mut self.effect) {
+            self.work.release_effect();
+        }
+    }
 }
 
 impl Drop for WorkGuard {
     fn drop(&mut self) {
         self.taken();
+        self.settled();
         match self.work.outstanding.fetch_sub(1, Ordering::SeqCst) {
             1 => self.work.changed.notify_waiters(),
             MAX_OUTSTANDING => self.work.room.notify_waiters(),
@@ -194,5 +261,22 @@ mod tests {
         assert_eq!(work.outstanding(), MAX_QUEUED);
         drop(queued);
         assert_eq!((work.queued(), work.outstanding()), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn sources_wait_while_effects_hold_the_limit_until_a_quarter_have_settled() {
+        let work = Work::with_max_effects(8);
+        let mut effects: Vec<WorkGuard> = (0..8).map(|_| work.effect_guard()).collect();
+        let waiting = waiting_source(&work, "8 effects wait on a backend").await;
+        effects[0].settled();
+        effects[0].settled();
+        assert_eq!(work.effects(), 7, "settling twice releases once");
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "woken with 7 effects waiting");
+        effects[1].settled();
+        gets_room(waiting, "the effects are down to three quarters").await;
+        assert_eq!((work.effects(), work.outstanding()), (6, 8));
+        drop(effects);
+        assert_eq!((work.effects(), work.outstanding()), (0, 0));
     }
 }
