@@ -223,8 +223,12 @@ fn human(summary: &Summary) -> String {
         if let Some(figures) = &reducer.this_run {
             let _ = write!(
                 line,
-                "; this run {} outcomes, {:.0}/s, p50 {:.1} ms, p99 {:.1} ms",
-                figures.outcomes, figures.per_second, figures.p50_ms, figures.p99_ms
+                "; this run {} outcomes in {:.0} ms, {:.0}/s, p50 {:.1} ms, p99 {:.1} ms",
+                figures.outcomes,
+                figures.window_ms,
+                figures.per_second,
+                figures.p50_ms,
+                figures.p99_ms
             );
         }
         if reducer.busy > 0 {

@@ -245,6 +245,20 @@ fn the_demo_registers_every_node_and_loses_none() {
         json!({"complete": 101, "failed": 0, "partial": 0})
     );
     assert_eq!(summary["events"]["dead_letters"], 0);
+    // The rate is the outcomes over the window they span, inside the whole run.
+    let this_run = &registration["this_run"];
+    let window_ms = this_run["window_ms"].as_f64().expect("window_ms");
+    let elapsed_ms = summary["elapsed_ms"].as_f64().expect("elapsed_ms");
+    assert!(
+        this_run["max_ms"].as_f64().expect("max_ms") <= window_ms && window_ms <= elapsed_ms,
+        "{this_run} in {elapsed_ms} ms"
+    );
+    let rate = this_run["per_second"].as_f64().expect("per_second");
+    let outcomes = this_run["outcomes"].as_f64().expect("outcomes");
+    assert!(
+        (rate - outcomes / (window_ms / 1000.0)).abs() < 1e-6 * rate,
+        "{this_run}"
+    );
     if cfg!(target_os = "linux") {
         // CPU figures, with the runtime's worker threads named as such.
         let cpu = &summary["cpu"];

@@ -42,19 +42,21 @@ pub struct Shared {
     /// `env` in operation templates: the process environment.
     pub env: Var,
     dead_letters: AtomicU64,
-    /// Per reducer: outcome latencies of this run, in seconds.
-    latencies: std::sync::Mutex<Vec<Vec<f64>>>,
+    /// Per reducer: the outcomes of this run.
+    latencies: std::sync::Mutex<Vec<RunTimes>>,
     /// Per reducer: its `outcome_duration_seconds` histogram.
     outcome_seconds: Vec<prometheus_client::metrics::histogram::Histogram>,
 }
 
 impl Shared {
-    /// Time from a workflow run's first event to its outcome.
-    pub fn record_latency(&self, reducer: ReducerId, elapsed: Duration) {
-        let seconds = elapsed.as_secs_f64();
+    /// An outcome reached now, of a workflow run whose first event was published at
+    /// `started`.
+    pub fn record_latency(&self, reducer: ReducerId, started: Instant) {
+        let now = Instant::now();
+        let seconds = now.saturating_duration_since(started).as_secs_f64();
         self.outcome_seconds[reducer].observe(seconds);
         if let Ok(mut latencies) = self.latencies.lock() {
-            latencies[reducer].push(seconds);
+            latencies[reducer].record(started, now, seconds);
         }
     }
 
@@ -142,27 +144,57 @@ pub struct ReducerSummary {
     pub this_run: Option<RunFigures>,
 }
 
+/// One reducer's outcomes in this run: their latencies, and the window in which they
+/// were produced (from the earliest first event to the latest outcome).
+#[derive(Debug, Clone, Default)]
+struct RunTimes {
+    seconds: Vec<f64>,
+    window: Option<(Instant, Instant)>,
+}
+
+impl RunTimes {
+    fn record(&mut self, started: Instant, reached: Instant, seconds: f64) {
+        self.seconds.push(seconds);
+        self.window = Some(match self.window {
+            Some((first, last)) => (first.min(started), last.max(reached)),
+            None => (started, reached),
+        });
+    }
+}
+
 #[derive(Debug, Serialize)]
 pub struct RunFigures {
     pub outcomes: usize,
+    /// Outcomes over `window_ms`: the rate at which they were reached, without the
+    /// run's start (opening the store, restoring instances) and end (waiting for
+    /// the last commit, this summary).
     pub per_second: f64,
+    /// From the first event of the earliest of these outcomes' workflow runs to the
+    /// last outcome.
+    pub window_ms: f64,
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub max_ms: f64,
 }
 
-fn figures(mut seconds: Vec<f64>, elapsed: Duration) -> Option<RunFigures> {
-    if seconds.is_empty() {
+fn figures(times: RunTimes) -> Option<RunFigures> {
+    let RunTimes {
+        mut seconds,
+        window: Some((first, last)),
+    } = times
+    else {
         return None;
-    }
+    };
     seconds.sort_by(f64::total_cmp);
+    let window = last.saturating_duration_since(first);
     let at = |q: f64| {
         let rank = (seconds.len() as f64 * q).ceil() as usize;
         seconds[rank.clamp(1, seconds.len()) - 1] * 1000.0
     };
     Some(RunFigures {
         outcomes: seconds.len(),
-        per_second: seconds.len() as f64 / elapsed.as_secs_f64().max(1e-9),
+        per_second: seconds.len() as f64 / window.as_secs_f64().max(1e-9),
+        window_ms: window.as_secs_f64() * 1000.0,
         p50_ms: at(0.50),
         p99_ms: at(0.99),
         max_ms: seconds[seconds.len() - 1] * 1000.0,
@@ -231,7 +263,7 @@ pub async fn run(
         work: Arc::clone(&work),
         env: Var::Json(Arc::new(Value::Object(env))),
         dead_letters: AtomicU64::new(0),
-        latencies: std::sync::Mutex::new(vec![Vec::new(); project.reducers.len()]),
+        latencies: std::sync::Mutex::new(vec![RunTimes::default(); project.reducers.len()]),
         outcome_seconds: project
             .reducers
             .iter()
@@ -734,9 +766,7 @@ async fn summarise(
             states,
             outcomes,
             busy,
-            this_run: latencies
-                .get(id)
-                .and_then(|l| figures(l.clone(), started.elapsed())),
+            this_run: latencies.get(id).and_then(|l| figures(l.clone())),
         });
     }
     let demo = demo.map(|ids| {
@@ -783,4 +813,29 @@ async fn summarise(
         listen: listen.map(|a| a.to_string()),
         cpu: crate::cpu::read(outcomes),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rate_is_taken_over_the_window_the_outcomes_span() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut times = RunTimes::default();
+        assert!(figures(times.clone()).is_none(), "no outcome, no figures");
+        // Recorded out of order: the window runs from the earliest start to the
+        // latest outcome whichever came first.
+        times.record(t0 + ms(10), t0 + ms(30), 0.020);
+        times.record(t0, t0 + ms(15), 0.015);
+        let figures = figures(times).expect("figures");
+        assert_eq!(figures.outcomes, 2);
+        assert!((figures.window_ms - 30.0).abs() < 1e-9, "{figures:?}");
+        assert!(
+            (figures.per_second - 2.0 / 0.030).abs() < 1e-6,
+            "{figures:?}"
+        );
+        assert_eq!((figures.p50_ms, figures.max_ms), (15.0, 20.0));
+    }
 }

@@ -483,7 +483,7 @@ impl Shard {
                 .inc();
             slot.outcome = Some(label);
             if let Some(started) = slot.started.take() {
-                self.shared.record_latency(reducer, started.elapsed());
+                self.shared.record_latency(reducer, started);
             }
         }
         // Intents, in the order the FSM emitted them.
