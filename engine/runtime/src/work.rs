@@ -6,19 +6,19 @@
 //!
 //! The same guards are the runtime's back-pressure: sources (event files, stdin, the
 //! demo) wait for [`Work::room`] before they publish, so a burst of input is taken
-//! in as fast as it is processed instead of piling up in memory. Two limits apply:
+//! in as fast as it is processed instead of piling up in memory. Three limits apply:
 //! - events waiting to be taken (on the bus or in a shard's queue, [`Work::queued`])
 //!   bound the time a new event waits behind others: latency;
+//! - effects waiting on a backend ([`Work::effects`]) bound what one stall of a
+//!   backend catches: new events wait at their source instead of joining the effects
+//!   that wait, all of which would finish late together;
 //! - all outstanding units (including work already done whose changes are not yet
 //!   with the store, effects waiting for their database commit, timers) bound memory.
 //!
-//! - effects waiting on a backend ([`Work::effects`]) bound what one stall of a
-//!   backend catches: new events wait at their source instead of joining the effects
-//!   that wait, all of which would finish late together.
-//!
-//! One limit for both made the runtime trade one for the other: most outstanding
-//! units at full speed are finished work waiting for the next hand-over or commit,
-//! so a limit low enough for a short queue starved the shards (docs/performance.md).
+//! One limit for latency and memory made the runtime trade one for the other: most
+//! outstanding units at full speed are finished work waiting for the next hand-over
+//! or commit, so a limit low enough for a short queue starved the shards
+//! (docs/performance.md).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
