@@ -43,7 +43,7 @@ pub struct Shared {
     pub env: Var,
     dead_letters: AtomicU64,
     /// Per reducer: the outcomes of this run.
-    latencies: std::sync::Mutex<Vec<RunTimes>>,
+    run_times: std::sync::Mutex<Vec<RunTimes>>,
     /// Per reducer: its `outcome_duration_seconds` histogram.
     outcome_seconds: Vec<prometheus_client::metrics::histogram::Histogram>,
 }
@@ -55,8 +55,8 @@ impl Shared {
         let now = Instant::now();
         let seconds = now.saturating_duration_since(started).as_secs_f64();
         self.outcome_seconds[reducer].observe(seconds);
-        if let Ok(mut latencies) = self.latencies.lock() {
-            latencies[reducer].record(started, now, seconds);
+        if let Ok(mut run_times) = self.run_times.lock() {
+            run_times[reducer].record(started, now, seconds);
         }
     }
 
@@ -263,7 +263,7 @@ pub async fn run(
         work: Arc::clone(&work),
         env: Var::Json(Arc::new(Value::Object(env))),
         dead_letters: AtomicU64::new(0),
-        latencies: std::sync::Mutex::new(vec![RunTimes::default(); project.reducers.len()]),
+        run_times: std::sync::Mutex::new(vec![RunTimes::default(); project.reducers.len()]),
         outcome_seconds: project
             .reducers
             .iter()
@@ -724,10 +724,10 @@ async fn summarise(
 ) -> Result<Summary, String> {
     let project = &shared.project;
     let stored = shared.store.instances().await?;
-    let latencies = shared
-        .latencies
+    let mut run_times = shared
+        .run_times
         .lock()
-        .map(|l| l.clone())
+        .map(|times| times.clone())
         .unwrap_or_default();
     let mut reducers = Vec::new();
     for (id, reducer) in project.reducers.iter().enumerate() {
@@ -766,7 +766,7 @@ async fn summarise(
             states,
             outcomes,
             busy,
-            this_run: latencies.get(id).and_then(|l| figures(l.clone())),
+            this_run: run_times.get_mut(id).map(std::mem::take).and_then(figures),
         });
     }
     let demo = demo.map(|ids| {
