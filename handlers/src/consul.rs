@@ -113,7 +113,9 @@ impl Handler for ConsulHandler {
                     },
                     "deregister",
                 ) => {
-                    let id = service_id(call)?;
+                    // The id is data (an event's node id, through the contract): one
+                    // path segment, whatever it holds.
+                    let id = onex_runtime::url::segment(&service_id(call)?);
                     let request = client.put(format!("{address}/v1/agent/service/deregister/{id}"));
                     send(request, token).await
                 }

@@ -392,7 +392,11 @@ fn invalid_introspections_fail_with_their_reason_and_unroutable_events_are_kept(
     );
     let registration = reducer(&summary, REGISTRATION);
     assert_eq!(registration["outcomes"]["failed"], 1, "{summary}");
-    assert_eq!(summary["events"]["dead_letters"], 3);
+    // Not JSON; a misspelt event type; the introspection without a node id, which
+    // neither reducer can take (no key for registration, an invalid payload for
+    // liveness); and the liveness route refusing the invalid node type, which the
+    // registration takes and fails with its reason.
+    assert_eq!(summary["events"]["dead_letters"], 5, "{summary}");
 
     let failed: Vec<Value> = registrations(dir.path(), &["--fields", "validation_errors"])
         .into_iter()
@@ -426,6 +430,12 @@ fn invalid_introspections_fail_with_their_reason_and_unroutable_events_are_kept(
         reasons
             .iter()
             .any(|(stage, r)| stage == "decode" && r.starts_with("not JSON")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|(stage, r)| stage == "validate"
+            && r.contains("route to reducer `liveness`")
+            && r.contains("/node_type")),
         "{reasons:?}"
     );
     assert!(
@@ -1209,4 +1219,74 @@ fn a_silent_node_expires_and_a_heartbeat_brings_it_back() {
     assert!(announced, "no NodeLivenessExpired event");
     assert!(revived, "the heartbeat did not bring the node back");
     assert_eq!(status.code(), Some(0));
+}
+
+/// An event's value put into URLs (a consul deregistration's service id, an http
+/// `url_template`'s path and query) is one percent-encoded segment: however it is
+/// made, it cannot climb the path, start a query or reach another endpoint of the
+/// agent, which gets the ACL token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_events_values_cannot_choose_the_path_or_query_of_a_request() {
+    use wiremock::matchers::any;
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+
+    let stand_in = MockServer::start().await;
+    Mock::given(any())
+        .respond_with(ResponseTemplate::new(200))
+        .mount(&stand_in)
+        .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let forged = "x/../../../../../v1/kv/pwned?dc=";
+    let events = write_events(
+        dir.path(),
+        &[json!({"message_id": "probe-1", "event_type": "Probe", "payload": {"id": forged}}).to_string()],
+    );
+    let address = stand_in.uri();
+    let api = format!("{address}/api");
+    let data = dir.path().join("data");
+    let run = tokio::task::spawn_blocking(move || {
+        crate::support::onex_with_env(
+            &[
+                "run",
+                "--contract",
+                "tests/fixtures/forgery/orchestrator.yaml",
+                "--events",
+                &events,
+                "--until-idle",
+                "--listen",
+                "off",
+                "--consul",
+                &address,
+                "--consul-token",
+                "s3cret",
+                "--data-dir",
+                path_str(&data),
+            ],
+            &[("PROBE_URL", &api)],
+        )
+    })
+    .await
+    .expect("run");
+    assert_eq!(run.code, 0, "{}\n{}", run.stdout, run.stderr);
+    let mut seen: Vec<String> = stand_in
+        .received_requests()
+        .await
+        .expect("recorded")
+        .iter()
+        .map(|r| {
+            let query = r.url.query().map(|q| format!("?{q}")).unwrap_or_default();
+            format!("{} {}{query}", r.method, r.url.path())
+        })
+        .collect();
+    seen.sort();
+    let encoded = "x%2F..%2F..%2F..%2F..%2F..%2Fv1%2Fkv%2Fpwned%3Fdc%3D";
+    assert_eq!(
+        seen,
+        [
+            format!("GET /api/items/{encoded}?id={encoded}"),
+            format!("PUT /v1/agent/service/deregister/{encoded}"),
+        ],
+        "{}",
+        run.stderr
+    );
 }

@@ -23,4 +23,5 @@ pub mod shard;
 pub mod slot;
 pub mod store;
 pub mod template;
+pub mod url;
 pub mod work;

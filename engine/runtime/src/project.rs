@@ -126,7 +126,26 @@ pub struct Route {
 #[derive(Debug)]
 pub struct Validation {
     pub schema: jsonschema::Validator,
-    pub errors_into: String,
+    /// The context key that receives the errors; `None`: a payload that does not
+    /// match is a dead letter.
+    pub errors_into: Option<String>,
+}
+
+impl Validation {
+    /// Why the payload does not match the schema, one line per error (none: it does).
+    pub fn errors(&self, payload: &Value) -> Vec<String> {
+        self.schema
+            .iter_errors(payload)
+            .map(|e| {
+                let at = e.instance_path().to_string();
+                if at.is_empty() {
+                    e.to_string()
+                } else {
+                    format!("{at}: {e}")
+                }
+            })
+            .collect()
+    }
 }
 
 #[derive(Debug)]
@@ -168,6 +187,8 @@ const DEFAULT_SETTLE_SECONDS: u64 = 30;
 /// `io_config` entries taken as written even when they look like templates: the
 /// handler's name and operation, and SQL (whose text may hold `{{` in a literal).
 const NEVER_TEMPLATED: [&str; 3] = ["handler_type", "operation", "query_template"];
+/// `io_config` entries that are URLs: their values are encoded ([`Template::compile_url`]).
+const URL_TEMPLATES: [&str; 1] = ["url_template"];
 const DEFAULT_OPERATION_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What loading a project gives: the project when nothing is wrong, and a report per
@@ -549,13 +570,15 @@ impl Builder<'_> {
             let mut written = Map::new();
             let mut templated = Vec::new();
             for (key, value) in config.as_object().into_iter().flatten() {
+                let at = format!("{pointer}/io_config/{}", escape(key));
                 let template = if NEVER_TEMPLATED.contains(&key.as_str()) {
                     None
+                } else if URL_TEMPLATES.contains(&key.as_str()) {
+                    Some(self.effect_url_template(file_index, value, &at))
                 } else {
-                    let at = format!("{pointer}/io_config/{}", escape(key));
                     Some(self.effect_template(file_index, value, &at))
-                        .filter(|template| !template.is_literal())
-                };
+                }
+                .filter(|template| !template.is_literal());
                 match template {
                     Some(template) => templated.push((key.clone(), template)),
                     None => {
@@ -628,7 +651,27 @@ impl Builder<'_> {
     }
 
     fn effect_template(&mut self, file_index: usize, value: &Value, pointer: &str) -> Template {
-        match Template::compile(value) {
+        let compiled = Template::compile(value);
+        self.effect_finding(file_index, compiled, pointer)
+    }
+
+    /// A URL template: its values are encoded, and none may choose the host.
+    fn effect_url_template(&mut self, file_index: usize, value: &Value, pointer: &str) -> Template {
+        let compiled = match value {
+            Value::String(text) => Template::compile_url(text),
+            other => Template::compile(other),
+        };
+        self.effect_finding(file_index, compiled, pointer)
+    }
+
+    /// The template, or a finding at its place in the effect contract.
+    fn effect_finding(
+        &mut self,
+        file_index: usize,
+        compiled: Result<Template, TemplateError>,
+        pointer: &str,
+    ) -> Template {
+        match compiled {
             Ok(t) => t,
             Err(e) => {
                 let file = &self.others[file_index];

@@ -489,8 +489,22 @@ fn route(shared: &Arc<Shared>, senders: &[mpsc::UnboundedSender<Message>], deliv
     };
     let scope = envelope.vars();
     let mut failures = Vec::new();
+    let mut invalid = Vec::new();
     for (index, route) in routes.iter().enumerate() {
         let reducer = &shared.project.reducers[route.reducer];
+        if let Some(validation) = &route.validate
+            && validation.errors_into.is_none()
+        {
+            let errors = validation.errors(&envelope.payload);
+            if !errors.is_empty() {
+                invalid.push(format!(
+                    "the payload does not match the schema of the route to reducer `{}`: {}",
+                    reducer.name,
+                    errors.join("; ")
+                ));
+                continue;
+            }
+        }
         let key = match route.key.render(&scope) {
             Ok(Value::String(s)) if !s.trim().is_empty() => s,
             Ok(Value::Number(n)) => n.to_string(),
@@ -522,7 +536,10 @@ fn route(shared: &Arc<Shared>, senders: &[mpsc::UnboundedSender<Message>], deliv
             work: shared.work.queued_guard(),
         });
     }
-    // One dead letter per event, with every route that could not take it.
+    // One dead letter per event and stage, with every route that could not take it.
+    if !invalid.is_empty() {
+        shared.dead_letter(letter(&envelope, "validate", invalid.join("; ")));
+    }
     if !failures.is_empty() {
         shared.dead_letter(letter(&envelope, "route", failures.join("; ")));
     }

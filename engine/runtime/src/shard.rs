@@ -377,23 +377,18 @@ impl Shard {
                 return;
             }
         };
-        if let Some(validation) = &route.validate {
-            let errors: Vec<Value> = validation
-                .schema
-                .iter_errors(&queued.envelope.payload)
-                .map(|e| {
-                    let at = e.instance_path().to_string();
-                    Value::String(if at.is_empty() {
-                        e.to_string()
-                    } else {
-                        format!("{at}: {e}")
-                    })
-                })
-                .collect();
+        // A route without `errors_into` checked the payload before routing it here.
+        if let Some(validation) = &route.validate
+            && let Some(errors_into) = &validation.errors_into
+        {
+            let errors = validation.errors(&queued.envelope.payload);
             if !errors.is_empty() {
                 tracing::info!(message_id = %queued.envelope.message_id, key, errors = ?errors, "payload failed validation");
             }
-            patch.insert(validation.errors_into.clone(), Value::Array(errors));
+            patch.insert(
+                errors_into.clone(),
+                Value::Array(errors.into_iter().map(Value::String).collect()),
+            );
         }
         self.counters
             .event(&self.shared.metrics, &queued.envelope.event_type);

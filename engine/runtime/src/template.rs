@@ -148,6 +148,9 @@ impl Fields {
 enum Segment {
     Literal(String),
     Expr(Expr),
+    /// An expression in a URL's path or query: its text is percent-encoded as one
+    /// segment ([`Template::compile_url`]).
+    Encoded(Expr),
 }
 
 mod direct;
@@ -160,14 +163,21 @@ mod direct;
 struct Expr {
     compiled: Expression<'static, 'static>,
     direct: Option<direct::Direct>,
+    /// Reads one variable of the environment (`env.NAME`): the operator's
+    /// configuration, which may choose where a URL points.
+    reads_env_only: bool,
 }
 
 impl Expr {
     fn compile(source: &str) -> Result<Expr, minijinja::Error> {
         let compiled = environment().compile_expression_owned(source.to_owned())?;
+        let reads_env_only = source.strip_prefix("env.").is_some_and(|name| {
+            !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        });
         Ok(Expr {
             compiled,
             direct: direct::Direct::compile(source),
+            reads_env_only,
         })
     }
 
@@ -226,6 +236,53 @@ impl Template {
     /// A template for one string.
     pub fn compile_str(text: &str) -> Result<Template, TemplateError> {
         compile_at(&Value::String(text.to_owned()), "")
+    }
+
+    /// A template for a URL (an http `url_template`). Every expression in its path,
+    /// query or fragment is percent-encoded as one segment ([`crate::url::push_segment`]),
+    /// so that no value can add a segment, climb with `..`, start a query or change
+    /// the host. Scheme, host and port are written in the template, or come whole
+    /// from one environment variable at its start (`{{ env.SERVICE_URL }}/items/{{ input.id }}`):
+    /// an expression there is refused, since its value would choose where the
+    /// request goes.
+    pub fn compile_url(text: &str) -> Result<Template, TemplateError> {
+        let fail = |message: String| TemplateError {
+            pointer: String::new(),
+            message,
+        };
+        let segments = match compile_string(text).map_err(fail)?.0 {
+            Kind::Text(segments) => segments,
+            Kind::Expr(expression) => vec![Segment::Expr(expression)],
+            literal => return Ok(Template(literal)),
+        };
+        let mut written = String::new();
+        let mut in_path = false;
+        let mut url = Vec::with_capacity(segments.len());
+        for (index, segment) in segments.into_iter().enumerate() {
+            url.push(match segment {
+                Segment::Literal(text) => {
+                    if !in_path {
+                        written.push_str(&text);
+                        in_path = origin_ends(&written);
+                    }
+                    Segment::Literal(text)
+                }
+                Segment::Expr(expression) | Segment::Encoded(expression) if in_path => {
+                    Segment::Encoded(expression)
+                }
+                Segment::Expr(expression) if index == 0 && expression.reads_env_only => {
+                    // The base URL, whole, from the operator's environment.
+                    in_path = true;
+                    Segment::Expr(expression)
+                }
+                Segment::Expr(_) | Segment::Encoded(_) => {
+                    return Err(fail(
+                        "an expression in the scheme, host or port of a URL would let the data it reads choose where the request goes; write them in the template, or take the whole base URL from one environment variable at the start (`{{ env.NAME }}/path/{{ input.id }}`)".into(),
+                    ));
+                }
+            });
+        }
+        Ok(Template(Kind::Text(url)))
     }
 
     pub fn literal(value: Value) -> Template {
@@ -292,6 +349,15 @@ fn compile_at(value: &Value, pointer: &str) -> Result<Template, TemplateError> {
 
 fn escape(key: &str) -> String {
     key.replace('~', "~0").replace('/', "~1")
+}
+
+/// Whether the written start of a URL has reached its path: `scheme://authority`
+/// followed by `/`, `?` or `#`, or a path on its own (`/items`).
+fn origin_ends(written: &str) -> bool {
+    match written.find("://") {
+        Some(at) => written[at + 3..].contains(['/', '?', '#']),
+        None => written.starts_with('/'),
+    }
 }
 
 fn compile_string(text: &str) -> Result<Template, String> {
@@ -385,6 +451,11 @@ fn render_at(template: &Template, scope: &minijinja::Value) -> Result<Value, Tem
                 match segment {
                     Segment::Literal(text) => out.push_str(text),
                     Segment::Expr(expression) => expression.write(scope, &mut out).map_err(fail)?,
+                    Segment::Encoded(expression) => {
+                        let mut value = String::new();
+                        expression.write(scope, &mut value).map_err(fail)?;
+                        crate::url::push_segment(&mut out, &value);
+                    }
                 }
             }
             Ok(Value::String(out))
@@ -876,6 +947,47 @@ mod tests {
             json!(443)
         );
         assert_eq!(render(json!("{{ u | url_host }}"), json!({})), json!(null));
+    }
+
+    #[test]
+    fn a_url_template_encodes_each_value_as_one_segment() {
+        let url = |template: &str, vars: Value| {
+            let t = Template::compile_url(template).expect("compiles");
+            let map = vars.as_object().expect("object");
+            let pairs: Vec<(&'static str, Var)> = ["input", "env"]
+                .into_iter()
+                .filter_map(|name| Some((name, Var::Json(Arc::new(map.get(name)?.clone())))))
+                .collect();
+            t.render(&scope(&pairs)).expect("renders")
+        };
+        let forged = json!({"input": {"id": "x/../../v1/kv/pwned?dc=", "q": "a&b=c"}});
+        assert_eq!(
+            url("http://consul:8500/v1/agent/service/deregister/{{ input.id }}", forged.clone()),
+            json!("http://consul:8500/v1/agent/service/deregister/x%2F..%2F..%2Fv1%2Fkv%2Fpwned%3Fdc%3D")
+        );
+        assert_eq!(
+            url("http://api/items?name=${input.q}&n={{ 1 + 1 }}", forged.clone()),
+            json!("http://api/items?name=a%26b%3Dc&n=2")
+        );
+        assert_eq!(
+            url(
+                "{{ env.API_URL }}/items/{{ input.id }}",
+                json!({"env": {"API_URL": "http://api:8080/v2"}, "input": {"id": ".."}})
+            ),
+            json!("http://api:8080/v2/items/%2E%2E")
+        );
+        assert_eq!(url("http://api/plain", json!({})), json!("http://api/plain"));
+        for refused in [
+            "{{ input.url }}",
+            "http://{{ input.host }}/x",
+            "http://api:{{ input.port }}/x",
+            "http://api{{ input.suffix }}/x",
+            "{{ env['API_URL'] }}/x",
+            "{{ env.API_URL ~ input.path }}",
+        ] {
+            let e = Template::compile_url(refused).expect_err(refused);
+            assert!(e.message.contains("choose where the request goes"), "{refused}: {e}");
+        }
     }
 
     #[test]

@@ -150,8 +150,10 @@ pub struct RouteSpec {
 pub struct ValidateSpec {
     /// JSON Schema file for the payload, relative to the orchestrator.
     pub schema: String,
-    /// Context key receiving the list of errors (empty when valid).
-    pub errors_into: String,
+    /// Context key receiving the list of errors (empty when valid), so that the FSM's
+    /// guards decide; without it, a payload that does not match is a `validate` dead
+    /// letter and reaches no instance.
+    pub errors_into: Option<String>,
 }
 
 /// An event to publish; every string may be a template.
