@@ -28,14 +28,25 @@ const CATALOG_TABLE: &str = "CREATE TABLE IF NOT EXISTS service_catalog (
     updated_at    TEXT NOT NULL
 )";
 
-#[derive(Debug)]
 enum Target {
     Agent {
         address: String,
+        /// The address as shown (summary, breaker label, messages): no credentials.
+        shown: String,
         token: Option<String>,
         client: reqwest::Client,
     },
     LocalCatalog(Arc<Database>),
+}
+
+/// Without the address's credentials and the token.
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Agent { shown, .. } => f.debug_struct("Agent").field("address", shown).finish_non_exhaustive(),
+            Target::LocalCatalog(db) => f.debug_tuple("LocalCatalog").field(db).finish(),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -56,6 +67,7 @@ impl ConsulHandler {
         };
         ConsulHandler {
             target: Target::Agent {
+                shown: onex_runtime::url::redact(&address).into_owned(),
                 address,
                 token,
                 client: reqwest::Client::builder()
@@ -82,7 +94,7 @@ impl Handler for ConsulHandler {
 
     fn target<'a>(&'a self, _config: &'a Config) -> Cow<'a, str> {
         match &self.target {
-            Target::Agent { address, .. } => Cow::Borrowed(address),
+            Target::Agent { shown, .. } => Cow::Borrowed(shown),
             Target::LocalCatalog(_) => Cow::Borrowed("local-catalog"),
         }
     }
@@ -94,6 +106,7 @@ impl Handler for ConsulHandler {
                 (
                     Target::Agent {
                         address,
+                        shown,
                         token,
                         client,
                     },
@@ -103,11 +116,12 @@ impl Handler for ConsulHandler {
                     let request = client
                         .put(format!("{address}/v1/agent/service/register"))
                         .json(service);
-                    send(request, token).await
+                    send(request, token, shown).await
                 }
                 (
                     Target::Agent {
                         address,
+                        shown,
                         token,
                         client,
                     },
@@ -117,7 +131,7 @@ impl Handler for ConsulHandler {
                     // path segment, whatever it holds.
                     let id = onex_runtime::url::segment(&service_id(call)?);
                     let request = client.put(format!("{address}/v1/agent/service/deregister/{id}"));
-                    send(request, token).await
+                    send(request, token, shown).await
                 }
                 (Target::LocalCatalog(db), "register") => {
                     let service = service(call)?;
@@ -189,13 +203,14 @@ impl Handler for ConsulHandler {
                     .map(drop),
                 Target::Agent {
                     address,
+                    shown,
                     token,
                     client,
                 } => {
                     let request = client
                         .get(format!("{address}/v1/status/leader"))
                         .timeout(Duration::from_secs(2));
-                    match send(request, token).await {
+                    match send(request, token, shown).await {
                         Ok(response)
                             if response["status"]
                                 .as_u64()
@@ -204,7 +219,7 @@ impl Handler for ConsulHandler {
                             Ok(())
                         }
                         Ok(response) => {
-                            Err(format!("{address} answered status {}", response["status"]))
+                            Err(format!("{shown} answered status {}", response["status"]))
                         }
                         Err(e) => Err(e.message().to_owned()),
                     }
@@ -215,7 +230,7 @@ impl Handler for ConsulHandler {
 
     fn describe(&self) -> String {
         match &self.target {
-            Target::Agent { address, .. } => format!("Consul agent at {address}"),
+            Target::Agent { shown, .. } => format!("Consul agent at {shown}"),
             Target::LocalCatalog(db) => format!(
                 "local catalog (stand-in for Consul; no --consul address given) in {}",
                 db.path().display()
@@ -251,15 +266,16 @@ fn service_id(call: &Call) -> Result<String, Failure> {
 }
 
 /// Sends with the ACL token; the runtime judges the status against success codes.
-async fn send(request: reqwest::RequestBuilder, token: &Option<String>) -> Outcome {
+/// An error names the agent as `shown`: reqwest's own message would quote the URL
+/// with its credentials.
+async fn send(request: reqwest::RequestBuilder, token: &Option<String>, shown: &str) -> Outcome {
     let request = match token {
         Some(token) => request.header("X-Consul-Token", token),
         None => request,
     };
-    let response = request
-        .send()
-        .await
-        .map_err(|e| Failure::Transient(format!("consul unreachable: {e}")))?;
+    let response = request.send().await.map_err(|e| {
+        Failure::Transient(format!("consul at {shown} unreachable: {}", e.without_url()))
+    })?;
     let status = response.status().as_u16();
     let body = response.text().await.unwrap_or_default();
     Ok(json!({"status": status, "body": body}))

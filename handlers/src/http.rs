@@ -38,7 +38,7 @@ impl Handler for HttpHandler {
     }
 
     fn target<'a>(&'a self, config: &'a Config) -> Cow<'a, str> {
-        Cow::Borrowed(origin(config["url_template"].as_str().unwrap_or("")))
+        onex_runtime::url::redact(origin(config["url_template"].as_str().unwrap_or("")))
     }
 
     fn call<'a>(&'a self, call: &'a Arc<Call>) -> BoxFuture<'a, Outcome> {
@@ -94,10 +94,14 @@ impl Handler for HttpHandler {
                 Value::String(body) => request = request.body(body.clone()),
                 other => request = request.json(other),
             }
-            let response = request
-                .send()
-                .await
-                .map_err(|e| Failure::Transient(format!("request failed: {e}")))?;
+            // reqwest's message would quote the URL, credentials and all.
+            let response = request.send().await.map_err(|e| {
+                Failure::Transient(format!(
+                    "request to {} failed: {}",
+                    onex_runtime::url::redact(origin(url)),
+                    e.without_url()
+                ))
+            })?;
             let status = response.status().as_u16();
             let text = response.text().await.unwrap_or_default();
             let body = serde_json::from_str(&text).unwrap_or(Value::String(text));

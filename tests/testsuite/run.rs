@@ -1290,3 +1290,73 @@ async fn an_events_values_cannot_choose_the_path_or_query_of_a_request() {
         run.stderr
     );
 }
+
+/// Credentials in the Consul address (userinfo, a token in the query) and the ACL
+/// token are used, never shown: not in the summary, the logs, `/ready`, `/metrics`,
+/// the instance log, the event log or the dead letters.
+#[test]
+fn credentials_in_a_url_are_never_shown_or_stored() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Nothing listens there, so every call fails and its error names the agent.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port");
+    let consul = format!("http://onex:url-s3cret@{closed}/?token=query-s3cret");
+    let (mut child, addr, logs) = spawn_service(
+        dir.path(),
+        &["--consul", &consul, "--consul-token", "header-s3cret"],
+    );
+    // The first registrations end partial: the agent is unreachable.
+    let partial = "onex_outcomes_total{reducer=\"registration\",outcome=\"partial\"}";
+    let mut metrics = String::new();
+    assert!(
+        eventually(|| {
+            metrics = http_get(&addr, "/metrics").1;
+            metrics.contains(partial)
+        }),
+        "no partial outcome:\n{metrics}"
+    );
+    let (_, ready) = http_get(&addr, "/ready");
+    assert!(ready.contains("unreachable"), "{ready}");
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status();
+    child.0.wait().expect("exit");
+    let mut stdout = String::new();
+    child
+        .0
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_to_string(&mut stdout)
+        .expect("summary");
+    let stderr: Vec<String> = logs.try_iter().collect();
+    let stderr = stderr.join("\n");
+    let mut stored = String::new();
+    for file in ["instances.jsonl", "event-log.jsonl", "state.db", "data.db"] {
+        let bytes = std::fs::read(dir.path().join(file)).unwrap_or_default();
+        stored.push_str(&String::from_utf8_lossy(&bytes));
+    }
+    let dead_letters = list_json("dlq", dir.path(), &[]).stdout;
+    for (what, text) in [
+        ("summary", &stdout),
+        ("logs", &stderr),
+        ("/ready", &ready),
+        ("/metrics", &metrics),
+        ("stored files", &stored),
+        ("dead letters", &dead_letters),
+    ] {
+        for secret in ["url-s3cret", "query-s3cret", "header-s3cret"] {
+            assert!(!text.contains(secret), "{secret} in the {what}:\n{text}");
+        }
+    }
+    // Still named, without the credentials.
+    assert!(
+        stdout.contains(&format!("Consul agent at http://***@{closed}/?token=***")),
+        "{stdout}"
+    );
+    assert!(
+        stored.contains(&format!("consul at http://***@{closed}/?token=*** unreachable")),
+        "the failure is kept with the agent named"
+    );
+}

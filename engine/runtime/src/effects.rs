@@ -141,11 +141,14 @@ impl EffectRunner {
                     } else {
                         measures.failed.inc();
                     }
-                    return outcome.map_err(|f| match f {
-                        Failure::Transient(m) if attempt > 0 => {
-                            Failure::Transient(format!("{m} (after {} attempts)", attempt + 1))
-                        }
-                        other => other,
+                    return outcome.map_err(|failure| {
+                        let failure = match failure {
+                            Failure::Transient(m) if attempt > 0 => {
+                                Failure::Transient(format!("{m} (after {} attempts)", attempt + 1))
+                            }
+                            other => other,
+                        };
+                        redacted(failure)
                     });
                 }
             }
@@ -269,9 +272,24 @@ impl TargetName<'_> {
     }
 }
 
+/// Shown in `/metrics` labels and in messages: without credentials.
 impl std::fmt::Display for TargetName<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}:{}", self.handler, self.target)
+        write!(f, "{}:{}", self.handler, crate::url::redact(self.target))
+    }
+}
+
+/// A failure's message goes into instance contexts, published events, dead letters
+/// and logs: every URL in it loses its credentials first (a handler's error may
+/// quote the URL it called).
+fn redacted(failure: Failure) -> Failure {
+    let redact = |message: String| match crate::url::redact_text(&message) {
+        std::borrow::Cow::Borrowed(_) => message,
+        std::borrow::Cow::Owned(clean) => clean,
+    };
+    match failure {
+        Failure::Transient(m) => Failure::Transient(redact(m)),
+        Failure::Permanent(m) => Failure::Permanent(redact(m)),
     }
 }
 

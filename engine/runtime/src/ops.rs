@@ -48,7 +48,7 @@ async fn ready(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
                 Ok(()) => Value::String("ready".into()),
                 Err(e) => {
                     all = false;
-                    Value::String(format!("unreachable: {e}"))
+                    Value::String(format!("unreachable: {}", crate::url::redact_text(&e)))
                 }
             },
             None => {

@@ -240,10 +240,12 @@ pub async fn run(
         let handler = handlers.get(name).ok_or_else(|| {
             format!("the contracts use the `{name}` handler, which this build does not provide")
         })?;
-        handler
-            .prepare(&project)
-            .await
-            .map_err(|e| format!("handler `{name}` cannot start: {e}"))?;
+        handler.prepare(&project).await.map_err(|e| {
+            format!(
+                "handler `{name}` cannot start: {}",
+                crate::url::redact_text(&e)
+            )
+        })?;
     }
     let metrics = Arc::new(Metrics::default());
     let env: serde_json::Map<String, Value> = std::env::vars()
@@ -252,7 +254,11 @@ pub async fn run(
     let handler_lines = project
         .handler_names()
         .into_iter()
-        .filter_map(|n| handlers.get(n).map(|h| (n.to_owned(), h.describe())))
+        .filter_map(|n| {
+            handlers
+                .get(n)
+                .map(|h| (n.to_owned(), crate::url::redact_text(&h.describe()).into_owned()))
+        })
         .collect();
     let shared = Arc::new(Shared {
         project: Arc::clone(&project),
@@ -824,7 +830,7 @@ async fn summarise(
         reducers,
         demo,
         handlers,
-        bus: shared.bus.describe(),
+        bus: crate::url::redact_text(&shared.bus.describe()).into_owned(),
         state: shared.store.instance_log_path().display().to_string(),
         event_log: shared.store.event_log_path().display().to_string(),
         listen: listen.map(|a| a.to_string()),
