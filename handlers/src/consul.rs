@@ -43,7 +43,10 @@ enum Target {
 impl std::fmt::Debug for Target {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Target::Agent { shown, .. } => f.debug_struct("Agent").field("address", shown).finish_non_exhaustive(),
+            Target::Agent { shown, .. } => f
+                .debug_struct("Agent")
+                .field("address", shown)
+                .finish_non_exhaustive(),
             Target::LocalCatalog(db) => f.debug_tuple("LocalCatalog").field(db).finish(),
         }
     }
@@ -274,7 +277,10 @@ async fn send(request: reqwest::RequestBuilder, token: &Option<String>, shown: &
         None => request,
     };
     let response = request.send().await.map_err(|e| {
-        Failure::Transient(format!("consul at {shown} unreachable: {}", e.without_url()))
+        Failure::Transient(format!(
+            "consul at {shown} unreachable: {}",
+            e.without_url()
+        ))
     })?;
     let status = response.status().as_u16();
     let body = response.text().await.unwrap_or_default();

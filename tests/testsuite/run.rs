@@ -1239,7 +1239,10 @@ async fn an_events_values_cannot_choose_the_path_or_query_of_a_request() {
     let forged = "x/../../../../../v1/kv/pwned?dc=";
     let events = write_events(
         dir.path(),
-        &[json!({"message_id": "probe-1", "event_type": "Probe", "payload": {"id": forged}}).to_string()],
+        &[
+            json!({"message_id": "probe-1", "event_type": "Probe", "payload": {"id": forged}})
+                .to_string(),
+        ],
     );
     let address = stand_in.uri();
     let api = format!("{address}/api");
@@ -1356,7 +1359,48 @@ fn credentials_in_a_url_are_never_shown_or_stored() {
         "{stdout}"
     );
     assert!(
-        stored.contains(&format!("consul at http://***@{closed}/?token=*** unreachable")),
+        stored.contains(&format!(
+            "consul at http://***@{closed}/?token=*** unreachable"
+        )),
         "the failure is kept with the agent named"
     );
+}
+
+/// Two runs on one data directory would both append to its logs under the same
+/// runtime id: the second is refused, naming the first; once the first is gone (even
+/// by SIGKILL), the directory is free again.
+#[test]
+fn a_second_run_on_the_same_data_directory_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = path_str(dir.path());
+    let mut first = spawn_onex(&[
+        "run",
+        "--contract",
+        "contracts/",
+        "--listen",
+        "off",
+        "--events",
+        "-",
+        "--data-dir",
+        data,
+    ]);
+    let pid = first.0.id().to_string();
+    let lock = dir.path().join("lock");
+    assert!(
+        eventually(|| std::fs::read_to_string(&lock).is_ok_and(|text| text.trim() == pid)),
+        "the first run did not take the lock"
+    );
+    let second = run_human(dir.path(), &["--demo", "1"]);
+    assert_eq!(second.code, 2, "{}\n{}", second.stdout, second.stderr);
+    assert!(
+        second
+            .stderr
+            .contains(&format!("is in use by another onex process (pid {pid})")),
+        "{}",
+        second.stderr
+    );
+    first.0.kill().expect("SIGKILL");
+    first.0.wait().expect("reaped");
+    let third = run_human(dir.path(), &["--demo", "1"]);
+    assert_eq!(third.code, 0, "{}\n{}", third.stdout, third.stderr);
 }

@@ -255,9 +255,12 @@ pub async fn run(
         .handler_names()
         .into_iter()
         .filter_map(|n| {
-            handlers
-                .get(n)
-                .map(|h| (n.to_owned(), crate::url::redact_text(&h.describe()).into_owned()))
+            handlers.get(n).map(|h| {
+                (
+                    n.to_owned(),
+                    crate::url::redact_text(&h.describe()).into_owned(),
+                )
+            })
         })
         .collect();
     let shared = Arc::new(Shared {

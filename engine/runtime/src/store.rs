@@ -31,6 +31,8 @@ use crate::event_log::{EVENT_LOG_FILE, EventLog, LogLine};
 use crate::instance_log::{INSTANCE_LOG_FILE, InstanceLog};
 
 pub const STATE_FILE: &str = "state.db";
+/// Held locked by the run that uses the data directory, with its process id in it.
+pub const LOCK_FILE: &str = "lock";
 /// Writes per transaction at most; more wait for the next one. Above the ~12,000
 /// that 200 ms bring at the load the runtime is built for (20,000 workflow runs a
 /// second, about three writes each).
@@ -102,6 +104,8 @@ impl Changes {
 
 #[derive(Debug, Clone)]
 pub struct Store {
+    /// The data directory's lock, held as long as the store lives.
+    _lock: Arc<std::fs::File>,
     pool: SqlitePool,
     writer: std::sync::mpsc::Sender<Write>,
     /// Set, and the writer thread woken, when a flush wants the next commit now.
@@ -154,6 +158,7 @@ impl Store {
     pub async fn open(data_dir: &Path) -> Result<Opened, String> {
         std::fs::create_dir_all(data_dir)
             .map_err(|e| format!("cannot create data directory {}: {e}", data_dir.display()))?;
+        let lock = lock(data_dir)?;
         let path = data_dir.join(STATE_FILE);
         let pool = connect(&path, true).await?;
         sqlx::raw_sql(SCHEMA)
@@ -177,6 +182,7 @@ impl Store {
             })
             .map_err(|e| format!("cannot start the state writer: {e}"))?;
         let store = Store {
+            _lock: Arc::new(lock),
             pool,
             writer,
             flush_asked,
@@ -278,6 +284,42 @@ impl Store {
             .map(|r| r.get(0))
             .map_err(|e| e.to_string())
     }
+}
+
+/// Takes the data directory for this process: two runs on one directory would both
+/// append to its logs under the same runtime id. The lock is the operating system's
+/// (released when the process ends, however it ends); the file says who holds it.
+fn lock(data_dir: &Path) -> Result<std::fs::File, String> {
+    use std::io::{Read, Seek, Write};
+    let path = data_dir.join(LOCK_FILE);
+    let cannot = |e: std::io::Error| format!("cannot lock {}: {e}", path.display());
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(cannot)?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            let holder = match holder.trim() {
+                "" => "another process".to_owned(),
+                pid => format!("another onex process (pid {pid})"),
+            };
+            return Err(format!(
+                "the data directory {} is in use by {holder}; stop it first, or give this run a --data-dir of its own",
+                data_dir.display()
+            ));
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(cannot(e)),
+    }
+    file.set_len(0).map_err(cannot)?;
+    file.rewind().map_err(cannot)?;
+    writeln!(file, "{}", std::process::id()).map_err(cannot)?;
+    Ok(file)
 }
 
 /// Whether the state file has a table of this name (tables of earlier versions).

@@ -962,11 +962,19 @@ mod tests {
         };
         let forged = json!({"input": {"id": "x/../../v1/kv/pwned?dc=", "q": "a&b=c"}});
         assert_eq!(
-            url("http://consul:8500/v1/agent/service/deregister/{{ input.id }}", forged.clone()),
-            json!("http://consul:8500/v1/agent/service/deregister/x%2F..%2F..%2Fv1%2Fkv%2Fpwned%3Fdc%3D")
+            url(
+                "http://consul:8500/v1/agent/service/deregister/{{ input.id }}",
+                forged.clone()
+            ),
+            json!(
+                "http://consul:8500/v1/agent/service/deregister/x%2F..%2F..%2Fv1%2Fkv%2Fpwned%3Fdc%3D"
+            )
         );
         assert_eq!(
-            url("http://api/items?name=${input.q}&n={{ 1 + 1 }}", forged.clone()),
+            url(
+                "http://api/items?name=${input.q}&n={{ 1 + 1 }}",
+                forged.clone()
+            ),
             json!("http://api/items?name=a%26b%3Dc&n=2")
         );
         assert_eq!(
@@ -976,7 +984,10 @@ mod tests {
             ),
             json!("http://api:8080/v2/items/%2E%2E")
         );
-        assert_eq!(url("http://api/plain", json!({})), json!("http://api/plain"));
+        assert_eq!(
+            url("http://api/plain", json!({})),
+            json!("http://api/plain")
+        );
         for refused in [
             "{{ input.url }}",
             "http://{{ input.host }}/x",
@@ -986,7 +997,10 @@ mod tests {
             "{{ env.API_URL ~ input.path }}",
         ] {
             let e = Template::compile_url(refused).expect_err(refused);
-            assert!(e.message.contains("choose where the request goes"), "{refused}: {e}");
+            assert!(
+                e.message.contains("choose where the request goes"),
+                "{refused}: {e}"
+            );
         }
     }
 
