@@ -2,9 +2,10 @@
 //! - a Consul agent (`--consul URL` or `CONSUL_HTTP_ADDR`): `PUT /v1/agent/service/register`
 //!   with the rendered `service` definition, `PUT /v1/agent/service/deregister/<id>`, the
 //!   ACL token (`--consul-token` or `CONSUL_HTTP_TOKEN`) in `X-Consul-Token`;
-//! - without an address, the local catalog: a `service_catalog` table in the embedded
-//!   database, a stand-in that keeps the same service definitions so that the workflow
-//!   runs on a machine without Consul. It is named as such wherever it is reported.
+//! - without an address, the local catalog: a `service_catalog` table in a SQLite file
+//!   of its own (`catalog.db` in the data directory), a stand-in that keeps the same
+//!   service definitions so that the workflow runs on a machine without Consul. It is
+//!   named as such wherever it is reported.
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -15,6 +16,10 @@ use onex_runtime::json_text::SizeHint;
 use serde_json::{Value, json};
 
 use crate::db::Database;
+
+/// The local catalog's file in the data directory: apart from the `db` handler's, so
+/// that the two backends fail independently, as Consul and PostgreSQL do.
+pub const CATALOG_FILE: &str = "catalog.db";
 
 const CATALOG_TABLE: &str = "CREATE TABLE IF NOT EXISTS service_catalog (
     id            TEXT PRIMARY KEY,

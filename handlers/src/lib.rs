@@ -30,7 +30,11 @@ pub fn builtin(settings: &Settings, bus: Arc<dyn Bus>) -> Handlers {
     handlers.register(Arc::new(db::DbHandler::new(Arc::clone(&database))));
     handlers.register(Arc::new(match &settings.consul {
         Some(address) => consul::ConsulHandler::agent(address, settings.consul_token.clone()),
-        None => consul::ConsulHandler::local_catalog(database),
+        // A file of its own, as Consul is a service of its own: a locked or broken
+        // node registry must not take service discovery down with it.
+        None => consul::ConsulHandler::local_catalog(Arc::new(db::Database::new(
+            settings.data_dir.join(consul::CATALOG_FILE),
+        ))),
     }));
     handlers.register(Arc::new(kafka::KafkaHandler::new(bus)));
     handlers.register(Arc::new(http::HttpHandler::new()));

@@ -272,8 +272,9 @@ fn the_demo_registers_every_node_and_loses_none() {
             .starts_with("local catalog (stand-in for Consul")
     );
     let data = dir.path().join("data.db");
+    let catalog = dir.path().join("catalog.db");
     assert_eq!(count(&data, "SELECT count(*) FROM node_registrations"), 101);
-    assert_eq!(count(&data, "SELECT count(*) FROM service_catalog"), 101);
+    assert_eq!(count(&catalog, "SELECT count(*) FROM service_catalog"), 101);
     // Every node answered the registry's request-introspection too, and sent a heartbeat.
     assert_eq!(
         summary["event_log"],
@@ -705,7 +706,7 @@ fn a_killed_runtime_resumes_without_loss_or_duplicates() {
     );
     assert_eq!(
         count(
-            &data,
+            &dir.path().join("catalog.db"),
             "SELECT count(*) FROM service_catalog WHERE id LIKE 'onex-effect-00000000-%'"
         ),
         300
@@ -1186,7 +1187,7 @@ fn a_silent_node_expires_and_a_heartbeat_brings_it_back() {
         1,
     );
     let deregistered = wait_for(
-        &registry,
+        &data.join("catalog.db"),
         "SELECT count(*) FROM service_catalog WHERE id = 'onex-effect-00000000-0000-4000-8000-000000000005'",
         0,
     );
@@ -1336,7 +1337,13 @@ fn credentials_in_a_url_are_never_shown_or_stored() {
     let stderr: Vec<String> = logs.try_iter().collect();
     let stderr = stderr.join("\n");
     let mut stored = String::new();
-    for file in ["instances.jsonl", "event-log.jsonl", "state.db", "data.db"] {
+    for file in [
+        "instances.jsonl",
+        "event-log.jsonl",
+        "state.db",
+        "data.db",
+        "catalog.db",
+    ] {
         let bytes = std::fs::read(dir.path().join(file)).unwrap_or_default();
         stored.push_str(&String::from_utf8_lossy(&bytes));
     }
@@ -1403,4 +1410,82 @@ fn a_second_run_on_the_same_data_directory_is_refused() {
     first.0.wait().expect("reaped");
     let third = run_human(dir.path(), &["--demo", "1"]);
     assert_eq!(third.code, 0, "{}\n{}", third.stdout, third.stderr);
+}
+
+/// On embedded defaults the local catalog (standing in for Consul) and the node
+/// registry live in separate files, so one locked database fails one backend: the
+/// registration is partial, not failed, as it would be with Consul and PostgreSQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_locked_node_registry_fails_one_backend_not_both() {
+    use sqlx::Connection;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Calls that give up quickly, so that a registration ends within seconds.
+    let contracts = edited_contracts(dir.path(), "effects/node_registry_effect.yaml", |text| {
+        text.replace("operation_timeout_ms: 5000", "operation_timeout_ms: 300")
+            .replace("    max_retries: 3\n", "    max_retries: 0\n")
+    });
+    let data = dir.path().join("data");
+    let mut child = spawn_onex(&[
+        "run",
+        "--contract",
+        path_str(&contracts),
+        "--listen",
+        "off",
+        "--events",
+        "-",
+        "--data-dir",
+        path_str(&data),
+    ]);
+    // The registry's own registration is in: the tables exist, nothing is writing.
+    let registry = data.join("data.db");
+    let ready = tokio::task::spawn_blocking({
+        let registry = registry.clone();
+        move || wait_for(&registry, "SELECT count(*) FROM node_registrations", 1)
+    });
+    assert!(
+        ready.await.expect("wait"),
+        "the registry did not register itself"
+    );
+    let url = format!("sqlite://{}", registry.display());
+    let mut holder = sqlx::SqliteConnection::connect(&url)
+        .await
+        .expect("connect");
+    sqlx::query("BEGIN EXCLUSIVE")
+        .execute(&mut holder)
+        .await
+        .expect("lock the node registry");
+
+    let mut stdin = child.0.stdin.take().expect("stdin");
+    writeln!(stdin, "{}", node(1)).expect("write");
+    stdin.flush().expect("flush");
+    let done = tokio::task::spawn_blocking({
+        let data = data.clone();
+        move || {
+            let mut last = Value::Null;
+            let finished = eventually(|| {
+                last = stored_registrations(&data)
+                    .into_iter()
+                    .find(|i| i["key"] == node_id(1))
+                    .unwrap_or(Value::Null);
+                last["state"] == "idle" && last["outcome"].is_string()
+            });
+            (finished, last)
+        }
+    });
+    let (finished, instance) = done.await.expect("wait");
+    sqlx::query("ROLLBACK")
+        .execute(&mut holder)
+        .await
+        .expect("unlock");
+    drop(stdin);
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status();
+    child.0.wait().expect("exit");
+    assert!(finished, "the registration did not end: {instance}");
+    assert_eq!(instance["outcome"], "partial", "{instance}");
+    let context = &instance["snapshot"]["context"];
+    assert_eq!(context["consul_registered"], true, "{context}");
+    assert_eq!(context["postgres_registered"], false, "{context}");
 }
