@@ -45,7 +45,8 @@ pub enum Command {
 const RUN_EXIT_CODES: &str = "\
 Exit codes:
   0  the run ended cleanly (with --until-idle: all work done, no dead letters in this run)
-  1  the run ended, but events became dead letters or work is unfinished (see the summary)
+  1  the run ended, but events became dead letters or work is unfinished (see the
+     summary; also when a signal's drain deadline passed with work in flight)
   2  contracts with errors, a handler that cannot start, an I/O error, or --events
      naming the run's own event log
 

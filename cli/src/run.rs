@@ -99,7 +99,9 @@ pub fn run(args: &RunArgs) -> anyhow::Result<u8> {
         OutputFormat::Json => println!("{}", serde_json::to_string(&summary)?),
         OutputFormat::Human => print!("{}", human(&summary)),
     }
-    let unfinished = summary.reducers.iter().any(|r| r.busy > 0) && summary.stopped_by == "idle";
+    // However the run stopped: work a signal cut short resumes on the next start,
+    // but this run did not finish it.
+    let unfinished = summary.reducers.iter().any(|r| r.busy > 0);
     let lost = summary.demo.as_ref().is_some_and(|d| d.lost > 0);
     Ok(if summary.events.dead_letters > 0 || unfinished || lost {
         EXIT_FINDINGS
@@ -232,7 +234,11 @@ fn human(summary: &Summary) -> String {
             );
         }
         if reducer.busy > 0 {
-            let _ = write!(line, " ({} still busy)", reducer.busy);
+            let _ = write!(
+                line,
+                " ({} still busy; they resume on the next start)",
+                reducer.busy
+            );
         }
         let _ = writeln!(out, "{line}");
     }

@@ -1489,3 +1489,73 @@ async fn a_locked_node_registry_fails_one_backend_not_both() {
     assert_eq!(context["consul_registered"], true, "{context}");
     assert_eq!(context["postgres_registered"], false, "{context}");
 }
+
+/// SIGTERM while a backend hangs past the drain deadline: the run stops within the
+/// deadline, keeps the unfinished registration for the next start, and says so with
+/// exit code 1 (the documented code for unfinished work), not 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signal_that_leaves_work_unfinished_exits_1() {
+    use wiremock::ResponseTemplate;
+
+    let consul = consul_stand_in(None).await;
+    node_registration()
+        .respond_with(ResponseTemplate::new(200).set_delay(Duration::from_secs(30)))
+        .with_priority(1)
+        .mount(&consul)
+        .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let events = write_events(dir.path(), &[node(3)]);
+    let address = consul.uri();
+    let mut child = spawn_onex(&[
+        "run",
+        "--contract",
+        "contracts/",
+        "--listen",
+        "off",
+        "--format",
+        "json",
+        "--drain-timeout",
+        "1",
+        "--events",
+        &events,
+        "--consul",
+        &address,
+        "--data-dir",
+        path_str(dir.path()),
+    ]);
+    let mut hanging = false;
+    for _ in 0..200 {
+        hanging = service_registrations(&consul)
+            .await
+            .iter()
+            .any(|r| String::from_utf8_lossy(&r.body).contains("onex-effect"));
+        if hanging {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(hanging, "the node's registration never reached the agent");
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status();
+    let status = tokio::task::spawn_blocking(move || {
+        let status = child.0.wait().expect("exit");
+        let mut stdout = String::new();
+        child
+            .0
+            .stdout
+            .take()
+            .expect("stdout")
+            .read_to_string(&mut stdout)
+            .expect("summary");
+        (status, stdout)
+    });
+    let (status, stdout) = status.await.expect("wait");
+    let summary: Value = serde_json::from_str(stdout.trim()).expect("summary JSON");
+    assert_eq!(summary["stopped_by"], "signal");
+    assert!(
+        reducer(&summary, REGISTRATION)["busy"].as_u64() >= Some(1),
+        "{summary}"
+    );
+    assert_eq!(status.code(), Some(1), "{summary}");
+}

@@ -389,6 +389,18 @@ pub async fn run(
         }
     }
     router.abort();
+    // Every instance to the store, busy ones as they are: what a signal cut short
+    // resumes from there, and the summary counts it as unfinished.
+    let mut handed_over = Vec::with_capacity(shard_senders.len());
+    for sender in &shard_senders {
+        let (done, wait) = tokio::sync::oneshot::channel();
+        if sender.send(Message::HandOver(done)).is_ok() {
+            handed_over.push(wait);
+        }
+    }
+    for wait in handed_over {
+        let _ = wait.await;
+    }
     for task in &shard_tasks {
         task.abort();
     }

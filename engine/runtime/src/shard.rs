@@ -66,6 +66,9 @@ pub enum Message {
         outcome: Outcome,
         work: WorkGuard,
     },
+    /// Hand every instance to the store now, busy ones as they are (shutdown), and
+    /// say when that is done.
+    HandOver(tokio::sync::oneshot::Sender<()>),
     /// A stored instance to take over at start, with the message ids a state file
     /// of an earlier version kept beside it.
     Restore {
@@ -125,6 +128,12 @@ impl Shard {
                         self.hand_over(true);
                         return;
                     };
+                    if let Message::HandOver(done) = message {
+                        self.hand_over(true);
+                        held.clear();
+                        let _ = done.send(());
+                        continue;
+                    }
                     held.extend(self.handle(message));
                     self.take_settled();
                     // Take what else is queued before looking at the clock again.
@@ -193,6 +202,11 @@ impl Shard {
                 legacy_processed,
             } => {
                 self.restore(reducer, &key, *snapshot, legacy_processed);
+                None
+            }
+            Message::HandOver(done) => {
+                self.hand_over(true);
+                let _ = done.send(());
                 None
             }
         }
