@@ -1559,3 +1559,102 @@ async fn a_signal_that_leaves_work_unfinished_exits_1() {
     );
     assert_eq!(status.code(), Some(1), "{summary}");
 }
+
+/// The saga's events: order o-1 is placed and never paid, o-2 is placed and paid.
+fn saga_events(dir: &Path) -> String {
+    let event = |id: &str, event_type: &str, order: &str| {
+        json!({"message_id": id, "event_type": event_type, "payload": {"order_id": order}})
+            .to_string()
+    };
+    write_events(
+        dir,
+        &[
+            event("e-1", "OrderPlaced", "o-1"),
+            event("e-2", "OrderPlaced", "o-2"),
+            event("e-3", "PaymentConfirmed", "o-2"),
+        ],
+    )
+}
+
+/// The state of each stored order, by key.
+fn order_states(data: &Path) -> BTreeMap<String, String> {
+    stored(data)
+        .into_iter()
+        .map(|i| {
+            (
+                i["key"].as_str().expect("key").to_owned(),
+                i["state"].as_str().expect("state").to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// A deadline is part of the work: `--until-idle` waits until it fires, so an order
+/// that is never paid ends cancelled in every run, however quickly the rest is done.
+#[test]
+fn until_idle_waits_for_a_deadline_and_the_outcome_is_the_same_every_run() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let events = saga_events(dir.path());
+    for attempt in 0..3 {
+        let data = dir.path().join(format!("data-{attempt}"));
+        let run = onex(&[
+            "run",
+            "--contract",
+            "tests/fixtures/saga/orchestrator.yaml",
+            "--events",
+            &events,
+            "--until-idle",
+            "--listen",
+            "off",
+            "--format",
+            "json",
+            "--data-dir",
+            path_str(&data),
+        ]);
+        assert_eq!(run.code, 0, "{}\n{}", run.stdout, run.stderr);
+        let expected = BTreeMap::from([
+            ("o-1".to_owned(), "cancelled".to_owned()),
+            ("o-2".to_owned(), "paid".to_owned()),
+        ]);
+        assert_eq!(order_states(&data), expected, "run {attempt}");
+        let summary: Value = serde_json::from_str(run.stdout.trim()).expect("summary");
+        assert!(summary["elapsed_ms"].as_u64() >= Some(400), "{summary}");
+    }
+}
+
+/// A watchdog is not: the run is done once the events are, with the order still
+/// waiting (and not counted as unfinished work).
+#[test]
+fn until_idle_does_not_wait_for_a_watchdog() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let events = saga_events(dir.path());
+    let saga = dir.path().join("saga");
+    copy_dir(&repo_root().join("tests/fixtures/saga"), &saga);
+    let orchestrator = saga.join("orchestrator.yaml");
+    let text = std::fs::read_to_string(&orchestrator).expect("orchestrator");
+    let watched = text.replace(
+        "then: {after_ms: 400, try: [payment_deadline_passed]}",
+        "then: {after_ms: 60000, try: [payment_deadline_passed], timer: watchdog}",
+    );
+    assert_ne!(watched, text);
+    std::fs::write(&orchestrator, watched).expect("write");
+    let data = dir.path().join("data");
+    let run = onex(&[
+        "run",
+        "--contract",
+        path_str(&orchestrator),
+        "--events",
+        &events,
+        "--until-idle",
+        "--listen",
+        "off",
+        "--format",
+        "json",
+        "--data-dir",
+        path_str(&data),
+    ]);
+    assert_eq!(run.code, 0, "{}\n{}", run.stdout, run.stderr);
+    assert_eq!(order_states(&data)["o-1"], "awaiting_payment");
+    let summary: Value = serde_json::from_str(run.stdout.trim()).expect("summary");
+    assert_eq!(reducer(&summary, "order")["busy"], 0, "{summary}");
+}

@@ -15,7 +15,7 @@ use onex_contract::lints::{
 };
 use onex_contract::model::execution::{
     After, CircuitBreakerSpec, EffectOperationsSpec, EventTemplate, Execution, RetryPolicy,
-    RuntimeAction,
+    RuntimeAction, TimerRole,
 };
 use onex_contract::model::{EffectContract, OrchestratorContract};
 use onex_contract::yaml::Node;
@@ -81,6 +81,22 @@ pub enum Binding {
     Runtime(RuntimeAction),
 }
 
+impl Reducer {
+    /// Whether a timer armed on entering `state` is part of the work: an `after:
+    /// settled` timeout always is (effects are out), an `after_ms` timer unless the
+    /// contract calls it a watchdog.
+    pub fn timer_is_work(&self, state: usize) -> bool {
+        self.on_enter
+            .get(state)
+            .and_then(|rule| rule.as_ref()?.then.as_ref())
+            .is_some_and(|then| match then.when {
+                When::Settled { .. } => true,
+                When::Delay(_) => !then.watchdog,
+                When::Entry => false,
+            })
+    }
+}
+
 #[derive(Debug)]
 pub struct EnterRule {
     pub set: Vec<(String, Template)>,
@@ -91,6 +107,8 @@ pub struct EnterRule {
 pub struct ThenRule {
     pub when: When,
     pub triggers: Vec<Arc<str>>,
+    /// An `after_ms` timer that guards against silence and is not part of the work.
+    pub watchdog: bool,
 }
 
 #[derive(Debug)]
@@ -764,7 +782,11 @@ impl Builder<'_> {
                         },
                         (None, After::Entry) => When::Entry,
                     };
-                    ThenRule { when, triggers }
+                    ThenRule {
+                        when,
+                        triggers,
+                        watchdog: then.timer == TimerRole::Watchdog,
+                    }
                 });
                 on_enter[id as usize] = Some(EnterRule { set, then });
             }

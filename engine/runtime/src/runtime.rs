@@ -785,14 +785,16 @@ async fn summarise(
             if let Some(outcome) = &s.outcome {
                 *outcomes.entry(outcome.clone()).or_insert(0) += 1;
             }
-            // Busy: waiting for effects, holding queued events, or not at rest (a timer
-            // on a rest state, such as an expiry window, is not outstanding work).
+            // Busy: waiting for effects, holding queued events, not at rest, or
+            // waiting for a deadline (a watchdog, such as an expiry window, is not
+            // outstanding work).
             let in_flight: Option<InFlight> = serde_json::from_str(&s.snapshot).ok();
-            if in_flight.is_some_and(|f| f.any())
-                || reducer
-                    .machine
-                    .state_id(&s.state)
-                    .is_some_and(|id| !reducer.rest[id])
+            let state = reducer.machine.state_id(&s.state);
+            let waits_for_deadline = in_flight.as_ref().is_some_and(InFlight::timer)
+                && state.is_some_and(|id| reducer.timer_is_work(id));
+            if in_flight.as_ref().is_some_and(InFlight::any)
+                || state.is_some_and(|id| !reducer.rest[id])
+                || waits_for_deadline
             {
                 busy += 1;
             }

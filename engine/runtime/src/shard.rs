@@ -305,7 +305,7 @@ impl Shard {
                 })
                 .collect();
         if let Some(timer) = slot.timer {
-            if !project.reducers[reducer].rest[slot.instance.state] {
+            if project.reducers[reducer].timer_is_work(slot.instance.state) {
                 slot.timer_work = Some(self.shared.work.guard());
             }
             self.timers.push(Reverse((
@@ -634,15 +634,15 @@ impl Shard {
         after: Duration,
         generation: u64,
     ) {
-        let rest = {
+        let is_work = {
             let project = &self.shared.project;
             let Some(slot) = self.slots.get(reducer, key) else {
                 return;
             };
-            project.reducers[reducer].rest[slot.instance.state]
+            project.reducers[reducer].timer_is_work(slot.instance.state)
         };
         let deadline_ms = now_ms() + after.as_millis() as u64;
-        let work = (!rest).then(|| self.shared.work.guard());
+        let work = is_work.then(|| self.shared.work.guard());
         if let Some(slot) = self.slots.get_mut(reducer, key) {
             slot.timer = Some(Timer {
                 deadline_ms,

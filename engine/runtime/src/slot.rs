@@ -151,19 +151,25 @@ pub struct Snapshot<'a> {
 }
 
 /// What the run summary needs of a stored snapshot: whether it holds work in flight
-/// (effects or queued events). Read without building the context or the calls: the
-/// summary reads every stored instance.
+/// (effects or queued events) and whether a timer is armed. Read without building the
+/// context or the calls: the summary reads every stored instance.
 #[derive(Debug, Deserialize)]
 pub struct InFlight {
     #[serde(default)]
     pending: Vec<serde::de::IgnoredAny>,
     #[serde(default)]
     inbox: Vec<serde::de::IgnoredAny>,
+    #[serde(default)]
+    timer: Option<serde::de::IgnoredAny>,
 }
 
 impl InFlight {
     pub fn any(&self) -> bool {
         !self.pending.is_empty() || !self.inbox.is_empty()
+    }
+
+    pub fn timer(&self) -> bool {
+        self.timer.is_some()
     }
 }
 

@@ -69,6 +69,22 @@ pub struct Then {
     pub timeout_seconds: Option<u64>,
     #[serde(rename = "try")]
     pub try_triggers: Vec<String>,
+    /// What an `after_ms` timer is to the run: part of its work, or a watchdog.
+    #[serde(default)]
+    pub timer: TimerRole,
+}
+
+/// Whether a timer is part of the work (docs/orchestration.md#timers).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TimerRole {
+    /// Something the workflow waits for (a payment deadline, a retry's back-off): the
+    /// run is not done, and `--until-idle` waits, until it fires or is cancelled.
+    #[default]
+    Deadline,
+    /// A guard against silence (an expiry window): it fires if nothing else happens
+    /// first, and does not keep a run from being done.
+    Watchdog,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
