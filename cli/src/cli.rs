@@ -102,6 +102,17 @@ pub struct RunArgs {
         hide_env_values = true
     )]
     pub consul_token: Option<String>,
+    /// Set a parameter the contracts declare (`execution.parameters`), NAME=VALUE;
+    /// repeatable. The value is read as JSON (600, true, "text") or else as text, and
+    /// must be of the same type as the parameter's default.
+    #[arg(
+        long = "param",
+        value_name = "NAME=VALUE",
+        env = "ONEX_PARAMS",
+        value_delimiter = ',',
+        value_parser = parse_param
+    )]
+    pub params: Vec<(String, String)>,
     /// Seconds to let work in flight finish on SIGINT/SIGTERM.
     #[arg(
         long,
@@ -132,6 +143,16 @@ pub struct RunArgs {
     /// Log lines as text or as JSON objects (on stderr).
     #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "ONEX_LOG_FORMAT")]
     pub log_format: LogFormat,
+}
+
+/// `NAME=VALUE`.
+fn parse_param(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((name, value)) if !name.trim().is_empty() => {
+            Ok((name.trim().to_owned(), value.to_owned()))
+        }
+        _ => Err(format!("`{text}`: expected NAME=VALUE")),
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -65,6 +65,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<u8> {
         until_idle: args.until_idle,
         listen,
         drain: Duration::from_secs(args.drain_timeout),
+        params: args.params.clone(),
         shards: args.shards.unwrap_or(cores * 4),
     };
     let settings = onex_handlers::Settings {

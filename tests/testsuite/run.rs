@@ -1150,19 +1150,11 @@ fn eventually(mut condition: impl FnMut() -> bool) -> bool {
 }
 
 /// A node that stops sending heartbeats expires when its liveness window passes (here
-/// shortened from 90 s to 300 ms in a copy of the contracts), leaves service discovery,
-/// and comes back with its next heartbeat.
+/// shortened from 90 s to 300 ms by the contracts' parameter), leaves service
+/// discovery, and comes back with its next heartbeat.
 #[test]
 fn a_silent_node_expires_and_a_heartbeat_brings_it_back() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let contracts = edited_contracts(
-        dir.path(),
-        "orchestrators/node_registration_orchestrator.yaml",
-        |text| {
-            assert!(text.contains("after_ms: 90000"));
-            text.replace("after_ms: 90000", "after_ms: 300")
-        },
-    );
     let data = dir.path().join("data");
     let mut child = spawn_onex(&[
         "run",
@@ -1173,7 +1165,9 @@ fn a_silent_node_expires_and_a_heartbeat_brings_it_back() {
         "--format",
         "json",
         "--contract",
-        path_str(&contracts),
+        "contracts/",
+        "--param",
+        "liveness_window_ms=300",
         "--data-dir",
         path_str(&data),
     ]);
@@ -1308,7 +1302,14 @@ fn credentials_in_a_url_are_never_shown_or_stored() {
     let consul = format!("http://onex:url-s3cret@{closed}/?token=query-s3cret");
     let (mut child, addr, logs) = spawn_service(
         dir.path(),
-        &["--consul", &consul, "--consul-token", "header-s3cret"],
+        &[
+            "--consul",
+            &consul,
+            "--consul-token",
+            "header-s3cret",
+            "--drain-timeout",
+            "1",
+        ],
     );
     // The first registrations end partial: the agent is unreachable.
     let partial = "onex_outcomes_total{reducer=\"registration\",outcome=\"partial\"}";
@@ -1365,10 +1366,9 @@ fn credentials_in_a_url_are_never_shown_or_stored() {
         stdout.contains(&format!("Consul agent at http://***@{closed}/?token=***")),
         "{stdout}"
     );
+    // The failures kept (unreachable, or the breaker open) name the agent the same way.
     assert!(
-        stored.contains(&format!(
-            "consul at http://***@{closed}/?token=*** unreachable"
-        )),
+        stored.contains(&format!("http://***@{closed}/?token=***")),
         "the failure is kept with the agent named"
     );
 }
@@ -1657,4 +1657,176 @@ fn until_idle_does_not_wait_for_a_watchdog() {
     assert_eq!(order_states(&data)["o-1"], "awaiting_payment");
     let summary: Value = serde_json::from_str(run.stdout.trim()).expect("summary");
     assert_eq!(reducer(&summary, "order")["busy"], 0, "{summary}");
+}
+
+/// The registry is a node too: it heartbeats, so it stays alive and registered past
+/// its liveness window (shortened to 800 ms by the contracts' parameters, as a silent
+/// node's expiry in the same run shows).
+#[test]
+fn the_registry_heartbeats_and_stays_alive_past_the_liveness_window() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let started = Instant::now();
+    let mut child = spawn_onex(&[
+        "run",
+        "--listen",
+        "off",
+        "--events",
+        "-",
+        "--format",
+        "json",
+        "--contract",
+        "contracts/",
+        "--param",
+        "liveness_window_ms=800",
+        "--param",
+        "heartbeat_interval_ms=100",
+        "--data-dir",
+        path_str(&data),
+    ]);
+    let mut stdin = child.0.stdin.take().expect("stdin");
+    writeln!(stdin, "{}", node(5)).expect("write");
+    stdin.flush().expect("flush");
+    let silent_expired =
+        eventually(|| !published(&data, "NodeLivenessExpired", Some(&node_id(5))).is_empty());
+    // Three windows after the start: the registry's own window would have passed twice.
+    std::thread::sleep(Duration::from_millis(2400).saturating_sub(started.elapsed()));
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status();
+    let status = child.0.wait().expect("exit");
+    assert!(
+        silent_expired,
+        "the window was not shortened: node 5 never expired"
+    );
+    let heartbeats = published(&data, "NodeHeartbeatEvent", None);
+    assert!(heartbeats.len() >= 10, "{} heartbeats", heartbeats.len());
+    let registry = heartbeats[0]["entity_id"]
+        .as_str()
+        .expect("registry id")
+        .to_owned();
+    assert!(
+        heartbeats
+            .iter()
+            .all(|h| h["entity_id"] == registry.as_str()
+                && h["payload"]["node_type"] == "orchestrator"
+                && h["payload"]["uptime_seconds"].is_u64()
+                && h["payload"]["active_operations_count"].is_u64()),
+        "{heartbeats:?}"
+    );
+    assert!(
+        published(&data, "NodeLivenessExpired", Some(&registry)).is_empty(),
+        "the registry expired itself"
+    );
+    let liveness = stored(&data)
+        .into_iter()
+        .find(|i| i["reducer"] == "liveness" && i["key"] == registry.as_str())
+        .expect("the registry's liveness");
+    assert_eq!(liveness["state"], "alive", "{liveness}");
+    let rows = query(
+        &data.join("data.db"),
+        "SELECT node_id, liveness FROM node_registrations WHERE node_type = 'orchestrator'",
+    );
+    assert_eq!(rows, vec![vec![json!(registry), json!("alive")]]);
+    assert_eq!(
+        count(
+            &data.join("catalog.db"),
+            "SELECT count(*) FROM service_catalog WHERE name = 'onex-orchestrator'"
+        ),
+        1,
+        "the registry left service discovery"
+    );
+    assert_eq!(status.code(), Some(0));
+}
+
+/// The registration contracts on hostile payloads: a heartbeat and an introspection
+/// whose node id is a path are dead letters (`validate`), never instances, so no
+/// liveness window (shortened here to 300 ms) ever deregisters them: the agent only
+/// sees the registrations of valid nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_node_ids_never_reach_the_agent() {
+    let consul = consul_stand_in(Some("s3cret")).await;
+    let forged = "x/../../../../../v1/kv/pwned?dc=";
+    let heartbeat = json!({
+        "message_id": "hb-forged", "event_type": "NodeHeartbeatEvent",
+        "payload": {"node_id": forged, "node_type": "effect", "uptime_seconds": 1, "active_operations_count": 0}
+    });
+    let dir = tempfile::tempdir().expect("tempdir");
+    let events = write_events(
+        dir.path(),
+        &[
+            heartbeat.to_string(),
+            introspection(
+                "in-forged",
+                json!({"node_id": forged, "node_type": "effect"}),
+            ),
+            node(1),
+        ],
+    );
+    let address = consul.uri();
+    let data = dir.path().to_owned();
+    let mut child = spawn_onex(&[
+        "run",
+        "--contract",
+        "contracts/",
+        "--listen",
+        "off",
+        "--events",
+        &events,
+        "--consul",
+        &address,
+        "--consul-token",
+        "s3cret",
+        "--param",
+        "liveness_window_ms=300",
+        "--data-dir",
+        path_str(&data),
+    ]);
+    // Past the window: node 1 and the registry expire and are deregistered.
+    let mut deregistrations = 0;
+    for _ in 0..200 {
+        deregistrations = consul
+            .received_requests()
+            .await
+            .expect("recorded")
+            .iter()
+            .filter(|r| r.url.path().contains("/deregister/"))
+            .count();
+        if deregistrations >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status();
+    tokio::task::spawn_blocking(move || child.0.wait().expect("exit"))
+        .await
+        .expect("wait");
+    assert_eq!(deregistrations, 2, "node 1 and the registry expire");
+    let paths: Vec<String> = consul
+        .received_requests()
+        .await
+        .expect("recorded")
+        .iter()
+        .map(|r| r.url.path().to_owned())
+        .collect();
+    assert!(
+        paths.iter().all(|p| p == "/v1/agent/service/register"
+            || p.starts_with("/v1/agent/service/deregister/onex-")
+                && !p["/v1/agent/service/deregister/".len()..].contains(['/', '%'])),
+        "{paths:?}"
+    );
+    let letters = list_json("dlq", &data, &[]).json_lines();
+    let stages: Vec<(&str, &str)> = letters
+        .iter()
+        .map(|l| {
+            (
+                l["stage"].as_str().expect("stage"),
+                l["message_id"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert!(stages.contains(&("validate", "hb-forged")), "{stages:?}");
+    assert!(stages.contains(&("validate", "in-forged")), "{stages:?}");
 }

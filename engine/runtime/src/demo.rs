@@ -23,7 +23,8 @@ use crate::project::{Demo, EventSpec};
 use crate::runtime::{Shared, render_event};
 use crate::template::Var;
 
-/// Starts the simulation; returns the entities' ids.
+/// Starts the simulation; returns the entities' ids, or why the `demo` block cannot
+/// run (an interval that is not a number).
 pub fn start(
     shared: Arc<Shared>,
     count: usize,
@@ -32,7 +33,11 @@ pub fn start(
     tasks: &mut Vec<JoinHandle<()>>,
     spec: &Demo,
     rate: Option<f64>,
-) -> Vec<String> {
+) -> Result<Vec<String>, String> {
+    let periodic = match &spec.periodic {
+        Some(periodic) => Some(shared.interval(periodic)?),
+        None => None,
+    };
     let ids: Arc<[String]> = (0..count).map(entity_uuid).collect();
     let pacer = Arc::new(Pacer::new(rate));
     let answered: HashSet<String> = spec.answers.keys().cloned().collect();
@@ -85,7 +90,6 @@ pub fn start(
         }));
     }
     let guard = shared.work.guard();
-    let periodic = spec.periodic.as_ref().map(|(interval, _)| *interval);
     let entities = Arc::clone(&ids);
     tasks.push(tokio::spawn(async move {
         let Some(demo) = &shared.project.demo else {
@@ -109,10 +113,10 @@ pub fn start(
             );
         }
         let Some(interval) = periodic else { return };
-        let Some((_, event)) = &demo.periodic else {
+        let Some(periodic) = &demo.periodic else {
             return;
         };
-        let events = std::slice::from_ref(event);
+        let events = std::slice::from_ref(&periodic.event);
         let mut sequence = 1;
         loop {
             for index in 0..count {
@@ -128,7 +132,7 @@ pub fn start(
         }
         drop(guard);
     }));
-    ids.to_vec()
+    Ok(ids.to_vec())
 }
 
 /// When the next events may go: at once when the runtime has room, or on an even

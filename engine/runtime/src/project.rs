@@ -14,8 +14,8 @@ use onex_contract::lints::{
     UNKNOWN_STATE, UNKNOWN_TRIGGER, UNRESOLVED_REFERENCE,
 };
 use onex_contract::model::execution::{
-    After, CircuitBreakerSpec, EffectOperationsSpec, EventTemplate, Execution, RetryPolicy,
-    RuntimeAction, TimerRole,
+    After, CircuitBreakerSpec, EffectOperationsSpec, EventTemplate, Execution, PeriodicSpec,
+    RetryPolicy, RuntimeAction, TimerRole,
 };
 use onex_contract::model::{EffectContract, OrchestratorContract};
 use onex_contract::yaml::Node;
@@ -41,6 +41,10 @@ pub struct Project {
     /// Event type -> topic, from the orchestrator's consumed and published events.
     pub topics: HashMap<String, String>,
     pub on_start: Vec<EventSpec>,
+    /// Events the runtime publishes at an interval.
+    pub periodic: Vec<Periodic>,
+    /// Parameter name -> its default (`params.NAME` in templates).
+    pub parameters: BTreeMap<String, Value>,
     pub demo: Option<Demo>,
     /// SQL set-up files for the `db` handler, in order.
     pub setup_sql: Vec<(PathBuf, String)>,
@@ -192,11 +196,19 @@ pub struct EventSpec {
     pub payload: Template,
 }
 
+/// An event published at an interval.
+#[derive(Debug)]
+pub struct Periodic {
+    /// Milliseconds: a number, or a template over `params`.
+    pub interval_ms: Template,
+    pub event: EventSpec,
+}
+
 #[derive(Debug)]
 pub struct Demo {
     pub entity_id: Option<Template>,
     pub on_start: Vec<EventSpec>,
-    pub periodic: Option<(Duration, EventSpec)>,
+    pub periodic: Option<Periodic>,
     pub answers: BTreeMap<String, Vec<EventSpec>>,
     pub answer_target: Option<Template>,
 }
@@ -498,18 +510,22 @@ impl Builder<'_> {
         let routes = self.compile_routes(&execution, &reducers);
         self.check_results_and_runtime_actions(&execution, &reducers, &intent_owner);
         let on_start = self.events(&execution.on_start, "/execution/on_start");
+        let periodic = execution
+            .periodic
+            .iter()
+            .enumerate()
+            .map(|(i, spec)| self.periodic(spec, &format!("/execution/periodic/{i}")))
+            .collect();
         let demo = execution.demo.as_ref().map(|demo| Demo {
             entity_id: demo
                 .entity_id
                 .as_ref()
                 .map(|t| self.template(&Value::String(t.clone()), "/execution/demo/entity_id")),
             on_start: self.events(&demo.on_start, "/execution/demo/on_start"),
-            periodic: demo.periodic.as_ref().map(|h| {
-                (
-                    Duration::from_millis(h.interval_ms),
-                    self.event(&h.event, "/execution/demo/periodic/event"),
-                )
-            }),
+            periodic: demo
+                .periodic
+                .as_ref()
+                .map(|spec| self.periodic(spec, "/execution/demo/periodic")),
             answer_target: demo
                 .answer_target
                 .as_ref()
@@ -537,9 +553,22 @@ impl Builder<'_> {
             operations,
             topics,
             on_start,
+            periodic,
+            parameters: execution
+                .parameters
+                .iter()
+                .map(|(name, spec)| (name.clone(), spec.default.clone()))
+                .collect(),
             demo,
             setup_sql,
         })
+    }
+
+    fn periodic(&mut self, spec: &PeriodicSpec, pointer: &str) -> Periodic {
+        Periodic {
+            interval_ms: self.template(&spec.interval_ms, &format!("{pointer}/interval_ms")),
+            event: self.event(&spec.event, &format!("{pointer}/event")),
+        }
     }
 
     fn load_effects(&mut self, execution: &Execution) -> Vec<(usize, EffectContract)> {

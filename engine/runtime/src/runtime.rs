@@ -41,6 +41,8 @@ pub struct Shared {
     pub work: Arc<Work>,
     /// `env` in operation templates: the process environment.
     pub env: Var,
+    /// `params` in templates: the contracts' parameters, as this run sets them.
+    pub params: Var,
     dead_letters: AtomicU64,
     /// Per reducer: the outcomes of this run.
     run_times: std::sync::Mutex<Vec<RunTimes>>,
@@ -64,6 +66,25 @@ impl Shared {
     pub fn dead_letter(&self, letter: DeadLetter) {
         self.count_dead_letter(&letter.stage);
         self.store.write(Write::DeadLetter(letter));
+    }
+
+    /// The interval of a periodic event, in milliseconds: a number, or a template
+    /// over `params`.
+    pub fn interval(&self, periodic: &crate::project::Periodic) -> Result<Duration, String> {
+        let scope = template::scope(&[("params", self.params.clone())]);
+        match periodic.interval_ms.render(&scope) {
+            Ok(value) => match value.as_f64() {
+                Some(ms) if ms >= 1.0 => Ok(Duration::from_millis(ms as u64)),
+                _ => Err(format!(
+                    "the interval of the periodic `{}` event is {value}, not a number of milliseconds of at least 1",
+                    periodic.event.event_type
+                )),
+            },
+            Err(e) => Err(format!(
+                "the interval of the periodic `{}` event: {e}",
+                periodic.event.event_type
+            )),
+        }
     }
 
     pub fn count_dead_letter(&self, stage: &str) {
@@ -94,6 +115,8 @@ pub struct Options {
     pub listen: Option<SocketAddr>,
     /// How long shutdown waits for work in flight.
     pub drain: Duration,
+    /// `--param NAME=VALUE`: parameters set for this run, as written.
+    pub params: Vec<(String, String)>,
     pub shards: usize,
 }
 
@@ -247,6 +270,7 @@ pub async fn run(
             )
         })?;
     }
+    let params = parameters(&project.parameters, &options.params)?;
     let metrics = Arc::new(Metrics::default());
     let env: serde_json::Map<String, Value> = std::env::vars()
         .map(|(k, v)| (k, Value::String(v)))
@@ -271,6 +295,7 @@ pub async fn run(
         metrics: Arc::clone(&metrics),
         work: Arc::clone(&work),
         env: Var::Json(Arc::new(Value::Object(env))),
+        params: Var::Json(Arc::new(Value::Object(params))),
         dead_letters: AtomicU64::new(0),
         run_times: std::sync::Mutex::new(vec![RunTimes::default(); project.reducers.len()]),
         outcome_seconds: project
@@ -323,11 +348,13 @@ pub async fn run(
         Some(addr) => Some(crate::ops::serve(addr, Arc::clone(&shared)).await?),
         None => None,
     };
-    let runtime_vars = Arc::new(json!({
+    let runtime_vars = json!({
         "id": runtime_id,
         "version": env!("CARGO_PKG_VERSION"),
         "health_url": listen.map(|a| format!("http://{a}/health")),
-    }));
+    });
+    let periodic = start_periodic(&shared, &runtime_vars, started)?;
+    let runtime_vars = Arc::new(runtime_vars);
 
     let received = Arc::new(AtomicU64::new(0));
     let mut sources = Vec::new();
@@ -340,7 +367,7 @@ pub async fn run(
             &mut sources,
             spec,
             options.demo_rate,
-        )),
+        )?),
         (Some(_), None) => {
             return Err(format!(
                 "--demo needs a `demo` block in the orchestrator ({})",
@@ -369,8 +396,8 @@ pub async fn run(
         shutdown.await;
         "signal"
     };
-    for source in &sources {
-        source.abort();
+    for task in sources.iter().chain(&periodic) {
+        task.abort();
     }
     if stopped_by == "signal" {
         tracing::info!(
@@ -420,6 +447,75 @@ pub async fn run(
     // Everything is committed (flushed above); the writer ends with the process.
     drop(writer);
     Ok(summary)
+}
+
+/// `params`: each parameter's default, or the value `--param` gives it. A name the
+/// contracts do not declare, or a value of another JSON type than the default, is
+/// refused, so that a typo cannot go unnoticed.
+fn parameters(
+    declared: &BTreeMap<String, Value>,
+    given: &[(String, String)],
+) -> Result<serde_json::Map<String, Value>, String> {
+    let mut params: serde_json::Map<String, Value> = declared
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    for (name, text) in given {
+        let Some(default) = declared.get(name) else {
+            let mut message =
+                format!("--param {name}: the contracts declare no parameter `{name}`");
+            match onex_contract::suggest::did_you_mean(name, declared.keys().map(String::as_str)) {
+                Some(help) => message.push_str(&format!(" ({help})")),
+                None if declared.is_empty() => message.push_str(" (they declare none)"),
+                None => message.push_str(&format!(
+                    " (they declare: {})",
+                    declared.keys().cloned().collect::<Vec<_>>().join(", ")
+                )),
+            }
+            return Err(message);
+        };
+        let value = match default {
+            Value::String(_) => Value::String(text.clone()),
+            _ => serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.clone())),
+        };
+        if std::mem::discriminant(&value) != std::mem::discriminant(default) {
+            return Err(format!(
+                "--param {name}={text}: expected a value like its default, {default}"
+            ));
+        }
+        params.insert(name.clone(), value);
+    }
+    Ok(params)
+}
+
+/// Starts the project's periodic events. Their templates see `runtime` (with
+/// `uptime_seconds` and `active_operations`, the effects waiting on backends, as of
+/// each event), `now` and `params`.
+fn start_periodic(
+    shared: &Arc<Shared>,
+    runtime: &Value,
+    started: Instant,
+) -> Result<Vec<tokio::task::JoinHandle<()>>, String> {
+    let mut tasks = Vec::new();
+    for (index, periodic) in shared.project.periodic.iter().enumerate() {
+        let interval = shared.interval(periodic)?;
+        let shared = Arc::clone(shared);
+        let runtime = runtime.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut ticks =
+                tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticks.tick().await;
+                let mut vars = runtime.clone();
+                vars["uptime_seconds"] = json!(started.elapsed().as_secs());
+                vars["active_operations"] = json!(shared.work.effects().max(0));
+                let event = std::slice::from_ref(&shared.project.periodic[index].event);
+                publish_all(&shared, event, &Arc::new(vars), None);
+            }
+        }));
+    }
+    Ok(tasks)
 }
 
 /// Reading the event log while this run appends to it would feed the runtime its own
@@ -615,6 +711,7 @@ pub fn render_event(
     };
     let scope = template::scope(&[
         ("runtime", Var::Json(Arc::clone(runtime))),
+        ("params", shared.params.clone()),
         ("now", Var::Value(minijinja::Value::from(now.as_str()))),
         (
             "entity",

@@ -533,6 +533,8 @@ impl Shard {
                             let scope = template::scope(&[
                                 ("input", Var::Object(Arc::clone(&input))),
                                 ("intent", Var::Record(intent_value.clone())),
+                                ("env", self.shared.env.clone()),
+                                ("params", self.shared.params.clone()),
                             ]);
                             match when.truthy(&scope) {
                                 Ok(true) => {}
@@ -587,7 +589,7 @@ impl Shard {
             return;
         };
         if !rule.set.is_empty() {
-            let scope = context_scope(slot);
+            let scope = context_scope(slot, &self.shared.params);
             let updates = render_all(&rule.set, scope);
             apply(slot, updates, &spec.name, key);
         }
@@ -603,7 +605,7 @@ impl Shard {
                 }
             }
             When::Delay(template) => {
-                let scope = context_scope(slot);
+                let scope = context_scope(slot, &self.shared.params);
                 let delay = match template.render(&scope) {
                     Ok(Value::Number(n)) => n.as_f64().unwrap_or(0.0).max(0.0) as u64,
                     Ok(other) => {
@@ -709,6 +711,7 @@ impl Shard {
                     ("result", Var::Json(Arc::new(result))),
                     ("error", Var::Value(error)),
                     ("intent", Var::Record(pending.intent.clone())),
+                    ("params", self.shared.params.clone()),
                 ]);
                 let updates = render_all(templates, scope);
                 apply(slot, updates, &spec.name, key);
@@ -820,6 +823,7 @@ impl Shard {
                         ("result", Var::Value(minijinja::Value::from(()))),
                         ("error", Var::Value(minijinja::Value::from(error))),
                         ("intent", Var::Record(pending.intent.clone())),
+                        ("params", self.shared.params.clone()),
                     ]);
                     let updates = render_all(&rule.failure, scope);
                     apply(slot, updates, &spec.name, key);
@@ -845,6 +849,7 @@ impl Shard {
             ("input", Var::Object(input)),
             ("intent", Var::Record(intent.clone())),
             ("env", self.shared.env.clone()),
+            ("params", self.shared.params.clone()),
         ]);
         let rendered = op
             .config
@@ -995,9 +1000,12 @@ impl Slots {
     }
 }
 
-/// An instance's context as the template variable `context`.
-fn context_scope(slot: &Slot) -> minijinja::Value {
-    template::scope(&[("context", Var::Object(Arc::clone(&slot.instance.context)))])
+/// An instance's context as the template variable `context`, with `params`.
+fn context_scope(slot: &Slot, params: &Var) -> minijinja::Value {
+    template::scope(&[
+        ("context", Var::Object(Arc::clone(&slot.instance.context))),
+        ("params", params.clone()),
+    ])
 }
 
 /// Renders context updates. The scope is taken and let go of here: it holds the

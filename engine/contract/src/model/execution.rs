@@ -24,8 +24,22 @@ pub struct Execution {
     /// Events published when the runtime starts.
     #[serde(default)]
     pub on_start: Vec<EventTemplate>,
+    /// Events the runtime publishes at an interval while it runs.
+    #[serde(default)]
+    pub periodic: Vec<PeriodicSpec>,
+    /// Values the contracts' templates read as `params.NAME`, each with a default that
+    /// `onex run --param NAME=VALUE` may override.
+    #[serde(default)]
+    pub parameters: BTreeMap<String, ParameterSpec>,
     /// What `onex run --demo N` simulates.
     pub demo: Option<DemoSpec>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParameterSpec {
+    pub default: Value,
+    pub description: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -201,7 +215,8 @@ pub struct DemoSpec {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PeriodicSpec {
-    pub interval_ms: u64,
+    /// A number, or a template (`"{{ params.interval_ms }}"`).
+    pub interval_ms: Value,
     pub event: EventTemplate,
 }
 
