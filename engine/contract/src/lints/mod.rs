@@ -160,6 +160,7 @@ onex_diag::declare_lints! { ALL;
     INVALID_TEMPLATE = "OX508" "invalid-template" Error "a template does not compile";
     ACTION_BOUND_TWICE = "OX509" "action-bound-twice" Error "two effect operations run the same intent";
     UNKNOWN_ACTION = "OX510" "unknown-action" Warning "a binding names an action that no reducer emits";
+    BUSY_TERMINAL_STATE = "OX511" "busy-terminal-state" Error "a terminal state is neither a rest state nor left by a follow-up, so instances stay in it busy for ever";
 }
 
 /// Finds a lint by code (`OX301`) or name (`unknown-state`).
