@@ -1,12 +1,18 @@
-//! docs/contract-reference.md carries tables generated from the JSON Schemas, between
-//! `<!-- generated:KIND -->` markers. This test fails when they drift; run it with
-//! `ONEX_BLESS=1` to rewrite them.
+//! The documentation's checkable claims, checked so that they cannot drift:
+//!
+//! - docs/contract-reference.md carries tables generated from the JSON Schemas, between
+//!   `<!-- generated:KIND -->` markers; run the test with `ONEX_BLESS=1` to rewrite them;
+//! - every YAML block of the docs is a contract example that lints clean or is marked
+//!   as a fragment (the lint pages' examples are their failing fixtures, checked by
+//!   lints.rs);
+//! - the README's five-minute tour shows what its commands print.
 
 use std::fmt::Write;
+use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use crate::support::repo_root;
+use crate::support::{onex, path_str, repo_root};
 
 const KINDS: &[(&str, &str)] = &[
     ("fsm", "schemas/fsm.schema.json"),
@@ -180,5 +186,117 @@ fn the_contract_reference_matches_the_schemas() {
     assert!(
         text == updated,
         "docs/contract-reference.md is stale; rerun this test with ONEX_BLESS=1"
+    );
+}
+
+/// The pages whose YAML blocks are checked: README.md and docs/*.md (the lint pages
+/// under docs/lints/ show failing fixtures instead).
+fn pages() -> Vec<PathBuf> {
+    let mut pages = vec![repo_root().join("README.md")];
+    let mut docs: Vec<PathBuf> = std::fs::read_dir(repo_root().join("docs"))
+        .expect("docs/")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "md"))
+        .collect();
+    docs.sort();
+    pages.extend(docs);
+    pages
+}
+
+/// Each ```yaml block of `text` with the line before its fence and its 1-based line.
+fn yaml_blocks(text: &str) -> Vec<(Option<&str>, usize, String)> {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut blocks = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        if line.trim() != "```yaml" {
+            continue;
+        }
+        let body: String = lines[i + 1..]
+            .iter()
+            .take_while(|l| l.trim() != "```")
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let marker = i.checked_sub(1).map(|j| lines[j].trim());
+        blocks.push((marker, i + 1, body));
+    }
+    blocks
+}
+
+/// Every YAML block in the docs is marked `<!-- example: PATH -->` or
+/// `<!-- fragment -->`. The examples are written to their paths in one directory, so
+/// that they reference each other as a project does, and must lint clean, warnings
+/// included: the orchestrator's `execution` block is checked against the contracts it
+/// names, as `onex run` would load it.
+#[test]
+fn the_contract_examples_in_the_docs_lint_clean() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut examples: Vec<String> = Vec::new();
+    for page in pages() {
+        let text = std::fs::read_to_string(&page).expect("page");
+        for (marker, line, body) in yaml_blocks(&text) {
+            let path = marker
+                .and_then(|m| m.strip_prefix("<!-- example: "))
+                .and_then(|m| m.strip_suffix(" -->"));
+            let Some(path) = path else {
+                assert_eq!(
+                    marker,
+                    Some("<!-- fragment -->"),
+                    "{}:{line}: mark the YAML block `<!-- example: PATH -->` (linted) or `<!-- fragment -->`",
+                    page.display()
+                );
+                continue;
+            };
+            let file = dir.path().join(path);
+            assert!(!file.exists(), "{}:{line}: {path} twice", page.display());
+            std::fs::create_dir_all(file.parent().expect("parent")).expect("mkdir");
+            std::fs::write(&file, body).expect("write example");
+            examples.push(path.to_owned());
+        }
+    }
+    let run = onex(&[
+        "contract",
+        "lint",
+        "--deny-warnings",
+        "--format",
+        "json",
+        path_str(dir.path()),
+    ]);
+    assert!(
+        run.code == 0 && run.diagnostics().is_empty(),
+        "the docs' examples do not lint clean:\n{}",
+        run.stdout
+    );
+    let kinds: Vec<(String, String)> = run
+        .json_lines()
+        .iter()
+        .filter(|v| v["type"] == "file")
+        .map(|v| {
+            let file = Path::new(v["file"].as_str().expect("file"));
+            let relative = file.strip_prefix(dir.path()).expect("in the directory");
+            (
+                relative.to_string_lossy().into_owned(),
+                v["kind"].as_str().unwrap_or("none").to_owned(),
+            )
+        })
+        .collect();
+    examples.sort();
+    assert_eq!(
+        kinds.iter().map(|(f, _)| f.clone()).collect::<Vec<_>>(),
+        examples,
+        "every example is read as a contract"
+    );
+    // The contract reference's `execution` example is among them, with its references.
+    assert!(
+        kinds.contains(&(
+            "orchestrators/job_orchestrator.yaml".into(),
+            "orchestrator".into()
+        )),
+        "{kinds:?}"
+    );
+    let reference = std::fs::read_to_string(repo_root().join("docs/contract-reference.md"))
+        .expect("docs/contract-reference.md");
+    assert!(
+        !reference.contains("is a draft"),
+        "the `execution` block is implemented"
     );
 }
