@@ -300,3 +300,149 @@ fn the_contract_examples_in_the_docs_lint_clean() {
         "the `execution` block is implemented"
     );
 }
+
+/// `command` without its quoted parts (a sed script is not a path).
+fn unquoted(command: &str) -> String {
+    let mut out = String::new();
+    let mut quote = None;
+    for c in command.chars() {
+        match quote {
+            Some(q) if c == q => quote = None,
+            Some(_) => {}
+            None if c == '\'' || c == '"' => quote = Some(c),
+            None => out.push(c),
+        }
+    }
+    out
+}
+
+/// Whether `actual` is what `shown` shows: line for line, where a `...` line stands
+/// for any number of lines.
+fn shows(shown: &[&str], actual: &[&str]) -> bool {
+    let mut at = 0;
+    let mut skipping = false;
+    for &line in shown {
+        if line == "..." {
+            skipping = true;
+            continue;
+        }
+        let found = if skipping {
+            actual[at..].iter().position(|a| *a == line)
+        } else {
+            (actual.get(at) == Some(&line)).then_some(0)
+        };
+        let Some(k) = found else { return false };
+        at += k + 1;
+        skipping = false;
+    }
+    skipping || at == actual.len()
+}
+
+/// The README's five-minute tour as a user runs it: every file it names is part of the
+/// project, and its typo example shows what `onex contract validate` prints (the lines,
+/// the number of errors, the codes); docs/json-output.md's example is the same typo in
+/// JSON.
+#[test]
+fn the_readme_tour_shows_what_its_commands_print() {
+    let readme = std::fs::read_to_string(repo_root().join("README.md")).expect("README.md");
+    let tour = &readme[readme.find("## Five-minute tour").expect("the tour")..];
+    let tour: Vec<&str> = tour
+        .lines()
+        .skip_while(|l| *l != "```sh")
+        .skip(1)
+        .take_while(|l| *l != "```")
+        .collect();
+    let mut commands: Vec<String> = Vec::new();
+    let mut pending = String::new();
+    for line in &tour {
+        if line.starts_with('#') || line.trim().is_empty() {
+            continue;
+        }
+        pending.push_str(line.trim().trim_end_matches('\\').trim_end());
+        if line.ends_with('\\') {
+            pending.push(' ');
+        } else {
+            commands.push(std::mem::take(&mut pending));
+        }
+    }
+    let root = repo_root().canonicalize().expect("the repository");
+    for command in &commands {
+        let command = unquoted(command);
+        let before_pipes = command.split(['|', '>']).next().unwrap_or_default();
+        for token in before_pipes.split_whitespace() {
+            if token.contains('/') && !token.contains('=') && !token.starts_with(['/', '-']) {
+                let inside = root
+                    .join(token)
+                    .canonicalize()
+                    .is_ok_and(|path| path.starts_with(&root));
+                assert!(
+                    inside,
+                    "the README's tour names `{token}`, which is not a file of the project"
+                );
+            }
+        }
+    }
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let typo = dir.path().join("typo.yaml");
+    let typo_path = path_str(&typo);
+    let sed = commands
+        .iter()
+        .find(|c| c.starts_with("sed "))
+        .expect("the tour's sed command");
+    let made = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(sed.replace("/tmp/typo.yaml", typo_path))
+        .current_dir(repo_root())
+        .status()
+        .expect("sh");
+    assert!(made.success(), "{sed}");
+
+    let validate = "onex contract validate /tmp/typo.yaml";
+    let at = tour
+        .iter()
+        .position(|l| *l == validate)
+        .expect("the typo's validate command");
+    let shown: Vec<&str> = tour[at + 1..]
+        .iter()
+        .take_while(|l| l.starts_with('#'))
+        .map(|l| l.strip_prefix("#   ").unwrap_or(l.trim_start_matches('#')))
+        .collect();
+    let run = onex(&["contract", "validate", typo_path]);
+    assert_eq!(run.code, 1, "findings: exit 1\n{}", run.stdout);
+    let printed = run.stdout.replace(typo_path, "/tmp/typo.yaml");
+    let printed: Vec<&str> = printed.lines().collect();
+    assert!(
+        shows(&shown, &printed),
+        "README.md shows, after `{validate}`:\n{}\n\nbut it prints:\n{}",
+        shown.join("\n"),
+        printed.join("\n")
+    );
+
+    let json_command = "onex contract validate --format json /tmp/typo.yaml";
+    assert!(commands.iter().any(|c| c == json_command), "{commands:?}");
+    let json = onex(&["contract", "validate", "--format", "json", typo_path])
+        .stdout
+        .replace(typo_path, "/tmp/typo.yaml");
+    let page = std::fs::read_to_string(repo_root().join("docs/json-output.md"))
+        .expect("docs/json-output.md");
+    let example = &page[page.find("## Example").expect("its example")..];
+    let start = example.find("```json\n").expect("a json block") + "```json\n".len();
+    let end = start + example[start..].find("```").expect("its end");
+    assert_eq!(
+        &example[start..end],
+        json,
+        "docs/json-output.md's example is not what `{json_command}` prints"
+    );
+}
+
+#[test]
+fn shown_output_may_leave_lines_out_only_where_it_says_so() {
+    let printed = ["a", "b", "c", "d"];
+    assert!(shows(&["a", "b", "c", "d"], &printed));
+    assert!(shows(&["a", "...", "d"], &printed));
+    assert!(shows(&["a", "..."], &printed));
+    assert!(!shows(&["a", "c", "d"], &printed));
+    assert!(!shows(&["a", "b", "c"], &printed));
+    assert!(!shows(&["a", "...", "e"], &printed));
+}
