@@ -149,3 +149,93 @@ fn a_contracts_lints_table_governs_cross_contract_findings_too() {
     assert!(allowed.diagnostics().is_empty(), "{}", allowed.stdout);
     assert_eq!(allowed.code, 0);
 }
+
+/// The byte offset of a 1-based `line:column` (columns count characters).
+fn offset(text: &str, line: u64, column: u64) -> usize {
+    let start: usize = text
+        .split_inclusive('\n')
+        .take(usize::try_from(line).expect("line") - 1)
+        .map(str::len)
+        .sum();
+    start
+        + text[start..]
+            .chars()
+            .take(usize::try_from(column).expect("column") - 1)
+            .map(char::len_utf8)
+            .sum::<usize>()
+}
+
+#[test]
+fn two_token_conditions_carry_a_fix_that_silences_them() {
+    let fixture = "tests/fixtures/lints/OX312-two-token-condition.yaml";
+    let run = onex(&["contract", "validate", "--format", "json", fixture]);
+    let fixes: Vec<serde_json::Value> = run
+        .diagnostics()
+        .iter()
+        .filter(|d| d["code"] == "OX312")
+        .filter_map(|d| d.get("fix").cloned())
+        .collect();
+    // The block scalar's bytes are not its value: help only, no fix.
+    assert_eq!(fixes.len(), 2, "{}", run.stdout);
+    assert_eq!(fixes[0]["replacement"], "node_id exists true");
+    assert_eq!(fixes[1]["replacement"], "errors is_empty true");
+
+    let mut text = std::fs::read_to_string(repo_root().join(fixture)).expect("fixture");
+    for fix in fixes.iter().rev() {
+        let at = |line: &str, column: &str| {
+            offset(
+                &text,
+                fix[line].as_u64().expect("line"),
+                fix[column].as_u64().expect("column"),
+            )
+        };
+        let range = at("line", "column")..at("end_line", "end_column");
+        text.replace_range(range, fix["replacement"].as_str().expect("replacement"));
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fixed = dir.path().join("fixed.yaml");
+    std::fs::write(&fixed, &text).expect("write");
+    let after = onex(&[
+        "contract",
+        "validate",
+        "--format",
+        "json",
+        &fixed.display().to_string(),
+    ]);
+    let left: Vec<u64> = after
+        .diagnostics()
+        .iter()
+        .map(|d| d["line"].as_u64().expect("line"))
+        .collect();
+    assert_eq!(
+        left,
+        [27],
+        "only the block scalar is left: {}",
+        after.stdout
+    );
+    assert!(
+        text.contains("- expression: node_id exists true\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("- expression: \"errors is_empty true\"\n"),
+        "{text}"
+    );
+
+    let sarif = onex(&["contract", "validate", "--format", "sarif", fixture]);
+    let log: serde_json::Value = serde_json::from_str(&sarif.stdout).expect("SARIF is JSON");
+    let results = log["runs"][0]["results"].as_array().expect("results");
+    let replacements: Vec<&serde_json::Value> = results
+        .iter()
+        .filter_map(|r| r.get("fixes"))
+        .map(|f| &f[0]["artifactChanges"][0]["replacements"][0])
+        .collect();
+    assert_eq!(replacements.len(), 2, "{}", sarif.stdout);
+    assert_eq!(
+        (
+            &replacements[1]["deletedRegion"]["startColumn"],
+            &replacements[1]["insertedContent"]["text"]
+        ),
+        (&fixes[1]["column"], &fixes[1]["replacement"])
+    );
+}

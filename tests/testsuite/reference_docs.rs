@@ -1,12 +1,18 @@
-//! docs/contract-reference.md carries tables generated from the JSON Schemas, between
-//! `<!-- generated:KIND -->` markers. This test fails when they drift; run it with
-//! `ONEX_BLESS=1` to rewrite them.
+//! The documentation's checkable claims, checked so that they cannot drift:
+//!
+//! - docs/contract-reference.md carries tables generated from the JSON Schemas, between
+//!   `<!-- generated:KIND -->` markers; run the test with `ONEX_BLESS=1` to rewrite them;
+//! - every YAML block of the docs is a contract example that lints clean or is marked
+//!   as a fragment (the lint pages' examples are their failing fixtures, checked by
+//!   lints.rs);
+//! - the README's five-minute tour shows what its commands print.
 
 use std::fmt::Write;
+use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use crate::support::repo_root;
+use crate::support::{onex, path_str, repo_root};
 
 const KINDS: &[(&str, &str)] = &[
     ("fsm", "schemas/fsm.schema.json"),
@@ -181,4 +187,262 @@ fn the_contract_reference_matches_the_schemas() {
         text == updated,
         "docs/contract-reference.md is stale; rerun this test with ONEX_BLESS=1"
     );
+}
+
+/// The pages whose YAML blocks are checked: README.md and docs/*.md (the lint pages
+/// under docs/lints/ show failing fixtures instead).
+fn pages() -> Vec<PathBuf> {
+    let mut pages = vec![repo_root().join("README.md")];
+    let mut docs: Vec<PathBuf> = std::fs::read_dir(repo_root().join("docs"))
+        .expect("docs/")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "md"))
+        .collect();
+    docs.sort();
+    pages.extend(docs);
+    pages
+}
+
+/// Each ```yaml block of `text` with the line before its fence and its 1-based line.
+fn yaml_blocks(text: &str) -> Vec<(Option<&str>, usize, String)> {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut blocks = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        if line.trim() != "```yaml" {
+            continue;
+        }
+        let body: String = lines[i + 1..]
+            .iter()
+            .take_while(|l| l.trim() != "```")
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let marker = i.checked_sub(1).map(|j| lines[j].trim());
+        blocks.push((marker, i + 1, body));
+    }
+    blocks
+}
+
+/// Every YAML block in the docs is marked `<!-- example: PATH -->` or
+/// `<!-- fragment -->`. The examples are written to their paths in one directory, so
+/// that they reference each other as a project does, and must lint clean, warnings
+/// included: the orchestrator's `execution` block is checked against the contracts it
+/// names, as `onex run` would load it.
+#[test]
+fn the_contract_examples_in_the_docs_lint_clean() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut examples: Vec<String> = Vec::new();
+    for page in pages() {
+        let text = std::fs::read_to_string(&page).expect("page");
+        for (marker, line, body) in yaml_blocks(&text) {
+            let path = marker
+                .and_then(|m| m.strip_prefix("<!-- example: "))
+                .and_then(|m| m.strip_suffix(" -->"));
+            let Some(path) = path else {
+                assert_eq!(
+                    marker,
+                    Some("<!-- fragment -->"),
+                    "{}:{line}: mark the YAML block `<!-- example: PATH -->` (linted) or `<!-- fragment -->`",
+                    page.display()
+                );
+                continue;
+            };
+            let file = dir.path().join(path);
+            assert!(!file.exists(), "{}:{line}: {path} twice", page.display());
+            std::fs::create_dir_all(file.parent().expect("parent")).expect("mkdir");
+            std::fs::write(&file, body).expect("write example");
+            examples.push(path.to_owned());
+        }
+    }
+    let run = onex(&[
+        "contract",
+        "lint",
+        "--deny-warnings",
+        "--format",
+        "json",
+        path_str(dir.path()),
+    ]);
+    assert!(
+        run.code == 0 && run.diagnostics().is_empty(),
+        "the docs' examples do not lint clean:\n{}",
+        run.stdout
+    );
+    let kinds: Vec<(String, String)> = run
+        .json_lines()
+        .iter()
+        .filter(|v| v["type"] == "file")
+        .map(|v| {
+            let file = Path::new(v["file"].as_str().expect("file"));
+            let relative = file.strip_prefix(dir.path()).expect("in the directory");
+            (
+                relative.to_string_lossy().into_owned(),
+                v["kind"].as_str().unwrap_or("none").to_owned(),
+            )
+        })
+        .collect();
+    examples.sort();
+    assert_eq!(
+        kinds.iter().map(|(f, _)| f.clone()).collect::<Vec<_>>(),
+        examples,
+        "every example is read as a contract"
+    );
+    // The contract reference's `execution` example is among them, with its references.
+    assert!(
+        kinds.contains(&(
+            "orchestrators/job_orchestrator.yaml".into(),
+            "orchestrator".into()
+        )),
+        "{kinds:?}"
+    );
+    let reference = std::fs::read_to_string(repo_root().join("docs/contract-reference.md"))
+        .expect("docs/contract-reference.md");
+    assert!(
+        !reference.contains("is a draft"),
+        "the `execution` block is implemented"
+    );
+}
+
+/// `command` without its quoted parts (a sed script is not a path).
+fn unquoted(command: &str) -> String {
+    let mut out = String::new();
+    let mut quote = None;
+    for c in command.chars() {
+        match quote {
+            Some(q) if c == q => quote = None,
+            Some(_) => {}
+            None if c == '\'' || c == '"' => quote = Some(c),
+            None => out.push(c),
+        }
+    }
+    out
+}
+
+/// Whether `actual` is what `shown` shows: line for line, where a `...` line stands
+/// for any number of lines.
+fn shows(shown: &[&str], actual: &[&str]) -> bool {
+    let mut at = 0;
+    let mut skipping = false;
+    for &line in shown {
+        if line == "..." {
+            skipping = true;
+            continue;
+        }
+        let found = if skipping {
+            actual[at..].iter().position(|a| *a == line)
+        } else {
+            (actual.get(at) == Some(&line)).then_some(0)
+        };
+        let Some(k) = found else { return false };
+        at += k + 1;
+        skipping = false;
+    }
+    skipping || at == actual.len()
+}
+
+/// The README's five-minute tour as a user runs it: every file it names is part of the
+/// project, and its typo example shows what `onex contract validate` prints (the lines,
+/// the number of errors, the codes); docs/json-output.md's example is the same typo in
+/// JSON.
+#[test]
+fn the_readme_tour_shows_what_its_commands_print() {
+    let readme = std::fs::read_to_string(repo_root().join("README.md")).expect("README.md");
+    let tour = &readme[readme.find("## Five-minute tour").expect("the tour")..];
+    let tour: Vec<&str> = tour
+        .lines()
+        .skip_while(|l| *l != "```sh")
+        .skip(1)
+        .take_while(|l| *l != "```")
+        .collect();
+    let mut commands: Vec<String> = Vec::new();
+    let mut pending = String::new();
+    for line in &tour {
+        if line.starts_with('#') || line.trim().is_empty() {
+            continue;
+        }
+        pending.push_str(line.trim().trim_end_matches('\\').trim_end());
+        if line.ends_with('\\') {
+            pending.push(' ');
+        } else {
+            commands.push(std::mem::take(&mut pending));
+        }
+    }
+    let root = repo_root().canonicalize().expect("the repository");
+    for command in &commands {
+        let command = unquoted(command);
+        let before_pipes = command.split(['|', '>']).next().unwrap_or_default();
+        for token in before_pipes.split_whitespace() {
+            if token.contains('/') && !token.contains('=') && !token.starts_with(['/', '-']) {
+                let inside = root
+                    .join(token)
+                    .canonicalize()
+                    .is_ok_and(|path| path.starts_with(&root));
+                assert!(
+                    inside,
+                    "the README's tour names `{token}`, which is not a file of the project"
+                );
+            }
+        }
+    }
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let typo = dir.path().join("typo.yaml");
+    let typo_path = path_str(&typo);
+    let sed = commands
+        .iter()
+        .find(|c| c.starts_with("sed "))
+        .expect("the tour's sed command");
+    let made = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(sed.replace("/tmp/typo.yaml", typo_path))
+        .current_dir(repo_root())
+        .status()
+        .expect("sh");
+    assert!(made.success(), "{sed}");
+
+    let validate = "onex contract validate /tmp/typo.yaml";
+    let at = tour
+        .iter()
+        .position(|l| *l == validate)
+        .expect("the typo's validate command");
+    let shown: Vec<&str> = tour[at + 1..]
+        .iter()
+        .take_while(|l| l.starts_with('#'))
+        .map(|l| l.strip_prefix("#   ").unwrap_or(l.trim_start_matches('#')))
+        .collect();
+    let run = onex(&["contract", "validate", typo_path]);
+    assert_eq!(run.code, 1, "findings: exit 1\n{}", run.stdout);
+    let printed = run.stdout.replace(typo_path, "/tmp/typo.yaml");
+    let printed: Vec<&str> = printed.lines().collect();
+    assert!(
+        shows(&shown, &printed),
+        "README.md shows, after `{validate}`:\n{}\n\nbut it prints:\n{}",
+        shown.join("\n"),
+        printed.join("\n")
+    );
+
+    let json_command = "onex contract validate --format json /tmp/typo.yaml";
+    assert!(commands.iter().any(|c| c == json_command), "{commands:?}");
+    let json = onex(&["contract", "validate", "--format", "json", typo_path])
+        .stdout
+        .replace(typo_path, "/tmp/typo.yaml");
+    let page = std::fs::read_to_string(repo_root().join("docs/json-output.md"))
+        .expect("docs/json-output.md");
+    let example = &page[page.find("## Example").expect("its example")..];
+    let start = example.find("```json\n").expect("a json block") + "```json\n".len();
+    let end = start + example[start..].find("```").expect("its end");
+    assert_eq!(
+        &example[start..end],
+        json,
+        "docs/json-output.md's example is not what `{json_command}` prints"
+    );
+}
+
+#[test]
+fn shown_output_may_leave_lines_out_only_where_it_says_so() {
+    let printed = ["a", "b", "c", "d"];
+    assert!(shows(&["a", "b", "c", "d"], &printed));
+    assert!(shows(&["a", "...", "d"], &printed));
+    assert!(shows(&["a", "..."], &printed));
+    assert!(!shows(&["a", "c", "d"], &printed));
+    assert!(!shows(&["a", "b", "c"], &printed));
+    assert!(!shows(&["a", "...", "e"], &printed));
 }

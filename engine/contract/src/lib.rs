@@ -160,7 +160,7 @@ pub fn load(text: &str) -> Loaded {
     diagnostics.extend(schema::validate(kind, &root, &root.to_json()));
     let contract = Contract::build(kind, &root);
     match &contract {
-        Contract::Fsm(fsm) => lints::fsm(fsm, &mut diagnostics),
+        Contract::Fsm(fsm) => lints::fsm(fsm, text, &mut diagnostics),
         Contract::Effect(effect) => lints::effect(effect, &mut diagnostics),
         Contract::Orchestrator(orchestrator) => lints::orchestrator(orchestrator, &mut diagnostics),
     }

@@ -62,6 +62,15 @@ pub struct Label {
     pub message: String,
 }
 
+/// A machine-applicable edit that resolves a finding: the bytes of `span` are replaced
+/// by `replacement`. A tool (an editor, a bot) may apply it as it stands; the finding's
+/// help says the same in words. Only findings whose remedy is certain carry one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fix {
+    pub span: Span,
+    pub replacement: String,
+}
+
 /// One finding: which lint, how bad, where (byte span and JSON pointer) and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Diagnostic {
@@ -74,6 +83,8 @@ pub struct Diagnostic {
     pub pointer: String,
     pub labels: Vec<Label>,
     pub help: Option<String>,
+    /// The edit that resolves the finding, when there is exactly one.
+    pub fix: Option<Fix>,
 }
 
 impl Diagnostic {
@@ -87,6 +98,7 @@ impl Diagnostic {
             pointer: String::new(),
             labels: Vec::new(),
             help: None,
+            fix: None,
         }
     }
 
@@ -106,6 +118,15 @@ impl Diagnostic {
 
     pub fn with_help(mut self, help: impl Into<String>) -> Self {
         self.help = Some(help.into());
+        self
+    }
+
+    /// Replace the bytes of `span` by `replacement`: see [`Fix`].
+    pub fn with_fix(mut self, span: Span, replacement: impl Into<String>) -> Self {
+        self.fix = Some(Fix {
+            span,
+            replacement: replacement.into(),
+        });
         self
     }
 

@@ -9,7 +9,7 @@ mod diagnostic;
 pub mod render;
 mod source;
 
-pub use diagnostic::{Diagnostic, Label, Lint, Severity};
+pub use diagnostic::{Diagnostic, Fix, Label, Lint, Severity};
 pub use source::{LineCol, SourceFile, Span};
 
 /// The diagnostics found in one source file.

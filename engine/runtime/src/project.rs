@@ -509,6 +509,8 @@ impl Builder<'_> {
         let reducers = self.load_reducers(&execution, &intent_owner);
         let routes = self.compile_routes(&execution, &reducers);
         self.check_results_and_runtime_actions(&execution, &reducers, &intent_owner);
+        self.own
+            .extend(busy_terminal_states(self.root(), &execution, &reducers));
         let on_start = self.events(&execution.on_start, "/execution/on_start");
         let periodic = execution
             .periodic
@@ -1218,6 +1220,99 @@ impl Builder<'_> {
         }
         topics
     }
+}
+
+/// OX511 busy-terminal-state: a terminal state that is neither a rest state of its
+/// reducer nor left by an `on_enter.<state>.then` follow-up keeps every instance that
+/// enters it busy for ever. Events for the instance queue until it comes to rest,
+/// which it never does, and nothing else moves it on. States the initial state cannot
+/// reach are left to OX305. Located at the reducer's `rest_states`, or at the reducer
+/// when it has none.
+fn busy_terminal_states(
+    root: &Node,
+    execution: &Execution,
+    reducers: &[Option<Reducer>],
+) -> Vec<Diagnostic> {
+    let mut out = Vec::new();
+    // `reducers` holds one entry per declared reducer, in declaration order.
+    for ((name, spec), reducer) in execution.reducers.iter().zip(reducers) {
+        let Some(reducer) = reducer else { continue };
+        let machine = &reducer.machine;
+        let mut reachable = vec![false; machine.states.len()];
+        let mut next = vec![machine.initial];
+        while let Some(state) = next.pop() {
+            if std::mem::replace(&mut reachable[state], true) {
+                continue;
+            }
+            next.extend(
+                machine
+                    .transitions
+                    .iter()
+                    .filter(|t| t.from.is_none_or(|from| from == state))
+                    .map(|t| t.to),
+            );
+        }
+        let reducer_pointer = format!("/execution/reducers/{}", escape(name));
+        let pointer = match spec.rest_states {
+            Some(_) => format!("{reducer_pointer}/rest_states"),
+            None => reducer_pointer,
+        };
+        let span = root
+            .at_pointer(&pointer)
+            .map_or(Span::point(0), |(node, key)| key.unwrap_or(node.span));
+        let rest: Vec<&str> = machine
+            .states
+            .iter()
+            .enumerate()
+            .filter(|(id, _)| reducer.rest[*id])
+            .map(|(_, s)| &*s.name)
+            .collect();
+        for (id, state) in machine.states.iter().enumerate() {
+            let followed_up = reducer.on_enter[id]
+                .as_ref()
+                .is_some_and(|rule| rule.then.is_some());
+            if !state.terminal || !reachable[id] || reducer.rest[id] || followed_up {
+                continue;
+            }
+            let state = &*state.name;
+            let mut triggers: Vec<&str> = Vec::new();
+            for t in &machine.transitions {
+                if t.from.is_none_or(|from| from == id) && !triggers.contains(&&*t.trigger) {
+                    triggers.push(&t.trigger);
+                }
+            }
+            let rest_states = format!("{}, {state}", rest.join(", "));
+            let rest_states = match spec.rest_states {
+                Some(_) => format!("add it to `rest_states` (`[{rest_states}]`)"),
+                None => format!(
+                    "add `rest_states: [{rest_states}]` to the reducer (without it, only the initial state is a rest state)"
+                ),
+            };
+            let then = if triggers.is_empty() {
+                format!(
+                    "give `{state}` a transition out and move them on with `on_enter.{state}.then`"
+                )
+            } else {
+                format!(
+                    "move them on with `on_enter: {{{state}: {{then: {{try: [{}]}}}}}}`",
+                    triggers.join(", ")
+                )
+            };
+            out.push(
+                Diagnostic::new(
+                    &onex_contract::lints::BUSY_TERMINAL_STATE,
+                    format!(
+                        "an instance of reducer `{name}` that enters terminal state `{state}` stays there, busy, for ever: `{state}` is not a rest state and no `on_enter` follow-up leaves it"
+                    ),
+                )
+                .at(span, pointer.clone())
+                .with_help(format!(
+                    "if instances are to wait in `{state}` for their next event, {rest_states}; otherwise {then}"
+                )),
+            );
+        }
+    }
+    out
 }
 
 fn fsm_timeout_seconds(file: &File) -> Option<u64> {

@@ -23,6 +23,7 @@ mod raw_query_interpolation;
 mod retry_not_idempotent;
 mod step_cycle;
 mod terminal_state_exits;
+mod two_token_condition;
 mod undeclared_context_field;
 mod unknown_state;
 mod unknown_step;
@@ -38,8 +39,9 @@ use crate::yaml::Node;
 
 /// Runs every FSM lint. The graph is compiled once and shared by the graph lints,
 /// which run only on a complete graph: after a typo in one `to:`, the unknown state is
-/// the finding, not the unreachable states that follow from it.
-pub(crate) fn fsm(contract: &FsmContract, out: &mut Vec<Diagnostic>) {
+/// the finding, not the unreachable states that follow from it. `text` is the source,
+/// for lints whose fix must be checked against what is written.
+pub(crate) fn fsm(contract: &FsmContract, text: &str, out: &mut Vec<Diagnostic>) {
     let before = out.len();
     initial_state::check(contract, out);
     duplicate_state::check(contract, out);
@@ -47,6 +49,7 @@ pub(crate) fn fsm(contract: &FsmContract, out: &mut Vec<Diagnostic>) {
     unknown_state::check(contract, out);
     let graph_is_complete = contract.complete && out.len() == before;
     malformed_condition::check(contract, out);
+    two_token_condition::check(contract, text, out);
     undeclared_context_field::check(contract, out);
     terminal_state_exits::check(contract, out);
     ambiguous_transitions::check(contract, out);
@@ -142,6 +145,7 @@ onex_diag::declare_lints! { ALL;
     MALFORMED_CONDITION = "OX309" "malformed-condition" Error "a condition expression does not parse";
     UNDECLARED_CONTEXT_FIELD = "OX310" "undeclared-context-field" Warning "a condition reads a field that is not a declared context variable";
     TERMINAL_STATE_EXITS = "OX311" "terminal-state-exits" Warning "a terminal state has outgoing transitions";
+    TWO_TOKEN_CONDITION = "OX312" "two-token-condition" Warning "a unary condition is written without the value token ONEX's parser requires";
     RETRY_NOT_IDEMPOTENT = "OX401" "retry-not-idempotent" Error "an operation declared non-idempotent has retries enabled";
     RAW_QUERY_INTERPOLATION = "OX402" "raw-query-interpolation" Error "a raw SQL query interpolates input into its text";
     QUERY_PLACEHOLDER_MISMATCH = "OX403" "query-placeholder-mismatch" Error "SQL placeholders $1..$n do not match query_params";
@@ -156,6 +160,7 @@ onex_diag::declare_lints! { ALL;
     INVALID_TEMPLATE = "OX508" "invalid-template" Error "a template does not compile";
     ACTION_BOUND_TWICE = "OX509" "action-bound-twice" Error "two effect operations run the same intent";
     UNKNOWN_ACTION = "OX510" "unknown-action" Warning "a binding names an action that no reducer emits";
+    BUSY_TERMINAL_STATE = "OX511" "busy-terminal-state" Error "a terminal state is neither a rest state nor left by a follow-up, so instances stay in it busy for ever";
 }
 
 /// Finds a lint by code (`OX301`) or name (`unknown-state`).

@@ -23,7 +23,7 @@ pub fn diagnostic(report: &FileReport, diagnostic: &Diagnostic) -> Value {
             json!({"line": at.line, "column": at.column, "message": label.message})
         })
         .collect();
-    json!({
+    let mut object = json!({
         "type": "diagnostic",
         "file": source.name(),
         "line": start.get(0),
@@ -37,7 +37,22 @@ pub fn diagnostic(report: &FileReport, diagnostic: &Diagnostic) -> Value {
         "pointer": diagnostic.pointer,
         "help": diagnostic.help,
         "labels": labels,
-    })
+    });
+    // Only on findings that carry one, so that every other line stays as it was.
+    if let Some(fix) = &diagnostic.fix {
+        let (start, end) = (
+            source.line_col(fix.span.start),
+            source.line_col(fix.span.end),
+        );
+        object["fix"] = json!({
+            "line": start.line,
+            "column": start.column,
+            "end_line": end.line,
+            "end_column": end.column,
+            "replacement": fix.replacement,
+        });
+    }
+    object
 }
 
 /// Every diagnostic of `report`, one JSON object per line.

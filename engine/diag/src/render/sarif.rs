@@ -39,6 +39,25 @@ pub fn render(reports: &[FileReport], rules: &[&'static Lint], version: &str) ->
             if let Some(index) = rule_index.get(d.lint.code) {
                 result["ruleIndex"] = json!(index);
             }
+            if let Some(fix) = &d.fix {
+                let (start, end) = (
+                    report.source.line_col(fix.span.start),
+                    report.source.line_col(fix.span.end),
+                );
+                result["fixes"] = json!([{
+                    "description": {"text": d.help.as_deref().unwrap_or(&d.message)},
+                    "artifactChanges": [{
+                        "artifactLocation": {"uri": report.source.name()},
+                        "replacements": [{
+                            "deletedRegion": {
+                                "startLine": start.line, "startColumn": start.column,
+                                "endLine": end.line, "endColumn": end.column,
+                            },
+                            "insertedContent": {"text": fix.replacement},
+                        }],
+                    }],
+                }]);
+            }
             results.push(result);
         }
     }
