@@ -105,7 +105,7 @@ fn the_project_fsm_checks_clean_and_its_paths_replay() {
     assert_eq!(run.code, 0, "{}", run.stdout);
     assert!(
         run.stdout
-            .contains("ok: 8 of 8 states reached, 12 of 12 transitions fired"),
+            .contains("ok: 8 of 8 states reached, 15 of 15 transitions fired"),
         "{}",
         run.stdout
     );

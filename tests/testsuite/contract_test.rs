@@ -7,7 +7,7 @@ fn the_project_scenarios_pass() {
     let run = onex(&["contract", "test", "tests/contract-tests"]);
     assert_eq!(run.code, 0, "{}", run.stdout);
     assert!(
-        run.stdout.ends_with("9 passed, 0 failed\n"),
+        run.stdout.ends_with("13 passed, 0 failed\n"),
         "{}",
         run.stdout
     );
@@ -75,9 +75,9 @@ fn a_failing_scenario_shows_where_and_what_differs() {
             && out.contains("did you mean `rejected`?"),
         "{out}"
     );
-    assert!(out.ends_with("7 passed, 2 failed\n"), "{out}");
+    assert!(out.ends_with("11 passed, 2 failed\n"), "{out}");
     let xml = std::fs::read_to_string(&junit).expect("junit written");
-    assert!(xml.contains("tests=\"9\" failures=\"2\""), "{xml}");
+    assert!(xml.contains("tests=\"13\" failures=\"2\""), "{xml}");
     assert_eq!(xml.matches("<failure ").count(), 2);
 
     let json = onex(&["contract", "test", "--format", "json", path_str(&file)]);
@@ -88,7 +88,7 @@ fn a_failing_scenario_shows_where_and_what_differs() {
         .expect("summary");
     assert_eq!(
         (summary["passed"].as_u64(), summary["failed"].as_u64()),
-        (Some(7), Some(2))
+        (Some(11), Some(2))
     );
 }
 

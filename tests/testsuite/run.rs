@@ -1083,10 +1083,16 @@ async fn consul_stand_in_sees_exact_requests_and_a_failure_is_partial_then_recov
 /// service registration (with `token`, only those that carry it). Tests mount the
 /// answers for the node under test on it, with a higher priority.
 async fn consul_stand_in(token: Option<&str>) -> wiremock::MockServer {
-    use wiremock::matchers::{header, method, path};
-    use wiremock::{Mock, MockServer, ResponseTemplate};
+    let consul = wiremock::MockServer::start().await;
+    answer_as_consul(&consul, token).await;
+    consul
+}
 
-    let consul = MockServer::start().await;
+/// What [`consul_stand_in`] answers, mounted on `consul`.
+async fn answer_as_consul(consul: &wiremock::MockServer, token: Option<&str>) {
+    use wiremock::matchers::{header, method, path};
+    use wiremock::{Mock, ResponseTemplate};
+
     let mut register = Mock::given(method("PUT")).and(path("/v1/agent/service/register"));
     if let Some(token) = token {
         register = register.and(header("X-Consul-Token", token));
@@ -1094,14 +1100,13 @@ async fn consul_stand_in(token: Option<&str>) -> wiremock::MockServer {
     register
         .respond_with(ResponseTemplate::new(200))
         .with_priority(2)
-        .mount(&consul)
+        .mount(consul)
         .await;
     Mock::given(method("GET"))
         .and(path("/v1/status/leader"))
         .respond_with(ResponseTemplate::new(200).set_body_string("\"127.0.0.1:8300\""))
-        .mount(&consul)
+        .mount(consul)
         .await;
-    consul
 }
 
 /// The registration of the test nodes (`node(n)`, node type `effect`).
@@ -1829,4 +1834,106 @@ async fn forged_node_ids_never_reach_the_agent() {
         .collect();
     assert!(stages.contains(&("validate", "hb-forged")), "{stages:?}");
     assert!(stages.contains(&("validate", "in-forged")), "{stages:?}");
+}
+
+/// Consul down for longer than every retry: each node ends partial. Once Consul works
+/// again, with no restart, every node ends complete: the first heartbeat re-drives its
+/// node's missing backend, and the breaker closing again on that success re-drives
+/// the nodes that never heartbeat.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partial_registrations_complete_once_the_backend_works_again() {
+    use wiremock::ResponseTemplate;
+
+    let consul = consul_stand_in(None).await;
+    node_registration()
+        .respond_with(ResponseTemplate::new(503).set_body_string("agent down"))
+        .with_priority(1)
+        .mount(&consul)
+        .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().to_owned();
+    let address = consul.uri();
+    let mut child = spawn_onex(&[
+        "run",
+        "--contract",
+        "contracts/",
+        "--listen",
+        "off",
+        "--events",
+        "-",
+        "--consul",
+        &address,
+        "--data-dir",
+        path_str(&data),
+    ]);
+    let mut stdin = child.0.stdin.take().expect("stdin");
+    for n in 1..=3 {
+        writeln!(stdin, "{}", node(n)).expect("write");
+    }
+    stdin.flush().expect("flush");
+    let outcomes = |data: &Path| -> Vec<Value> {
+        (1..=3)
+            .map(|n| {
+                stored_registrations(data)
+                    .into_iter()
+                    .find(|i| i["key"] == node_id(n) && i["state"] == "idle")
+                    .map_or(Value::Null, |i| i["outcome"].clone())
+            })
+            .collect()
+    };
+    let all_partial = tokio::task::spawn_blocking({
+        let data = data.clone();
+        move || eventually(|| outcomes(&data) == vec![json!("partial"); 3])
+    });
+    assert!(all_partial.await.expect("wait"), "{:?}", outcomes(&data));
+    // Consul is back. The breaker opened on the failures and stays open for a
+    // second; then one heartbeat of node 1.
+    consul.reset().await;
+    answer_as_consul(&consul, None).await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let heartbeat = json!({
+        "message_id": "hb-1", "event_type": "NodeHeartbeatEvent",
+        "payload": {"node_id": node_id(1), "node_type": "effect", "uptime_seconds": 60, "active_operations_count": 0}
+    });
+    writeln!(stdin, "{heartbeat}").expect("write");
+    stdin.flush().expect("flush");
+    let all_complete = tokio::task::spawn_blocking({
+        let data = data.clone();
+        move || eventually(|| outcomes(&data) == vec![json!("complete"); 3])
+    });
+    let completed = all_complete.await.expect("wait");
+    drop(stdin);
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status();
+    tokio::task::spawn_blocking(move || child.0.wait().expect("exit"))
+        .await
+        .expect("wait");
+    assert!(completed, "{:?}", outcomes(&data));
+    for n in 1..=3 {
+        let results: Vec<Value> =
+            published(&data, "NodeRegistrationResultEvent", Some(&node_id(n)))
+                .iter()
+                .map(|e| e["payload"]["outcome"].clone())
+                .collect();
+        assert_eq!(
+            results.first(),
+            Some(&json!("partial")),
+            "node {n}: {results:?}"
+        );
+        assert_eq!(
+            results.last(),
+            Some(&json!("complete")),
+            "node {n}: {results:?}"
+        );
+    }
+    // The node registry was written once per node: only the missing backend was
+    // re-driven.
+    assert_eq!(
+        count(
+            &data.join("data.db"),
+            "SELECT count(*) FROM node_registrations WHERE node_id LIKE '00000000-%'"
+        ),
+        3
+    );
 }

@@ -17,7 +17,6 @@ use crate::handler::{Call, Failure, Handlers, Outcome};
 use crate::metrics::Metrics;
 use crate::project::{Operation, OperationId};
 
-#[derive(Debug)]
 pub struct EffectRunner {
     handlers: Handlers,
     /// Per target: its breaker and the gauge that shows the breaker's state. Targets
@@ -26,6 +25,20 @@ pub struct EffectRunner {
     metrics: Arc<Metrics>,
     /// Per operation, its metric handles (labels built once, not per call).
     measures: Vec<Measures>,
+    /// Told the key of a target whose breaker has closed again.
+    breaker_closed: std::sync::OnceLock<BreakerClosed>,
+}
+
+/// What [`EffectRunner::on_breaker_closed`] calls, with the target's key.
+pub type BreakerClosed = Box<dyn Fn(&str) + Send + Sync>;
+
+impl std::fmt::Debug for EffectRunner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EffectRunner")
+            .field("handlers", &self.handlers)
+            .field("breakers", &self.breakers)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug)]
@@ -37,7 +50,8 @@ struct Measures {
 
 #[derive(Debug)]
 struct TargetBreaker {
-    target: String,
+    /// `handler:target` as the handler names it, which calls are matched against.
+    key: String,
     breaker: Breaker,
     /// `circuit_breaker_state` for this target.
     gauge: Gauge<i64, AtomicI64>,
@@ -81,11 +95,32 @@ impl EffectRunner {
             breakers: Mutex::new(Vec::new()),
             metrics,
             measures,
+            breaker_closed: std::sync::OnceLock::new(),
         }
     }
 
     pub fn handlers(&self) -> &Handlers {
         &self.handlers
+    }
+
+    /// Whom to tell when a target's breaker closes again (once per run).
+    pub fn on_breaker_closed(&self, notify: BreakerClosed) {
+        let _ = self.breaker_closed.set(notify);
+    }
+
+    /// The key of the breaker that guards this call (as [`Self::on_breaker_closed`]
+    /// names it); `None` when the operation has no breaker.
+    pub fn breaker_key(&self, operation: &Operation, call: &Call) -> Option<String> {
+        operation.breaker.as_ref()?;
+        let handler = self.handlers.get(&operation.handler)?;
+        let target = handler.target(&call.config);
+        Some(
+            TargetName {
+                handler: &operation.handler,
+                target: &target,
+            }
+            .key(),
+        )
     }
 
     /// Runs `call` for `operation` until it succeeds, fails permanently, or its retries
@@ -194,10 +229,29 @@ impl EffectRunner {
 
     fn record(&self, target: TargetName<'_>, spec: Option<&CircuitBreakerSpec>, ok: bool) {
         let Some(spec) = spec else { return };
-        let Ok(mut breakers) = self.breakers.lock() else {
-            return;
+        let closed_again = {
+            let Ok(mut breakers) = self.breakers.lock() else {
+                return;
+            };
+            let TargetBreaker { breaker, gauge, .. } = self.breaker(&mut breakers, target);
+            let was_open = !matches!(*breaker, Breaker::Closed { .. });
+            Self::next_state(breaker, gauge, spec, ok);
+            was_open && matches!(*breaker, Breaker::Closed { .. })
         };
-        let TargetBreaker { breaker, gauge, .. } = self.breaker(&mut breakers, target);
+        if closed_again {
+            tracing::info!(breaker = %target, "circuit breaker closed again");
+            if let Some(notify) = self.breaker_closed.get() {
+                notify(&target.key());
+            }
+        }
+    }
+
+    fn next_state(
+        breaker: &mut Breaker,
+        gauge: &Gauge<i64, AtomicI64>,
+        spec: &CircuitBreakerSpec,
+        ok: bool,
+    ) {
         let open = || Breaker::Open {
             until: Instant::now() + Duration::from_millis(spec.timeout_ms),
         };
@@ -234,7 +288,7 @@ impl EffectRunner {
         breakers: &'m mut Vec<TargetBreaker>,
         target: TargetName<'_>,
     ) -> &'m mut TargetBreaker {
-        let index = match breakers.iter().position(|known| target.is(&known.target)) {
+        let index = match breakers.iter().position(|known| target.is(&known.key)) {
             Some(index) => index,
             None => {
                 let gauge = self
@@ -244,7 +298,7 @@ impl EffectRunner {
                     .clone();
                 gauge.set(0);
                 breakers.push(TargetBreaker {
-                    target: target.to_string(),
+                    key: target.key(),
                     breaker: Breaker::Closed { failures: 0 },
                     gauge,
                 });
@@ -264,6 +318,11 @@ struct TargetName<'a> {
 }
 
 impl TargetName<'_> {
+    /// `handler:target`, as the handler names the target.
+    fn key(self) -> String {
+        format!("{}:{}", self.handler, self.target)
+    }
+
     fn is(self, known: &str) -> bool {
         known
             .strip_prefix(self.handler)

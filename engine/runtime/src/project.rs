@@ -77,6 +77,9 @@ pub struct Reducer {
     /// Per action: context updates from its effect's result.
     pub results: Vec<Option<ResultRule>>,
     pub report: Option<Report>,
+    /// Fired on instances at rest whose effects failed on a target whose circuit
+    /// breaker closed again.
+    pub on_breaker_closed: Vec<Arc<str>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -866,6 +869,15 @@ impl Builder<'_> {
                     labels,
                 }
             });
+            let on_breaker_closed = match &spec.on_breaker_closed {
+                Some(list) => self.triggers(
+                    &machine,
+                    name,
+                    &list.try_triggers,
+                    &format!("{pointer}/on_breaker_closed/try"),
+                ),
+                None => Vec::new(),
+            };
             reducers.push(Some(Reducer {
                 name: name.clone(),
                 machine,
@@ -874,6 +886,7 @@ impl Builder<'_> {
                 bindings,
                 results,
                 report,
+                on_breaker_closed,
             }));
         }
         reducers

@@ -332,6 +332,13 @@ pub async fn run(
         shard_senders.push(sender);
     }
     restore(&shared, stored, &shard_senders).await?;
+    let senders = shard_senders.clone();
+    shared.effects.on_breaker_closed(Box::new(move |breaker| {
+        let breaker: Arc<str> = Arc::from(breaker);
+        for sender in &senders {
+            let _ = sender.send(Message::BreakerClosed(Arc::clone(&breaker)));
+        }
+    }));
 
     // The router: consumed events -> instances.
     let routed: HashSet<String> = project.routes.keys().cloned().collect();

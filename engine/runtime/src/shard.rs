@@ -69,6 +69,9 @@ pub enum Message {
     /// Hand every instance to the store now, busy ones as they are (shutdown), and
     /// say when that is done.
     HandOver(tokio::sync::oneshot::Sender<()>),
+    /// The circuit breaker with this key closed again: re-drive the instances at
+    /// rest whose effects last failed on its target.
+    BreakerClosed(Arc<str>),
     /// A stored instance to take over at start, with the message ids a state file
     /// of an earlier version kept beside it.
     Restore {
@@ -207,6 +210,10 @@ impl Shard {
             Message::HandOver(done) => {
                 self.hand_over(true);
                 let _ = done.send(());
+                None
+            }
+            Message::BreakerClosed(breaker) => {
+                self.on_breaker_closed(&breaker);
                 None
             }
         }
@@ -693,6 +700,7 @@ impl Shard {
         let pending = slot.pending.remove(position);
         let action_name = &spec.machine.action(pending.action).name;
         let operation = &project.operations[pending.operation];
+        note_breaker_outcome(&self.shared, slot, &pending, outcome.is_err());
         if let Err(failure) = &outcome {
             tracing::warn!(reducer = %spec.name, key, action = %action_name, operation = %operation.name, error = %failure.message(), "effect failed");
         }
@@ -816,6 +824,7 @@ impl Shard {
                 _ => 0,
             };
             for pending in late {
+                note_breaker_outcome(&self.shared, slot, &pending, true);
                 if let Some(rule) = &spec.results[pending.action as usize] {
                     let error = format!("no result within {seconds} s");
                     let scope = template::scope(&[
@@ -833,6 +842,39 @@ impl Shard {
         self.fire(reducer, key, &then.triggers, 0);
         self.drain_inbox(reducer, key);
         self.touch(reducer, key);
+    }
+
+    /// Re-drives the instances at rest whose effects last failed on the target of
+    /// a breaker that closed again, with their reducer's `on_breaker_closed`
+    /// triggers. The FSM decides: a trigger it rejects (the instance has moved on) is
+    /// no dead letter.
+    fn on_breaker_closed(&mut self, breaker: &str) {
+        let project = Arc::clone(&self.shared.project);
+        let mut waiting = Vec::new();
+        for (reducer, spec) in project.reducers.iter().enumerate() {
+            if spec.on_breaker_closed.is_empty() {
+                continue;
+            }
+            for (key, slot) in self.slots.iter_mut(reducer) {
+                if slot.failed_on.iter().any(|k| **k == *breaker) {
+                    slot.note_outcome(breaker, false);
+                    if slot.is_quiet(&spec.rest) {
+                        waiting.push((reducer, key.clone()));
+                    }
+                }
+            }
+        }
+        for (reducer, key) in waiting {
+            for trigger in &project.reducers[reducer].on_breaker_closed {
+                if self
+                    .step(reducer, &key, trigger, None, None, None, 0)
+                    .is_ok()
+                {
+                    break;
+                }
+            }
+            self.touch(reducer, &key);
+        }
     }
 
     /// The operation's call for an intent: its templates rendered over `input` (the
@@ -985,6 +1027,13 @@ impl Slots {
         }
     }
 
+    fn iter_mut(&mut self, reducer: ReducerId) -> impl Iterator<Item = (&String, &mut Slot)> {
+        self.0
+            .get_mut(reducer)
+            .into_iter()
+            .flat_map(|slots| slots.iter_mut())
+    }
+
     fn get_or_create(
         &mut self,
         reducer: ReducerId,
@@ -997,6 +1046,21 @@ impl Slots {
         } else {
             Some(slots.entry(key.to_owned()).or_insert_with(create))
         }
+    }
+}
+
+/// Notes on the instance how an effect guarded by a circuit breaker ended, so that
+/// it is re-driven when that breaker closes again. Only failures and instances that
+/// noted one pay for finding the breaker's key.
+fn note_breaker_outcome(shared: &Shared, slot: &mut Slot, pending: &Pending, failed: bool) {
+    if !failed && slot.failed_on.is_empty() {
+        return;
+    }
+    let operation = &shared.project.operations[pending.operation];
+    if let Some(call) = &pending.call
+        && let Some(key) = shared.effects.breaker_key(operation, call)
+    {
+        slot.note_outcome(&key, failed);
     }
 }
 

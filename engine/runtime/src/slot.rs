@@ -40,6 +40,10 @@ pub struct Slot {
     pub started: Option<Instant>,
     /// Set while the instance has changes the store does not have yet.
     pub unsaved: Option<Unsaved>,
+    /// The breakers (their keys) of the targets its effects last failed on; an
+    /// instance at rest is re-driven when one closes again. Not persisted: after a
+    /// restart the breakers start closed.
+    pub failed_on: Vec<Arc<str>>,
 }
 
 /// Message ids an instance remembers, to skip repeats.
@@ -209,6 +213,19 @@ impl Slot {
             correlation: None,
             started: None,
             unsaved: None,
+            failed_on: Vec::new(),
+        }
+    }
+
+    /// Records how an effect guarded by the breaker `key` ended.
+    pub fn note_outcome(&mut self, key: &str, failed: bool) {
+        let known = self.failed_on.iter().position(|k| **k == *key);
+        match (known, failed) {
+            (None, true) => self.failed_on.push(Arc::from(key)),
+            (Some(at), false) => {
+                self.failed_on.swap_remove(at);
+            }
+            _ => {}
         }
     }
 
@@ -301,6 +318,7 @@ impl Slot {
             correlation: snapshot.correlation_id.as_deref().map(Arc::from),
             started: None,
             unsaved: None,
+            failed_on: Vec::new(),
         })
     }
 }

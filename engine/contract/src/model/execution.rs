@@ -59,6 +59,17 @@ pub struct ReducerSpec {
     /// States in which an instance takes its next event; default: the initial state.
     pub rest_states: Option<Vec<String>>,
     pub report: Option<ReportSpec>,
+    /// Triggers fired on the instances at rest whose effects last failed on a target
+    /// whose circuit breaker has closed again; rejections are not dead letters.
+    pub on_breaker_closed: Option<TriggerList>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TriggerList {
+    /// Tried in order; the first the FSM accepts wins.
+    #[serde(rename = "try")]
+    pub try_triggers: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
