@@ -40,11 +40,28 @@ fn main() -> ExitCode {
     };
     match run(args) {
         Ok(code) => ExitCode::from(code),
+        // The reader of our output has gone (`onex state list | head`): nobody is left
+        // to tell, and the reader got what it asked for.
+        Err(error) if is_broken_pipe(&error) => ExitCode::from(EXIT_CLEAN),
         Err(error) => {
             eprintln!("onex: error: {error:#}");
             ExitCode::from(EXIT_TROUBLE)
         }
     }
+}
+
+/// Whether the error, or any error it wraps, is a write to a closed pipe.
+fn is_broken_pipe(error: &anyhow::Error) -> bool {
+    use std::io::ErrorKind::BrokenPipe;
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == BrokenPipe)
+            || cause
+                .downcast_ref::<serde_json::Error>()
+                .and_then(serde_json::Error::io_error_kind)
+                == Some(BrokenPipe)
+    })
 }
 
 fn run(args: cli::Cli) -> anyhow::Result<u8> {

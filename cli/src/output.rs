@@ -1,11 +1,18 @@
 //! Writing reports in the chosen format.
 
-use std::io::{IsTerminal, Write};
+use std::io::{BufWriter, IsTerminal, StdoutLock, Write};
 
 use onex_diag::{FileReport, Severity, render};
 use serde_json::json;
 
 use crate::cli::{Color, Format};
+
+/// Standard output, buffered. Every command writes its results through this and
+/// passes a failed write on as its error (no `print!`, which panics on a closed pipe;
+/// `main` ends quietly when the reader has gone). Flush it before returning.
+pub fn stdout() -> BufWriter<StdoutLock<'static>> {
+    BufWriter::with_capacity(1 << 16, std::io::stdout().lock())
+}
 
 pub fn use_color(choice: Color) -> bool {
     color_for(choice, std::io::stdout().is_terminal())
@@ -46,7 +53,7 @@ pub fn write(
     color: bool,
 ) -> anyhow::Result<Totals> {
     let mut totals = Totals::default();
-    let mut out = std::io::stdout().lock();
+    let mut out = stdout();
     for (report, _) in reports {
         totals.add(report);
     }

@@ -6,7 +6,7 @@
 //! `{"instance": "...", "start_state": "S"}` (restored in S without running actions).
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufWriter, Write};
+use std::io::{BufRead, Write};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -108,7 +108,7 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<u8> {
             .with_context(|| format!("cannot read {}", args.events.display()))?;
         Box::new(std::io::BufReader::with_capacity(1 << 16, file))
     };
-    let mut out = BufWriter::with_capacity(1 << 16, std::io::stdout().lock());
+    let mut out = crate::output::stdout();
     let mut instances: HashMap<String, Instance> = HashMap::new();
     let mut record = StepRecord::default();
     let mut counts = Counts::default();

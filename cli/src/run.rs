@@ -1,5 +1,6 @@
 //! `onex run`: load the project, pick the handlers, run, print the summary.
 
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -95,10 +96,12 @@ pub fn run(args: &RunArgs) -> anyhow::Result<u8> {
             return Ok(EXIT_TROUBLE);
         }
     };
+    let mut out = crate::output::stdout();
     match args.format {
-        OutputFormat::Json => println!("{}", serde_json::to_string(&summary)?),
-        OutputFormat::Human => print!("{}", human(&summary)),
+        OutputFormat::Json => writeln!(out, "{}", serde_json::to_string(&summary)?)?,
+        OutputFormat::Human => write!(out, "{}", human(&summary))?,
     }
+    out.flush()?;
     let unfinished = summary.reducers.iter().any(|r| r.busy > 0) && summary.stopped_by == "idle";
     let lost = summary.demo.as_ref().is_some_and(|d| d.lost > 0);
     Ok(if summary.events.dead_letters > 0 || unfinished || lost {

@@ -1,10 +1,12 @@
 //! `onex dlq list` and `onex state list`: read the runtime's store.
 
+use std::io::Write as _;
+
 use anyhow::Context;
 use serde_json::{Value, json};
 
-use crate::EXIT_CLEAN;
 use crate::cli::{OutputFormat, StateListArgs, StoreArgs};
+use crate::{EXIT_CLEAN, output};
 
 fn block_on<T>(future: impl std::future::Future<Output = Result<T, String>>) -> anyhow::Result<T> {
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -16,18 +18,20 @@ fn block_on<T>(future: impl std::future::Future<Output = Result<T, String>>) -> 
 
 pub fn dead_letters(args: &StoreArgs) -> anyhow::Result<u8> {
     let letters = block_on(onex_runtime::store::read_dead_letters(&args.data_dir))?;
+    let mut out = output::stdout();
     match args.format {
         OutputFormat::Json => {
             for letter in &letters {
-                println!("{}", serde_json::to_string(letter)?);
+                writeln!(out, "{}", serde_json::to_string(letter)?)?;
             }
         }
         OutputFormat::Human => {
             if letters.is_empty() {
-                println!("no dead letters in {}", args.data_dir.display());
+                writeln!(out, "no dead letters in {}", args.data_dir.display())?;
             }
             for letter in &letters {
-                println!(
+                writeln!(
+                    out,
                     "#{} {} [{}] {}\n    from {}{}",
                     letter.id.unwrap_or_default(),
                     letter.at,
@@ -39,10 +43,11 @@ pub fn dead_letters(args: &StoreArgs) -> anyhow::Result<u8> {
                         .as_deref()
                         .map(|id| format!(", message {id}"))
                         .unwrap_or_default()
-                );
+                )?;
             }
         }
     }
+    out.flush()?;
     Ok(EXIT_CLEAN)
 }
 
@@ -63,14 +68,16 @@ pub fn instances(args: &StateListArgs) -> anyhow::Result<u8> {
             json!({"reducer": s.reducer, "key": s.key, "state": s.state, "outcome": s.outcome, "fields": fields})
         })
         .collect();
+    let mut out = output::stdout();
     match args.store.format {
         OutputFormat::Json => {
             for row in &rows {
-                println!("{}", serde_json::to_string(row)?);
+                writeln!(out, "{}", serde_json::to_string(row)?)?;
             }
         }
-        OutputFormat::Human => print!("{}", table(&rows, &args.fields)),
+        OutputFormat::Human => write!(out, "{}", table(&rows, &args.fields))?,
     }
+    out.flush()?;
     Ok(EXIT_CLEAN)
 }
 

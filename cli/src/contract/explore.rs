@@ -55,7 +55,7 @@ pub fn run(args: &CheckArgs) -> anyhow::Result<u8> {
     if let Some(dir) = &args.paths {
         write_paths(dir, &paths)?;
     }
-    let mut out = std::io::stdout().lock();
+    let mut out = output::stdout();
     match args.format {
         Format::Human => {
             out.write_all(

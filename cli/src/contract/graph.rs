@@ -3,7 +3,7 @@
 use anyhow::bail;
 use onex_contract::{Contract, graph};
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 
 use crate::cli::{Color, GraphArgs, GraphFormat};
 use crate::{EXIT_CLEAN, EXIT_FINDINGS, output};
@@ -23,10 +23,16 @@ pub fn run(args: &GraphArgs) -> anyhow::Result<u8> {
             args.file.display()
         );
     };
+    let mut out = output::stdout();
     match args.format {
-        GraphFormat::Dot => print!("{}", graph::to_dot(&fsm)),
-        GraphFormat::Mermaid => print!("{}", graph::to_mermaid(&fsm)),
-        GraphFormat::Json => println!("{}", serde_json::to_string_pretty(&graph::to_json(&fsm))?),
+        GraphFormat::Dot => write!(out, "{}", graph::to_dot(&fsm))?,
+        GraphFormat::Mermaid => write!(out, "{}", graph::to_mermaid(&fsm))?,
+        GraphFormat::Json => writeln!(
+            out,
+            "{}",
+            serde_json::to_string_pretty(&graph::to_json(&fsm))?
+        )?,
     }
+    out.flush()?;
     Ok(EXIT_CLEAN)
 }

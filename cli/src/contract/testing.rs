@@ -17,6 +17,7 @@
 //!           completed: false                 # entered a terminal state
 //! ```
 
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -49,19 +50,20 @@ pub fn run(args: &TestArgs) -> anyhow::Result<u8> {
         outcomes.extend(run_file(file)?);
     }
     let failed = outcomes.iter().filter(|o| !o.failures.is_empty()).count();
+    let mut out = crate::output::stdout();
     match args.format {
         TestFormat::Human => {
             for o in &outcomes {
                 if o.failures.is_empty() {
-                    println!("ok    {} :: {}", o.file, o.name);
+                    writeln!(out, "ok    {} :: {}", o.file, o.name)?;
                 } else {
-                    println!("FAIL  {} :: {}", o.file, o.name);
+                    writeln!(out, "FAIL  {} :: {}", o.file, o.name)?;
                     for failure in &o.failures {
-                        println!("{}", indent(failure));
+                        writeln!(out, "{}", indent(failure))?;
                     }
                 }
             }
-            println!("{} passed, {} failed", outcomes.len() - failed, failed);
+            writeln!(out, "{} passed, {} failed", outcomes.len() - failed, failed)?;
         }
         TestFormat::Json => {
             for o in &outcomes {
@@ -70,17 +72,20 @@ pub fn run(args: &TestArgs) -> anyhow::Result<u8> {
                 } else {
                     "fail"
                 };
-                println!(
+                writeln!(
+                    out,
                     "{}",
                     json!({"type": "scenario", "file": o.file, "name": o.name, "status": status, "failures": o.failures})
-                );
+                )?;
             }
-            println!(
+            writeln!(
+                out,
                 "{}",
                 json!({"type": "summary", "passed": outcomes.len() - failed, "failed": failed})
-            );
+            )?;
         }
     }
+    out.flush()?;
     if let Some(path) = &args.junit {
         std::fs::write(path, junit(&outcomes))
             .with_context(|| format!("cannot write {}", path.display()))?;
