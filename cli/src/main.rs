@@ -67,11 +67,12 @@ fn is_broken_pipe(error: &anyhow::Error) -> bool {
 fn run(args: cli::Cli) -> anyhow::Result<u8> {
     match args.command {
         cli::Command::Contract { command } => match command {
-            cli::ContractCommand::Validate(check) => contract::validate::run(&check, false),
-            cli::ContractCommand::Lint {
-                check,
-                deny_warnings,
-            } => contract::validate::run(&check, deny_warnings),
+            cli::ContractCommand::Validate(args) => {
+                contract::validate::run(&args.files, args.format()?, false)
+            }
+            cli::ContractCommand::Lint(args) => {
+                contract::validate::run(&args.files, args.format()?, args.deny_warnings)
+            }
             cli::ContractCommand::Graph(graph) => contract::graph::run(&graph),
             cli::ContractCommand::Test(test) => contract::testing::run(&test),
             cli::ContractCommand::Check(check) => contract::explore::run(&check),

@@ -100,6 +100,7 @@ struct Counts {
 }
 
 pub fn run(args: &ReplayArgs) -> anyhow::Result<u8> {
+    let format = args.format()?;
     let machine = crate::contract::load_machine(&args.contract)?;
     let input: Box<dyn BufRead> = if args.events.as_os_str() == "-" {
         Box::new(std::io::stdin().lock())
@@ -125,7 +126,7 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<u8> {
         match parsed {
             Err(reason) => {
                 counts.malformed += 1;
-                match args.format {
+                match format {
                     ReplayFormat::Json => writeln!(
                         out,
                         "{}",
@@ -156,7 +157,7 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<u8> {
                 } else {
                     counts.transitions += 1;
                 }
-                match args.format {
+                match format {
                     ReplayFormat::Json => {
                         record.write_json(&machine, Some(number), &mut out)?;
                         out.write_all(b"\n")?;
@@ -168,7 +169,7 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<u8> {
         }
     }
     let elapsed = started.elapsed().as_secs_f64();
-    if args.format == ReplayFormat::Summary {
+    if format == ReplayFormat::Summary {
         let rate = if elapsed > 0.0 {
             counts.events as f64 / elapsed
         } else {

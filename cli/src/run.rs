@@ -15,6 +15,7 @@ use crate::cli::{LogFormat, OutputFormat, RunArgs};
 use crate::{EXIT_CLEAN, EXIT_FINDINGS, EXIT_TROUBLE};
 
 pub fn run(args: &RunArgs) -> anyhow::Result<u8> {
+    let format = args.format()?;
     init_logging(args)?;
     let path = orchestrator_path(&args.contract)?;
     let loaded = onex_runtime::project::load(&path);
@@ -97,7 +98,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<u8> {
         }
     };
     let mut out = crate::output::stdout();
-    match args.format {
+    match format {
         OutputFormat::Json => writeln!(out, "{}", serde_json::to_string(&summary)?)?,
         OutputFormat::Human => write!(out, "{}", human(&summary))?,
     }

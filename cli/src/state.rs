@@ -5,7 +5,7 @@ use std::io::Write as _;
 use anyhow::Context;
 use serde_json::{Value, json};
 
-use crate::cli::{OutputFormat, StateListArgs, StoreArgs};
+use crate::cli::{DlqListArgs, OutputFormat, StateListArgs};
 use crate::{EXIT_CLEAN, output};
 
 fn block_on<T>(future: impl std::future::Future<Output = Result<T, String>>) -> anyhow::Result<T> {
@@ -16,10 +16,11 @@ fn block_on<T>(future: impl std::future::Future<Output = Result<T, String>>) -> 
     runtime.block_on(future).map_err(anyhow::Error::msg)
 }
 
-pub fn dead_letters(args: &StoreArgs) -> anyhow::Result<u8> {
-    let letters = block_on(onex_runtime::store::read_dead_letters(&args.data_dir))?;
+pub fn dead_letters(args: &DlqListArgs) -> anyhow::Result<u8> {
+    let format = args.format()?;
+    let letters = block_on(onex_runtime::store::read_dead_letters(&args.store.data_dir))?;
     let mut out = output::stdout();
-    match args.format {
+    match format {
         OutputFormat::Json => {
             for letter in &letters {
                 writeln!(out, "{}", serde_json::to_string(letter)?)?;
@@ -27,7 +28,7 @@ pub fn dead_letters(args: &StoreArgs) -> anyhow::Result<u8> {
         }
         OutputFormat::Human => {
             if letters.is_empty() {
-                writeln!(out, "no dead letters in {}", args.data_dir.display())?;
+                writeln!(out, "no dead letters in {}", args.store.data_dir.display())?;
             }
             for letter in &letters {
                 writeln!(
@@ -52,6 +53,7 @@ pub fn dead_letters(args: &StoreArgs) -> anyhow::Result<u8> {
 }
 
 pub fn instances(args: &StateListArgs) -> anyhow::Result<u8> {
+    let format = args.format()?;
     let stored = block_on(onex_runtime::store::read_instances(
         &args.store.data_dir,
         args.reducer.as_deref(),
@@ -69,7 +71,7 @@ pub fn instances(args: &StateListArgs) -> anyhow::Result<u8> {
         })
         .collect();
     let mut out = output::stdout();
-    match args.store.format {
+    match format {
         OutputFormat::Json => {
             for row in &rows {
                 writeln!(out, "{}", serde_json::to_string(row)?)?;

@@ -12,4 +12,5 @@ mod reference;
 mod reference_docs;
 mod run;
 mod scenarios;
+mod settings;
 mod support;

@@ -62,9 +62,18 @@ pub fn onex(args: &[&str]) -> Run {
     onex_limited(args, Duration::from_secs(120), None)
 }
 
+/// `onex` with these environment variables set (and no others of its own).
+pub fn onex_env(args: &[&str], env: &[(&str, &str)]) -> Run {
+    run_onex(args, env, Duration::from_secs(120), None)
+}
+
 /// Runs `onex` with a wall-clock limit and, optionally, an address-space limit in KiB
 /// (through the shell's `ulimit -v`); the test fails if the limit is hit.
 pub fn onex_limited(args: &[&str], limit: Duration, memory_kib: Option<u64>) -> Run {
+    run_onex(args, &[], limit, memory_kib)
+}
+
+fn run_onex(args: &[&str], env: &[(&str, &str)], limit: Duration, memory_kib: Option<u64>) -> Run {
     let binary = env!("CARGO_BIN_EXE_onex");
     let mut command = match memory_kib {
         Some(kib) => {
@@ -82,6 +91,7 @@ pub fn onex_limited(args: &[&str], limit: Duration, memory_kib: Option<u64>) -> 
         }
     };
     let child = clean_env(&mut command)
+        .envs(env.iter().copied())
         .current_dir(repo_root())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

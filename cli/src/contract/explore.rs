@@ -16,6 +16,7 @@ use crate::cli::{CheckArgs, Format};
 use crate::{EXIT_CLEAN, EXIT_FINDINGS, output};
 
 pub fn run(args: &CheckArgs) -> anyhow::Result<u8> {
+    let format = args.format()?;
     let (report, loaded) = super::load_file(&args.file)?;
     if loaded.has_errors() {
         eprint!("{}", render::human::render(&report, false));
@@ -56,7 +57,7 @@ pub fn run(args: &CheckArgs) -> anyhow::Result<u8> {
         write_paths(dir, &paths)?;
     }
     let mut out = output::stdout();
-    match args.format {
+    match format {
         Format::Human => {
             out.write_all(
                 render::human::render(&findings, output::use_color(args.color)).as_bytes(),

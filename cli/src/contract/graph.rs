@@ -9,6 +9,7 @@ use crate::cli::{Color, GraphArgs, GraphFormat};
 use crate::{EXIT_CLEAN, EXIT_FINDINGS, output};
 
 pub fn run(args: &GraphArgs) -> anyhow::Result<u8> {
+    let format = args.format()?;
     let (report, loaded) = super::load_file(&args.file)?;
     if loaded.has_errors() {
         // The graph of a broken contract would mislead; show why instead, on stderr.
@@ -24,7 +25,7 @@ pub fn run(args: &GraphArgs) -> anyhow::Result<u8> {
         );
     };
     let mut out = output::stdout();
-    match args.format {
+    match format {
         GraphFormat::Dot => write!(out, "{}", graph::to_dot(&fsm))?,
         GraphFormat::Mermaid => write!(out, "{}", graph::to_mermaid(&fsm))?,
         GraphFormat::Json => writeln!(

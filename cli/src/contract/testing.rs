@@ -44,6 +44,7 @@ struct Outcome {
 }
 
 pub fn run(args: &TestArgs) -> anyhow::Result<u8> {
+    let format = args.format()?;
     let files = crate::files::expand(&args.files)?;
     let mut outcomes = Vec::new();
     for file in &files {
@@ -51,7 +52,7 @@ pub fn run(args: &TestArgs) -> anyhow::Result<u8> {
     }
     let failed = outcomes.iter().filter(|o| !o.failures.is_empty()).count();
     let mut out = crate::output::stdout();
-    match args.format {
+    match format {
         TestFormat::Human => {
             for o in &outcomes {
                 if o.failures.is_empty() {

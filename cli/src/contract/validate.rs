@@ -10,10 +10,10 @@ use std::path::PathBuf;
 use onex_contract::Contract;
 use onex_diag::FileReport;
 
-use crate::cli::ValidateArgs;
+use crate::cli::{ContractFiles, Format};
 use crate::{EXIT_CLEAN, EXIT_FINDINGS, output};
 
-pub fn run(args: &ValidateArgs, deny_warnings: bool) -> anyhow::Result<u8> {
+pub fn run(args: &ContractFiles, format: Format, deny_warnings: bool) -> anyhow::Result<u8> {
     let paths = crate::files::expand(&args.paths)?;
     let mut reports = Vec::with_capacity(paths.len());
     let mut orchestrators = Vec::new();
@@ -29,7 +29,7 @@ pub fn run(args: &ValidateArgs, deny_warnings: bool) -> anyhow::Result<u8> {
     add_project_findings(&mut reports, &orchestrators);
     // Referenced files join the listing in path order, like the rest.
     reports.sort_by(|a, b| a.0.source.name().cmp(b.0.source.name()));
-    let totals = output::write(&reports, args.format, output::use_color(args.color))?;
+    let totals = output::write(&reports, format, output::use_color(args.color))?;
     let failed = totals.errors > 0 || (deny_warnings && totals.warnings > 0);
     Ok(if failed { EXIT_FINDINGS } else { EXIT_CLEAN })
 }
