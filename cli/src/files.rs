@@ -40,6 +40,8 @@ pub fn expand(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
     Ok(out)
 }
 
+/// A file's bytes: a regular file only, and no more than the limit of a contract
+/// (the one reader of the runtime's project loader, `onex_runtime::input_file`).
 pub fn read(path: &Path) -> anyhow::Result<Vec<u8>> {
-    std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
+    onex_runtime::input_file::read(path).with_context(|| format!("cannot read {}", path.display()))
 }

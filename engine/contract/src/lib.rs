@@ -24,7 +24,8 @@ use onex_diag::{Diagnostic, Severity, Span};
 use lints::{EMPTY_CONTRACT, INVALID_ENCODING, RESOURCE_LIMIT, UNKNOWN_CONTRACT_KIND};
 pub use model::{Contract, ContractKind};
 
-/// Larger files are refused before parsing; the biggest real contract is ~30 KiB.
+/// Larger files are refused before parsing (readers stop one byte past it, see
+/// [`Loaded::oversized`]); the biggest real contract is ~30 KiB.
 pub const MAX_CONTRACT_BYTES: usize = 64 * 1024 * 1024;
 
 /// The result of loading one contract: the model when the text could be read as a
@@ -47,6 +48,21 @@ impl Loaded {
             contract: None,
             diagnostics: vec![diagnostic],
         }
+    }
+
+    /// The finding for a file over [`MAX_CONTRACT_BYTES`], for a reader that stopped
+    /// reading at the limit and so has no text to load.
+    pub fn oversized() -> Self {
+        Loaded::only(
+            Diagnostic::new(
+                &RESOURCE_LIMIT,
+                format!(
+                    "the file is larger than {} MiB ({MAX_CONTRACT_BYTES} bytes), the limit for a contract",
+                    MAX_CONTRACT_BYTES >> 20
+                ),
+            )
+            .at(Span::point(0), ""),
+        )
     }
 }
 
@@ -84,19 +100,21 @@ pub fn decode(bytes: &[u8]) -> (String, Option<Diagnostic>) {
     }
 }
 
+/// Decodes a contract file's bytes and loads them: the text (for rendering the
+/// findings) and the result. Not UTF-8 is the one finding.
+pub fn load_bytes(bytes: &[u8]) -> (String, Loaded) {
+    let (text, encoding_problem) = decode(bytes);
+    let loaded = match encoding_problem {
+        Some(diagnostic) => Loaded::only(diagnostic),
+        None => load(&text),
+    };
+    (text, loaded)
+}
+
 /// Runs the whole pipeline on one contract's text.
 pub fn load(text: &str) -> Loaded {
     if text.len() > MAX_CONTRACT_BYTES {
-        return Loaded::only(
-            Diagnostic::new(
-                &RESOURCE_LIMIT,
-                format!(
-                    "the file is {} bytes; contracts are limited to {MAX_CONTRACT_BYTES}",
-                    text.len()
-                ),
-            )
-            .at(Span::point(0), ""),
-        );
+        return Loaded::oversized();
     }
     let parsed = yaml::parse(text);
     let mut diagnostics = parsed.diagnostics;

@@ -12,6 +12,7 @@ pub mod effects;
 pub mod envelope;
 pub mod event_log;
 pub mod handler;
+pub mod input_file;
 pub mod instance_log;
 pub mod intent;
 pub mod json_text;

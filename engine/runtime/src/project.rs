@@ -24,6 +24,7 @@ use onex_core::Machine;
 use onex_diag::{Diagnostic, FileReport, Severity, SourceFile, Span};
 use serde_json::{Map, Value};
 
+use crate::input_file;
 use crate::template::{Fields, Template, TemplateError};
 
 pub type ReducerId = usize;
@@ -205,15 +206,7 @@ struct File {
 
 impl File {
     fn read(path: &Path) -> Result<File, String> {
-        let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
-        let (text, encoding) = onex_contract::decode(&bytes);
-        let loaded = match encoding {
-            Some(d) => onex_contract::Loaded {
-                contract: None,
-                diagnostics: vec![d],
-            },
-            None => onex_contract::load(&text),
-        };
+        let (text, loaded) = input_file::load_contract(path).map_err(|e| e.to_string())?;
         let root = onex_contract::yaml::parse(&text).root;
         Ok(File {
             path: path.to_owned(),
@@ -262,7 +255,7 @@ pub fn find_orchestrators(paths: &[PathBuf]) -> Vec<PathBuf> {
             vec![path.clone()]
         };
         for file in files {
-            let Ok(text) = std::fs::read_to_string(&file) else {
+            let Ok(text) = input_file::read_to_string(&file) else {
                 continue;
             };
             if let Some(root) = onex_contract::yaml::parse(&text).root
@@ -943,7 +936,7 @@ impl Builder<'_> {
         pointer: &str,
     ) -> Option<Validation> {
         let path = normalize(&self.base.join(&spec.schema));
-        let schema = std::fs::read_to_string(&path)
+        let schema = input_file::read_to_string(&path)
             .map_err(|e| e.to_string())
             .and_then(|text| serde_json::from_str::<Value>(&text).map_err(|e| e.to_string()))
             .and_then(|schema| jsonschema::validator_for(&schema).map_err(|e| e.to_string()));
@@ -1085,7 +1078,7 @@ impl Builder<'_> {
                 .to_owned();
             for sql in &effect.setup_db {
                 let path = normalize(&base.join(&sql.value));
-                match std::fs::read_to_string(&path) {
+                match input_file::read_to_string(&path) {
                     Ok(text) => out.push((path, text)),
                     Err(e) => {
                         let d = Diagnostic::new(
