@@ -221,7 +221,8 @@ pub struct ReplayArgs {
     /// The FSM contract.
     #[arg(long, value_name = "FILE", env = "ONEX_CONTRACT")]
     pub contract: PathBuf,
-    /// The event log (JSON Lines); `-` reads standard input.
+    /// The event log (JSON Lines); `-` reads standard input. A line longer than 1 MiB
+    /// or not in UTF-8 is reported as malformed, and the next line replayed.
     #[arg(long, value_name = "LOG.jsonl", env = "ONEX_EVENTS")]
     pub events: PathBuf,
     /// human (the default): one line per step; json: one step record per line;

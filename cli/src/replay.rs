@@ -4,15 +4,19 @@
 //! (instance optional, default `default`; `correlation_id` and `id` optional), or a
 //! directive: `{"instance": "...", "reset": true}` (back to the initial state) or
 //! `{"instance": "...", "start_state": "S"}` (restored in S without running actions).
+//! A line that cannot be one of these (not JSON, not UTF-8, over the 1 MiB cap of a
+//! line) is reported as malformed and replay goes on with the next.
 
 use std::collections::HashMap;
 use std::io::{BufRead, Write};
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use onex_core::{Change, Event, Instance, Machine, StepRecord, step_in_place};
 use serde_json::{Map, Value, json};
+
+use onex_runtime::lines::LineSplitter;
 
 use crate::cli::{ReplayArgs, ReplayFormat};
 use crate::{EXIT_CLEAN, EXIT_FINDINGS};
@@ -102,9 +106,16 @@ struct Counts {
 pub fn run(args: &ReplayArgs) -> anyhow::Result<u8> {
     let format = args.format()?;
     let machine = crate::contract::load_machine(&args.contract)?;
-    let input: Box<dyn BufRead> = if args.events.as_os_str() == "-" {
+    let mut input: Box<dyn BufRead> = if args.events.as_os_str() == "-" {
         Box::new(std::io::stdin().lock())
     } else {
+        // A named pipe is fine here, as standard input is; a directory is a mistake.
+        if args.events.is_dir() {
+            bail!(
+                "cannot read {}: expected a file, got a directory",
+                args.events.display()
+            );
+        }
         let file = std::fs::File::open(&args.events)
             .with_context(|| format!("cannot read {}", args.events.display()))?;
         Box::new(std::io::BufReader::with_capacity(1 << 16, file))
@@ -114,15 +125,29 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<u8> {
     let mut record = StepRecord::default();
     let mut counts = Counts::default();
     let started = Instant::now();
-    for (index, line) in input.lines().enumerate() {
-        let number = index + 1;
-        let line = line
-            .with_context(|| format!("cannot read line {number} of {}", args.events.display()))?;
-        if line.trim().is_empty() {
+    let mut lines = LineSplitter::new();
+    while let Some(line) = lines
+        .read_line(&mut input)
+        .with_context(|| format!("cannot read {}", args.events.display()))?
+    {
+        let number = line.number as usize;
+        let text = match line.bytes {
+            Ok(bytes) => std::str::from_utf8(bytes).map_err(|e| {
+                let at = e.valid_up_to();
+                format!(
+                    "not UTF-8: invalid byte 0x{:02x} at byte {} of the line",
+                    bytes[at],
+                    at + 1
+                )
+            }),
+            Err(too_long) => Err(too_long.to_string()),
+        };
+        if text.as_ref().is_ok_and(|t| t.trim().is_empty()) {
             continue;
         }
-        let parsed =
-            parse_line(&line).and_then(|parsed| directive(&machine, &mut instances, parsed));
+        let parsed = text
+            .and_then(parse_line)
+            .and_then(|parsed| directive(&machine, &mut instances, parsed));
         match parsed {
             Err(reason) => {
                 counts.malformed += 1;

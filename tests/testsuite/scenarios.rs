@@ -125,3 +125,97 @@ fn malformed_lines_are_reported_and_the_rest_replayed() {
     let summary = crate::support::replay_own_fsm(log.to_str().expect("utf-8"), "summary");
     assert!(summary.stdout.starts_with("events 2  transitions 2  rejections 0  intents 8  completed 0  malformed lines 3  instances 1"), "{}", summary.stdout);
 }
+
+const FIRST_EVENT: &str = "{\"trigger\": \"introspection_event_received\", \"context\": {\"node_id\": \"x\", \"node_type\": \"effect\"}}";
+const SECOND_EVENT: &str = "{\"trigger\": \"event_parsed\"}";
+
+#[test]
+fn an_over_long_line_is_malformed_and_the_next_one_replayed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("log.jsonl");
+    let long = format!("{{\"trigger\": \"{}\"}}", "x".repeat(2 << 20));
+    std::fs::write(&log, format!("{long}\n{FIRST_EVENT}\n")).expect("write");
+    let run = crate::support::onex_limited(
+        &[
+            "replay",
+            "--contract",
+            "contracts/fsm/dual_registration_reducer_fsm.yaml",
+            "--events",
+            crate::support::path_str(&log),
+            "--format",
+            "json",
+        ],
+        std::time::Duration::from_secs(60),
+        Some(crate::hostile::MEMORY_KIB),
+    );
+    assert_eq!(run.code, 1, "a malformed line: {}", run.stderr);
+    let lines = run.json_lines();
+    assert_eq!(lines.len(), 2, "{}", run.stdout);
+    assert_eq!(lines[0]["line"], 1);
+    assert_eq!(lines[0]["rejected"], "malformed_line");
+    let reason = lines[0]["reason"].as_str().expect("reason");
+    assert!(
+        reason.contains(&format!("{} bytes long", long.len()))
+            && reason.contains("over the limit of 1 MiB (1048576 bytes) for one line"),
+        "{reason}"
+    );
+    assert_eq!(lines[1]["line"], 2);
+    assert_eq!(lines[1]["to"], "receiving_introspection");
+}
+
+#[test]
+fn a_line_that_is_not_utf8_is_malformed_and_the_rest_replayed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("log.jsonl");
+    let mut bytes = format!("{FIRST_EVENT}\n").into_bytes();
+    bytes.extend_from_slice(b"{\"trigger\": \"caf\xe9\"}\n");
+    bytes.extend_from_slice(format!("{SECOND_EVENT}\n").as_bytes());
+    std::fs::write(&log, bytes).expect("write");
+    let run = crate::support::replay_own_fsm(crate::support::path_str(&log), "human");
+    assert_eq!(run.code, 1, "a malformed line: {}", run.stderr);
+    assert!(
+        run.stdout
+            .contains("line 2: malformed: not UTF-8: invalid byte 0xe9 at byte 17 of the line"),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stdout
+            .contains("3 default: receiving_introspection --event_parsed--> "),
+        "the third line was replayed: {}",
+        run.stdout
+    );
+}
+
+/// `/dev/zero` is one endless line: replay keeps skipping it within its memory limit
+/// (it used to collect it until the allocator gave up, exit 134).
+#[test]
+fn replay_of_an_endless_line_stays_within_its_memory() {
+    let mut child = crate::support::limited_command(
+        &[
+            "replay",
+            "--contract",
+            "contracts/fsm/dual_registration_reducer_fsm.yaml",
+            "--events",
+            "/dev/zero",
+        ],
+        Some(512 * 1024),
+    )
+    .stdin(std::process::Stdio::null())
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .expect("onex starts");
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let still_running = child.try_wait().expect("wait").is_none();
+    let _ = child.kill();
+    let status = child.wait().expect("wait");
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr)
+        .expect("stderr");
+    assert!(
+        still_running,
+        "replay of /dev/zero ended by itself ({status}): {stderr}"
+    );
+    assert!(stderr.is_empty(), "{stderr}");
+}

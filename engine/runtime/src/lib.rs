@@ -16,6 +16,7 @@ pub mod input_file;
 pub mod instance_log;
 pub mod intent;
 pub mod json_text;
+pub mod lines;
 pub mod metrics;
 pub mod ops;
 pub mod project;
