@@ -272,9 +272,14 @@ Exit codes:
 
 #[derive(Debug, Args)]
 pub struct TestArgs {
-    /// Scenario files, or directories searched for *.yaml / *.yml.
+    /// Scenario files, or directories searched for *.yaml / *.yml (hidden files and
+    /// what .gitignore or .ignore files list left out).
     #[arg(required = true, value_name = "FILE")]
     pub files: Vec<PathBuf>,
+    /// Leave out files found in a directory whose path matches GLOB (as in .gitignore,
+    /// relative to that directory). Repeatable.
+    #[arg(long, value_name = "GLOB", env = "ONEX_EXCLUDE")]
+    pub exclude: Vec<String>,
     /// human (the default): one line per scenario; json: one object per scenario (JSON
     /// Lines). Also taken from ONEX_FORMAT when that is one of these.
     #[arg(long, value_enum, env = "ONEX_TEST_FORMAT")]
@@ -299,9 +304,15 @@ pub enum TestFormat {
 /// What validate and lint check, and how they show it.
 #[derive(Debug, Args)]
 pub struct ContractFiles {
-    /// Contract files or directories.
+    /// Contract files or directories. A directory is searched as ripgrep would:
+    /// hidden files and what .gitignore or .ignore files list are left out, and a YAML
+    /// file found there that is no ONEX contract is reported as skipped.
     #[arg(required = true, value_name = "PATH")]
     pub paths: Vec<PathBuf>,
+    /// Leave out files found in a directory whose path matches GLOB (as in .gitignore,
+    /// relative to that directory). Repeatable.
+    #[arg(long, value_name = "GLOB", env = "ONEX_EXCLUDE")]
+    pub exclude: Vec<String>,
     /// Colour in human output; auto means only on a terminal (and never with NO_COLOR set).
     #[arg(long, value_enum, default_value_t = Color::Auto, env = "ONEX_COLOR")]
     pub color: Color,

@@ -45,10 +45,10 @@ struct Outcome {
 
 pub fn run(args: &TestArgs) -> anyhow::Result<u8> {
     let format = args.format()?;
-    let files = crate::files::expand(&args.files)?;
+    let files = crate::files::expand(&args.files, &args.exclude)?;
     let mut outcomes = Vec::new();
     for file in &files {
-        outcomes.extend(run_file(file)?);
+        outcomes.extend(run_file(&file.path)?);
     }
     let failed = outcomes.iter().filter(|o| !o.failures.is_empty()).count();
     let mut out = crate::output::stdout();

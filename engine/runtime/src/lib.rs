@@ -25,4 +25,5 @@ pub mod shard;
 pub mod slot;
 pub mod store;
 pub mod template;
+pub mod walk;
 pub mod work;

@@ -24,8 +24,8 @@ use onex_core::Machine;
 use onex_diag::{Diagnostic, FileReport, Severity, SourceFile, Span};
 use serde_json::{Map, Value};
 
-use crate::input_file;
 use crate::template::{Fields, Template, TemplateError};
+use crate::{input_file, walk};
 
 pub type ReducerId = usize;
 pub type OperationId = usize;
@@ -243,14 +243,12 @@ impl File {
 }
 
 /// Finds the orchestrator contracts among `paths` (files, or directories searched
-/// recursively for `.yaml`/`.yml`), in path order.
+/// for `.yaml`/`.yml` as [`walk`] does), in path order.
 pub fn find_orchestrators(paths: &[PathBuf]) -> Vec<PathBuf> {
     let mut found = Vec::new();
     for path in paths {
         let files: Vec<PathBuf> = if path.is_dir() {
-            let mut files = Vec::new();
-            collect_yaml(path, &mut files);
-            files
+            walk::yaml_files(path, &walk::Options::default()).unwrap_or_default()
         } else {
             vec![path.clone()]
         };
@@ -268,20 +266,6 @@ pub fn find_orchestrators(paths: &[PathBuf]) -> Vec<PathBuf> {
     }
     found.sort();
     found
-}
-
-fn collect_yaml(dir: &Path, out: &mut Vec<PathBuf>) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            collect_yaml(&path, out);
-        } else if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
-            out.push(path);
-        }
-    }
 }
 
 /// Loads the orchestrator at `path` and everything it references.
