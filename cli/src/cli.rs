@@ -56,7 +56,9 @@ a yes/no flag's variable takes 1/0, true/false, yes/no or on/off.";
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// The orchestrator contract, or a directory holding exactly one.
+    /// The orchestrator contract (one with an `execution` block), or a directory
+    /// holding exactly one. Another kind of contract is refused, naming the
+    /// orchestrators near it.
     #[arg(long, value_name = "PATH", env = "ONEX_CONTRACT")]
     pub contract: PathBuf,
     /// Event envelopes as JSON Lines; `-` reads standard input. Repeatable.
@@ -196,10 +198,12 @@ pub struct StateListArgs {
     /// taken from ONEX_FORMAT when that is one of these.
     #[arg(long, value_enum, env = "ONEX_STATE_FORMAT")]
     pub format: Option<OutputFormat>,
-    /// Only this reducer's instances.
+    /// Only this reducer's instances; a name that is not a stored reducer is an error
+    /// that lists them.
     #[arg(long, value_name = "NAME")]
     pub reducer: Option<String>,
-    /// Context fields to show as columns (comma-separated).
+    /// Context fields to show as columns (comma-separated); a field that no listed
+    /// instance has is an error that lists the fields there are.
     #[arg(long, value_name = "FIELDS", value_delimiter = ',')]
     pub fields: Vec<String>,
 }

@@ -2,7 +2,9 @@
 
 use std::io::Write as _;
 
-use anyhow::Context;
+use std::collections::BTreeSet;
+
+use anyhow::{Context, bail};
 use serde_json::{Value, json};
 
 use crate::cli::{DlqListArgs, OutputFormat, StateListArgs};
@@ -54,18 +56,41 @@ pub fn dead_letters(args: &DlqListArgs) -> anyhow::Result<u8> {
 
 pub fn instances(args: &StateListArgs) -> anyhow::Result<u8> {
     let format = args.format()?;
-    let stored = block_on(onex_runtime::store::read_instances(
-        &args.store.data_dir,
-        args.reducer.as_deref(),
-    ))?;
+    let data_dir = &args.store.data_dir;
+    let mut stored = block_on(onex_runtime::store::read_instances(data_dir, None))?;
+    if let Some(reducer) = &args.reducer {
+        let names: BTreeSet<&str> = stored.iter().map(|s| s.reducer.as_str()).collect();
+        if !names.contains(reducer.as_str()) {
+            bail!(
+                "--reducer {reducer}: {}{}",
+                match names.is_empty() {
+                    true => format!("{} holds no instances", data_dir.display()),
+                    false => format!("the stored reducers are {}", listing(&names)),
+                },
+                hint(reducer, &names)
+            );
+        }
+        stored.retain(|s| s.reducer == *reducer);
+    }
+    let contexts: Vec<serde_json::Map<String, Value>> = stored
+        .iter()
+        .map(|s| match serde_json::from_str::<Value>(&s.snapshot) {
+            Ok(Value::Object(mut snapshot)) => match snapshot.remove("context") {
+                Some(Value::Object(context)) => context,
+                _ => serde_json::Map::new(),
+            },
+            _ => serde_json::Map::new(),
+        })
+        .collect();
+    check_fields(&args.fields, &contexts)?;
     let rows: Vec<Value> = stored
         .iter()
-        .map(|s| {
-            let snapshot: Value = serde_json::from_str(&s.snapshot).unwrap_or_default();
+        .zip(&contexts)
+        .map(|(s, context)| {
             let fields: serde_json::Map<String, Value> = args
                 .fields
                 .iter()
-                .map(|f| (f.clone(), snapshot["context"].get(f).cloned().unwrap_or(Value::Null)))
+                .map(|f| (f.clone(), context.get(f).cloned().unwrap_or(Value::Null)))
                 .collect();
             json!({"reducer": s.reducer, "key": s.key, "state": s.state, "outcome": s.outcome, "fields": fields})
         })
@@ -81,6 +106,43 @@ pub fn instances(args: &StateListArgs) -> anyhow::Result<u8> {
     }
     out.flush()?;
     Ok(EXIT_CLEAN)
+}
+
+/// A `--fields` name that none of the listed instances has in its context is a
+/// mistake (a typo shows as an empty column otherwise). With no instance listed there
+/// is nothing to check against.
+fn check_fields(
+    fields: &[String],
+    contexts: &[serde_json::Map<String, Value>],
+) -> anyhow::Result<()> {
+    if contexts.is_empty() {
+        return Ok(());
+    }
+    let known: BTreeSet<&str> = contexts
+        .iter()
+        .flat_map(|c| c.keys().map(String::as_str))
+        .collect();
+    if let Some(unknown) = fields.iter().find(|f| !known.contains(f.as_str())) {
+        bail!(
+            "--fields {unknown}: no listed instance has this context field; {}{}",
+            match known.is_empty() {
+                true => "their contexts are empty".to_owned(),
+                false => format!("their fields are {}", listing(&known)),
+            },
+            hint(unknown, &known)
+        );
+    }
+    Ok(())
+}
+
+fn listing(names: &BTreeSet<&str>) -> String {
+    names.iter().copied().collect::<Vec<_>>().join(", ")
+}
+
+fn hint(word: &str, names: &BTreeSet<&str>) -> String {
+    onex_contract::suggest::did_you_mean(word, names.iter().copied())
+        .map(|h| format!(" ({h})"))
+        .unwrap_or_default()
 }
 
 fn table(rows: &[Value], fields: &[String]) -> String {

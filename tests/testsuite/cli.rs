@@ -317,3 +317,107 @@ fn a_directory_search_skips_what_is_not_a_contract() {
     assert_eq!(named.code, 1, "{}", named.stdout);
     assert!(named.stdout.contains("error[OX106]"), "{}", named.stdout);
 }
+
+/// Usage mistakes are reported as what they are, with exit 2.
+#[test]
+fn a_directory_where_a_file_is_expected_is_named_as_such() {
+    let expected = "cannot read contracts/: expected a file, got a directory";
+    for args in [
+        &["contract", "graph", "contracts/"][..],
+        &["contract", "check", "contracts/"],
+        &["replay", "--contract", "contracts/", "--events", "-"],
+        &[
+            "replay",
+            "--contract",
+            "contracts/fsm/dual_registration_reducer_fsm.yaml",
+            "--events",
+            "contracts/",
+        ],
+    ] {
+        let run = onex(args);
+        assert_eq!(run.code, 2, "{args:?}");
+        assert!(run.stderr.contains(expected), "{args:?}: {}", run.stderr);
+    }
+}
+
+#[test]
+fn run_of_a_contract_that_is_no_orchestrator_says_what_it_is() {
+    let data = tempfile::tempdir().expect("tempdir");
+    for (file, what) in [
+        (
+            "contracts/fsm/dual_registration_reducer_fsm.yaml",
+            "an FSM contract",
+        ),
+        (
+            "contracts/effects/node_registry_effect.yaml",
+            "an effect contract",
+        ),
+    ] {
+        let run = onex(&[
+            "run",
+            "--contract",
+            file,
+            "--until-idle",
+            "--listen",
+            "off",
+            "--data-dir",
+            path_str(data.path()),
+        ]);
+        assert_eq!(run.code, 2, "{}", run.stderr);
+        assert_eq!(
+            run.stderr,
+            format!(
+                "onex: error: {file} is {what}; `onex run` needs an orchestrator contract (one with an `execution` block), or a directory holding one; orchestrator contracts near it: contracts/orchestrators/node_registration_orchestrator.yaml\n"
+            )
+        );
+    }
+}
+
+#[test]
+fn state_list_names_the_reducers_and_fields_there_are() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = path_str(dir.path());
+    let list = |extra: &[&str]| {
+        let mut args = vec!["state", "list", "--data-dir", data];
+        args.extend_from_slice(extra);
+        onex(&args)
+    };
+    let run = onex(&[
+        "run",
+        "--contract",
+        "contracts/",
+        "--demo",
+        "2",
+        "--until-idle",
+        "--listen",
+        "off",
+        "--data-dir",
+        data,
+    ]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+
+    let typo = list(&["--reducer", "registraton"]);
+    assert_eq!(typo.code, 2);
+    assert_eq!(
+        typo.stderr,
+        "onex: error: --reducer registraton: the stored reducers are liveness, registration (did you mean `registration`?)\n"
+    );
+    let fields = list(&[
+        "--reducer",
+        "registration",
+        "--fields",
+        "node_type,node_typ",
+    ]);
+    assert_eq!(fields.code, 2);
+    assert!(
+        fields.stderr.starts_with(
+            "onex: error: --fields node_typ: no listed instance has this context field; their fields are "
+        ) && fields.stderr.contains(", node_type, ")
+            && fields.stderr.ends_with(" (did you mean `node_type`?)\n"),
+        "{}",
+        fields.stderr
+    );
+    let good = list(&["--reducer", "registration", "--fields", "node_type"]);
+    assert_eq!(good.code, 0, "{}", good.stderr);
+    assert!(good.stdout.contains("NODE_TYPE"), "{}", good.stdout);
+}
