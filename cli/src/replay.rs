@@ -16,6 +16,7 @@ use anyhow::{Context, bail};
 use onex_core::{Change, Event, Instance, Machine, StepRecord, step_in_place};
 use serde_json::{Map, Value, json};
 
+use onex_diag::shorten;
 use onex_runtime::lines::LineSplitter;
 
 use crate::cli::{ReplayArgs, ReplayFormat};
@@ -59,13 +60,16 @@ fn parse_line(text: &str) -> Result<Line, String> {
         let hint = onex_contract::suggest::did_you_mean(key, KEYS.iter().copied())
             .map(|h| format!(" ({h})"))
             .unwrap_or_default();
-        return Err(format!("unknown key `{key}`{hint}"));
+        return Err(format!("unknown key `{}`{hint}", shorten(key)));
     }
     let string = |map: &Map<String, Value>, key: &str| -> Result<Option<String>, String> {
         match map.get(key) {
             None | Some(Value::Null) => Ok(None),
             Some(Value::String(s)) => Ok(Some(s.clone())),
-            Some(other) => Err(format!("`{key}` must be a string, found {other}")),
+            Some(other) => Err(format!(
+                "`{key}` must be a string, found {}",
+                shorten(&other.to_string())
+            )),
         }
     };
     let instance = string(&map, "instance")?.unwrap_or_else(|| DEFAULT_INSTANCE.to_owned());
@@ -80,7 +84,12 @@ fn parse_line(text: &str) -> Result<Line, String> {
     let context = match map.remove("context") {
         None | Some(Value::Null) => None,
         Some(Value::Object(context)) => Some(context),
-        Some(other) => return Err(format!("`context` must be an object, found {other}")),
+        Some(other) => {
+            return Err(format!(
+                "`context` must be an object, found {}",
+                shorten(&other.to_string())
+            ));
+        }
     };
     let correlation_id = string(&map, "correlation_id")?.map(Arc::from);
     let id = string(&map, "id")?.map(Arc::from);
@@ -251,7 +260,7 @@ fn directive(
         }
         Line::StartState { instance, state } => {
             let Some(id) = machine.state_id(&state) else {
-                return Err(format!("`start_state`: no state `{state}`"));
+                return Err(format!("`start_state`: no state `{}`", shorten(&state)));
             };
             let restored = Instance::in_state(id, instance.as_str());
             instances.insert(instance, restored);
@@ -278,7 +287,9 @@ fn write_human(
             writeln!(
                 out,
                 "{number:>6} {}: {from} --{}--> {}{done}",
-                record.instance, record.trigger, machine.states[to].name
+                shorten(&record.instance),
+                shorten(&record.trigger),
+                machine.states[to].name
             )?;
             if actions.is_empty() {
                 return Ok(());
@@ -288,8 +299,8 @@ fn write_human(
         None => writeln!(
             out,
             "{number:>6} {}: {from} --{}--> rejected: {}",
-            record.instance,
-            record.trigger,
+            shorten(&record.instance),
+            shorten(&record.trigger),
             record.rejection_reason(machine).unwrap_or_default()
         ),
     }

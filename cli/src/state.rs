@@ -39,7 +39,7 @@ pub fn dead_letters(args: &DlqListArgs) -> anyhow::Result<u8> {
                     letter.id.unwrap_or_default(),
                     letter.at,
                     letter.stage,
-                    letter.reason,
+                    onex_diag::shorten::shorten_quoted(letter.reason.clone()),
                     letter.source,
                     letter
                         .message_id

@@ -198,3 +198,69 @@ fn an_oversized_contract_is_refused_without_being_read_whole() {
         "the file is larger than 64 MiB (67108864 bytes), the limit for a contract"
     );
 }
+
+/// A finding on a line of megabytes shows a window of that line, and a long value
+/// named in a message is shortened: the output stays small, and still says where.
+#[test]
+fn findings_in_a_one_line_file_of_megabytes_print_a_window_of_it() {
+    let long_key = "x".repeat(200_000);
+    let mut text = format!("{{{long_key}: 0");
+    for i in 0..300_000 {
+        let _ = write!(text, ", k{i}: {i}");
+    }
+    let duplicate_at = text.len() + 2;
+    let _ = writeln!(text, ", {long_key}: 1}}");
+    assert!(text.len() > 4_000_000);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("one-line.yaml");
+    std::fs::write(&path, &text).expect("write");
+
+    let run = onex_limited(
+        &["contract", "validate", path_str(&path)],
+        TIME,
+        Some(MEMORY_KIB),
+    );
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert!(
+        run.stdout.len() < 4_000,
+        "{} bytes:\n{}",
+        run.stdout.len(),
+        run.stdout
+    );
+    let place = format!("{}:1:{}", path_str(&path), duplicate_at + 1);
+    assert!(run.stdout.contains(&place), "{place} in\n{}", run.stdout);
+    assert!(
+        run.stdout.contains(&format!(
+            "error[OX103]: duplicate key `{}… (200000 bytes)`",
+            "x".repeat(100)
+        )),
+        "{}",
+        run.stdout
+    );
+    // The caret is under the duplicate key, in the window shown of the line.
+    let lines: Vec<&str> = run.stdout.lines().collect();
+    let source = lines
+        .iter()
+        .position(|l| l.starts_with("1 │ …"))
+        .unwrap_or_else(|| panic!("the line, cut: {}", run.stdout));
+    let caret = lines[source + 1].find('^').expect("a caret");
+    let key = lines[source].find(", xxx").expect("the key") + 2;
+    assert_eq!(
+        lines[source + 1][..caret].chars().count(),
+        lines[source][..key].chars().count(),
+        "{}\n{}",
+        lines[source],
+        lines[source + 1]
+    );
+
+    let json = onex_limited(
+        &["contract", "validate", "--format", "json", path_str(&path)],
+        TIME,
+        Some(MEMORY_KIB),
+    );
+    let first = &json.diagnostics()[0];
+    assert_eq!(
+        (first["line"].as_u64(), first["column"].as_u64()),
+        (Some(1), Some(duplicate_at as u64 + 1))
+    );
+}

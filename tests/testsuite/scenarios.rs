@@ -219,3 +219,46 @@ fn replay_of_an_endless_line_stays_within_its_memory() {
     );
     assert!(stderr.is_empty(), "{stderr}");
 }
+
+/// A rejection names the value that failed a guard; a long value is shortened there
+/// (the JSON record's `actual` has it whole).
+#[test]
+fn a_rejection_of_a_long_value_has_a_short_reason() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("log.jsonl");
+    let value = "t".repeat(1_000_000);
+    let mut text =
+        String::from("{\"instance\": \"n\", \"start_state\": \"aggregating_results\"}\n");
+    for _ in 0..5 {
+        text.push_str(&format!(
+            "{{\"instance\": \"n\", \"trigger\": \"all_backends_succeeded\", \"context\": {{\"consul_registered\": true, \"postgres_registered\": \"{value}\", \"success_count\": 2}}}}\n"
+        ));
+    }
+    std::fs::write(&log, text).expect("write");
+    let human = crate::support::replay_own_fsm(crate::support::path_str(&log), "human");
+    assert_eq!(human.code, 0, "{}", human.stderr);
+    assert!(human.stdout.len() < 5_000, "{} bytes", human.stdout.len());
+    let shortened = format!(
+        "`postgres_registered` is \"{}… (1000002 bytes)",
+        "t".repeat(99)
+    );
+    assert_eq!(
+        human.stdout.matches(&shortened).count(),
+        5,
+        "{}",
+        human.stdout
+    );
+
+    let json = crate::support::replay_own_fsm(crate::support::path_str(&log), "json");
+    for record in json.json_lines() {
+        let reason = record["reason"].as_str().expect("reason");
+        assert!(reason.len() < 1_000, "{} bytes", reason.len());
+        let conditions = record["conditions"].as_array().expect("conditions");
+        assert!(
+            conditions
+                .iter()
+                .any(|c| c["actual"].as_str().map(str::len) == Some(1_000_000)),
+            "the record keeps the value whole"
+        );
+    }
+}

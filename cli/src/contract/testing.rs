@@ -25,7 +25,7 @@ use std::time::Instant;
 use anyhow::Context as _;
 use onex_contract::yaml::{Node, NodeKind};
 use onex_core::{Change, Event, Instance, Machine, StepRecord, step_in_place};
-use onex_diag::{SourceFile, Span};
+use onex_diag::{SourceFile, Span, shorten};
 use serde_json::{Map, Value, json};
 
 use crate::cli::{TestArgs, TestFormat};
@@ -173,7 +173,7 @@ fn check_keys(source: &SourceFile, node: &Node, allowed: &[&str], what: &str) ->
                 e.key_span,
                 format!(
                     "unknown key `{}` in {what} (known: {}){hint}",
-                    e.key,
+                    shorten(&e.key),
                     allowed.join(", ")
                 ),
             )
@@ -278,7 +278,8 @@ fn compare(
             .map(|r| format!("\n  (the event was rejected: {r})"))
             .unwrap_or_default();
         out.push(format!(
-            "state:\n  expected {expected}\n  found    {state}{why}"
+            "state:\n  expected {}\n  found    {state}{why}",
+            shorten(expected)
         ));
     }
     if let Some(expected) = expect.get("rejected") {
@@ -297,7 +298,8 @@ fn compare(
                 .map(|r| format!(" ({r})"))
                 .unwrap_or_default();
             out.push(format!(
-                "rejected:\n  expected {wanted}\n  found    {found}{why}"
+                "rejected:\n  expected {}\n  found    {found}{why}",
+                shorten(wanted)
             ));
         }
     }
