@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+use anyhow::bail;
+use clap::builder::BoolishValueParser;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 const EXIT_CODES: &str = "\
@@ -50,11 +52,14 @@ Exit codes:
   2  contracts with errors, a handler that cannot start, an I/O error, or --events
      naming the run's own event log
 
-Every flag can also be set by its ONEX_* environment variable (shown with each flag).";
+Every flag can also be set by its ONEX_* environment variable (shown with each flag);
+a yes/no flag's variable takes 1/0, true/false, yes/no or on/off.";
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// The orchestrator contract, or a directory holding exactly one.
+    /// The orchestrator contract (one with an `execution` block), or a directory
+    /// holding exactly one. Another kind of contract is refused, naming the
+    /// orchestrators near it.
     #[arg(long, value_name = "PATH", env = "ONEX_CONTRACT")]
     pub contract: PathBuf,
     /// Event envelopes as JSON Lines; `-` reads standard input. Repeatable.
@@ -73,7 +78,7 @@ pub struct RunArgs {
     )]
     pub demo_rate: Option<f64>,
     /// Stop by itself once every event is processed and no work is outstanding.
-    #[arg(long, env = "ONEX_UNTIL_IDLE")]
+    #[arg(long, env = "ONEX_UNTIL_IDLE", value_parser = BoolishValueParser::new())]
     pub until_idle: bool,
     /// Where instance state, dead letters and the embedded database live.
     #[arg(
@@ -134,9 +139,10 @@ pub struct RunArgs {
     /// Instance shards (each processes its instances in order); default: 4 per core.
     #[arg(long, value_name = "N", env = "ONEX_SHARDS")]
     pub shards: Option<usize>,
-    /// human: a summary a person reads; json: the same summary as one JSON object.
-    #[arg(long, value_enum, default_value_t = OutputFormat::Human, env = "ONEX_FORMAT")]
-    pub format: OutputFormat,
+    /// human (the default): a summary a person reads; json: the same summary as one
+    /// JSON object. Also taken from ONEX_FORMAT when that is one of these.
+    #[arg(long, value_enum, env = "ONEX_RUN_FORMAT")]
+    pub format: Option<OutputFormat>,
     /// Log level (error, warn, info, debug, trace) or a tracing filter.
     #[arg(long, value_name = "FILTER", default_value = "warn", env = "ONEX_LOG")]
     pub log_level: String,
@@ -170,7 +176,7 @@ pub enum LogFormat {
 #[derive(Debug, Subcommand)]
 pub enum DlqCommand {
     /// List dead letters, oldest first.
-    List(StoreArgs),
+    List(DlqListArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -188,21 +194,46 @@ pub struct StoreArgs {
         env = "ONEX_DATA_DIR"
     )]
     pub data_dir: PathBuf,
-    /// human: a table; json: one object per line (JSON Lines).
-    #[arg(long, value_enum, default_value_t = OutputFormat::Human, env = "ONEX_FORMAT")]
-    pub format: OutputFormat,
+}
+
+#[derive(Debug, Args)]
+pub struct DlqListArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// human (the default): each dead letter on two lines; json: one object per line
+    /// (JSON Lines). Also taken from ONEX_FORMAT when that is one of these.
+    #[arg(long, value_enum, env = "ONEX_DLQ_FORMAT")]
+    pub format: Option<OutputFormat>,
+}
+
+impl DlqListArgs {
+    pub fn format(&self) -> anyhow::Result<OutputFormat> {
+        format(self.format, OutputFormat::Human)
+    }
 }
 
 #[derive(Debug, Args)]
 pub struct StateListArgs {
     #[command(flatten)]
     pub store: StoreArgs,
-    /// Only this reducer's instances.
+    /// human (the default): a table; json: one object per line (JSON Lines). Also
+    /// taken from ONEX_FORMAT when that is one of these.
+    #[arg(long, value_enum, env = "ONEX_STATE_FORMAT")]
+    pub format: Option<OutputFormat>,
+    /// Only this reducer's instances; a name that is not a stored reducer is an error
+    /// that lists them.
     #[arg(long, value_name = "NAME")]
     pub reducer: Option<String>,
-    /// Context fields to show as columns (comma-separated).
+    /// Context fields to show as columns (comma-separated); a field that no listed
+    /// instance has is an error that lists the fields there are.
     #[arg(long, value_name = "FIELDS", value_delimiter = ',')]
     pub fields: Vec<String>,
+}
+
+impl StateListArgs {
+    pub fn format(&self) -> anyhow::Result<OutputFormat> {
+        format(self.format, OutputFormat::Human)
+    }
 }
 
 const REPLAY_EXIT_CODES: &str = "\
@@ -216,12 +247,20 @@ pub struct ReplayArgs {
     /// The FSM contract.
     #[arg(long, value_name = "FILE", env = "ONEX_CONTRACT")]
     pub contract: PathBuf,
-    /// The event log (JSON Lines); `-` reads standard input.
+    /// The event log (JSON Lines); `-` reads standard input. A line longer than 1 MiB
+    /// or not in UTF-8 is reported as malformed, and the next line replayed.
     #[arg(long, value_name = "LOG.jsonl", env = "ONEX_EVENTS")]
     pub events: PathBuf,
-    /// human: one line per step; json: one step record per line; summary: counts and rate.
-    #[arg(long, value_enum, default_value_t = ReplayFormat::Human, env = "ONEX_FORMAT")]
-    pub format: ReplayFormat,
+    /// human (the default): one line per step; json: one step record per line;
+    /// summary: counts and rate. Also taken from ONEX_FORMAT when that is one of these.
+    #[arg(long, value_enum, env = "ONEX_REPLAY_FORMAT")]
+    pub format: Option<ReplayFormat>,
+}
+
+impl ReplayArgs {
+    pub fn format(&self) -> anyhow::Result<ReplayFormat> {
+        format(self.format, ReplayFormat::Human)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -238,13 +277,7 @@ pub enum ContractCommand {
     Validate(ValidateArgs),
     /// Like validate; with --deny-warnings, warnings fail too (for CI).
     #[command(after_help = EXIT_CODES)]
-    Lint {
-        #[command(flatten)]
-        check: ValidateArgs,
-        /// Treat warnings as errors for the exit code.
-        #[arg(long, env = "ONEX_DENY_WARNINGS")]
-        deny_warnings: bool,
-    },
+    Lint(LintArgs),
     /// Print the state graph of an FSM contract.
     #[command(after_help = EXIT_CODES)]
     Graph(GraphArgs),
@@ -265,14 +298,27 @@ Exit codes:
 
 #[derive(Debug, Args)]
 pub struct TestArgs {
-    /// Scenario files, or directories searched for *.yaml / *.yml.
+    /// Scenario files, or directories searched for *.yaml / *.yml (hidden files and
+    /// what .gitignore or .ignore files list left out).
     #[arg(required = true, value_name = "FILE")]
     pub files: Vec<PathBuf>,
-    #[arg(long, value_enum, default_value_t = TestFormat::Human, env = "ONEX_FORMAT")]
-    pub format: TestFormat,
+    /// Leave out files found in a directory whose path matches GLOB (as in .gitignore,
+    /// relative to that directory). Repeatable.
+    #[arg(long, value_name = "GLOB", env = "ONEX_EXCLUDE")]
+    pub exclude: Vec<String>,
+    /// human (the default): one line per scenario; json: one object per scenario (JSON
+    /// Lines). Also taken from ONEX_FORMAT when that is one of these.
+    #[arg(long, value_enum, env = "ONEX_TEST_FORMAT")]
+    pub format: Option<TestFormat>,
     /// Also write JUnit XML here, for CI systems.
     #[arg(long, value_name = "FILE", env = "ONEX_JUNIT")]
     pub junit: Option<PathBuf>,
+}
+
+impl TestArgs {
+    pub fn format(&self) -> anyhow::Result<TestFormat> {
+        format(self.format, TestFormat::Human)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -281,17 +327,45 @@ pub enum TestFormat {
     Json,
 }
 
+/// What validate and lint check, and how they show it.
 #[derive(Debug, Args)]
-pub struct ValidateArgs {
-    /// Contract files or directories.
+pub struct ContractFiles {
+    /// Contract files or directories. A directory is searched as ripgrep would:
+    /// hidden files and what .gitignore or .ignore files list are left out, and a YAML
+    /// file found there that is no ONEX contract is reported as skipped.
     #[arg(required = true, value_name = "PATH")]
     pub paths: Vec<PathBuf>,
-    /// Output format; json is JSON Lines (docs/json-output.md).
-    #[arg(long, value_enum, default_value_t = Format::Human, env = "ONEX_FORMAT")]
-    pub format: Format,
+    /// Leave out files found in a directory whose path matches GLOB (as in .gitignore,
+    /// relative to that directory). Repeatable.
+    #[arg(long, value_name = "GLOB", env = "ONEX_EXCLUDE")]
+    pub exclude: Vec<String>,
     /// Colour in human output; auto means only on a terminal (and never with NO_COLOR set).
     #[arg(long, value_enum, default_value_t = Color::Auto, env = "ONEX_COLOR")]
     pub color: Color,
+}
+
+#[derive(Debug, Args)]
+pub struct ValidateArgs {
+    #[command(flatten)]
+    pub files: ContractFiles,
+    /// Output format (default: human); json is JSON Lines (docs/json-output.md). Also
+    /// taken from ONEX_FORMAT when that is one of these.
+    #[arg(long, value_enum, env = "ONEX_VALIDATE_FORMAT")]
+    pub format: Option<Format>,
+}
+
+#[derive(Debug, Args)]
+pub struct LintArgs {
+    #[command(flatten)]
+    pub files: ContractFiles,
+    /// Output format (default: human); json is JSON Lines (docs/json-output.md). Also
+    /// taken from ONEX_FORMAT when that is one of these.
+    #[arg(long, value_enum, env = "ONEX_LINT_FORMAT")]
+    pub format: Option<Format>,
+    /// Treat warnings as errors for the exit code. The variable takes 1/0, true/false,
+    /// yes/no or on/off.
+    #[arg(long, env = "ONEX_DENY_WARNINGS", value_parser = BoolishValueParser::new())]
+    pub deny_warnings: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -314,8 +388,10 @@ pub struct CheckArgs {
     /// The FSM contract.
     #[arg(value_name = "FILE")]
     pub file: PathBuf,
-    #[arg(long, value_enum, default_value_t = Format::Human, env = "ONEX_FORMAT")]
-    pub format: Format,
+    /// Output format (default: human); json is JSON Lines (docs/json-output.md). Also
+    /// taken from ONEX_FORMAT when that is one of these.
+    #[arg(long, value_enum, env = "ONEX_CHECK_FORMAT")]
+    pub format: Option<Format>,
     #[arg(long, value_enum, default_value_t = Color::Auto, env = "ONEX_COLOR")]
     pub color: Color,
     /// Also write each state's shortest event sequence to DIR/<state>.jsonl.
@@ -334,8 +410,16 @@ pub struct GraphArgs {
     /// The FSM contract.
     #[arg(value_name = "FILE")]
     pub file: PathBuf,
-    #[arg(long, value_enum, default_value_t = GraphFormat::Dot, env = "ONEX_GRAPH_FORMAT")]
-    pub format: GraphFormat,
+    /// dot (the default): Graphviz; mermaid: a Mermaid state diagram; json: nodes and
+    /// edges. Also taken from ONEX_FORMAT when that is one of these.
+    #[arg(long, value_enum, env = "ONEX_GRAPH_FORMAT")]
+    pub format: Option<GraphFormat>,
+}
+
+impl GraphArgs {
+    pub fn format(&self) -> anyhow::Result<GraphFormat> {
+        format(self.format, GraphFormat::Dot)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -343,4 +427,75 @@ pub enum GraphFormat {
     Dot,
     Mermaid,
     Json,
+}
+
+impl ValidateArgs {
+    pub fn format(&self) -> anyhow::Result<Format> {
+        format(self.format, Format::Human)
+    }
+}
+
+impl LintArgs {
+    pub fn format(&self) -> anyhow::Result<Format> {
+        format(self.format, Format::Human)
+    }
+}
+
+impl CheckArgs {
+    pub fn format(&self) -> anyhow::Result<Format> {
+        format(self.format, Format::Human)
+    }
+}
+
+impl RunArgs {
+    pub fn format(&self) -> anyhow::Result<OutputFormat> {
+        format(self.format, OutputFormat::Human)
+    }
+}
+
+/// The variable every command reads its format from when neither `--format` nor the
+/// command's own `ONEX_<COMMAND>_FORMAT` is set.
+const SHARED_FORMAT: &str = "ONEX_FORMAT";
+
+/// A command's output format: `--format`, else the command's own variable (clap reads
+/// both into `chosen`), else `ONEX_FORMAT` when this command has that format (so that
+/// `ONEX_FORMAT=sarif` leaves the commands without SARIF alone), else `default`.
+/// An `ONEX_FORMAT` that no command has is a mistake, and an error.
+fn format<T: ValueEnum>(chosen: Option<T>, default: T) -> anyhow::Result<T> {
+    let Some(shared) = std::env::var_os(SHARED_FORMAT).filter(|v| !v.is_empty()) else {
+        return Ok(chosen.unwrap_or(default));
+    };
+    let shared = shared.to_string_lossy();
+    let every = every_format();
+    if !every.iter().any(|name| *name == shared) {
+        bail!(
+            "{SHARED_FORMAT}={shared}: no command has this format; the formats are {}",
+            every.join(", ")
+        );
+    }
+    Ok(chosen
+        .or_else(|| T::from_str(&shared, false).ok())
+        .unwrap_or(default))
+}
+
+/// The names of every command's formats, each once, in a stable order.
+fn every_format() -> Vec<String> {
+    fn names<T: ValueEnum + 'static>() -> impl Iterator<Item = String> {
+        T::value_variants()
+            .iter()
+            .filter_map(|v| v.to_possible_value())
+            .map(|v| v.get_name().to_owned())
+    }
+    let mut out: Vec<String> = Vec::new();
+    let all = names::<Format>()
+        .chain(names::<ReplayFormat>())
+        .chain(names::<TestFormat>())
+        .chain(names::<OutputFormat>())
+        .chain(names::<GraphFormat>());
+    for name in all {
+        if !out.contains(&name) {
+            out.push(name);
+        }
+    }
+    out
 }

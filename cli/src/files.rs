@@ -2,44 +2,48 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, bail};
+use anyhow::{Context, anyhow, bail};
+use onex_runtime::walk;
 
-fn is_yaml(path: &Path) -> bool {
-    matches!(
-        path.extension().and_then(|e| e.to_str()),
-        Some("yaml" | "yml")
-    )
+/// A file to check, and how it came to be checked.
+#[derive(Debug, Clone)]
+pub struct Found {
+    pub path: PathBuf,
+    /// Named on the command line, rather than found in a directory.
+    pub named: bool,
 }
 
-/// Expands directories into their `*.yaml`/`*.yml` files (recursively, sorted);
-/// files named explicitly are taken whatever their extension.
-pub fn expand(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
+/// Expands directories into their `*.yaml`/`*.yml` files (sorted; hidden, ignored and
+/// `exclude`d files left out, see `onex_runtime::walk`); files named explicitly are
+/// taken whatever their name.
+pub fn expand(paths: &[PathBuf], exclude: &[String]) -> anyhow::Result<Vec<Found>> {
+    let options = walk::Options {
+        exclude: exclude.to_vec(),
+        max_depth: None,
+    };
     let mut out = Vec::new();
     for path in paths {
         let meta =
             std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
         if !meta.is_dir() {
-            out.push(path.clone());
+            out.push(Found {
+                path: path.clone(),
+                named: true,
+            });
             continue;
         }
-        let mut found = Vec::new();
-        for entry in walkdir::WalkDir::new(path)
-            .follow_links(true)
-            .sort_by_file_name()
-        {
-            let entry = entry.with_context(|| format!("cannot walk {}", path.display()))?;
-            if entry.file_type().is_file() && is_yaml(entry.path()) {
-                found.push(entry.into_path());
-            }
-        }
+        let found = walk::yaml_files(path, &options)
+            .map_err(|e| anyhow!("cannot search {}: {e}", path.display()))?;
         if found.is_empty() {
             bail!("no *.yaml or *.yml files under {}", path.display());
         }
-        out.extend(found);
+        out.extend(found.into_iter().map(|path| Found { path, named: false }));
     }
     Ok(out)
 }
 
+/// A file's bytes: a regular file only, and no more than the limit of a contract
+/// (the one reader of the runtime's project loader, `onex_runtime::input_file`).
 pub fn read(path: &Path) -> anyhow::Result<Vec<u8>> {
-    std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
+    onex_runtime::input_file::read(path).with_context(|| format!("cannot read {}", path.display()))
 }

@@ -40,6 +40,9 @@ fn main() -> ExitCode {
     };
     match run(args) {
         Ok(code) => ExitCode::from(code),
+        // The reader of our output has gone (`onex state list | head`): nobody is left
+        // to tell, and the reader got what it asked for.
+        Err(error) if is_broken_pipe(&error) => ExitCode::from(EXIT_CLEAN),
         Err(error) => {
             eprintln!("onex: error: {error:#}");
             ExitCode::from(EXIT_TROUBLE)
@@ -47,14 +50,29 @@ fn main() -> ExitCode {
     }
 }
 
+/// Whether the error, or any error it wraps, is a write to a closed pipe.
+fn is_broken_pipe(error: &anyhow::Error) -> bool {
+    use std::io::ErrorKind::BrokenPipe;
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == BrokenPipe)
+            || cause
+                .downcast_ref::<serde_json::Error>()
+                .and_then(serde_json::Error::io_error_kind)
+                == Some(BrokenPipe)
+    })
+}
+
 fn run(args: cli::Cli) -> anyhow::Result<u8> {
     match args.command {
         cli::Command::Contract { command } => match command {
-            cli::ContractCommand::Validate(check) => contract::validate::run(&check, false),
-            cli::ContractCommand::Lint {
-                check,
-                deny_warnings,
-            } => contract::validate::run(&check, deny_warnings),
+            cli::ContractCommand::Validate(args) => {
+                contract::validate::run(&args.files, args.format()?, false)
+            }
+            cli::ContractCommand::Lint(args) => {
+                contract::validate::run(&args.files, args.format()?, args.deny_warnings)
+            }
             cli::ContractCommand::Graph(graph) => contract::graph::run(&graph),
             cli::ContractCommand::Test(test) => contract::testing::run(&test),
             cli::ContractCommand::Check(check) => contract::explore::run(&check),

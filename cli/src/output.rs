@@ -1,11 +1,18 @@
 //! Writing reports in the chosen format.
 
-use std::io::{IsTerminal, Write};
+use std::io::{BufWriter, IsTerminal, StdoutLock, Write};
 
 use onex_diag::{FileReport, Severity, render};
 use serde_json::json;
 
 use crate::cli::{Color, Format};
+
+/// Standard output, buffered. Every command writes its results through this and
+/// passes a failed write on as its error (no `print!`, which panics on a closed pipe;
+/// `main` ends quietly when the reader has gone). Flush it before returning.
+pub fn stdout() -> BufWriter<StdoutLock<'static>> {
+    BufWriter::with_capacity(1 << 16, std::io::stdout().lock())
+}
 
 pub fn use_color(choice: Color) -> bool {
     color_for(choice, std::io::stdout().is_terminal())
@@ -23,8 +30,35 @@ pub fn color_for(choice: Color, is_terminal: bool) -> bool {
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Totals {
     pub files: usize,
+    pub skipped: usize,
     pub errors: usize,
     pub warnings: usize,
+}
+
+/// A file found in a directory and left unchecked, and why.
+#[derive(Debug, Clone)]
+pub struct Skipped {
+    pub file: String,
+    pub reason: String,
+}
+
+/// What the listing says about one file, in path order.
+enum Entry<'a> {
+    Checked(&'a FileReport, Option<&'static str>),
+    Skipped(&'a Skipped),
+}
+
+fn in_path_order<'a>(
+    reports: &'a [(FileReport, Option<&'static str>)],
+    skipped: &'a [Skipped],
+) -> Vec<Entry<'a>> {
+    let mut entries: Vec<(&str, Entry<'a>)> = reports
+        .iter()
+        .map(|(r, kind)| (r.source.name(), Entry::Checked(r, *kind)))
+        .chain(skipped.iter().map(|s| (s.file.as_str(), Entry::Skipped(s))))
+        .collect();
+    entries.sort_by(|a, b| a.0.cmp(b.0));
+    entries.into_iter().map(|(_, entry)| entry).collect()
 }
 
 impl Totals {
@@ -39,44 +73,65 @@ fn plural(n: usize, word: &str) -> String {
     format!("{n} {word}{}", if n == 1 { "" } else { "s" })
 }
 
-/// Writes every report and the closing summary to stdout.
+/// Writes every report, every skipped file and the closing summary to stdout. SARIF
+/// and GitHub annotations carry findings only, so skipped files are not in them.
 pub fn write(
     reports: &[(FileReport, Option<&'static str>)],
+    skipped: &[Skipped],
     format: Format,
     color: bool,
 ) -> anyhow::Result<Totals> {
-    let mut totals = Totals::default();
-    let mut out = std::io::stdout().lock();
+    let mut totals = Totals {
+        skipped: skipped.len(),
+        ..Totals::default()
+    };
+    let mut out = stdout();
     for (report, _) in reports {
         totals.add(report);
     }
     match format {
         Format::Human => {
-            for (report, _) in reports {
-                out.write_all(render::human::render(report, color).as_bytes())?;
+            for entry in in_path_order(reports, skipped) {
+                match entry {
+                    Entry::Checked(report, _) => {
+                        out.write_all(render::human::render(report, color).as_bytes())?
+                    }
+                    Entry::Skipped(s) => writeln!(out, "skipped: {} ({})", s.file, s.reason)?,
+                }
             }
             let verdict = if totals.errors > 0 { "failed" } else { "ok" };
+            let skipped = match totals.skipped {
+                0 => String::new(),
+                n => format!(", skipped {n} (not ONEX contracts)"),
+            };
             writeln!(
                 out,
-                "{verdict}: checked {}: {}, {}",
+                "{verdict}: checked {}{skipped}: {}, {}",
                 plural(totals.files, "file"),
                 plural(totals.errors, "error"),
                 plural(totals.warnings, "warning")
             )?;
         }
         Format::Json => {
-            for (report, kind) in reports {
-                out.write_all(render::json::render(report).as_bytes())?;
-                let line = json!({
-                    "type": "file",
-                    "file": report.source.name(),
-                    "kind": kind,
-                    "errors": report.count(Severity::Error),
-                    "warnings": report.count(Severity::Warning),
-                });
+            for entry in in_path_order(reports, skipped) {
+                let line = match entry {
+                    Entry::Checked(report, kind) => {
+                        out.write_all(render::json::render(report).as_bytes())?;
+                        json!({
+                            "type": "file",
+                            "file": report.source.name(),
+                            "kind": kind,
+                            "errors": report.count(Severity::Error),
+                            "warnings": report.count(Severity::Warning),
+                        })
+                    }
+                    Entry::Skipped(s) => {
+                        json!({"type": "skipped", "file": s.file, "reason": s.reason})
+                    }
+                };
                 writeln!(out, "{line}")?;
             }
-            let summary = json!({"type": "summary", "files": totals.files, "errors": totals.errors, "warnings": totals.warnings});
+            let summary = json!({"type": "summary", "files": totals.files, "skipped": totals.skipped, "errors": totals.errors, "warnings": totals.warnings});
             writeln!(out, "{summary}")?;
         }
         Format::Sarif => {

@@ -4,15 +4,20 @@
 //! (instance optional, default `default`; `correlation_id` and `id` optional), or a
 //! directive: `{"instance": "...", "reset": true}` (back to the initial state) or
 //! `{"instance": "...", "start_state": "S"}` (restored in S without running actions).
+//! A line that cannot be one of these (not JSON, not UTF-8, over the 1 MiB cap of a
+//! line) is reported as malformed and replay goes on with the next.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufWriter, Write};
+use std::io::{BufRead, Write};
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use onex_core::{Change, Event, Instance, Machine, StepRecord, step_in_place};
 use serde_json::{Map, Value, json};
+
+use onex_diag::shorten;
+use onex_runtime::lines::LineSplitter;
 
 use crate::cli::{ReplayArgs, ReplayFormat};
 use crate::{EXIT_CLEAN, EXIT_FINDINGS};
@@ -55,13 +60,16 @@ fn parse_line(text: &str) -> Result<Line, String> {
         let hint = onex_contract::suggest::did_you_mean(key, KEYS.iter().copied())
             .map(|h| format!(" ({h})"))
             .unwrap_or_default();
-        return Err(format!("unknown key `{key}`{hint}"));
+        return Err(format!("unknown key `{}`{hint}", shorten(key)));
     }
     let string = |map: &Map<String, Value>, key: &str| -> Result<Option<String>, String> {
         match map.get(key) {
             None | Some(Value::Null) => Ok(None),
             Some(Value::String(s)) => Ok(Some(s.clone())),
-            Some(other) => Err(format!("`{key}` must be a string, found {other}")),
+            Some(other) => Err(format!(
+                "`{key}` must be a string, found {}",
+                shorten(&other.to_string())
+            )),
         }
     };
     let instance = string(&map, "instance")?.unwrap_or_else(|| DEFAULT_INSTANCE.to_owned());
@@ -76,7 +84,12 @@ fn parse_line(text: &str) -> Result<Line, String> {
     let context = match map.remove("context") {
         None | Some(Value::Null) => None,
         Some(Value::Object(context)) => Some(context),
-        Some(other) => return Err(format!("`context` must be an object, found {other}")),
+        Some(other) => {
+            return Err(format!(
+                "`context` must be an object, found {}",
+                shorten(&other.to_string())
+            ));
+        }
     };
     let correlation_id = string(&map, "correlation_id")?.map(Arc::from);
     let id = string(&map, "id")?.map(Arc::from);
@@ -100,32 +113,54 @@ struct Counts {
 }
 
 pub fn run(args: &ReplayArgs) -> anyhow::Result<u8> {
+    let format = args.format()?;
     let machine = crate::contract::load_machine(&args.contract)?;
-    let input: Box<dyn BufRead> = if args.events.as_os_str() == "-" {
+    let mut input: Box<dyn BufRead> = if args.events.as_os_str() == "-" {
         Box::new(std::io::stdin().lock())
     } else {
+        // A named pipe is fine here, as standard input is; a directory is a mistake.
+        if args.events.is_dir() {
+            bail!(
+                "cannot read {}: expected a file, got a directory",
+                args.events.display()
+            );
+        }
         let file = std::fs::File::open(&args.events)
             .with_context(|| format!("cannot read {}", args.events.display()))?;
         Box::new(std::io::BufReader::with_capacity(1 << 16, file))
     };
-    let mut out = BufWriter::with_capacity(1 << 16, std::io::stdout().lock());
+    let mut out = crate::output::stdout();
     let mut instances: HashMap<String, Instance> = HashMap::new();
     let mut record = StepRecord::default();
     let mut counts = Counts::default();
     let started = Instant::now();
-    for (index, line) in input.lines().enumerate() {
-        let number = index + 1;
-        let line = line
-            .with_context(|| format!("cannot read line {number} of {}", args.events.display()))?;
-        if line.trim().is_empty() {
+    let mut lines = LineSplitter::new();
+    while let Some(line) = lines
+        .read_line(&mut input)
+        .with_context(|| format!("cannot read {}", args.events.display()))?
+    {
+        let number = line.number as usize;
+        let text = match line.bytes {
+            Ok(bytes) => std::str::from_utf8(bytes).map_err(|e| {
+                let at = e.valid_up_to();
+                format!(
+                    "not UTF-8: invalid byte 0x{:02x} at byte {} of the line",
+                    bytes[at],
+                    at + 1
+                )
+            }),
+            Err(too_long) => Err(too_long.to_string()),
+        };
+        if text.as_ref().is_ok_and(|t| t.trim().is_empty()) {
             continue;
         }
-        let parsed =
-            parse_line(&line).and_then(|parsed| directive(&machine, &mut instances, parsed));
+        let parsed = text
+            .and_then(parse_line)
+            .and_then(|parsed| directive(&machine, &mut instances, parsed));
         match parsed {
             Err(reason) => {
                 counts.malformed += 1;
-                match args.format {
+                match format {
                     ReplayFormat::Json => writeln!(
                         out,
                         "{}",
@@ -156,7 +191,7 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<u8> {
                 } else {
                     counts.transitions += 1;
                 }
-                match args.format {
+                match format {
                     ReplayFormat::Json => {
                         record.write_json(&machine, Some(number), &mut out)?;
                         out.write_all(b"\n")?;
@@ -168,7 +203,7 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<u8> {
         }
     }
     let elapsed = started.elapsed().as_secs_f64();
-    if args.format == ReplayFormat::Summary {
+    if format == ReplayFormat::Summary {
         let rate = if elapsed > 0.0 {
             counts.events as f64 / elapsed
         } else {
@@ -225,7 +260,7 @@ fn directive(
         }
         Line::StartState { instance, state } => {
             let Some(id) = machine.state_id(&state) else {
-                return Err(format!("`start_state`: no state `{state}`"));
+                return Err(format!("`start_state`: no state `{}`", shorten(&state)));
             };
             let restored = Instance::in_state(id, instance.as_str());
             instances.insert(instance, restored);
@@ -252,7 +287,9 @@ fn write_human(
             writeln!(
                 out,
                 "{number:>6} {}: {from} --{}--> {}{done}",
-                record.instance, record.trigger, machine.states[to].name
+                shorten(&record.instance),
+                shorten(&record.trigger),
+                machine.states[to].name
             )?;
             if actions.is_empty() {
                 return Ok(());
@@ -262,8 +299,8 @@ fn write_human(
         None => writeln!(
             out,
             "{number:>6} {}: {from} --{}--> rejected: {}",
-            record.instance,
-            record.trigger,
+            shorten(&record.instance),
+            shorten(&record.trigger),
             record.rejection_reason(machine).unwrap_or_default()
         ),
     }

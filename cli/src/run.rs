@@ -1,19 +1,23 @@
 //! `onex run`: load the project, pick the handlers, run, print the summary.
 
+use std::io::Write as _;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use onex_contract::ContractKind;
 use onex_runtime::bus::{Bus, EmbeddedBus};
 use onex_runtime::runtime::{Options, Source, Summary};
+use onex_runtime::walk;
 use onex_runtime::work::Work;
 
 use crate::cli::{LogFormat, OutputFormat, RunArgs};
 use crate::{EXIT_CLEAN, EXIT_FINDINGS, EXIT_TROUBLE};
 
 pub fn run(args: &RunArgs) -> anyhow::Result<u8> {
+    let format = args.format()?;
     init_logging(args)?;
     let path = orchestrator_path(&args.contract)?;
     let loaded = onex_runtime::project::load(&path);
@@ -96,10 +100,12 @@ pub fn run(args: &RunArgs) -> anyhow::Result<u8> {
             return Ok(EXIT_TROUBLE);
         }
     };
-    match args.format {
-        OutputFormat::Json => println!("{}", serde_json::to_string(&summary)?),
-        OutputFormat::Human => print!("{}", human(&summary)),
+    let mut out = crate::output::stdout();
+    match format {
+        OutputFormat::Json => writeln!(out, "{}", serde_json::to_string(&summary)?)?,
+        OutputFormat::Human => write!(out, "{}", human(&summary))?,
     }
+    out.flush()?;
     // However the run stopped: work a signal cut short resumes on the next start,
     // but this run did not finish it.
     let unfinished = summary.reducers.iter().any(|r| r.busy > 0);
@@ -111,9 +117,10 @@ pub fn run(args: &RunArgs) -> anyhow::Result<u8> {
     })
 }
 
-/// A directory must hold exactly one orchestrator.
+/// A directory must hold exactly one orchestrator; a file must be one.
 fn orchestrator_path(path: &PathBuf) -> anyhow::Result<PathBuf> {
     if !path.is_dir() {
+        refuse_other_kinds(path)?;
         return Ok(path.clone());
     }
     let found = onex_runtime::project::find_orchestrators(std::slice::from_ref(path));
@@ -133,6 +140,55 @@ fn orchestrator_path(path: &PathBuf) -> anyhow::Result<PathBuf> {
                 .join(", ")
         ),
     }
+}
+
+/// An FSM or an effect contract passed where the orchestrator should be is a usage
+/// mistake, said plainly, with the orchestrators near it. (What cannot be read or is
+/// no contract at all is left to the project loader, which reports it located.)
+fn refuse_other_kinds(path: &Path) -> anyhow::Result<()> {
+    let Ok(text) = onex_runtime::input_file::read_to_string(path) else {
+        return Ok(());
+    };
+    let kind = onex_contract::yaml::parse(&text)
+        .root
+        .and_then(|root| ContractKind::detect(&root));
+    let what = match kind {
+        Some(ContractKind::Fsm) => "an FSM contract",
+        Some(ContractKind::Effect) => "an effect contract",
+        Some(ContractKind::Orchestrator) | None => return Ok(()),
+    };
+    let nearby = orchestrators_near(path);
+    let hint = match nearby.as_slice() {
+        [] => String::new(),
+        found => format!(
+            "; orchestrator contracts near it: {}",
+            found
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
+    bail!(
+        "{} is {what}; `onex run` needs an orchestrator contract (one with an `execution` block), or a directory holding one{hint}",
+        path.display()
+    )
+}
+
+/// Orchestrators in the file's directory and the directories beside it: a project
+/// keeps its contracts together (`contracts/fsm/`, `contracts/orchestrator/`).
+fn orchestrators_near(file: &Path) -> Vec<PathBuf> {
+    let dir = file
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let above = dir.parent().filter(|d| !d.as_os_str().is_empty());
+    let options = walk::Options {
+        exclude: Vec::new(),
+        max_depth: Some(if above.is_some() { 2 } else { 1 }),
+    };
+    let files = walk::yaml_files(above.unwrap_or(dir), &options).unwrap_or_default();
+    onex_runtime::project::find_orchestrators(&files)
 }
 
 fn init_logging(args: &RunArgs) -> anyhow::Result<()> {

@@ -1,10 +1,14 @@
 //! `onex dlq list` and `onex state list`: read the runtime's store.
 
-use anyhow::Context;
+use std::io::Write as _;
+
+use std::collections::BTreeSet;
+
+use anyhow::{Context, bail};
 use serde_json::{Value, json};
 
-use crate::EXIT_CLEAN;
-use crate::cli::{OutputFormat, StateListArgs, StoreArgs};
+use crate::cli::{DlqListArgs, OutputFormat, StateListArgs};
+use crate::{EXIT_CLEAN, output};
 
 fn block_on<T>(future: impl std::future::Future<Output = Result<T, String>>) -> anyhow::Result<T> {
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -14,64 +18,131 @@ fn block_on<T>(future: impl std::future::Future<Output = Result<T, String>>) -> 
     runtime.block_on(future).map_err(anyhow::Error::msg)
 }
 
-pub fn dead_letters(args: &StoreArgs) -> anyhow::Result<u8> {
-    let letters = block_on(onex_runtime::store::read_dead_letters(&args.data_dir))?;
-    match args.format {
+pub fn dead_letters(args: &DlqListArgs) -> anyhow::Result<u8> {
+    let format = args.format()?;
+    let letters = block_on(onex_runtime::store::read_dead_letters(&args.store.data_dir))?;
+    let mut out = output::stdout();
+    match format {
         OutputFormat::Json => {
             for letter in &letters {
-                println!("{}", serde_json::to_string(letter)?);
+                writeln!(out, "{}", serde_json::to_string(letter)?)?;
             }
         }
         OutputFormat::Human => {
             if letters.is_empty() {
-                println!("no dead letters in {}", args.data_dir.display());
+                writeln!(out, "no dead letters in {}", args.store.data_dir.display())?;
             }
             for letter in &letters {
-                println!(
+                writeln!(
+                    out,
                     "#{} {} [{}] {}\n    from {}{}",
                     letter.id.unwrap_or_default(),
                     letter.at,
                     letter.stage,
-                    letter.reason,
+                    onex_diag::shorten::shorten_quoted(letter.reason.clone()),
                     letter.source,
                     letter
                         .message_id
                         .as_deref()
                         .map(|id| format!(", message {id}"))
                         .unwrap_or_default()
-                );
+                )?;
             }
         }
     }
+    out.flush()?;
     Ok(EXIT_CLEAN)
 }
 
 pub fn instances(args: &StateListArgs) -> anyhow::Result<u8> {
-    let stored = block_on(onex_runtime::store::read_instances(
-        &args.store.data_dir,
-        args.reducer.as_deref(),
-    ))?;
+    let format = args.format()?;
+    let data_dir = &args.store.data_dir;
+    let mut stored = block_on(onex_runtime::store::read_instances(data_dir, None))?;
+    if let Some(reducer) = &args.reducer {
+        let names: BTreeSet<&str> = stored.iter().map(|s| s.reducer.as_str()).collect();
+        if !names.contains(reducer.as_str()) {
+            bail!(
+                "--reducer {reducer}: {}{}",
+                match names.is_empty() {
+                    true => format!("{} holds no instances", data_dir.display()),
+                    false => format!("the stored reducers are {}", listing(&names)),
+                },
+                hint(reducer, &names)
+            );
+        }
+        stored.retain(|s| s.reducer == *reducer);
+    }
+    let contexts: Vec<serde_json::Map<String, Value>> = stored
+        .iter()
+        .map(|s| match serde_json::from_str::<Value>(&s.snapshot) {
+            Ok(Value::Object(mut snapshot)) => match snapshot.remove("context") {
+                Some(Value::Object(context)) => context,
+                _ => serde_json::Map::new(),
+            },
+            _ => serde_json::Map::new(),
+        })
+        .collect();
+    check_fields(&args.fields, &contexts)?;
     let rows: Vec<Value> = stored
         .iter()
-        .map(|s| {
-            let snapshot: Value = serde_json::from_str(&s.snapshot).unwrap_or_default();
+        .zip(&contexts)
+        .map(|(s, context)| {
             let fields: serde_json::Map<String, Value> = args
                 .fields
                 .iter()
-                .map(|f| (f.clone(), snapshot["context"].get(f).cloned().unwrap_or(Value::Null)))
+                .map(|f| (f.clone(), context.get(f).cloned().unwrap_or(Value::Null)))
                 .collect();
             json!({"reducer": s.reducer, "key": s.key, "state": s.state, "outcome": s.outcome, "fields": fields})
         })
         .collect();
-    match args.store.format {
+    let mut out = output::stdout();
+    match format {
         OutputFormat::Json => {
             for row in &rows {
-                println!("{}", serde_json::to_string(row)?);
+                writeln!(out, "{}", serde_json::to_string(row)?)?;
             }
         }
-        OutputFormat::Human => print!("{}", table(&rows, &args.fields)),
+        OutputFormat::Human => write!(out, "{}", table(&rows, &args.fields))?,
     }
+    out.flush()?;
     Ok(EXIT_CLEAN)
+}
+
+/// A `--fields` name that none of the listed instances has in its context is a
+/// mistake (a typo shows as an empty column otherwise). With no instance listed there
+/// is nothing to check against.
+fn check_fields(
+    fields: &[String],
+    contexts: &[serde_json::Map<String, Value>],
+) -> anyhow::Result<()> {
+    if contexts.is_empty() {
+        return Ok(());
+    }
+    let known: BTreeSet<&str> = contexts
+        .iter()
+        .flat_map(|c| c.keys().map(String::as_str))
+        .collect();
+    if let Some(unknown) = fields.iter().find(|f| !known.contains(f.as_str())) {
+        bail!(
+            "--fields {unknown}: no listed instance has this context field; {}{}",
+            match known.is_empty() {
+                true => "their contexts are empty".to_owned(),
+                false => format!("their fields are {}", listing(&known)),
+            },
+            hint(unknown, &known)
+        );
+    }
+    Ok(())
+}
+
+fn listing(names: &BTreeSet<&str>) -> String {
+    names.iter().copied().collect::<Vec<_>>().join(", ")
+}
+
+fn hint(word: &str, names: &BTreeSet<&str>) -> String {
+    onex_contract::suggest::did_you_mean(word, names.iter().copied())
+        .map(|h| format!(" ({h})"))
+        .unwrap_or_default()
 }
 
 fn table(rows: &[Value], fields: &[String]) -> String {

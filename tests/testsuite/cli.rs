@@ -222,3 +222,202 @@ fn every_project_contract_lints_clean() {
     let run = onex(&["contract", "lint", "--deny-warnings", "contracts"]);
     assert_eq!(run.code, 0, "{}", run.stdout);
 }
+
+/// A repository's `.` holds more than contracts. A directory is searched as ripgrep
+/// searches it, and a YAML file found there that is no ONEX contract is skipped and
+/// listed as such; named on the command line, it is still an error.
+#[test]
+fn a_directory_search_skips_what_is_not_a_contract() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path();
+    let contract = std::fs::read(repo_root().join(TERMINAL_EXITS)).expect("fixture");
+    let broken = std::fs::read(repo_root().join(UNKNOWN_STATE)).expect("fixture");
+    let files: [(&str, &[u8]); 8] = [
+        ("contracts/fsm.yaml", &contract),
+        ("contracts/legacy/old.yaml", &broken),
+        ("node_modules/pkg/broken.yaml", &broken),
+        (".gitignore", b"node_modules/\n"),
+        (".github/workflows/ci.yml", b"on: push\njobs: {}\n"),
+        (
+            "docker-compose.yml",
+            b"services:\n  db:\n    image: postgres\n",
+        ),
+        (
+            "k8s.yaml",
+            b"apiVersion: v1\nkind: Service\n---\napiVersion: v1\nkind: Pod\n",
+        ),
+        ("list.yml", b"- a\n- b\n"),
+    ];
+    for (name, bytes) in files {
+        let path = root.join(name);
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("dir");
+        std::fs::write(&path, bytes).expect("write");
+    }
+    let at = |name: &str| path_str(&root.join(name)).to_owned();
+
+    let run = onex(&[
+        "contract",
+        "validate",
+        "--exclude",
+        "legacy/",
+        path_str(root),
+    ]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    for (name, why) in [
+        (
+            "docker-compose.yml",
+            "none of `state_transitions`, `effect_operations` or `workflow_coordination` is present",
+        ),
+        ("k8s.yaml", "a stream of several YAML documents"),
+        ("list.yml", "the document is an array, not a mapping"),
+    ] {
+        let line = format!("skipped: {} (not an ONEX contract: {why})\n", at(name));
+        assert!(run.stdout.contains(&line), "{line}in\n{}", run.stdout);
+    }
+    assert!(
+        run.stdout
+            .ends_with("ok: checked 1 file, skipped 3 (not ONEX contracts): 0 errors, 1 warning\n"),
+        "{}",
+        run.stdout
+    );
+    for hidden_or_ignored in ["ci.yml", "node_modules", "legacy"] {
+        assert!(!run.stdout.contains(hidden_or_ignored), "{}", run.stdout);
+    }
+
+    let json = onex(&[
+        "contract",
+        "validate",
+        "--format",
+        "json",
+        "--exclude",
+        "legacy/",
+        path_str(root),
+    ]);
+    let lines = json.json_lines();
+    let skipped: Vec<&str> = lines
+        .iter()
+        .filter(|l| l["type"] == "skipped")
+        .map(|l| l["file"].as_str().expect("file"))
+        .collect();
+    assert_eq!(
+        skipped,
+        [at("docker-compose.yml"), at("k8s.yaml"), at("list.yml")]
+    );
+    assert!(lines.iter().any(|l| l["type"] == "skipped"
+        && l["reason"] == "not an ONEX contract: a stream of several YAML documents"));
+    assert_eq!(json.summary()["files"], 1);
+    assert_eq!(json.summary()["skipped"], 3);
+
+    // Without --exclude the broken contract in legacy/ is found.
+    let unexcluded = onex(&["contract", "validate", path_str(root)]);
+    assert_eq!(unexcluded.code, 1, "{}", unexcluded.stdout);
+    assert!(unexcluded.stdout.contains("legacy/old.yaml"));
+    // Named, a file that is no contract is still an error.
+    let named = onex(&["contract", "validate", &at("docker-compose.yml")]);
+    assert_eq!(named.code, 1, "{}", named.stdout);
+    assert!(named.stdout.contains("error[OX106]"), "{}", named.stdout);
+}
+
+/// Usage mistakes are reported as what they are, with exit 2.
+#[test]
+fn a_directory_where_a_file_is_expected_is_named_as_such() {
+    let expected = "cannot read contracts/: expected a file, got a directory";
+    for args in [
+        &["contract", "graph", "contracts/"][..],
+        &["contract", "check", "contracts/"],
+        &["replay", "--contract", "contracts/", "--events", "-"],
+        &[
+            "replay",
+            "--contract",
+            "contracts/fsm/dual_registration_reducer_fsm.yaml",
+            "--events",
+            "contracts/",
+        ],
+    ] {
+        let run = onex(args);
+        assert_eq!(run.code, 2, "{args:?}");
+        assert!(run.stderr.contains(expected), "{args:?}: {}", run.stderr);
+    }
+}
+
+#[test]
+fn run_of_a_contract_that_is_no_orchestrator_says_what_it_is() {
+    let data = tempfile::tempdir().expect("tempdir");
+    for (file, what) in [
+        (
+            "contracts/fsm/dual_registration_reducer_fsm.yaml",
+            "an FSM contract",
+        ),
+        (
+            "contracts/effects/node_registry_effect.yaml",
+            "an effect contract",
+        ),
+    ] {
+        let run = onex(&[
+            "run",
+            "--contract",
+            file,
+            "--until-idle",
+            "--listen",
+            "off",
+            "--data-dir",
+            path_str(data.path()),
+        ]);
+        assert_eq!(run.code, 2, "{}", run.stderr);
+        assert_eq!(
+            run.stderr,
+            format!(
+                "onex: error: {file} is {what}; `onex run` needs an orchestrator contract (one with an `execution` block), or a directory holding one; orchestrator contracts near it: contracts/orchestrators/node_registration_orchestrator.yaml\n"
+            )
+        );
+    }
+}
+
+#[test]
+fn state_list_names_the_reducers_and_fields_there_are() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = path_str(dir.path());
+    let list = |extra: &[&str]| {
+        let mut args = vec!["state", "list", "--data-dir", data];
+        args.extend_from_slice(extra);
+        onex(&args)
+    };
+    let run = onex(&[
+        "run",
+        "--contract",
+        "contracts/",
+        "--demo",
+        "2",
+        "--until-idle",
+        "--listen",
+        "off",
+        "--data-dir",
+        data,
+    ]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+
+    let typo = list(&["--reducer", "registraton"]);
+    assert_eq!(typo.code, 2);
+    assert_eq!(
+        typo.stderr,
+        "onex: error: --reducer registraton: the stored reducers are liveness, registration (did you mean `registration`?)\n"
+    );
+    let fields = list(&[
+        "--reducer",
+        "registration",
+        "--fields",
+        "node_type,node_typ",
+    ]);
+    assert_eq!(fields.code, 2);
+    assert!(
+        fields.stderr.starts_with(
+            "onex: error: --fields node_typ: no listed instance has this context field; their fields are "
+        ) && fields.stderr.contains(", node_type, ")
+            && fields.stderr.ends_with(" (did you mean `node_type`?)\n"),
+        "{}",
+        fields.stderr
+    );
+    let good = list(&["--reducer", "registration", "--fields", "node_type"]);
+    assert_eq!(good.code, 0, "{}", good.stderr);
+    assert!(good.stdout.contains("NODE_TYPE"), "{}", good.stdout);
+}

@@ -7,7 +7,7 @@ use std::time::Duration;
 use crate::support::{onex_limited, path_str};
 
 /// 2 GiB of address space is plenty for a checker; a leak or an alias bomb is not.
-const MEMORY_KIB: u64 = 2 * 1024 * 1024;
+pub const MEMORY_KIB: u64 = 2 * 1024 * 1024;
 const TIME: Duration = Duration::from_secs(60);
 
 fn sixty_thousand_states() -> String {
@@ -135,4 +135,132 @@ fn sixty_thousand_unknown_targets_are_all_reported() {
     );
     assert_eq!(run.code, 1);
     assert_eq!(run.summary()["errors"], 59_999);
+}
+
+/// What is not a regular file is refused before it is opened, by every command that
+/// reads contracts: a named pipe would block the reader and a device never ends.
+#[test]
+fn contracts_are_read_from_regular_files_only() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fifo = dir.path().join("pipe.yaml");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("mkfifo runs");
+    assert!(made.success());
+    let data = dir.path().join("data");
+    for (path, what) in [
+        (path_str(&fifo), "a named pipe (FIFO)"),
+        ("/dev/zero", "a character device"),
+    ] {
+        let expected = format!("cannot read {path}: expected a file, got {what}");
+        for args in [
+            vec!["contract", "validate", path],
+            vec!["contract", "graph", path],
+            vec!["replay", "--contract", path, "--events", "-"],
+            vec![
+                "run",
+                "--contract",
+                path,
+                "--until-idle",
+                "--listen",
+                "off",
+                "--data-dir",
+                path_str(&data),
+            ],
+        ] {
+            let run = onex_limited(&args, TIME, Some(MEMORY_KIB));
+            assert_eq!(run.code, 2, "{args:?}: {}{}", run.stdout, run.stderr);
+            assert!(run.stderr.contains(&expected), "{args:?}: {}", run.stderr);
+        }
+    }
+}
+
+/// A file larger than the limit is refused once one byte past the limit is read, not
+/// read whole (here 3 GiB, more than the address space allowed).
+#[test]
+fn an_oversized_contract_is_refused_without_being_read_whole() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("huge.yaml");
+    let file = std::fs::File::create(&path).expect("create");
+    file.set_len(3 << 30).expect("a sparse file");
+    let run = onex_limited(
+        &["contract", "validate", "--format", "json", path_str(&path)],
+        TIME,
+        Some(MEMORY_KIB),
+    );
+    assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
+    let diagnostics = run.diagnostics();
+    assert_eq!(diagnostics.len(), 1, "{}", run.stdout);
+    assert_eq!(diagnostics[0]["code"], "OX104");
+    assert_eq!(
+        diagnostics[0]["message"],
+        "the file is larger than 64 MiB (67108864 bytes), the limit for a contract"
+    );
+}
+
+/// A finding on a line of megabytes shows a window of that line, and a long value
+/// named in a message is shortened: the output stays small, and still says where.
+#[test]
+fn findings_in_a_one_line_file_of_megabytes_print_a_window_of_it() {
+    let long_key = "x".repeat(200_000);
+    let mut text = format!("{{{long_key}: 0");
+    for i in 0..300_000 {
+        let _ = write!(text, ", k{i}: {i}");
+    }
+    let duplicate_at = text.len() + 2;
+    let _ = writeln!(text, ", {long_key}: 1}}");
+    assert!(text.len() > 4_000_000);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("one-line.yaml");
+    std::fs::write(&path, &text).expect("write");
+
+    let run = onex_limited(
+        &["contract", "validate", path_str(&path)],
+        TIME,
+        Some(MEMORY_KIB),
+    );
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert!(
+        run.stdout.len() < 4_000,
+        "{} bytes:\n{}",
+        run.stdout.len(),
+        run.stdout
+    );
+    let place = format!("{}:1:{}", path_str(&path), duplicate_at + 1);
+    assert!(run.stdout.contains(&place), "{place} in\n{}", run.stdout);
+    assert!(
+        run.stdout.contains(&format!(
+            "error[OX103]: duplicate key `{}… (200000 bytes)`",
+            "x".repeat(100)
+        )),
+        "{}",
+        run.stdout
+    );
+    // The caret is under the duplicate key, in the window shown of the line.
+    let lines: Vec<&str> = run.stdout.lines().collect();
+    let source = lines
+        .iter()
+        .position(|l| l.starts_with("1 │ …"))
+        .unwrap_or_else(|| panic!("the line, cut: {}", run.stdout));
+    let caret = lines[source + 1].find('^').expect("a caret");
+    let key = lines[source].find(", xxx").expect("the key") + 2;
+    assert_eq!(
+        lines[source + 1][..caret].chars().count(),
+        lines[source][..key].chars().count(),
+        "{}\n{}",
+        lines[source],
+        lines[source + 1]
+    );
+
+    let json = onex_limited(
+        &["contract", "validate", "--format", "json", path_str(&path)],
+        TIME,
+        Some(MEMORY_KIB),
+    );
+    let first = &json.diagnostics()[0];
+    assert_eq!(
+        (first["line"].as_u64(), first["column"].as_u64()),
+        (Some(1), Some(duplicate_at as u64 + 1))
+    );
 }

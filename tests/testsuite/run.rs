@@ -1248,7 +1248,7 @@ async fn an_events_values_cannot_choose_the_path_or_query_of_a_request() {
     let api = format!("{address}/api");
     let data = dir.path().join("data");
     let run = tokio::task::spawn_blocking(move || {
-        crate::support::onex_with_env(
+        crate::support::onex_env(
             &[
                 "run",
                 "--contract",

@@ -62,8 +62,8 @@ pub fn onex(args: &[&str]) -> Run {
     onex_limited(args, Duration::from_secs(120), None)
 }
 
-/// Runs `onex` with these environment variables set.
-pub fn onex_with_env(args: &[&str], env: &[(&str, &str)]) -> Run {
+/// `onex` with these environment variables set (and no others of its own).
+pub fn onex_env(args: &[&str], env: &[(&str, &str)]) -> Run {
     run_onex(args, env, Duration::from_secs(120), None)
 }
 
@@ -74,25 +74,8 @@ pub fn onex_limited(args: &[&str], limit: Duration, memory_kib: Option<u64>) -> 
 }
 
 fn run_onex(args: &[&str], env: &[(&str, &str)], limit: Duration, memory_kib: Option<u64>) -> Run {
-    let binary = env!("CARGO_BIN_EXE_onex");
-    let mut command = match memory_kib {
-        Some(kib) => {
-            let mut c = Command::new("sh");
-            c.arg("-c")
-                .arg(format!("ulimit -v {kib} && exec \"$0\" \"$@\""))
-                .arg(binary)
-                .args(args);
-            c
-        }
-        None => {
-            let mut c = Command::new(binary);
-            c.args(args);
-            c
-        }
-    };
-    let child = clean_env(&mut command)
+    let child = limited_command(args, memory_kib)
         .envs(env.iter().copied())
-        .current_dir(repo_root())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -114,6 +97,29 @@ fn run_onex(args: &[&str], env: &[(&str, &str)], limit: Duration, memory_kib: Op
         stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
     }
+}
+
+/// The command that runs `onex` from the repository root with a clean environment
+/// and, optionally, an address-space limit in KiB (through the shell's `ulimit -v`).
+pub fn limited_command(args: &[&str], memory_kib: Option<u64>) -> Command {
+    let binary = env!("CARGO_BIN_EXE_onex");
+    let mut command = match memory_kib {
+        Some(kib) => {
+            let mut c = Command::new("sh");
+            c.arg("-c")
+                .arg(format!("ulimit -v {kib} && exec \"$0\" \"$@\""))
+                .arg(binary)
+                .args(args);
+            c
+        }
+        None => {
+            let mut c = Command::new(binary);
+            c.args(args);
+            c
+        }
+    };
+    clean_env(&mut command).current_dir(repo_root());
+    command
 }
 
 /// `../shared/reference/onex/`, or `None` with a printed notice in a clone without it.

@@ -16,6 +16,7 @@ use crate::cli::{CheckArgs, Format};
 use crate::{EXIT_CLEAN, EXIT_FINDINGS, output};
 
 pub fn run(args: &CheckArgs) -> anyhow::Result<u8> {
+    let format = args.format()?;
     let (report, loaded) = super::load_file(&args.file)?;
     if loaded.has_errors() {
         eprint!("{}", render::human::render(&report, false));
@@ -55,8 +56,8 @@ pub fn run(args: &CheckArgs) -> anyhow::Result<u8> {
     if let Some(dir) = &args.paths {
         write_paths(dir, &paths)?;
     }
-    let mut out = std::io::stdout().lock();
-    match args.format {
+    let mut out = output::stdout();
+    match format {
         Format::Human => {
             out.write_all(
                 render::human::render(&findings, output::use_color(args.color)).as_bytes(),

@@ -3,12 +3,13 @@
 use anyhow::bail;
 use onex_contract::{Contract, graph};
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 
 use crate::cli::{Color, GraphArgs, GraphFormat};
 use crate::{EXIT_CLEAN, EXIT_FINDINGS, output};
 
 pub fn run(args: &GraphArgs) -> anyhow::Result<u8> {
+    let format = args.format()?;
     let (report, loaded) = super::load_file(&args.file)?;
     if loaded.has_errors() {
         // The graph of a broken contract would mislead; show why instead, on stderr.
@@ -23,10 +24,16 @@ pub fn run(args: &GraphArgs) -> anyhow::Result<u8> {
             args.file.display()
         );
     };
-    match args.format {
-        GraphFormat::Dot => print!("{}", graph::to_dot(&fsm)),
-        GraphFormat::Mermaid => print!("{}", graph::to_mermaid(&fsm)),
-        GraphFormat::Json => println!("{}", serde_json::to_string_pretty(&graph::to_json(&fsm))?),
+    let mut out = output::stdout();
+    match format {
+        GraphFormat::Dot => write!(out, "{}", graph::to_dot(&fsm))?,
+        GraphFormat::Mermaid => write!(out, "{}", graph::to_mermaid(&fsm))?,
+        GraphFormat::Json => writeln!(
+            out,
+            "{}",
+            serde_json::to_string_pretty(&graph::to_json(&fsm))?
+        )?,
     }
+    out.flush()?;
     Ok(EXIT_CLEAN)
 }

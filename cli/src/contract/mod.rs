@@ -5,22 +5,15 @@ pub mod validate;
 
 use std::path::Path;
 
-use anyhow::bail;
+use anyhow::{Context, bail};
 use onex_contract::{Contract, Loaded};
 use onex_core::Machine;
 use onex_diag::{FileReport, SourceFile};
 
 /// Reads and loads one contract file; the report carries its diagnostics.
 pub fn load_file(path: &Path) -> anyhow::Result<(FileReport, Loaded)> {
-    let bytes = crate::files::read(path)?;
-    let (text, encoding_problem) = onex_contract::decode(&bytes);
-    let loaded = match encoding_problem {
-        Some(diagnostic) => Loaded {
-            contract: None,
-            diagnostics: vec![diagnostic],
-        },
-        None => onex_contract::load(&text),
-    };
+    let (text, loaded) = onex_runtime::input_file::load_contract(path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
     let source = SourceFile::new(path.display().to_string(), text);
     Ok((
         FileReport {

@@ -17,6 +17,7 @@
 //!           completed: false                 # entered a terminal state
 //! ```
 
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -24,7 +25,7 @@ use std::time::Instant;
 use anyhow::Context as _;
 use onex_contract::yaml::{Node, NodeKind};
 use onex_core::{Change, Event, Instance, Machine, StepRecord, step_in_place};
-use onex_diag::{SourceFile, Span};
+use onex_diag::{SourceFile, Span, shorten};
 use serde_json::{Map, Value, json};
 
 use crate::cli::{TestArgs, TestFormat};
@@ -43,25 +44,27 @@ struct Outcome {
 }
 
 pub fn run(args: &TestArgs) -> anyhow::Result<u8> {
-    let files = crate::files::expand(&args.files)?;
+    let format = args.format()?;
+    let files = crate::files::expand(&args.files, &args.exclude)?;
     let mut outcomes = Vec::new();
     for file in &files {
-        outcomes.extend(run_file(file)?);
+        outcomes.extend(run_file(&file.path)?);
     }
     let failed = outcomes.iter().filter(|o| !o.failures.is_empty()).count();
-    match args.format {
+    let mut out = crate::output::stdout();
+    match format {
         TestFormat::Human => {
             for o in &outcomes {
                 if o.failures.is_empty() {
-                    println!("ok    {} :: {}", o.file, o.name);
+                    writeln!(out, "ok    {} :: {}", o.file, o.name)?;
                 } else {
-                    println!("FAIL  {} :: {}", o.file, o.name);
+                    writeln!(out, "FAIL  {} :: {}", o.file, o.name)?;
                     for failure in &o.failures {
-                        println!("{}", indent(failure));
+                        writeln!(out, "{}", indent(failure))?;
                     }
                 }
             }
-            println!("{} passed, {} failed", outcomes.len() - failed, failed);
+            writeln!(out, "{} passed, {} failed", outcomes.len() - failed, failed)?;
         }
         TestFormat::Json => {
             for o in &outcomes {
@@ -70,17 +73,20 @@ pub fn run(args: &TestArgs) -> anyhow::Result<u8> {
                 } else {
                     "fail"
                 };
-                println!(
+                writeln!(
+                    out,
                     "{}",
                     json!({"type": "scenario", "file": o.file, "name": o.name, "status": status, "failures": o.failures})
-                );
+                )?;
             }
-            println!(
+            writeln!(
+                out,
                 "{}",
                 json!({"type": "summary", "passed": outcomes.len() - failed, "failed": failed})
-            );
+            )?;
         }
     }
+    out.flush()?;
     if let Some(path) = &args.junit {
         std::fs::write(path, junit(&outcomes))
             .with_context(|| format!("cannot write {}", path.display()))?;
@@ -167,7 +173,7 @@ fn check_keys(source: &SourceFile, node: &Node, allowed: &[&str], what: &str) ->
                 e.key_span,
                 format!(
                     "unknown key `{}` in {what} (known: {}){hint}",
-                    e.key,
+                    shorten(&e.key),
                     allowed.join(", ")
                 ),
             )
@@ -272,7 +278,8 @@ fn compare(
             .map(|r| format!("\n  (the event was rejected: {r})"))
             .unwrap_or_default();
         out.push(format!(
-            "state:\n  expected {expected}\n  found    {state}{why}"
+            "state:\n  expected {}\n  found    {state}{why}",
+            shorten(expected)
         ));
     }
     if let Some(expected) = expect.get("rejected") {
@@ -291,7 +298,8 @@ fn compare(
                 .map(|r| format!(" ({r})"))
                 .unwrap_or_default();
             out.push(format!(
-                "rejected:\n  expected {wanted}\n  found    {found}{why}"
+                "rejected:\n  expected {}\n  found    {found}{why}",
+                shorten(wanted)
             ));
         }
     }

@@ -2,7 +2,9 @@
 //!
 //! Each file is checked on its own; an orchestrator with an `execution` block is also
 //! checked against the contracts it references (OX504..OX510), as `onex run` would
-//! load it, and those findings are added to the file they point into.
+//! load it, and those findings are added to the file they point into. A YAML file found
+//! in a directory that is no ONEX contract at all (a CI workflow, a compose file) is
+//! skipped, and listed as such; named on the command line, it is an error.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -10,15 +12,24 @@ use std::path::PathBuf;
 use onex_contract::Contract;
 use onex_diag::FileReport;
 
-use crate::cli::ValidateArgs;
+use crate::cli::{ContractFiles, Format};
+use crate::files::Found;
 use crate::{EXIT_CLEAN, EXIT_FINDINGS, output};
 
-pub fn run(args: &ValidateArgs, deny_warnings: bool) -> anyhow::Result<u8> {
-    let paths = crate::files::expand(&args.paths)?;
-    let mut reports = Vec::with_capacity(paths.len());
+pub fn run(args: &ContractFiles, format: Format, deny_warnings: bool) -> anyhow::Result<u8> {
+    let files = crate::files::expand(&args.paths, &args.exclude)?;
+    let mut reports = Vec::with_capacity(files.len());
+    let mut skipped = Vec::new();
     let mut orchestrators = Vec::new();
-    for path in &paths {
+    for Found { path, named } in &files {
         let (report, loaded) = super::load_file(path)?;
+        if let Some(why) = loaded.not_a_contract.filter(|_| !named) {
+            skipped.push(output::Skipped {
+                file: report.source.name().to_owned(),
+                reason: format!("not an ONEX contract: {why}"),
+            });
+            continue;
+        }
         if let Some(Contract::Orchestrator(o)) = &loaded.contract
             && o.root.get("execution").is_some()
         {
@@ -29,7 +40,7 @@ pub fn run(args: &ValidateArgs, deny_warnings: bool) -> anyhow::Result<u8> {
     add_project_findings(&mut reports, &orchestrators);
     // Referenced files join the listing in path order, like the rest.
     reports.sort_by(|a, b| a.0.source.name().cmp(b.0.source.name()));
-    let totals = output::write(&reports, args.format, output::use_color(args.color))?;
+    let totals = output::write(&reports, &skipped, format, output::use_color(args.color))?;
     let failed = totals.errors > 0 || (deny_warnings && totals.warnings > 0);
     Ok(if failed { EXIT_FINDINGS } else { EXIT_CLEAN })
 }

@@ -24,7 +24,8 @@ use onex_diag::{Diagnostic, Severity, Span};
 use lints::{EMPTY_CONTRACT, INVALID_ENCODING, RESOURCE_LIMIT, UNKNOWN_CONTRACT_KIND};
 pub use model::{Contract, ContractKind};
 
-/// Larger files are refused before parsing; the biggest real contract is ~30 KiB.
+/// Larger files are refused before parsing (readers stop one byte past it, see
+/// [`Loaded::oversized`]); the biggest real contract is ~30 KiB.
 pub const MAX_CONTRACT_BYTES: usize = 64 * 1024 * 1024;
 
 /// The result of loading one contract: the model when the text could be read as a
@@ -33,6 +34,11 @@ pub const MAX_CONTRACT_BYTES: usize = 64 * 1024 * 1024;
 pub struct Loaded {
     pub contract: Option<Contract>,
     pub diagnostics: Vec<Diagnostic>,
+    /// Why the text, which is YAML, is no ONEX contract at all (a CI workflow, a
+    /// compose file, a stream of Kubernetes manifests), when that is so; `None` for a
+    /// contract, and for what may be one with a mistake (a syntax error, a misspelt
+    /// marker key). The findings say it too; a search of a directory may skip the file.
+    pub not_a_contract: Option<String>,
 }
 
 impl Loaded {
@@ -46,7 +52,23 @@ impl Loaded {
         Loaded {
             contract: None,
             diagnostics: vec![diagnostic],
+            not_a_contract: None,
         }
+    }
+
+    /// The finding for a file over [`MAX_CONTRACT_BYTES`], for a reader that stopped
+    /// reading at the limit and so has no text to load.
+    pub fn oversized() -> Self {
+        Loaded::only(
+            Diagnostic::new(
+                &RESOURCE_LIMIT,
+                format!(
+                    "the file is larger than {} MiB ({MAX_CONTRACT_BYTES} bytes), the limit for a contract",
+                    MAX_CONTRACT_BYTES >> 20
+                ),
+            )
+            .at(Span::point(0), ""),
+        )
     }
 }
 
@@ -84,19 +106,21 @@ pub fn decode(bytes: &[u8]) -> (String, Option<Diagnostic>) {
     }
 }
 
+/// Decodes a contract file's bytes and loads them: the text (for rendering the
+/// findings) and the result. Not UTF-8 is the one finding.
+pub fn load_bytes(bytes: &[u8]) -> (String, Loaded) {
+    let (text, encoding_problem) = decode(bytes);
+    let loaded = match encoding_problem {
+        Some(diagnostic) => Loaded::only(diagnostic),
+        None => load(&text),
+    };
+    (text, loaded)
+}
+
 /// Runs the whole pipeline on one contract's text.
 pub fn load(text: &str) -> Loaded {
     if text.len() > MAX_CONTRACT_BYTES {
-        return Loaded::only(
-            Diagnostic::new(
-                &RESOURCE_LIMIT,
-                format!(
-                    "the file is {} bytes; contracts are limited to {MAX_CONTRACT_BYTES}",
-                    text.len()
-                ),
-            )
-            .at(Span::point(0), ""),
-        );
+        return Loaded::oversized();
     }
     let parsed = yaml::parse(text);
     let mut diagnostics = parsed.diagnostics;
@@ -106,6 +130,7 @@ pub fn load(text: &str) -> Loaded {
             return Loaded {
                 contract: None,
                 diagnostics,
+                not_a_contract: None,
             };
         }
         _ => {
@@ -115,20 +140,23 @@ pub fn load(text: &str) -> Loaded {
             );
         }
     };
+    let stream = parsed
+        .multiple_documents
+        .then(|| "a stream of several YAML documents".to_owned());
     if !matches!(root.kind, yaml::NodeKind::Map(_)) {
+        let found = with_article(root.type_name());
+        let why = format!("the document is {found}, not a mapping");
         diagnostics.push(
             Diagnostic::new(
                 &UNKNOWN_CONTRACT_KIND,
-                format!(
-                    "a contract is a mapping; this document is a {}",
-                    root.type_name()
-                ),
+                format!("a contract is a mapping; this document is {found}"),
             )
             .at(first_line(text, root.span), ""),
         );
         return Loaded {
             contract: None,
             diagnostics,
+            not_a_contract: Some(stream.unwrap_or(why)),
         };
     }
     let Some(kind) = ContractKind::detect(&root) else {
@@ -151,10 +179,17 @@ pub fn load(text: &str) -> Loaded {
         {
             d = d.with_help("this declares an effect node; onex runs effects written in core's declarative `effect_operations` format");
         }
+        // A hint means the file looks meant as a contract: that is a mistake to report.
+        let not_a_contract = d.help.is_none().then(|| {
+            stream.unwrap_or_else(|| {
+                "none of `state_transitions`, `effect_operations` or `workflow_coordination` is present".to_owned()
+            })
+        });
         diagnostics.push(d);
         return Loaded {
             contract: None,
             diagnostics,
+            not_a_contract,
         };
     };
     diagnostics.extend(schema::validate(kind, &root, &root.to_json()));
@@ -169,7 +204,17 @@ pub fn load(text: &str) -> Loaded {
     Loaded {
         contract: Some(contract),
         diagnostics,
+        not_a_contract: None,
     }
+}
+
+fn with_article(word: &str) -> String {
+    let article = if word.starts_with(['a', 'e', 'i', 'o', 'u']) {
+        "an"
+    } else {
+        "a"
+    };
+    format!("{article} {word}")
 }
 
 fn first_line(text: &str, span: Span) -> Span {

@@ -155,6 +155,8 @@ pub fn pointer_segment(segment: &str) -> String {
 pub struct ParsedYaml {
     pub root: Option<Node>,
     pub diagnostics: Vec<Diagnostic>,
+    /// The text went on with a second document (`root` is the first).
+    pub multiple_documents: bool,
 }
 
 enum Frame {
@@ -250,6 +252,7 @@ pub fn parse(text: &str) -> ParsedYaml {
     ParsedYaml {
         root: builder.root,
         diagnostics: builder.diagnostics,
+        multiple_documents: documents > 1,
     }
 }
 

@@ -2,6 +2,7 @@
 //! field or an operand of the wrong kind is an `Outcome::Error`, and the guard fails.
 
 use onex_contract::condition::{Operator, as_number};
+use onex_diag::shorten;
 use serde_json::{Map, Value};
 
 use crate::machine::Guard;
@@ -36,9 +37,12 @@ impl Outcome {
         }
     }
 
-    /// Why, in words, given the value the field held.
+    /// Why, in words, given the value the field held (shortened: the reason names
+    /// the value, the record has it whole).
     pub fn reason(self, guard: &Guard, actual: Option<&Value>) -> String {
         let field = guard.expression.field_path();
+        let field = shorten(&field);
+        let text = shorten(&guard.text);
         if guard.expression.operator.is_existence() && matches!(self, Outcome::Pass | Outcome::Fail)
         {
             let present =
@@ -49,15 +53,15 @@ impl Outcome {
                 "does not hold"
             };
             return format!(
-                "`{field}` is {}: `{}` {verdict}",
+                "`{field}` is {}: `{text}` {verdict}",
                 if present { "present" } else { "absent" },
-                guard.text
             );
         }
         let shown = actual.map_or_else(|| "missing".to_owned(), Value::to_string);
+        let shown = shorten(&shown);
         match self {
-            Outcome::Pass => format!("`{field}` is {shown}: `{}` holds", guard.text),
-            Outcome::Fail => format!("`{field}` is {shown}: `{}` does not hold", guard.text),
+            Outcome::Pass => format!("`{field}` is {shown}: `{text}` holds"),
+            Outcome::Fail => format!("`{field}` is {shown}: `{text}` does not hold"),
             Outcome::MissingField => format!("evaluation error: field `{field}` is missing"),
             Outcome::NotANumber => format!("evaluation error: `{field}` is {shown}, not a number"),
             Outcome::NotAString => format!("evaluation error: `{field}` is {shown}, not a string"),

@@ -3,6 +3,7 @@
 use std::fmt;
 use std::sync::Arc;
 
+use onex_diag::shorten;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
@@ -151,12 +152,13 @@ impl StepRecord {
             .map(|i| machine.action(i.action).name.as_ref())
     }
 
-    /// Why the step was rejected, in words.
+    /// Why the step was rejected, in words (values in it shortened).
     pub fn rejection_reason(&self, machine: &Machine) -> Option<String> {
         let state = &machine.states[self.from].name;
+        let trigger = shorten(&self.trigger);
         Some(match self.rejection? {
             Rejection::NoTransition => {
-                format!("no transition from `{state}` on `{}`", self.trigger)
+                format!("no transition from `{state}` on `{trigger}`")
             }
             Rejection::GuardsFailed => {
                 let failed: Vec<String> = self
@@ -173,8 +175,7 @@ impl StepRecord {
                     })
                     .collect();
                 format!(
-                    "guards failed from `{state}` on `{}`: {}",
-                    self.trigger,
+                    "guards failed from `{state}` on `{trigger}`: {}",
                     failed.join("; ")
                 )
             }

@@ -1,4 +1,5 @@
 use crate::Span;
+use crate::shorten::shorten_quoted;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Severity {
@@ -88,12 +89,13 @@ pub struct Diagnostic {
 }
 
 impl Diagnostic {
-    /// A diagnostic at the lint's default severity.
+    /// A diagnostic at the lint's default severity. Here and in labels and help, a
+    /// long value quoted between backticks is shortened ([`crate::shorten`]).
     pub fn new(lint: &'static Lint, message: impl Into<String>) -> Self {
         Diagnostic {
             lint,
             severity: lint.default_severity,
-            message: message.into(),
+            message: shorten_quoted(message.into()),
             span: None,
             pointer: String::new(),
             labels: Vec::new(),
@@ -111,13 +113,13 @@ impl Diagnostic {
     pub fn with_label(mut self, span: Span, message: impl Into<String>) -> Self {
         self.labels.push(Label {
             span,
-            message: message.into(),
+            message: shorten_quoted(message.into()),
         });
         self
     }
 
     pub fn with_help(mut self, help: impl Into<String>) -> Self {
-        self.help = Some(help.into());
+        self.help = Some(shorten_quoted(help.into()));
         self
     }
 

@@ -7,9 +7,11 @@
 
 mod diagnostic;
 pub mod render;
+pub mod shorten;
 mod source;
 
 pub use diagnostic::{Diagnostic, Fix, Label, Lint, Severity};
+pub use shorten::shorten;
 pub use source::{LineCol, SourceFile, Span};
 
 /// The diagnostics found in one source file.

@@ -25,6 +25,7 @@ use onex_diag::{Diagnostic, FileReport, Severity, SourceFile, Span};
 use serde_json::{Map, Value};
 
 use crate::template::{Fields, Template, TemplateError};
+use crate::{input_file, walk};
 
 pub type ReducerId = usize;
 pub type OperationId = usize;
@@ -259,15 +260,7 @@ struct File {
 
 impl File {
     fn read(path: &Path) -> Result<File, String> {
-        let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
-        let (text, encoding) = onex_contract::decode(&bytes);
-        let loaded = match encoding {
-            Some(d) => onex_contract::Loaded {
-                contract: None,
-                diagnostics: vec![d],
-            },
-            None => onex_contract::load(&text),
-        };
+        let (text, loaded) = input_file::load_contract(path).map_err(|e| e.to_string())?;
         let root = onex_contract::yaml::parse(&text).root;
         Ok(File {
             path: path.to_owned(),
@@ -304,19 +297,17 @@ impl File {
 }
 
 /// Finds the orchestrator contracts among `paths` (files, or directories searched
-/// recursively for `.yaml`/`.yml`), in path order.
+/// for `.yaml`/`.yml` as [`walk`] does), in path order.
 pub fn find_orchestrators(paths: &[PathBuf]) -> Vec<PathBuf> {
     let mut found = Vec::new();
     for path in paths {
         let files: Vec<PathBuf> = if path.is_dir() {
-            let mut files = Vec::new();
-            collect_yaml(path, &mut files);
-            files
+            walk::yaml_files(path, &walk::Options::default()).unwrap_or_default()
         } else {
             vec![path.clone()]
         };
         for file in files {
-            let Ok(text) = std::fs::read_to_string(&file) else {
+            let Ok(text) = input_file::read_to_string(&file) else {
                 continue;
             };
             if let Some(root) = onex_contract::yaml::parse(&text).root
@@ -329,20 +320,6 @@ pub fn find_orchestrators(paths: &[PathBuf]) -> Vec<PathBuf> {
     }
     found.sort();
     found
-}
-
-fn collect_yaml(dir: &Path, out: &mut Vec<PathBuf>) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            collect_yaml(&path, out);
-        } else if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
-            out.push(path);
-        }
-    }
 }
 
 /// Loads the orchestrator at `path` and everything it references.
@@ -1052,7 +1029,7 @@ impl Builder<'_> {
         pointer: &str,
     ) -> Option<Validation> {
         let path = normalize(&self.base.join(&spec.schema));
-        let schema = std::fs::read_to_string(&path)
+        let schema = input_file::read_to_string(&path)
             .map_err(|e| e.to_string())
             .and_then(|text| serde_json::from_str::<Value>(&text).map_err(|e| e.to_string()))
             .and_then(|schema| jsonschema::validator_for(&schema).map_err(|e| e.to_string()));
@@ -1194,7 +1171,7 @@ impl Builder<'_> {
                 .to_owned();
             for sql in &effect.setup_db {
                 let path = normalize(&base.join(&sql.value));
-                match std::fs::read_to_string(&path) {
+                match input_file::read_to_string(&path) {
                     Ok(text) => out.push((path, text)),
                     Err(e) => {
                         let d = Diagnostic::new(

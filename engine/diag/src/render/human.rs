@@ -1,16 +1,17 @@
-//! rustc-style output: the offending line with a caret, secondary labels, help.
+//! rustc-style output: the offending line with a caret, secondary labels, help. A long
+//! line is shown as a window around the finding (see `excerpt`), so the output stays
+//! readable, and small, whatever the file's lines hold.
 
 use codespan_reporting::diagnostic::{
     Diagnostic as CsDiagnostic, Label as CsLabel, Severity as CsSeverity,
 };
-use codespan_reporting::files::SimpleFile;
 use codespan_reporting::term::{self, Config, termcolor::Buffer};
 
-use crate::{FileReport, Severity};
+use super::excerpt::Excerpt;
+use crate::{FileReport, Severity, shorten};
 
 /// Renders every diagnostic of `report`; `color` adds ANSI escapes.
 pub fn render(report: &FileReport, color: bool) -> String {
-    let file = SimpleFile::new(report.source.name(), report.source.text());
     let config = Config::default();
     let mut out = String::new();
     for diagnostic in &report.diagnostics {
@@ -18,22 +19,27 @@ pub fn render(report: &FileReport, color: bool) -> String {
             Severity::Error => CsSeverity::Error,
             Severity::Warning => CsSeverity::Warning,
         };
+        let spans: Vec<_> = diagnostic
+            .span
+            .iter()
+            .copied()
+            .chain(diagnostic.labels.iter().map(|l| l.span))
+            .collect();
+        let file = Excerpt::new(&report.source, &spans);
         let mut labels = Vec::new();
         if let Some(span) = diagnostic.span {
-            labels.push(CsLabel::primary((), span.start..span.end));
+            labels.push(CsLabel::primary((), file.range(span)));
         }
         for label in &diagnostic.labels {
-            labels.push(
-                CsLabel::secondary((), label.span.start..label.span.end)
-                    .with_message(&label.message),
-            );
+            labels
+                .push(CsLabel::secondary((), file.range(label.span)).with_message(&label.message));
         }
         let mut notes = Vec::new();
         if let Some(help) = &diagnostic.help {
             notes.push(format!("help: {help}"));
         }
         if !diagnostic.pointer.is_empty() {
-            notes.push(format!("pointer: {}", diagnostic.pointer));
+            notes.push(format!("pointer: {}", shorten(&diagnostic.pointer)));
         }
         notes.push(format!(
             "lint: {} ({})",

@@ -1,6 +1,7 @@
 //! Renderers: each turns file reports into text for one audience. They return strings so
 //! the caller decides where the text goes.
 
+mod excerpt;
 pub mod github;
 pub mod human;
 pub mod json;
