@@ -49,8 +49,9 @@ Exit codes:
   0  the run ended cleanly (with --until-idle: all work done, no dead letters in this run)
   1  the run ended, but events became dead letters or work is unfinished (see the
      summary; also when a signal's drain deadline passed with work in flight)
-  2  contracts with errors, a handler that cannot start, an I/O error, or --events
-     naming the run's own event log
+  2  contracts with errors, a handler that cannot start, an events source that cannot
+     be read (missing, a directory, a read error: the run stops), or --events naming
+     the run's own event log
 
 Every flag can also be set by its ONEX_* environment variable (shown with each flag);
 a yes/no flag's variable takes 1/0, true/false, yes/no or on/off.";

@@ -106,6 +106,12 @@ pub fn run(args: &RunArgs) -> anyhow::Result<u8> {
         OutputFormat::Human => write!(out, "{}", human(&summary))?,
     }
     out.flush()?;
+    if !summary.source_errors.is_empty() {
+        for error in &summary.source_errors {
+            eprintln!("onex: error: {error}");
+        }
+        return Ok(EXIT_TROUBLE);
+    }
     // However the run stopped: work a signal cut short resumes on the next start,
     // but this run did not finish it.
     let unfinished = summary.reducers.iter().any(|r| r.busy > 0);
@@ -239,10 +245,10 @@ fn human(summary: &Summary) -> String {
         out,
         "onex run: {} ({} after {seconds:.2} s)",
         summary.orchestrator,
-        if summary.stopped_by == "idle" {
-            "all work done"
-        } else {
-            "stopped by signal"
+        match summary.stopped_by.as_str() {
+            "idle" => "all work done",
+            "error" => "stopped: an events source could not be read",
+            _ => "stopped by signal",
         }
     );
     let width = summary

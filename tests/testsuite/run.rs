@@ -1937,3 +1937,128 @@ async fn partial_registrations_complete_once_the_backend_works_again() {
         3
     );
 }
+
+/// A line of `--events` that cannot be used (not UTF-8, over the line cap) is a dead
+/// letter with its line number and the reason, and reading goes on; a source that
+/// cannot be read (missing, a directory, a read error) stops the run with exit 2.
+#[test]
+fn every_bad_events_line_is_a_dead_letter_and_reading_goes_on() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("events.jsonl");
+    let mut bytes = node(1).into_bytes();
+    bytes.extend_from_slice(b"\n{\"message_id\": \"\xff\xfe\"}\n");
+    bytes.extend(std::iter::repeat_n(b'x', 2 << 20));
+    bytes.push(b'\n');
+    bytes.extend_from_slice(node(2).as_bytes());
+    bytes.push(b'\n');
+    std::fs::write(&path, bytes).expect("events");
+    let (run, summary) = run(dir.path(), &["--events", path_str(&path)]);
+    assert_eq!(run.code, 1, "dead letters: exit 1\n{}", run.stderr);
+    assert_eq!(summary["events"]["received"], 4, "{summary}");
+    assert_eq!(summary["events"]["dead_letters"], 2, "{summary}");
+    assert_each_node_registered_once(dir.path(), 2);
+    let letters = list_json("dlq", dir.path(), &[]).json_lines();
+    let found: Vec<(String, String)> = letters
+        .iter()
+        .map(|l| {
+            let source = l["source"].as_str().expect("source");
+            let line = source.rsplit(':').next().expect("line").to_owned();
+            (line, l["reason"].as_str().expect("reason").to_owned())
+        })
+        .collect();
+    assert_eq!(found.len(), 2, "{found:?}");
+    assert_eq!(found[0].0, "2");
+    assert!(
+        found[0]
+            .1
+            .starts_with("not UTF-8: invalid byte at offset 16"),
+        "{found:?}"
+    );
+    assert_eq!(found[1].0, "3");
+    assert!(
+        found[1]
+            .1
+            .contains("longer than the limit of 1 MiB (1048576 bytes)"),
+        "{found:?}"
+    );
+
+    for (events, expected) in [
+        (
+            "no-such-file.jsonl",
+            "cannot read events from no-such-file.jsonl: No such file",
+        ),
+        (
+            "tests",
+            "cannot read events from tests: expected a file, got a directory",
+        ),
+        // procfs answers a read of an unmapped address with an I/O error.
+        (
+            "/proc/self/mem",
+            "reading events from /proc/self/mem failed after line 0",
+        ),
+    ] {
+        let failed = run_human(&dir.path().join("other"), &["--events", events]);
+        assert_eq!(
+            failed.code, 2,
+            "{events}: {}\n{}",
+            failed.stdout, failed.stderr
+        );
+        assert!(
+            failed.stderr.contains(expected),
+            "{events}: {}",
+            failed.stderr
+        );
+    }
+}
+
+/// `--events /dev/zero` is one endless line: it becomes a dead letter naming the cap
+/// as soon as it passes it, and the rest is skipped in bounded memory (it used to
+/// abort with an allocation failure) until the run is stopped.
+#[test]
+fn an_endless_events_line_is_a_dead_letter_in_bounded_memory() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut child = Reaper(
+        crate::support::limited_command(
+            &[
+                "run",
+                "--contract",
+                "contracts/",
+                "--listen",
+                "off",
+                "--events",
+                "/dev/zero",
+                "--data-dir",
+                path_str(dir.path()),
+            ],
+            Some(1024 * 1024),
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("onex starts"),
+    );
+    let reported = eventually(|| {
+        std::fs::metadata(dir.path().join("state.db")).is_ok()
+            && try_query(
+                &dir.path().join("state.db"),
+                "SELECT reason FROM dead_letters",
+            )
+            .is_ok_and(|rows| {
+                rows.iter()
+                    .any(|r| r[0].as_str().is_some_and(|t| t.contains("limit of 1 MiB")))
+            })
+    });
+    // Still reading, within its memory.
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        child.0.try_wait().expect("wait").is_none(),
+        "onex ended by itself"
+    );
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status();
+    let status = child.0.wait().expect("exit");
+    assert!(reported, "no dead letter names the cap");
+    assert_eq!(status.code(), Some(1), "a dead letter, stopped by a signal");
+}

@@ -1,6 +1,7 @@
 //! Event streams split into lines of at most [`MAX_LINE_BYTES`]. A longer line is
-//! skipped up to its newline without being kept, so that a stream with no newline at
-//! all (`/dev/zero`) holds no more memory than one line's cap.
+//! reported as soon as it passes the cap and then skipped up to its newline without
+//! being kept, so that a stream with no newline at all (`/dev/zero`) holds no more
+//! memory than one line's cap, and says so at once.
 //!
 //! One splitter serves a blocking reader (`std::io::BufRead`: replay) and an async one
 //! (`tokio::io::AsyncBufRead`: the runtime's `--events`): each reader lends it what its
@@ -17,19 +18,15 @@ use tokio::io::{AsyncBufRead, AsyncBufReadExt};
 /// The longest line taken, newline excluded: a line of an event stream is one event.
 pub const MAX_LINE_BYTES: usize = 1 << 20;
 
-/// A line over the cap, skipped.
+/// A line over the cap, skipped to its end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TooLong {
-    /// The line's length, newline excluded.
-    pub bytes: u64,
-}
+pub struct TooLong;
 
 impl fmt::Display for TooLong {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "the line is {} bytes long, over the limit of {} MiB ({MAX_LINE_BYTES} bytes) for one line; skipped",
-            self.bytes,
+            "the line is longer than the limit of {} MiB ({MAX_LINE_BYTES} bytes) for one line; skipped to its end",
             MAX_LINE_BYTES >> 20
         )
     }
@@ -40,8 +37,7 @@ impl fmt::Display for TooLong {
 pub struct Line<'a> {
     /// 1-based.
     pub number: u64,
-    /// The line without its newline (nor a `\r` before it), or how long it was when
-    /// it went over the cap.
+    /// The line without its newline (nor a `\r` before it), or [`TooLong`].
     pub bytes: Result<&'a [u8], TooLong>,
 }
 
@@ -50,8 +46,10 @@ pub struct Line<'a> {
 pub struct LineSplitter {
     cap: usize,
     line: Vec<u8>,
-    /// The current line's length once it went over the cap; it is no longer kept then.
-    skipped: Option<u64>,
+    /// The current line went over the cap (it is no longer kept).
+    over: bool,
+    /// The rest of a line reported as too long is still to be skipped.
+    skipping: bool,
     /// Whether the current line has begun (an empty line has, once its newline is seen).
     begun: bool,
     number: u64,
@@ -72,7 +70,8 @@ impl LineSplitter {
         LineSplitter {
             cap,
             line: Vec::new(),
-            skipped: None,
+            over: false,
+            skipping: false,
             begun: false,
             number: 0,
         }
@@ -116,40 +115,42 @@ impl LineSplitter {
 
     fn start(&mut self) {
         self.line.clear();
-        self.skipped = None;
+        self.over = false;
         self.begun = false;
     }
 
-    /// Takes `chunk` up to and including its first newline. Returns how many bytes it
-    /// took and whether the line ended: at a newline, or at the end of the stream (an
-    /// empty chunk).
+    /// Takes `chunk` up to and including its first newline, after skipping the rest
+    /// of a line reported as too long. Returns how many bytes it took and whether the
+    /// line ended: at a newline, at the end of the stream (an empty chunk), or on
+    /// passing the cap.
     fn take(&mut self, chunk: &[u8]) -> (usize, bool) {
         if chunk.is_empty() {
+            self.skipping = false;
             return (0, true);
         }
+        let newline = memchr::memchr(b'\n', chunk);
+        if self.skipping {
+            return match newline {
+                Some(at) => {
+                    self.skipping = false;
+                    (at + 1, false)
+                }
+                None => (chunk.len(), false),
+            };
+        }
         self.begun = true;
-        match memchr::memchr(b'\n', chunk) {
-            Some(at) => {
-                self.keep(&chunk[..at]);
-                (at + 1, true)
-            }
-            None => {
-                self.keep(chunk);
-                (chunk.len(), false)
-            }
+        let (part, used) = match newline {
+            Some(at) => (&chunk[..at], at + 1),
+            None => (chunk, chunk.len()),
+        };
+        if self.line.len() + part.len() > self.cap {
+            self.over = true;
+            self.line.clear();
+            self.skipping = newline.is_none();
+            return (used, true);
         }
-    }
-
-    fn keep(&mut self, bytes: &[u8]) {
-        let length = self.line.len() + bytes.len();
-        match &mut self.skipped {
-            Some(seen) => *seen += bytes.len() as u64,
-            None if length > self.cap => {
-                self.skipped = Some(length as u64);
-                self.line.clear();
-            }
-            None => self.line.extend_from_slice(bytes),
-        }
+        self.line.extend_from_slice(part);
+        (used, newline.is_some())
     }
 
     /// The line that just ended, or `None` when the stream ended before another began.
@@ -158,9 +159,10 @@ impl LineSplitter {
             return None;
         }
         self.number += 1;
-        let bytes = match self.skipped {
-            Some(bytes) => Err(TooLong { bytes }),
-            None => Ok(self.line.strip_suffix(b"\r").unwrap_or(&self.line)),
+        let bytes = if self.over {
+            Err(TooLong)
+        } else {
+            Ok(self.line.strip_suffix(b"\r").unwrap_or(&self.line))
         };
         Some(Line {
             number: self.number,
@@ -222,28 +224,36 @@ mod tests {
         for chunk in [1, 3, 64] {
             assert_eq!(
                 split(b"1234\n123456789\nok\n", 4, chunk),
-                vec![ok(1, "1234"), (2, Err(TooLong { bytes: 9 })), ok(3, "ok")],
+                vec![ok(1, "1234"), (2, Err(TooLong)), ok(3, "ok")],
                 "chunks of {chunk}"
             );
         }
     }
 
     #[test]
-    fn a_stream_without_newlines_is_one_over_long_line_in_bounded_memory() {
-        let zeros = 3 * MAX_LINE_BYTES as u64 + 5;
-        let mut reader = BufReader::new(io::repeat(0).take(zeros));
+    fn a_stream_without_newlines_is_reported_at_the_cap_in_bounded_memory() {
+        // Endless: the line is reported once it passes the cap, not at its end.
+        let mut reader = BufReader::new(io::repeat(0));
         let mut splitter = LineSplitter::new();
         let line = splitter.read_line(&mut reader).expect("read").map(owned);
-        assert_eq!(line, Some((1, Err(TooLong { bytes: zeros }))));
-        assert!(splitter.line.capacity() <= MAX_LINE_BYTES);
-        assert_eq!(splitter.read_line(&mut reader).expect("read"), None);
+        assert_eq!(line, Some((1, Err(TooLong))));
+        assert!(splitter.line.capacity() <= 2 * MAX_LINE_BYTES);
+        // Ended after a while: the rest is skipped, then the stream ends.
+        let zeros = 3 * MAX_LINE_BYTES as u64 + 5;
+        let mut reader = BufReader::new(io::repeat(0).take(zeros).chain(&b"\nnext\n"[..]));
+        let mut splitter = LineSplitter::new();
+        let mut lines = Vec::new();
+        while let Some(line) = splitter.read_line(&mut reader).expect("read") {
+            lines.push(owned(line));
+        }
+        assert_eq!(lines, vec![(1, Err(TooLong)), ok(2, "next")]);
     }
 
     #[test]
     fn the_message_names_the_cap() {
         assert_eq!(
-            TooLong { bytes: 2_000_000 }.to_string(),
-            "the line is 2000000 bytes long, over the limit of 1 MiB (1048576 bytes) for one line; skipped"
+            TooLong.to_string(),
+            "the line is longer than the limit of 1 MiB (1048576 bytes) for one line; skipped to its end"
         );
     }
 
@@ -257,9 +267,6 @@ mod tests {
             out.push(owned(line));
         }
         assert_eq!(out, split(input, 4, 3));
-        assert_eq!(
-            out,
-            vec![ok(1, "ab"), (2, Err(TooLong { bytes: 6 })), ok(3, "cd")]
-        );
+        assert_eq!(out, vec![ok(1, "ab"), (2, Err(TooLong)), ok(3, "cd")]);
     }
 }

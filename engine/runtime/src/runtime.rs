@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use serde_json::{Value, json};
-use tokio::io::AsyncBufReadExt;
 use tokio::sync::mpsc;
 
 use crate::bus::{Bus, Delivery, Subscriber};
@@ -124,8 +123,11 @@ pub struct Options {
 pub struct Summary {
     pub orchestrator: String,
     pub runtime_id: String,
-    /// `idle` or `signal`.
+    /// `idle`, `signal`, or `error` (an events source could not be read).
     pub stopped_by: String,
+    /// Why events sources could not be read to their end.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub source_errors: Vec<String>,
     pub elapsed_ms: u64,
     pub events: EventCounts,
     pub reducers: Vec<ReducerSummary>,
@@ -251,6 +253,7 @@ pub async fn run(
         stored,
     } = Store::open(&options.data_dir).await?;
     refuse_own_event_log(&options.sources, store.event_log_path())?;
+    let opened_sources = open_sources(&options.sources).await?;
     let runtime_id = match store.meta("runtime_id").await? {
         Some(id) => id,
         None => {
@@ -384,29 +387,42 @@ pub async fn run(
         _ => None,
     };
     publish_all(&shared, &project.on_start, &runtime_vars, None);
-    for source in options.sources.clone() {
+    let (source_failed, mut source_failures) = mpsc::unbounded_channel::<String>();
+    for source in opened_sources {
         let shared = Arc::clone(&shared);
         let received = Arc::clone(&received);
+        let failed = source_failed.clone();
         let guard = work.guard();
         sources.push(tokio::spawn(async move {
-            read_source(&shared, source, &received).await;
+            if let Err(e) = read_source(&shared, source, &received).await {
+                tracing::error!(error = %e, "an events source failed; stopping");
+                let _ = failed.send(e);
+            }
             drop(guard);
         }));
     }
+    drop(source_failed);
 
-    let stopped_by = if options.until_idle {
-        tokio::select! {
-            () = until_idle(&work) => "idle",
-            () = shutdown => "signal",
+    let mut source_errors = Vec::new();
+    let idle = async {
+        if options.until_idle {
+            until_idle(&work).await
+        } else {
+            std::future::pending().await
         }
-    } else {
-        shutdown.await;
-        "signal"
+    };
+    let stopped_by = tokio::select! {
+        () = idle => "idle",
+        () = shutdown => "signal",
+        Some(error) = source_failures.recv() => {
+            source_errors.push(error);
+            "error"
+        }
     };
     for task in sources.iter().chain(&periodic) {
         task.abort();
     }
-    if stopped_by == "signal" {
+    if stopped_by != "idle" {
         tracing::info!(
             outstanding = work.outstanding(),
             deadline_ms = options.drain.as_millis() as u64,
@@ -440,7 +456,7 @@ pub async fn run(
     }
     store.flush().await;
 
-    let summary = summarise(
+    let mut summary = summarise(
         &shared,
         &runtime_id,
         stopped_by,
@@ -451,6 +467,7 @@ pub async fn run(
         listen,
     )
     .await?;
+    summary.source_errors = source_errors;
     // Everything is committed (flushed above); the writer ends with the process.
     drop(writer);
     Ok(summary)
@@ -775,81 +792,130 @@ pub fn render_event(
     })
 }
 
-/// Reads JSON Lines envelopes; a line that cannot be decoded or routed becomes a dead
-/// letter with its line number and stays out of the bus.
-async fn read_source(shared: &Arc<Shared>, source: Source, received: &AtomicU64) {
-    let (name, reader): (String, Box<dyn tokio::io::AsyncBufRead + Unpin + Send>) = match &source {
-        Source::File(path) => match tokio::fs::File::open(path).await {
-            Ok(file) => (
-                path.display().to_string(),
-                Box::new(tokio::io::BufReader::new(file)),
-            ),
-            Err(e) => {
-                tracing::error!(path = %path.display(), error = %e, "cannot read events");
-                return;
+/// An events source, opened: its name for dead letters and messages, and its reader.
+type OpenedSource = (String, Box<dyn tokio::io::AsyncBufRead + Unpin + Send>);
+
+/// Opens every events source before the run starts, so that a missing file or a
+/// directory is refused with its reason rather than found to be empty.
+async fn open_sources(sources: &[Source]) -> Result<Vec<OpenedSource>, String> {
+    let mut opened = Vec::with_capacity(sources.len());
+    for source in sources {
+        opened.push(match source {
+            Source::File(path) => {
+                let cannot = |e: &dyn std::fmt::Display| {
+                    format!("cannot read events from {}: {e}", path.display())
+                };
+                let meta = tokio::fs::metadata(path).await.map_err(|e| cannot(&e))?;
+                if meta.is_dir() {
+                    return Err(cannot(&"expected a file, got a directory"));
+                }
+                let file = tokio::fs::File::open(path).await.map_err(|e| cannot(&e))?;
+                (
+                    path.display().to_string(),
+                    Box::new(tokio::io::BufReader::new(file)) as Box<_>,
+                )
             }
-        },
-        Source::Stdin => (
-            "stdin".to_owned(),
-            Box::new(tokio::io::BufReader::new(tokio::io::stdin())),
-        ),
-    };
-    let mut lines = reader.lines();
-    let mut number = 0u64;
+            Source::Stdin => (
+                "stdin".to_owned(),
+                Box::new(tokio::io::BufReader::new(tokio::io::stdin())) as Box<_>,
+            ),
+        });
+    }
+    Ok(opened)
+}
+
+/// Reads JSON Lines envelopes. A line that cannot be used (over the line cap, not
+/// UTF-8, not an envelope, no route) becomes a dead letter with its line number and
+/// the reason, and reading goes on; a read error ends the source with its reason.
+async fn read_source(
+    shared: &Arc<Shared>,
+    (name, mut reader): OpenedSource,
+    received: &AtomicU64,
+) -> Result<(), String> {
+    let mut lines = crate::lines::LineSplitter::new();
+    let mut last = 0;
     loop {
-        let line = match lines.next_line().await {
+        let line = match lines.read_line_async(&mut reader).await {
             Ok(Some(line)) => line,
-            Ok(None) => break,
+            Ok(None) => return Ok(()),
             Err(e) => {
-                tracing::error!(source = %name, error = %e, "reading events failed");
-                break;
+                return Err(format!(
+                    "reading events from {name} failed after line {last}: {e}"
+                ));
             }
         };
-        number += 1;
-        if line.trim().is_empty() {
+        last = line.number;
+        let at = format!("{name}:{}", line.number);
+        let text = match line.bytes {
+            Err(too_long) => {
+                received.fetch_add(1, Ordering::Relaxed);
+                shared.dead_letter(source_letter(&at, "decode", too_long.to_string(), "", None));
+                continue;
+            }
+            Ok(bytes) => match std::str::from_utf8(bytes) {
+                Ok(text) => text,
+                Err(e) => {
+                    received.fetch_add(1, Ordering::Relaxed);
+                    let reason = format!(
+                        "not UTF-8: invalid byte at offset {} of the line",
+                        e.valid_up_to()
+                    );
+                    let raw = String::from_utf8_lossy(bytes);
+                    shared.dead_letter(source_letter(&at, "decode", reason, &raw, None));
+                    continue;
+                }
+            },
+        };
+        if text.trim().is_empty() {
             continue;
         }
         shared.work.room().await;
         received.fetch_add(1, Ordering::Relaxed);
-        let at = format!("{name}:{number}");
-        let dead = |stage: &str, reason: String, envelope: Option<&Envelope>| DeadLetter {
-            id: None,
-            at: jiff::Timestamp::now().to_string(),
-            stage: stage.into(),
-            reason,
-            event_type: envelope.map(|e| e.event_type.clone()),
-            message_id: envelope.map(|e| e.message_id.clone()),
-            source: at.clone(),
-            raw: line.clone(),
-        };
-        match Envelope::decode(&line) {
+        let mut envelope = match Envelope::decode(text) {
+            Ok(envelope) => envelope,
             Err(reason) => {
-                tracing::warn!(source = %at, %reason, "undecodable event kept as a dead letter");
-                shared.dead_letter(dead("decode", reason, None));
+                shared.dead_letter(source_letter(&at, "decode", reason, text, None));
+                continue;
             }
-            Ok(mut envelope) => {
-                if !shared.project.routes.contains_key(&envelope.event_type) {
-                    let known: Vec<&str> =
-                        shared.project.routes.keys().map(String::as_str).collect();
-                    let mut reason = format!("no route for event type `{}`", envelope.event_type);
-                    if let Some(help) = onex_contract::suggest::did_you_mean(
-                        &envelope.event_type,
-                        known.iter().copied(),
-                    ) {
-                        reason.push_str(&format!(" ({help})"));
-                    }
-                    tracing::warn!(source = %at, %reason, "unroutable event kept as a dead letter");
-                    shared.dead_letter(dead("route", reason, Some(&envelope)));
-                    continue;
-                }
-                if envelope.topic.is_none() {
-                    envelope.topic = shared.project.topics.get(&envelope.event_type).cloned();
-                }
-                if let Err(e) = shared.bus.publish(envelope) {
-                    tracing::error!(source = %at, error = %e, "cannot publish");
-                }
+        };
+        if !shared.project.routes.contains_key(&envelope.event_type) {
+            let known: Vec<&str> = shared.project.routes.keys().map(String::as_str).collect();
+            let mut reason = format!("no route for event type `{}`", envelope.event_type);
+            if let Some(help) =
+                onex_contract::suggest::did_you_mean(&envelope.event_type, known.iter().copied())
+            {
+                reason.push_str(&format!(" ({help})"));
             }
+            shared.dead_letter(source_letter(&at, "route", reason, text, Some(&envelope)));
+            continue;
         }
+        if envelope.topic.is_none() {
+            envelope.topic = shared.project.topics.get(&envelope.event_type).cloned();
+        }
+        if let Err(e) = shared.bus.publish(envelope) {
+            tracing::error!(source = %at, error = %e, "cannot publish");
+        }
+    }
+}
+
+/// A dead letter for a line of an events source (`file.jsonl:12`).
+fn source_letter(
+    at: &str,
+    stage: &str,
+    reason: String,
+    raw: &str,
+    envelope: Option<&Envelope>,
+) -> DeadLetter {
+    tracing::warn!(source = %at, stage, %reason, "event kept as a dead letter");
+    DeadLetter {
+        id: None,
+        at: jiff::Timestamp::now().to_string(),
+        stage: stage.into(),
+        reason,
+        event_type: envelope.map(|e| e.event_type.clone()),
+        message_id: envelope.map(|e| e.message_id.clone()),
+        source: at.to_owned(),
+        raw: raw.to_owned(),
     }
 }
 
@@ -941,6 +1007,7 @@ async fn summarise(
         orchestrator: project.name.clone(),
         runtime_id: runtime_id.to_owned(),
         stopped_by: stopped_by.to_owned(),
+        source_errors: Vec::new(),
         elapsed_ms: started.elapsed().as_millis() as u64,
         events: EventCounts {
             received: received.load(Ordering::Relaxed),
