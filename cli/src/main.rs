@@ -44,7 +44,9 @@ fn main() -> ExitCode {
         // to tell, and the reader got what it asked for.
         Err(error) if is_broken_pipe(&error) => ExitCode::from(EXIT_CLEAN),
         Err(error) => {
-            eprintln!("onex: error: {error:#}");
+            // Errors quote what they were given (paths, names, values).
+            let message = format!("onex: error: {error:#}");
+            eprintln!("{}", onex_diag::escape_controls_in_lines(&message));
             ExitCode::from(EXIT_TROUBLE)
         }
     }

@@ -14,6 +14,33 @@ pub fn stdout() -> BufWriter<StdoutLock<'static>> {
     BufWriter::with_capacity(1 << 16, std::io::stdout().lock())
 }
 
+/// Standard output for text made of values that come from events and contracts (run
+/// summaries, listings, replay and test reports): every control character but newline
+/// and tab is written as an escape, so that no value can drive the terminal. Values
+/// that must stay on one line (a table cell) are escaped whole by their writer.
+pub fn human_stdout() -> Escaped<BufWriter<StdoutLock<'static>>> {
+    Escaped(stdout())
+}
+
+/// A writer that escapes control characters ([`onex_diag::escape_controls_in_lines`]).
+/// Formatting writes whole `str` pieces, so each write is checked as text; bytes that
+/// are not UTF-8 are written as replacement characters.
+#[derive(Debug)]
+pub struct Escaped<W>(W);
+
+impl<W: Write> Write for Escaped<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let text = String::from_utf8_lossy(buf);
+        self.0
+            .write_all(onex_diag::escape_controls_in_lines(&text).as_bytes())?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
 pub fn use_color(choice: Color) -> bool {
     color_for(choice, std::io::stdout().is_terminal())
 }

@@ -129,7 +129,7 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<u8> {
             .with_context(|| format!("cannot read {}", args.events.display()))?;
         Box::new(std::io::BufReader::with_capacity(1 << 16, file))
     };
-    let mut out = crate::output::stdout();
+    let mut out = crate::output::human_stdout();
     let mut instances: HashMap<String, Instance> = HashMap::new();
     let mut record = StepRecord::default();
     let mut counts = Counts::default();
@@ -167,7 +167,10 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<u8> {
                         json!({"line": number, "rejected": "malformed_line", "reason": reason})
                     )?,
                     ReplayFormat::Human => writeln!(out, "line {number}: malformed: {reason}")?,
-                    ReplayFormat::Summary => eprintln!("line {number}: malformed: {reason}"),
+                    ReplayFormat::Summary => eprintln!(
+                        "line {number}: malformed: {}",
+                        onex_diag::escape_controls(&reason)
+                    ),
                 }
             }
             Ok(None) => {}

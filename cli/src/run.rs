@@ -96,11 +96,11 @@ pub fn run(args: &RunArgs) -> anyhow::Result<u8> {
     let summary = match summary {
         Ok(summary) => summary,
         Err(e) => {
-            eprintln!("onex: error: {e}");
+            eprintln!("onex: error: {}", onex_diag::escape_controls_in_lines(&e));
             return Ok(EXIT_TROUBLE);
         }
     };
-    let mut out = crate::output::stdout();
+    let mut out = crate::output::human_stdout();
     match format {
         OutputFormat::Json => writeln!(out, "{}", serde_json::to_string(&summary)?)?,
         OutputFormat::Human => write!(out, "{}", human(&summary))?,
@@ -108,7 +108,10 @@ pub fn run(args: &RunArgs) -> anyhow::Result<u8> {
     out.flush()?;
     if !summary.source_errors.is_empty() {
         for error in &summary.source_errors {
-            eprintln!("onex: error: {error}");
+            eprintln!(
+                "onex: error: {}",
+                onex_diag::escape_controls_in_lines(error)
+            );
         }
         return Ok(EXIT_TROUBLE);
     }
@@ -210,9 +213,26 @@ fn init_logging(args: &RunArgs) -> anyhow::Result<()> {
                 crate::cli::Color::Auto,
                 std::io::IsTerminal::is_terminal(&std::io::stderr()),
             ))
+            .fmt_fields(escaped_fields())
             .try_init(),
     };
     result.map_err(|e| anyhow::anyhow!("cannot set up logging: {e}"))
+}
+
+/// Text log fields as `name=value`, each value with its control characters escaped:
+/// log lines quote event data (keys, reasons, message ids), which must neither drive
+/// the terminal nor forge a line of its own. (JSON logs escape them as JSON does.)
+fn escaped_fields() -> impl for<'w> tracing_subscriber::fmt::FormatFields<'w> {
+    use tracing_subscriber::field::MakeExt;
+    tracing_subscriber::fmt::format::debug_fn(|writer, field, value| {
+        let text = format!("{value:?}");
+        let text = onex_diag::escape_controls(&text);
+        match field.name() {
+            "message" => write!(writer, "{text}"),
+            name => write!(writer, "{name}={text}"),
+        }
+    })
+    .delimited(" ")
 }
 
 /// SIGINT or SIGTERM.

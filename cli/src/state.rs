@@ -5,6 +5,7 @@ use std::io::Write as _;
 use std::collections::BTreeSet;
 
 use anyhow::{Context, bail};
+use onex_diag::escape_controls;
 use serde_json::{Value, json};
 
 use crate::cli::{DlqListArgs, OutputFormat, StateListArgs};
@@ -21,7 +22,7 @@ fn block_on<T>(future: impl std::future::Future<Output = Result<T, String>>) -> 
 pub fn dead_letters(args: &DlqListArgs) -> anyhow::Result<u8> {
     let format = args.format()?;
     let letters = block_on(onex_runtime::store::read_dead_letters(&args.store.data_dir))?;
-    let mut out = output::stdout();
+    let mut out = output::human_stdout();
     match format {
         OutputFormat::Json => {
             for letter in &letters {
@@ -32,19 +33,20 @@ pub fn dead_letters(args: &DlqListArgs) -> anyhow::Result<u8> {
             if letters.is_empty() {
                 writeln!(out, "no dead letters in {}", args.store.data_dir.display())?;
             }
+            // Each value on its line: a newline in a reason cannot start a fake entry.
             for letter in &letters {
                 writeln!(
                     out,
                     "#{} {} [{}] {}\n    from {}{}",
                     letter.id.unwrap_or_default(),
-                    letter.at,
-                    letter.stage,
-                    onex_diag::shorten::shorten_quoted(letter.reason.clone()),
-                    letter.source,
+                    escape_controls(&letter.at),
+                    escape_controls(&letter.stage),
+                    escape_controls(&onex_diag::shorten::shorten_quoted(letter.reason.clone())),
+                    escape_controls(&letter.source),
                     letter
                         .message_id
                         .as_deref()
-                        .map(|id| format!(", message {id}"))
+                        .map(|id| format!(", message {}", escape_controls(id)))
                         .unwrap_or_default()
                 )?;
             }
@@ -95,7 +97,7 @@ pub fn instances(args: &StateListArgs) -> anyhow::Result<u8> {
             json!({"reducer": s.reducer, "key": s.key, "state": s.state, "outcome": s.outcome, "fields": fields})
         })
         .collect();
-    let mut out = output::stdout();
+    let mut out = output::human_stdout();
     match format {
         OutputFormat::Json => {
             for row in &rows {
@@ -149,9 +151,15 @@ fn table(rows: &[Value], fields: &[String]) -> String {
     let mut header: Vec<String> = ["REDUCER", "KEY", "STATE", "OUTCOME"]
         .map(str::to_owned)
         .to_vec();
-    header.extend(fields.iter().map(|f| f.to_uppercase()));
+    header.extend(
+        fields
+            .iter()
+            .map(|f| escape_controls(&f.to_uppercase()).into_owned()),
+    );
+    // One line per row, whatever a value holds: control characters, newlines
+    // included, are escaped.
     let cell = |v: &Value| match v {
-        Value::String(s) => s.clone(),
+        Value::String(s) => escape_controls(s).into_owned(),
         Value::Null => "-".into(),
         other => other.to_string(),
     };

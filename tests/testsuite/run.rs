@@ -2062,3 +2062,82 @@ fn an_endless_events_line_is_a_dead_letter_in_bounded_memory() {
     assert!(reported, "no dead letter names the cap");
     assert_eq!(status.code(), Some(1), "a dead letter, stopped by a signal");
 }
+
+/// Terminal injection: ESC, BEL and NUL in event data (and in a contract) never reach
+/// a terminal as they are. Human output and text logs show them as escapes.
+#[test]
+fn control_characters_from_data_are_escaped_in_human_output() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let hostile = "k\u{1b}[2J\u{7}\0";
+    let events = write_events(
+        dir.path(),
+        &[
+            introspection(
+                &format!("m-{hostile}"),
+                json!({"node_id": hostile, "node_type": "effect"}),
+            ),
+            json!({"message_id": hostile, "event_type": format!("Nope{hostile}"), "payload": {}})
+                .to_string(),
+        ],
+    );
+    let raw = |text: &str| text.contains(['\u{1b}', '\u{7}', '\0']);
+    let run = run_human(dir.path(), &["--events", &events, "--log-level", "info"]);
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    let state = onex(&[
+        "state",
+        "list",
+        "--data-dir",
+        path_str(dir.path()),
+        "--fields",
+        "node_id",
+    ]);
+    let dlq = onex(&["dlq", "list", "--data-dir", path_str(dir.path())]);
+    let replayed = dir.path().join("replay.jsonl");
+    std::fs::write(
+        &replayed,
+        json!({"instance": hostile, "trigger": "introspection_event_received"}).to_string() + "\n",
+    )
+    .expect("log");
+    let replay = onex(&[
+        "replay",
+        "--contract",
+        "contracts/fsm/dual_registration_reducer_fsm.yaml",
+        "--events",
+        path_str(&replayed),
+    ]);
+    let contract = dir.path().join("hostile.yaml");
+    std::fs::write(
+        &contract,
+        format!("name: {hostile}x\nstate_transitions: {{}}\n"),
+    )
+    .expect("yaml");
+    let validate = onex(&[
+        "contract",
+        "validate",
+        "--color",
+        "never",
+        path_str(&contract),
+    ]);
+    for (what, text) in [
+        ("run summary", &run.stdout),
+        ("run logs", &run.stderr),
+        ("state list", &state.stdout),
+        ("dlq list", &dlq.stdout),
+        ("replay", &replay.stdout),
+        ("validate", &validate.stdout),
+    ] {
+        assert!(
+            !raw(text),
+            "raw control characters in the {what}:\n{text:?}"
+        );
+    }
+    let escaped = "k\\u{1b}[2J\\u{7}\\0";
+    assert!(state.stdout.contains(escaped), "{}", state.stdout);
+    assert!(
+        dlq.stdout.contains(&format!("`Nope{escaped}`")),
+        "{}",
+        dlq.stdout
+    );
+    assert!(run.stderr.contains(escaped), "{}", run.stderr);
+    assert!(replay.stdout.contains(escaped), "{}", replay.stdout);
+}

@@ -67,9 +67,10 @@ pub fn run(args: &CheckArgs) -> anyhow::Result<u8> {
                 "shortest event sequence to each state (replay with `onex replay --events`):"
             )?;
             for (state, lines) in &paths {
+                let state = onex_diag::escape_controls(state);
                 writeln!(out, "  {state}: {} event(s)", lines.len())?;
                 for line in lines {
-                    writeln!(out, "    {line}")?;
+                    writeln!(out, "    {}", onex_diag::escape_controls(line))?;
                 }
             }
             let reached = paths.len();

@@ -51,7 +51,7 @@ pub fn run(args: &TestArgs) -> anyhow::Result<u8> {
         outcomes.extend(run_file(&file.path)?);
     }
     let failed = outcomes.iter().filter(|o| !o.failures.is_empty()).count();
-    let mut out = crate::output::stdout();
+    let mut out = crate::output::human_stdout();
     match format {
         TestFormat::Human => {
             for o in &outcomes {

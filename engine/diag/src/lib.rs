@@ -6,11 +6,13 @@
 //! offsets; they become `line:column` only when rendered.
 
 mod diagnostic;
+pub mod escape;
 pub mod render;
 pub mod shorten;
 mod source;
 
 pub use diagnostic::{Diagnostic, Fix, Label, Lint, Severity};
+pub use escape::{escape_controls, escape_controls_in_lines, mask_controls};
 pub use shorten::shorten;
 pub use source::{LineCol, SourceFile, Span};
 

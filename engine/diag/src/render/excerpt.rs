@@ -24,6 +24,9 @@ const ELLIPSIS: &str = "…";
 #[derive(Debug)]
 pub(crate) struct Excerpt<'a> {
     source: &'a SourceFile,
+    /// The file's name as shown: control characters escaped.
+    name: String,
+    /// The lines shown, control characters masked byte for byte (offsets hold).
     text: String,
     /// By the file's 0-based line index, ascending.
     lines: Vec<(usize, Piece)>,
@@ -59,6 +62,7 @@ impl<'a> Excerpt<'a> {
         }
         let mut excerpt = Excerpt {
             source,
+            name: crate::escape_controls(source.name()).into_owned(),
             text: String::new(),
             lines: Vec::with_capacity(focus.len()),
         };
@@ -86,7 +90,12 @@ impl<'a> Excerpt<'a> {
             self.text.push_str(ELLIPSIS);
         }
         let at = self.text.len();
-        self.text.push_str(&file[shown.clone()]);
+        // The line as shown, with no control character that a terminal would act on;
+        // its line break (a part of `shown` when the line is whole) as it is.
+        let body_end = shown.end.min(content.end);
+        self.text
+            .push_str(&crate::mask_controls(&file[shown.start..body_end]));
+        self.text.push_str(&file[body_end..shown.end]);
         if cut {
             if shown.end < content.end {
                 self.text.push_str(ELLIPSIS);
@@ -156,7 +165,7 @@ impl<'f> Files<'f> for Excerpt<'_> {
     type Source = &'f str;
 
     fn name(&'f self, (): ()) -> Result<&'f str, Error> {
-        Ok(self.source.name())
+        Ok(&self.name)
     }
 
     fn source(&'f self, (): ()) -> Result<&'f str, Error> {

@@ -8,7 +8,7 @@ use codespan_reporting::diagnostic::{
 use codespan_reporting::term::{self, Config, termcolor::Buffer};
 
 use super::excerpt::Excerpt;
-use crate::{FileReport, Severity, shorten};
+use crate::{FileReport, Severity, escape_controls, shorten};
 
 /// Renders every diagnostic of `report`; `color` adds ANSI escapes.
 pub fn render(report: &FileReport, color: bool) -> String {
@@ -31,15 +31,20 @@ pub fn render(report: &FileReport, color: bool) -> String {
             labels.push(CsLabel::primary((), file.range(span)));
         }
         for label in &diagnostic.labels {
-            labels
-                .push(CsLabel::secondary((), file.range(label.span)).with_message(&label.message));
+            labels.push(
+                CsLabel::secondary((), file.range(label.span))
+                    .with_message(escape_controls(&label.message)),
+            );
         }
         let mut notes = Vec::new();
         if let Some(help) = &diagnostic.help {
-            notes.push(format!("help: {help}"));
+            notes.push(format!("help: {}", escape_controls(help)));
         }
         if !diagnostic.pointer.is_empty() {
-            notes.push(format!("pointer: {}", shorten(&diagnostic.pointer)));
+            notes.push(format!(
+                "pointer: {}",
+                escape_controls(&shorten(&diagnostic.pointer))
+            ));
         }
         notes.push(format!(
             "lint: {} ({})",
@@ -48,7 +53,7 @@ pub fn render(report: &FileReport, color: bool) -> String {
         ));
         let rendered = CsDiagnostic::new(severity)
             .with_code(diagnostic.lint.code)
-            .with_message(&diagnostic.message)
+            .with_message(escape_controls(&diagnostic.message))
             .with_labels(labels)
             .with_notes(notes);
         let mut buffer = if color {
@@ -63,8 +68,8 @@ pub fn render(report: &FileReport, color: bool) -> String {
                 "{}[{}]: {}\n  --> {}\n\n",
                 diagnostic.severity.as_str(),
                 diagnostic.lint.code,
-                diagnostic.message,
-                report.source.name()
+                escape_controls(&diagnostic.message),
+                escape_controls(report.source.name())
             )),
         }
     }
