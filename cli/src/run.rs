@@ -201,8 +201,14 @@ fn orchestrators_near(file: &Path) -> Vec<PathBuf> {
 }
 
 fn init_logging(args: &RunArgs) -> anyhow::Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
+    let mut filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
         .with_context(|| format!("--log-level {}: not a level or filter", args.log_level))?;
+    // Where the endpoints listen is said at every level but `off` (with port 0 it is
+    // the only way to learn the port).
+    if args.log_level.trim() != "off" {
+        let listening = format!("{}=info", onex_runtime::ops::LISTENING);
+        filter = filter.add_directive(listening.parse().context("the listening directive")?);
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

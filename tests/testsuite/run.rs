@@ -891,7 +891,7 @@ fn spawn_service(data: &Path, extra: &[&str]) -> (Reaper, String, mpsc::Receiver
             .unwrap_or_else(|e| panic!("log line is not JSON ({e}): {line}"));
         if log["message"]
             .as_str()
-            .is_some_and(|m| m.starts_with("operations endpoints"))
+            .is_some_and(|m| m.starts_with("operations endpoints on http://"))
         {
             let addr = log["addr"].as_str().expect("addr").to_owned();
             return (child, addr, lines);
@@ -2140,4 +2140,38 @@ fn control_characters_from_data_are_escaped_in_human_output() {
     );
     assert!(run.stderr.contains(escaped), "{}", run.stderr);
     assert!(replay.stdout.contains(escaped), "{}", replay.stdout);
+}
+
+/// At the default log level, `onex run` says where its endpoints listen, with the
+/// port it chose for port 0.
+#[test]
+fn the_listening_address_is_printed_at_the_default_log_level() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut child = spawn_onex(&[
+        "run",
+        "--contract",
+        "contracts/",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        path_str(dir.path()),
+    ]);
+    let stderr = child.0.stderr.take().expect("stderr");
+    let (sender, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = sender.send(line);
+        }
+    });
+    let line = lines
+        .recv_timeout(Duration::from_secs(30))
+        .expect("a line on stderr");
+    // `... INFO onex::listening: operations endpoints on http://ADDR: /health /ready /metrics addr=ADDR`
+    assert!(
+        line.contains("operations endpoints on http://127.0.0.1:"),
+        "{line}"
+    );
+    let addr = line.rsplit("addr=").next().expect("the address field");
+    assert!(!addr.ends_with(":0"), "the chosen port, not 0: {line}");
+    assert_eq!(http_get(&addr, "/health").0, 200, "{line}");
 }

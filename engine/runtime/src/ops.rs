@@ -14,6 +14,9 @@ use serde_json::{Map, Value, json};
 
 use crate::runtime::Shared;
 
+/// The log target of the line that says where the endpoints listen.
+pub const LISTENING: &str = "onex::listening";
+
 /// Binds `addr` and serves in the background; returns the bound address (port 0
 /// picks a free one).
 pub async fn serve(addr: SocketAddr, shared: Arc<Shared>) -> Result<SocketAddr, String> {
@@ -31,7 +34,13 @@ pub async fn serve(addr: SocketAddr, shared: Arc<Shared>) -> Result<SocketAddr, 
             tracing::error!(error = %e, "operations endpoint stopped");
         }
     });
-    tracing::info!(addr = %bound, "operations endpoints: /health /ready /metrics");
+    // Its own target, which the CLI shows at every log level but `off`: with port 0
+    // this line is the only way to learn the port.
+    tracing::info!(
+        target: LISTENING,
+        addr = %bound,
+        "operations endpoints on http://{bound}: /health /ready /metrics"
+    );
     Ok(bound)
 }
 
