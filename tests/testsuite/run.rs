@@ -2175,3 +2175,48 @@ fn the_listening_address_is_printed_at_the_default_log_level() {
     assert!(!addr.ends_with(":0"), "the chosen port, not 0: {line}");
     assert_eq!(http_get(&addr, "/health").0, 200, "{line}");
 }
+
+/// What `on_enter`'s `set` writes is what the entered state's effects see; `when` reads
+/// the environment; an intent that `when` skips applies its `skipped` mapping.
+#[test]
+fn on_enter_set_when_and_skipped_mean_what_the_docs_say() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let events = write_events(
+        dir.path(),
+        &[
+            json!({"message_id": "g-1", "event_type": "Greet", "payload": {"name": "ada"}})
+                .to_string(),
+        ],
+    );
+    for (notify, notified) in [("no", false), ("yes", true)] {
+        let data = dir.path().join(notify);
+        let run = crate::support::onex_env(
+            &[
+                "run",
+                "--contract",
+                "tests/fixtures/greeting/orchestrator.yaml",
+                "--events",
+                &events,
+                "--until-idle",
+                "--listen",
+                "off",
+                "--data-dir",
+                path_str(&data),
+            ],
+            &[("NOTIFY_OPERATOR", notify)],
+        );
+        assert_eq!(run.code, 0, "{}\n{}", run.stdout, run.stderr);
+        let greetings = published(&data, "Greeting", Some("ada"));
+        assert_eq!(greetings.len(), 1, "{greetings:?}");
+        assert_eq!(
+            greetings[0]["payload"]["text"], "hello ada",
+            "the entry action saw `set`"
+        );
+        let greeter = stored(&data).pop().expect("the greeter");
+        assert_eq!(greeter["state"], "greeted", "{greeter}");
+        assert_eq!(
+            greeter["snapshot"]["context"]["operator_notified"], notified,
+            "NOTIFY_OPERATOR={notify}: {greeter}"
+        );
+    }
+}

@@ -130,6 +130,8 @@ pub enum When {
 pub struct ResultRule {
     pub success: Vec<(String, Template)>,
     pub failure: Vec<(String, Template)>,
+    /// When the operation's `when` skipped the intent.
+    pub skipped: Vec<(String, Template)>,
 }
 
 #[derive(Debug, Clone)]
@@ -826,6 +828,8 @@ impl Builder<'_> {
                                 .templates(&r.success, &format!("{result_pointer}/success")),
                             failure: self
                                 .templates(&r.failure, &format!("{result_pointer}/failure")),
+                            skipped: self
+                                .templates(&r.skipped, &format!("{result_pointer}/skipped")),
                         }
                     })
                 })

@@ -502,6 +502,15 @@ impl Shard {
                 self.shared.record_latency(reducer, started);
             }
         }
+        // The entered state's `set` first: its entry actions' effects see it.
+        if let Some(rule) = &spec.on_enter[to]
+            && !rule.set.is_empty()
+        {
+            let scope = context_scope(slot, &self.shared.params);
+            let updates = render_all(&rule.set, scope);
+            apply(slot, updates, &spec.name, key);
+        }
+        let entered_context = Arc::clone(&slot.instance.context);
         // Intents, in the order the FSM emitted them.
         let mut dispatches = Vec::new();
         // Taken, not cloned: the step's context is let go of once the calls are
@@ -535,7 +544,7 @@ impl Shard {
                             })),
                             config: action.config.clone(),
                         });
-                        let input = Arc::clone(&shared.context);
+                        let input = Arc::clone(&entered_context);
                         if let Some(when) = &project.operations[operation].when {
                             let scope = template::scope(&[
                                 ("input", Var::Object(Arc::clone(&input))),
@@ -545,7 +554,23 @@ impl Shard {
                             ]);
                             match when.truthy(&scope) {
                                 Ok(true) => {}
-                                Ok(false) => continue,
+                                Ok(false) => {
+                                    if let Some(rule) = &spec.results[intent.action as usize]
+                                        && !rule.skipped.is_empty()
+                                    {
+                                        let scope = template::scope(&[
+                                            (
+                                                "context",
+                                                Var::Object(Arc::clone(&slot.instance.context)),
+                                            ),
+                                            ("intent", Var::Record(intent_value.clone())),
+                                            ("params", self.shared.params.clone()),
+                                        ]);
+                                        let updates = render_all(&rule.skipped, scope);
+                                        apply(slot, updates, &spec.name, key);
+                                    }
+                                    continue;
+                                }
                                 Err(e) => {
                                     tracing::warn!(operation = %project.operations[operation].name, error = %e, "`when` failed to evaluate; running the operation")
                                 }
@@ -562,6 +587,7 @@ impl Shard {
                 }
             }
         }
+        drop(entered_context);
         for (intent_key, action, operation, input, intent_value) in dispatches {
             let work = self.shared.work.guard();
             let instance = Arc::clone(&intent_value.instance);
@@ -592,15 +618,10 @@ impl Shard {
         };
         slot.timer = None;
         slot.timer_work = None;
-        let Some(rule) = &spec.on_enter[state] else {
+        // `set` was applied by the step, before its intents were rendered.
+        let Some(then) = spec.on_enter[state].as_ref().and_then(|r| r.then.as_ref()) else {
             return;
         };
-        if !rule.set.is_empty() {
-            let scope = context_scope(slot, &self.shared.params);
-            let updates = render_all(&rule.set, scope);
-            apply(slot, updates, &spec.name, key);
-        }
-        let Some(then) = &rule.then else { return };
         let generation = slot.generation;
         match &then.when {
             When::Entry => self.fire(reducer, key, &then.triggers, depth),

@@ -129,6 +129,9 @@ pub struct ResultSpec {
     pub success: Map<String, Value>,
     #[serde(default)]
     pub failure: Map<String, Value>,
+    /// Context updates when the operation's `when` skipped the intent (no effect ran).
+    #[serde(default)]
+    pub skipped: Map<String, Value>,
 }
 
 /// The runtime feature that performs an FSM action (docs/orchestration.md#runtime-actions).
