@@ -2220,3 +2220,31 @@ fn on_enter_set_when_and_skipped_mean_what_the_docs_say() {
         );
     }
 }
+
+/// A payload's schema errors name a huge value, they do not copy it: the dead letter's
+/// reason and the errors kept in the instance context stay short.
+#[test]
+fn schema_errors_of_a_huge_value_are_short() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let huge = "x".repeat(500_000);
+    let events = write_events(
+        dir.path(),
+        &[introspection(
+            "huge",
+            json!({"node_id": node_id(9), "node_type": huge}),
+        )],
+    );
+    let (run, _) = run(dir.path(), &["--events", &events]);
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    let letters = list_json("dlq", dir.path(), &[]).json_lines();
+    let reason = letters[0]["reason"].as_str().expect("reason");
+    assert!(reason.contains("/node_type"), "{reason}");
+    assert!(reason.len() < 1_000, "{} bytes", reason.len());
+    let errors = registrations(dir.path(), &["--fields", "validation_errors"])
+        .into_iter()
+        .find(|r| r["key"] == node_id(9))
+        .expect("the node")["fields"]["validation_errors"]
+        .to_string();
+    assert!(errors.contains("bytes)"), "{errors}");
+    assert!(errors.len() < 1_000, "{} bytes", errors.len());
+}

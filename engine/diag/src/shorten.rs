@@ -10,12 +10,18 @@ pub const MAX_QUOTED_CHARS: usize = 100;
 /// `value`, or its first [`MAX_QUOTED_CHARS`] characters and `… (N bytes)` when it is
 /// longer.
 pub fn shorten(value: &str) -> Cow<'_, str> {
-    if value.len() <= MAX_QUOTED_CHARS {
-        return Cow::Borrowed(value);
+    shorten_to(value, MAX_QUOTED_CHARS)
+}
+
+/// `text`, or its first `max_chars` characters and `… (N bytes)` when it is longer: for
+/// a whole message that may quote a value somewhere (a schema validator's error).
+pub fn shorten_to(text: &str, max_chars: usize) -> Cow<'_, str> {
+    if text.len() <= max_chars {
+        return Cow::Borrowed(text);
     }
-    match value.char_indices().nth(MAX_QUOTED_CHARS) {
-        None => Cow::Borrowed(value),
-        Some((cut, _)) => Cow::Owned(format!("{}… ({} bytes)", &value[..cut], value.len())),
+    match text.char_indices().nth(max_chars) {
+        None => Cow::Borrowed(text),
+        Some((cut, _)) => Cow::Owned(format!("{}… ({} bytes)", &text[..cut], text.len())),
     }
 }
 

@@ -161,16 +161,20 @@ pub struct Validation {
 
 impl Validation {
     /// Why the payload does not match the schema, one line per error (none: it does).
+    /// The validator quotes the offending value: each line is cut to a few hundred
+    /// characters, so that a megabyte value is named, not copied into every dead
+    /// letter and context that keeps the errors.
     pub fn errors(&self, payload: &Value) -> Vec<String> {
         self.schema
             .iter_errors(payload)
             .map(|e| {
                 let at = e.instance_path().to_string();
-                if at.is_empty() {
+                let line = if at.is_empty() {
                     e.to_string()
                 } else {
                     format!("{at}: {e}")
-                }
+                };
+                onex_diag::shorten::shorten_to(&line, MAX_ERROR_CHARS).into_owned()
             })
             .collect()
     }
@@ -220,6 +224,8 @@ pub struct Demo {
 }
 
 const DEFAULT_SETTLE_SECONDS: u64 = 30;
+/// Characters kept of one schema error ([`Validation::errors`]).
+const MAX_ERROR_CHARS: usize = 300;
 /// `io_config` entries taken as written even when they look like templates: the
 /// handler's name and operation, and SQL (whose text may hold `{{` in a literal).
 const NEVER_TEMPLATED: [&str; 3] = ["handler_type", "operation", "query_template"];

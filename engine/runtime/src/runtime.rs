@@ -653,7 +653,7 @@ fn route(shared: &Arc<Shared>, senders: &[mpsc::UnboundedSender<Message>], deliv
                 let got = if other.is_null() {
                     "nothing".to_owned()
                 } else {
-                    format!("`{other}`, not a string")
+                    format!("`{}`, not a string", onex_diag::shorten(&other.to_string()))
                 };
                 failures.push(format!(
                     "cannot route to reducer `{}`: the instance key gave {got} (is the key field missing from the payload?)",
