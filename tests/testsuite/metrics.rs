@@ -1,0 +1,178 @@
+//! `/metrics` as scrapers read it: a running `onex run` is scraped over HTTP, and
+//! each body is parsed by a strict parser of the format its `Content-Type` names
+//! (openmetrics-parser: Prometheus text 0.0.4 and OpenMetrics 1.0.0), as Prometheus
+//! does. A body in one format under the other's content type fails to parse.
+
+use openmetrics_parser::openmetrics::parse_openmetrics;
+use openmetrics_parser::prometheus::parse_prometheus;
+use openmetrics_parser::{
+    MetricFamily, MetricsExposition, OpenMetricsType, OpenMetricsValue, PrometheusType,
+    PrometheusValue, RenderableMetricValue, Sample,
+};
+
+use crate::run::{Response, eventually, http_get, http_request, spawn_service};
+
+const TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// The sample of `family` with these labels (others may be there too).
+fn sample<'f, T: Clone, V: RenderableMetricValue + Clone>(
+    family: &'f MetricFamily<T, V>,
+    labels: &[(&str, &str)],
+) -> Option<&'f Sample<V>> {
+    family.iter_samples().find(|s| {
+        s.get_labelset().is_ok_and(|set| {
+            labels
+                .iter()
+                .all(|(name, value)| set.get_label_value(name) == Some(*value))
+        })
+    })
+}
+
+fn family<'e, T, V>(
+    exposition: &'e MetricsExposition<T, V>,
+    name: &str,
+    body: &str,
+) -> &'e MetricFamily<T, V> {
+    exposition
+        .families
+        .get(name)
+        .unwrap_or_else(|| panic!("no family `{name}` in\n{body}"))
+}
+
+/// The value of a counter sample of the Prometheus text format.
+fn counter(
+    exposition: &MetricsExposition<PrometheusType, PrometheusValue>,
+    name: &str,
+    labels: &[(&str, &str)],
+    body: &str,
+) -> f64 {
+    let family = family(exposition, name, body);
+    assert_eq!(family.family_type, PrometheusType::Counter, "{name}");
+    match sample(family, labels).map(|s| &s.value) {
+        Some(PrometheusValue::Counter(c)) => c.value.as_f64(),
+        other => panic!("{name}{labels:?} is {other:?} in\n{body}"),
+    }
+}
+
+fn scrape(addr: &str, accept: Option<&str>) -> Response {
+    let headers: Vec<(&str, &str)> = accept.map(|a| ("Accept", a)).into_iter().collect();
+    let response = http_request(addr, "/metrics", &headers);
+    assert_eq!(response.status, 200, "{}", response.body);
+    response
+}
+
+/// The regression this guards: `/metrics` sent OpenMetrics (`# EOF`, counters
+/// described as `x` with samples `x_total`) as `text/plain; version=0.0.4`, which
+/// Prometheus's text parser reads as counters with no samples. Now a scrape gets
+/// what it asks for, under the matching content type, and both bodies parse.
+#[test]
+fn metrics_come_in_the_format_the_scrape_asks_for_and_parse_as_such() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_child, addr, _logs) = spawn_service(dir.path(), &[]);
+    // 5 demo nodes introspect twice (at start and when asked), and the registry once.
+    let complete = "onex_outcomes_total{reducer=\"registration\",outcome=\"complete\"} 11";
+    assert!(
+        eventually(|| http_get(&addr, "/metrics").1.contains(complete)),
+        "the demo did not complete"
+    );
+
+    // The Prometheus text format: by default, and for whatever does not ask for
+    // OpenMetrics first.
+    let text = scrape(&addr, None);
+    assert_eq!(text.header("content-type"), Some(TEXT), "{}", text.body);
+    let prometheus = parse_prometheus(&text.body)
+        .unwrap_or_else(|e| panic!("not Prometheus text 0.0.4 ({e:?}):\n{}", text.body));
+    // Caches between the scraper and the runtime must not mix the formats.
+    assert_eq!(text.header("vary"), Some("Accept"));
+    for accept in [
+        "text/plain",
+        "text/plain;version=0.0.4",
+        "*/*",
+        "application/json",
+        "text/plain;version=0.0.4;q=0.9,application/openmetrics-text;q=0.5",
+    ] {
+        let response = scrape(&addr, Some(accept));
+        assert_eq!(response.header("content-type"), Some(TEXT), "{accept}");
+    }
+    assert!(!text.body.contains("# EOF"), "{}", text.body);
+    assert!(!text.body.contains("# UNIT"), "{}", text.body);
+    assert!(!text.body.contains("_created"), "{}", text.body);
+    // Every counter is described by its sample's name and has numbers.
+    for (name, family) in &prometheus.families {
+        if family.family_type != PrometheusType::Counter {
+            continue;
+        }
+        assert!(name.ends_with("_total"), "{name}");
+        for sample in family.iter_samples() {
+            match &sample.value {
+                PrometheusValue::Counter(c) => assert!(c.value.as_f64() >= 0.0, "{name}"),
+                other => panic!("{name} has a sample {other:?}"),
+            }
+        }
+    }
+    let outcomes = [("reducer", "registration"), ("outcome", "complete")];
+    assert_eq!(
+        counter(&prometheus, "onex_outcomes_total", &outcomes, &text.body),
+        11.0
+    );
+    assert!(
+        counter(
+            &prometheus,
+            "onex_events_total",
+            &[("event_type", "NodeIntrospectionEvent")],
+            &text.body
+        ) >= 11.0
+    );
+    let handler = family(&prometheus, "onex_handler_duration_seconds", &text.body);
+    assert_eq!(handler.family_type, PrometheusType::Histogram);
+    match sample(handler, &[("handler", "db")]).map(|s| &s.value) {
+        Some(PrometheusValue::Histogram(h)) => {
+            assert!(h.count.is_some_and(|c| c > 0), "{h:?}");
+            assert!(
+                h.buckets.iter().any(|b| b.upper_bound.is_infinite()),
+                "{h:?}"
+            );
+        }
+        other => panic!("db handler latency is {other:?}"),
+    }
+
+    // OpenMetrics for a scrape that prefers it, as Prometheus does by default.
+    for accept in [
+        "application/openmetrics-text",
+        "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
+    ] {
+        let response = scrape(&addr, Some(accept));
+        assert_eq!(
+            response.header("content-type"),
+            Some(OPENMETRICS),
+            "{accept}"
+        );
+    }
+    let om = scrape(&addr, Some("application/openmetrics-text"));
+    assert!(om.body.ends_with("# EOF\n"), "{}", om.body);
+    let openmetrics = parse_openmetrics(&om.body)
+        .unwrap_or_else(|e| panic!("not OpenMetrics 1.0.0 ({e:?}):\n{}", om.body));
+    let outcomes_family = family(&openmetrics, "onex_outcomes", &om.body);
+    assert_eq!(outcomes_family.family_type, OpenMetricsType::Counter);
+    match sample(outcomes_family, &outcomes).map(|s| &s.value) {
+        Some(OpenMetricsValue::Counter(c)) => assert_eq!(c.value.as_f64(), 11.0),
+        other => panic!("complete outcomes are {other:?} in\n{}", om.body),
+    }
+    // The same families in both, each under its name in the format.
+    for (name, family) in &openmetrics.families {
+        let (text_name, text_type) = match family.family_type {
+            OpenMetricsType::Counter => (format!("{name}_total"), PrometheusType::Counter),
+            OpenMetricsType::Info => (format!("{name}_info"), PrometheusType::Gauge),
+            OpenMetricsType::Gauge => (name.clone(), PrometheusType::Gauge),
+            OpenMetricsType::Histogram => (name.clone(), PrometheusType::Histogram),
+            ref other => panic!("{name} is a {other:?}"),
+        };
+        let translated = prometheus
+            .families
+            .get(&text_name)
+            .unwrap_or_else(|| panic!("{text_name} is missing from\n{}", text.body));
+        assert_eq!(translated.family_type, text_type, "{text_name}");
+    }
+    assert_eq!(openmetrics.families.len(), prometheus.families.len());
+}
