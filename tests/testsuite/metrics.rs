@@ -55,6 +55,18 @@ fn counter(
     }
 }
 
+/// The value of a gauge sample of the Prometheus text format.
+fn gauge(
+    family: &MetricFamily<PrometheusType, PrometheusValue>,
+    labels: &[(&str, &str)],
+    body: &str,
+) -> f64 {
+    match sample(family, labels).map(|s| &s.value) {
+        Some(PrometheusValue::Gauge(value)) => value.as_f64(),
+        other => panic!("{}{labels:?} is {other:?} in\n{body}", family.family_name),
+    }
+}
+
 fn scrape(addr: &str, accept: Option<&str>) -> Response {
     let headers: Vec<(&str, &str)> = accept.map(|a| ("Accept", a)).into_iter().collect();
     let response = http_request(addr, "/metrics", &headers);
@@ -137,6 +149,80 @@ fn metrics_come_in_the_format_the_scrape_asks_for_and_parse_as_such() {
         other => panic!("db handler latency is {other:?}"),
     }
 
+    // What the runtime is and is doing, beside what it did.
+    let build = family(&prometheus, "onex_build_info", &text.body);
+    assert_eq!(build.family_type, PrometheusType::Gauge);
+    assert_eq!(
+        gauge(build, &[("version", env!("CARGO_PKG_VERSION"))], &text.body),
+        1.0
+    );
+    for name in ["onex_queued_events", "onex_effects_in_flight"] {
+        let depth = family(&prometheus, name, &text.body);
+        assert_eq!(depth.family_type, PrometheusType::Gauge, "{name}");
+        // All work is done.
+        assert_eq!(gauge(depth, &[], &text.body), 0.0, "{name}");
+    }
+    let retried = [("operation", "register_service")];
+    assert_eq!(
+        counter(
+            &prometheus,
+            "onex_effect_retries_total",
+            &retried,
+            &text.body
+        ),
+        0.0
+    );
+    let rejected = [("stage", "reject")];
+    assert_eq!(
+        counter(
+            &prometheus,
+            "onex_dead_letters_total",
+            &rejected,
+            &text.body
+        ),
+        0.0,
+        "every stage is shown from the start"
+    );
+    // A breaker's state is one gauge per state: 1 for the one it is in.
+    let breakers = family(&prometheus, "onex_circuit_breaker_state", &text.body);
+    assert_eq!(breakers.family_type, PrometheusType::Gauge);
+    let consul = "consul:local-catalog";
+    let states: Vec<f64> = ["closed", "half_open", "open"]
+        .iter()
+        .map(|state| {
+            gauge(
+                breakers,
+                &[("target", consul), ("state", state)],
+                &text.body,
+            )
+        })
+        .collect();
+    assert_eq!(states, [1.0, 0.0, 0.0], "{}", text.body);
+    // Every target: three states, one of them current.
+    let mut targets: std::collections::BTreeMap<String, Vec<(String, f64)>> = Default::default();
+    for sample in breakers.iter_samples() {
+        let labels = sample.get_labelset().expect("labels");
+        let value = match &sample.value {
+            PrometheusValue::Gauge(value) => value.as_f64(),
+            other => panic!("a breaker state is {other:?}"),
+        };
+        targets
+            .entry(labels.get_label_value("target").expect("target").to_owned())
+            .or_default()
+            .push((
+                labels.get_label_value("state").expect("state").to_owned(),
+                value,
+            ));
+    }
+    assert!(targets.contains_key(consul), "{targets:?}");
+    for (target, mut states) in targets {
+        states.sort_by(|a, b| a.0.cmp(&b.0));
+        let names: Vec<&str> = states.iter().map(|(s, _)| s.as_str()).collect();
+        assert_eq!(names, ["closed", "half_open", "open"], "{target}");
+        let current: f64 = states.iter().map(|(_, v)| v).sum();
+        assert_eq!(current, 1.0, "{target}: {states:?}");
+    }
+
     // OpenMetrics for a scrape that prefers it, as Prometheus does by default.
     for accept in [
         "application/openmetrics-text",
@@ -159,6 +245,8 @@ fn metrics_come_in_the_format_the_scrape_asks_for_and_parse_as_such() {
         Some(OpenMetricsValue::Counter(c)) => assert_eq!(c.value.as_f64(), 11.0),
         other => panic!("complete outcomes are {other:?} in\n{}", om.body),
     }
+    let build = family(&openmetrics, "onex_build", &om.body);
+    assert_eq!(build.family_type, OpenMetricsType::Info);
     // The same families in both, each under its name in the format.
     for (name, family) in &openmetrics.families {
         let (text_name, text_type) = match family.family_type {

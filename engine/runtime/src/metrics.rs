@@ -1,17 +1,32 @@
-//! `/metrics`: Prometheus text exposition of what the runtime did.
+//! `/metrics`: what the runtime did and what it is doing, as a prometheus-client
+//! registry (encoded as OpenMetrics text; `exposition` serves it in the format the
+//! scrape asks for).
 
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicI64, AtomicU64};
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 
 use crate::project::{Reducer, ReducerId};
 
 type Labels = Vec<(&'static str, String)>;
+
+/// The stages at which an event becomes a dead letter (docs/orchestration.md,
+/// Guarantees): each has its `dead_letters_total` series from the start, at 0, so
+/// that a rate or an alert on it has a series before the first dead letter.
+const DEAD_LETTER_STAGES: [&str; 6] = [
+    "decode",
+    "route",
+    "validate",
+    "reject",
+    "effect",
+    "follow-up",
+];
 
 #[derive(Debug)]
 pub struct Metrics {
@@ -23,12 +38,18 @@ pub struct Metrics {
     pub actions: Family<Labels, Counter>,
     pub effects: Family<Labels, Counter>,
     pub handler_seconds: Family<Labels, Histogram>,
-    /// 0 closed, 1 half-open, 2 open.
-    pub breaker_state: Family<Labels, Gauge<i64, std::sync::atomic::AtomicI64>>,
+    /// Retries of effect operations, by operation.
+    pub effect_retries: Family<Labels, Counter>,
+    /// Per breaker target and state: 1 for the state it is in, 0 for the others.
+    pub breaker_state: Family<Labels, Gauge<i64, AtomicI64>>,
     pub dead_letters: Family<Labels, Counter>,
     pub outcomes: Family<Labels, Counter>,
     pub outcome_seconds: Family<Labels, Histogram>,
     pub duplicates: Counter<u64, AtomicU64>,
+    /// Events waiting to be taken, set when scraped.
+    pub queued_events: Gauge<i64, AtomicI64>,
+    /// Effects waiting on a backend, set when scraped.
+    pub effects_in_flight: Gauge<i64, AtomicI64>,
 }
 
 fn handler_histogram() -> Histogram {
@@ -49,13 +70,24 @@ impl Default for Metrics {
         let handler_seconds = Family::<Labels, Histogram>::new_with_constructor(
             handler_histogram as fn() -> Histogram,
         );
+        let effect_retries = Family::default();
         let breaker_state = Family::default();
-        let dead_letters = Family::default();
+        let dead_letters = Family::<Labels, Counter>::default();
+        for stage in DEAD_LETTER_STAGES {
+            let _ = dead_letters.get_or_create(&vec![("stage", stage.to_owned())]);
+        }
         let outcomes = Family::default();
         let outcome_seconds = Family::<Labels, Histogram>::new_with_constructor(
             handler_histogram as fn() -> Histogram,
         );
         let duplicates = Counter::default();
+        let queued_events = Gauge::default();
+        let effects_in_flight = Gauge::default();
+        registry.register(
+            "build",
+            "The onex build that runs, by version",
+            Info::new(vec![("version", env!("CARGO_PKG_VERSION").to_owned())]),
+        );
         registry.register(
             "events",
             "Events routed to reducer instances, by event type",
@@ -92,8 +124,13 @@ impl Default for Metrics {
             handler_seconds.clone(),
         );
         registry.register(
+            "effect_retries",
+            "Effect operation attempts retried after a transient failure, by operation",
+            effect_retries.clone(),
+        );
+        registry.register(
             "circuit_breaker_state",
-            "Circuit breaker per handler target: 0 closed, 1 half-open, 2 open",
+            "Circuit breaker per handler target: 1 for the state it is in (closed, half_open or open), 0 for the others",
             breaker_state.clone(),
         );
         registry.register(
@@ -116,6 +153,16 @@ impl Default for Metrics {
             "Events skipped because their message id was already processed",
             duplicates.clone(),
         );
+        registry.register(
+            "queued_events",
+            "Events waiting to be taken, on the bus or in shard queues",
+            queued_events.clone(),
+        );
+        registry.register(
+            "effects_in_flight",
+            "Effects waiting on a backend",
+            effects_in_flight.clone(),
+        );
         Metrics {
             registry,
             events,
@@ -125,11 +172,14 @@ impl Default for Metrics {
             actions,
             effects,
             handler_seconds,
+            effect_retries,
             breaker_state,
             dead_letters,
             outcomes,
             outcome_seconds,
             duplicates,
+            queued_events,
+            effects_in_flight,
         }
     }
 }

@@ -88,6 +88,6 @@ async fn metrics(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> impl 
             (header::CONTENT_TYPE, format.content_type()),
             (header::VARY, "Accept"),
         ],
-        format.body(shared.metrics.render()),
+        format.body(shared.metrics_text()),
     )
 }

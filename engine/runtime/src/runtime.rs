@@ -87,6 +87,14 @@ impl Shared {
         }
     }
 
+    /// `/metrics`' OpenMetrics text, with the queue and the effects in flight as
+    /// they are now.
+    pub fn metrics_text(&self) -> String {
+        self.metrics.queued_events.set(self.work.queued());
+        self.metrics.effects_in_flight.set(self.work.effects());
+        self.metrics.render()
+    }
+
     pub fn count_dead_letter(&self, stage: &str) {
         self.metrics
             .dead_letters
