@@ -264,3 +264,108 @@ fn metrics_come_in_the_format_the_scrape_asks_for_and_parse_as_such() {
     }
     assert_eq!(openmetrics.families.len(), prometheus.families.len());
 }
+
+/// Parses a scrape of the Prometheus text format.
+fn prometheus_scrape(addr: &str) -> (MetricsExposition<PrometheusType, PrometheusValue>, String) {
+    let body = scrape(addr, None).body;
+    let exposition = parse_prometheus(&body)
+        .unwrap_or_else(|e| panic!("not Prometheus text 0.0.4 ({e:?}):\n{body}"));
+    (exposition, body)
+}
+
+/// A histogram sample: its count, and how many observations were at most `bound`.
+fn histogram(
+    exposition: &MetricsExposition<PrometheusType, PrometheusValue>,
+    name: &str,
+    labels: &[(&str, &str)],
+    bound: f64,
+    body: &str,
+) -> (u64, f64) {
+    let family = family(exposition, name, body);
+    assert_eq!(family.family_type, PrometheusType::Histogram, "{name}");
+    match sample(family, labels).map(|s| &s.value) {
+        Some(PrometheusValue::Histogram(h)) => {
+            let within = h
+                .buckets
+                .iter()
+                .find(|b| b.upper_bound == bound)
+                .unwrap_or_else(|| panic!("{name} has no bucket {bound}"));
+            (h.count.unwrap_or_default(), within.count.as_f64())
+        }
+        other => panic!("{name}{labels:?} is {other:?} in\n{body}"),
+    }
+}
+
+fn heartbeat(message: &str, node: &str) -> String {
+    serde_json::json!({
+        "message_id": message,
+        "event_type": "NodeHeartbeatEvent",
+        "payload": {"node_id": node, "node_type": "effect"},
+    })
+    .to_string()
+}
+
+fn introspection(message: &str, node: &str) -> String {
+    serde_json::json!({
+        "message_id": message,
+        "event_type": "NodeIntrospectionEvent",
+        "payload": {"node_id": node, "node_type": "effect", "node_version": "1.0.0",
+                    "endpoints": {"health": "http://10.0.0.7:8080/health"}},
+    })
+    .to_string()
+}
+
+/// A workflow run is measured from its own first event. A heartbeat that changes
+/// nothing (a registered node's) is a run that ends at once; it used to leave its
+/// time behind as the start of the node's next run, which then counted the whole
+/// wait between the two.
+#[test]
+fn a_run_is_measured_from_its_own_first_event() {
+    use std::io::Write;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut child, addr, _logs) = spawn_service(dir.path(), &["--events", "-"]);
+    let mut events = child.0.stdin.take().expect("stdin");
+    let mut send = |line: String| {
+        writeln!(events, "{line}").expect("write");
+        events.flush().expect("flush");
+    };
+    let complete = [("reducer", "registration"), ("outcome", "complete")];
+    let completed = |n: f64| {
+        eventually(|| {
+            let (exposition, body) = prometheus_scrape(&addr);
+            exposition.families.contains_key("onex_outcomes_total")
+                && counter(&exposition, "onex_outcomes_total", &complete, &body) == n
+        })
+    };
+    assert!(completed(11.0), "the demo did not complete");
+    let node = "00000000-0000-4000-8000-000000000001";
+    send(introspection("first", node));
+    assert!(completed(12.0), "the node did not register");
+    send(heartbeat("beat", node));
+    let idle = [
+        ("reducer", "registration"),
+        ("from", "idle"),
+        ("to", "idle"),
+    ];
+    assert!(
+        eventually(|| {
+            let (exposition, body) = prometheus_scrape(&addr);
+            counter(&exposition, "onex_transitions_total", &idle, &body) == 6.0
+        }),
+        "the heartbeat was not taken"
+    );
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    send(introspection("again", node));
+    assert!(completed(13.0), "the node did not register again");
+    let (exposition, body) = prometheus_scrape(&addr);
+    let registration = [("reducer", "registration")];
+    let (count, within) = histogram(
+        &exposition,
+        "onex_outcome_duration_seconds",
+        &registration,
+        2.5,
+        &body,
+    );
+    assert_eq!((count, within), (13, 13.0), "{body}");
+}

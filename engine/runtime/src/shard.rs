@@ -355,16 +355,19 @@ impl Shard {
         }
     }
 
-    /// Hands queued events to the instance while it is at rest.
+    /// Hands queued events to the instance while it is at rest, each beginning a
+    /// new run of the workflow if the last one is over.
     fn drain_inbox(&mut self, reducer: ReducerId, key: &str) {
         let project = Arc::clone(&self.shared.project);
         loop {
             let Some(slot) = self.slots.get_mut(reducer, key) else {
                 return;
             };
-            if !project.reducers[reducer].rest[slot.instance.state] {
+            let rest = &project.reducers[reducer].rest;
+            if !rest[slot.instance.state] {
                 return;
             }
+            slot.end_run_if_over(rest);
             let Some(next) = slot.inbox.pop_front() else {
                 return;
             };
@@ -483,6 +486,9 @@ impl Shard {
         };
         slot.correlation = carried;
         slot.generation += 1;
+        // A run set off by a timer or a breaker, or resumed after a restart, begins
+        // with its first step.
+        slot.started.get_or_insert_with(Instant::now);
         let generation = slot.generation;
         self.counters
             .transition(&self.shared.metrics, spec, reducer, self.record.from, to);
@@ -498,7 +504,9 @@ impl Shard {
                 ])
                 .inc();
             slot.outcome = Some(label);
-            if let Some(started) = slot.started.take() {
+            if !std::mem::replace(&mut slot.reported, true)
+                && let Some(started) = slot.started
+            {
                 self.shared.record_latency(reducer, started);
             }
         }
@@ -873,6 +881,7 @@ impl Shard {
                     break;
                 }
             }
+            self.drain_inbox(reducer, &key);
             self.touch(reducer, &key);
         }
     }
