@@ -10,14 +10,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use onex_contract::lints::{
-    ACTION_BOUND_TWICE, INVALID_TEMPLATE, UNBOUND_ACTION, UNKNOWN_ACTION, UNKNOWN_REDUCER,
-    UNKNOWN_STATE, UNKNOWN_TRIGGER, UNRESOLVED_REFERENCE,
+    ACTION_BOUND_TWICE, INVALID_TEMPLATE, METRIC_CONFLICT, UNBOUND_ACTION, UNKNOWN_ACTION,
+    UNKNOWN_REDUCER, UNKNOWN_STATE, UNKNOWN_TRIGGER, UNRESOLVED_REFERENCE,
 };
 use onex_contract::model::execution::{
     After, CircuitBreakerSpec, EffectOperationsSpec, EventTemplate, Execution, PeriodicSpec,
-    RetryPolicy, RuntimeAction, TimerRole,
+    RetryPolicy, RuntimeAction, RuntimeActionSpec, TimerRole,
 };
-use onex_contract::model::{EffectContract, OrchestratorContract};
+use onex_contract::model::{EffectContract, FsmContract, MetricKind, OrchestratorContract};
 use onex_contract::yaml::Node;
 use onex_contract::{Contract, suggest};
 use onex_core::Machine;
@@ -29,6 +29,7 @@ use crate::{input_file, walk};
 
 pub type ReducerId = usize;
 pub type OperationId = usize;
+pub type MetricId = usize;
 
 /// A loaded, checked, compiled project.
 #[derive(Debug)]
@@ -49,6 +50,56 @@ pub struct Project {
     pub demo: Option<Demo>,
     /// SQL set-up files for the `db` handler, in order.
     pub setup_sql: Vec<(PathBuf, String)>,
+    /// The metrics the reducers' FSMs declare, one per name.
+    pub metrics: Vec<ContractMetric>,
+}
+
+/// A metric an FSM declares (its `metrics` block), exported by `/metrics` under the
+/// name it is declared with, with a `reducer` label. One name is one metric for the
+/// whole run: reducers whose FSMs declare it alike share it, and declaring it
+/// otherwise is OX512.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ContractMetric {
+    /// The name of its family: as declared, less a counter's `_total` (the sample
+    /// of a counter `x` is `x_total`).
+    pub family: String,
+    /// The FSM's description.
+    pub description: Option<String>,
+    /// A histogram's bounds ascending, each once.
+    pub kind: MetricKind,
+}
+
+impl ContractMetric {
+    pub fn new(name: &str, description: Option<String>, kind: &MetricKind) -> ContractMetric {
+        let (family, kind) = match kind {
+            MetricKind::Counter => (
+                name.strip_suffix("_total")
+                    .filter(|family| !family.is_empty())
+                    .unwrap_or(name),
+                MetricKind::Counter,
+            ),
+            MetricKind::Histogram { buckets } => {
+                let mut buckets: Vec<f64> =
+                    buckets.iter().copied().filter(|b| b.is_finite()).collect();
+                buckets.sort_by(f64::total_cmp);
+                buckets.dedup();
+                (name, MetricKind::Histogram { buckets })
+            }
+        };
+        ContractMetric {
+            family: family.to_owned(),
+            description,
+            kind,
+        }
+    }
+
+    /// How the declaration reads in a message.
+    fn shape(&self) -> String {
+        match &self.kind {
+            MetricKind::Counter => "a counter".into(),
+            MetricKind::Histogram { buckets } => format!("a histogram with buckets {buckets:?}"),
+        }
+    }
 }
 
 impl Project {
@@ -81,12 +132,17 @@ pub struct Reducer {
     /// Fired on instances at rest whose effects failed on a target whose circuit
     /// breaker closed again.
     pub on_breaker_closed: Vec<Arc<str>>,
+    /// The metrics its FSM declares.
+    pub metrics: Vec<MetricId>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Binding {
     Effect(OperationId),
     Runtime(RuntimeAction),
+    /// A `metric` action bound to metrics of the FSM: counters to increment,
+    /// histograms to observe the run's duration in.
+    Metrics(Vec<MetricId>),
 }
 
 impl Reducer {
@@ -368,6 +424,7 @@ pub fn load(path: &Path) -> Loaded {
         own: Vec::new(),
         others: Vec::new(),
         effects_complete: true,
+        metrics: Vec::new(),
     };
     let project = builder.build(path);
     orchestrator_file
@@ -400,6 +457,9 @@ struct Builder<'a> {
     /// The referenced files, with their findings.
     others: Vec<File>,
     effects_complete: bool,
+    /// The metrics the FSMs declare, with where the first declaration of each is
+    /// (reducer, file), for messages.
+    metrics: Vec<(ContractMetric, String, String)>,
 }
 
 impl Builder<'_> {
@@ -543,6 +603,10 @@ impl Builder<'_> {
                 .collect(),
             demo,
             setup_sql,
+            metrics: std::mem::take(&mut self.metrics)
+                .into_iter()
+                .map(|(metric, ..)| metric)
+                .collect(),
         })
     }
 
@@ -814,7 +878,9 @@ impl Builder<'_> {
                 }
                 None => rest[machine.initial] = true,
             }
-            let bindings = self.bind_actions(&machine, name, spec, intent_owner, index);
+            let declared = self.declare_metrics(name, &fsm, index);
+            let bindings =
+                self.bind_actions(&machine, name, spec, intent_owner, index, &fsm, &declared);
             let results = machine
                 .actions
                 .iter()
@@ -864,13 +930,136 @@ impl Builder<'_> {
                 results,
                 report,
                 on_breaker_closed,
+                metrics: declared.iter().flatten().copied().collect(),
             }));
         }
         reducers
     }
 
+    /// The metrics the FSM of `reducer` declares, registered for the run: per
+    /// declaration, its metric, or `None` when it conflicts (OX512, in the FSM file):
+    /// its family is already declared otherwise, or its name is one the runtime
+    /// uses for its own metrics.
+    fn declare_metrics(
+        &mut self,
+        reducer: &str,
+        fsm: &FsmContract,
+        fsm_file: usize,
+    ) -> Vec<Option<MetricId>> {
+        let mut declared = Vec::with_capacity(fsm.metrics.len());
+        for decl in &fsm.metrics {
+            let name = &decl.name.value;
+            let metric = ContractMetric::new(name, decl.description.clone(), &decl.kind);
+            let file = &self.others[fsm_file];
+            let conflict = if metric.family.starts_with(crate::metrics::PREFIX) {
+                Some(
+                    located(
+                        file,
+                        &METRIC_CONFLICT,
+                        &decl.name.pointer,
+                        format!(
+                            "metric `{name}` has the prefix of the runtime's own metrics (`{}`)",
+                            crate::metrics::PREFIX
+                        ),
+                    )
+                    .with_help(format!(
+                        "`/metrics` names its own metrics `{}...`; give this one a name of the workflow's",
+                        crate::metrics::PREFIX
+                    )),
+                )
+            } else {
+                match self
+                    .metrics
+                    .iter()
+                    .position(|(known, ..)| known.family == metric.family)
+                {
+                    Some(id) if self.metrics[id].0.kind == metric.kind => {
+                        declared.push(Some(id));
+                        continue;
+                    }
+                    Some(id) => {
+                        let (known, first_reducer, first_file) = &self.metrics[id];
+                        Some(
+                            located(
+                                file,
+                                &METRIC_CONFLICT,
+                                &decl.name.pointer,
+                                format!(
+                                    "metric `{name}` is {} here, and {} in {first_file} (reducer `{first_reducer}`)",
+                                    metric.shape(),
+                                    known.shape()
+                                ),
+                            )
+                            .with_help(
+                                "a metric name is one metric for the whole run, shared by the reducers that declare it alike: declare it the same way, or give one of them another name",
+                            ),
+                        )
+                    }
+                    None => None,
+                }
+            };
+            match conflict {
+                Some(d) => {
+                    self.others[fsm_file].diagnostics.push(d);
+                    declared.push(None);
+                }
+                None => {
+                    let path = self.others[fsm_file].path.display().to_string();
+                    self.metrics.push((metric, reducer.to_owned(), path));
+                    declared.push(Some(self.metrics.len() - 1));
+                }
+            }
+        }
+        declared
+    }
+
+    /// The metrics a `{metric: [...]}` runtime action names, each declared by the
+    /// reducer's FSM; a name it does not declare is OX504, in the orchestrator.
+    fn bind_metrics(
+        &mut self,
+        reducer: &str,
+        action: &str,
+        names: &[String],
+        fsm: &FsmContract,
+        declared: &[Option<MetricId>],
+    ) -> Vec<MetricId> {
+        let mut ids = Vec::with_capacity(names.len());
+        for (i, name) in names.iter().enumerate() {
+            match fsm.metrics.iter().position(|m| m.name.value == *name) {
+                Some(at) => ids.extend(declared[at]),
+                None => {
+                    let pointer = format!(
+                        "/execution/reducers/{}/runtime_actions/{}/metric/{i}",
+                        escape(reducer),
+                        escape(action)
+                    );
+                    let mut d = self.at(
+                        &UNRESOLVED_REFERENCE,
+                        &pointer,
+                        format!(
+                            "metric `{name}` is not declared in the `metrics` block of reducer `{reducer}`'s FSM"
+                        ),
+                    );
+                    d = match suggest::did_you_mean(
+                        name,
+                        fsm.metrics.iter().map(|m| m.name.value.as_str()),
+                    ) {
+                        Some(help) => d.with_help(help),
+                        None => d.with_help(format!(
+                            "declare it under `metrics.counters` or `metrics.histograms` of FSM `{}`",
+                            fsm.name.as_deref().unwrap_or(reducer)
+                        )),
+                    };
+                    self.own.push(d);
+                }
+            }
+        }
+        ids
+    }
+
     /// Every FSM action must be run by an effect operation or be a declared runtime
     /// action; a finding in the FSM file otherwise.
+    #[allow(clippy::too_many_arguments)]
     fn bind_actions(
         &mut self,
         machine: &Machine,
@@ -878,14 +1067,25 @@ impl Builder<'_> {
         spec: &onex_contract::model::execution::ReducerSpec,
         intent_owner: &HashMap<String, (OperationId, String)>,
         fsm_file: usize,
+        fsm: &FsmContract,
+        declared: &[Option<MetricId>],
     ) -> Vec<Binding> {
         let mut bindings = Vec::with_capacity(machine.actions.len());
         for action in &machine.actions {
             let name = &*action.name;
             if let Some((op, _)) = intent_owner.get(name) {
                 bindings.push(Binding::Effect(*op));
-            } else if let Some(kind) = spec.runtime_actions.get(name) {
-                bindings.push(Binding::Runtime(*kind));
+            } else if let Some(runtime) = spec.runtime_actions.get(name) {
+                bindings.push(match runtime {
+                    RuntimeActionSpec::Kind(kind) => Binding::Runtime(*kind),
+                    RuntimeActionSpec::Metrics(metrics) => Binding::Metrics(self.bind_metrics(
+                        reducer,
+                        name,
+                        &metrics.metric,
+                        fsm,
+                        declared,
+                    )),
+                });
             } else {
                 bindings.push(Binding::Runtime(RuntimeAction::Log));
                 if !self.effects_complete {
@@ -1372,4 +1572,31 @@ fn normalize(path: &Path) -> PathBuf {
 
 fn escape(key: &str) -> String {
     onex_contract::yaml::pointer_segment(key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_declared_metric_is_named_by_its_family_with_its_bounds_in_order() {
+        let counter = |name: &str| ContractMetric::new(name, None, &MetricKind::Counter).family;
+        assert_eq!(counter("jobs_total"), "jobs");
+        assert_eq!(counter("jobs"), "jobs");
+        assert_eq!(counter("_total"), "_total");
+        let histogram = ContractMetric::new(
+            "job_seconds_total",
+            None,
+            &MetricKind::Histogram {
+                buckets: vec![10.0, 0.5, f64::INFINITY, 0.5, 2.0],
+            },
+        );
+        assert_eq!(histogram.family, "job_seconds_total");
+        assert_eq!(
+            histogram.kind,
+            MetricKind::Histogram {
+                buckets: vec![0.5, 2.0, 10.0]
+            }
+        );
+    }
 }

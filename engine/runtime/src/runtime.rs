@@ -279,7 +279,7 @@ pub async fn run(
         })?;
     }
     let params = parameters(&project.parameters, &options.params)?;
-    let metrics = Arc::new(Metrics::default());
+    let metrics = Arc::new(Metrics::new(&project));
     let env: serde_json::Map<String, Value> = std::env::vars()
         .map(|(k, v)| (k, Value::String(v)))
         .collect();

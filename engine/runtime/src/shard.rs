@@ -488,7 +488,7 @@ impl Shard {
         slot.generation += 1;
         // A run set off by a timer or a breaker, or resumed after a restart, begins
         // with its first step.
-        slot.started.get_or_insert_with(Instant::now);
+        let run_started = *slot.started.get_or_insert_with(Instant::now);
         let generation = slot.generation;
         self.counters
             .transition(&self.shared.metrics, spec, reducer, self.record.from, to);
@@ -521,15 +521,26 @@ impl Shard {
                 let action = machine.action(intent.action);
                 self.counters
                     .intent(&self.shared.metrics, spec, reducer, intent.action);
-                match spec.bindings[intent.action as usize] {
+                match &spec.bindings[intent.action as usize] {
                     Binding::Runtime(RuntimeAction::Metric) => {
                         self.counters
                             .action(&self.shared.metrics, spec, reducer, intent.action);
                     }
+                    Binding::Metrics(ids) => {
+                        self.counters
+                            .action(&self.shared.metrics, spec, reducer, intent.action);
+                        self.counters.declared(
+                            &self.shared.metrics,
+                            spec,
+                            reducer,
+                            ids,
+                            run_started.elapsed().as_secs_f64(),
+                        );
+                    }
                     Binding::Runtime(kind) => {
                         tracing::debug!(reducer = %spec.name, key, action = %action.name, performed_by = kind.as_str(), "runtime action");
                     }
-                    Binding::Effect(operation) => {
+                    &Binding::Effect(operation) => {
                         let intent_key: Arc<str> =
                             Arc::from(shared.idempotency_key(intent).to_text());
                         let intent_value = Arc::new(Intent {
