@@ -149,6 +149,51 @@ fn metrics_come_in_the_format_the_scrape_asks_for_and_parse_as_such() {
         other => panic!("db handler latency is {other:?}"),
     }
 
+    // The metrics the registration FSM declares, as it names them, changed by the
+    // runtime actions the orchestrator binds to them: one success and one run
+    // duration per complete registration, the other outcomes shown at zero.
+    let registration = [("reducer", "registration")];
+    assert_eq!(
+        counter(
+            &prometheus,
+            "dual_registration_success_total",
+            &registration,
+            &text.body
+        ),
+        counter(&prometheus, "onex_outcomes_total", &outcomes, &text.body),
+    );
+    for other in [
+        "dual_registration_partial_total",
+        "dual_registration_failure_total",
+    ] {
+        assert_eq!(
+            counter(&prometheus, other, &registration, &text.body),
+            0.0,
+            "{other}"
+        );
+    }
+    let success = family(&prometheus, "dual_registration_success_total", &text.body);
+    assert_eq!(success.help, "Dual registrations that completed.");
+    let durations = family(
+        &prometheus,
+        "dual_registration_duration_seconds",
+        &text.body,
+    );
+    assert_eq!(durations.family_type, PrometheusType::Histogram);
+    match sample(durations, &registration).map(|s| &s.value) {
+        Some(PrometheusValue::Histogram(h)) => {
+            assert_eq!(h.count, Some(11), "{h:?}");
+            let bounds: Vec<f64> = h.buckets.iter().map(|b| b.upper_bound).collect();
+            assert_eq!(
+                bounds,
+                [0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, f64::INFINITY],
+                "the FSM's buckets"
+            );
+            assert!(h.sum.as_ref().is_some_and(|s| s.as_f64() > 0.0), "{h:?}");
+        }
+        other => panic!("registration durations are {other:?} in\n{}", text.body),
+    }
+
     // What the runtime is and is doing, beside what it did.
     let build = family(&prometheus, "onex_build_info", &text.body);
     assert_eq!(build.family_type, PrometheusType::Gauge);
@@ -247,6 +292,12 @@ fn metrics_come_in_the_format_the_scrape_asks_for_and_parse_as_such() {
     }
     let build = family(&openmetrics, "onex_build", &om.body);
     assert_eq!(build.family_type, OpenMetricsType::Info);
+    let success = family(&openmetrics, "dual_registration_success", &om.body);
+    assert_eq!(success.family_type, OpenMetricsType::Counter);
+    match sample(success, &registration).map(|s| &s.value) {
+        Some(OpenMetricsValue::Counter(c)) => assert_eq!(c.value.as_f64(), 11.0),
+        other => panic!("successes are {other:?} in\n{}", om.body),
+    }
     // The same families in both, each under its name in the format.
     for (name, family) in &openmetrics.families {
         let (text_name, text_type) = match family.family_type {
@@ -363,6 +414,15 @@ fn a_run_is_measured_from_its_own_first_event() {
     let (count, within) = histogram(
         &exposition,
         "onex_outcome_duration_seconds",
+        &registration,
+        2.5,
+        &body,
+    );
+    assert_eq!((count, within), (13, 13.0), "{body}");
+    // The FSM's own duration histogram, observed by its outcome actions, agrees.
+    let (count, within) = histogram(
+        &exposition,
+        "dual_registration_duration_seconds",
         &registration,
         2.5,
         &body,
