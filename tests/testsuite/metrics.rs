@@ -429,3 +429,61 @@ fn a_run_is_measured_from_its_own_first_event() {
     );
     assert_eq!((count, within), (13, 13.0), "{body}");
 }
+
+/// With Consul unreachable, the failures show as they happen: the effect runner's
+/// retries of the registration call, the agent's breaker in one state of three,
+/// and the registration FSM's own partial count, which follows the reported
+/// partial outcomes.
+#[test]
+fn an_unreachable_backend_shows_in_retries_breaker_states_and_partial_counts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A port nothing listens on: bound, then released.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port");
+    let consul = format!("http://{closed}");
+    let (_child, addr, _logs) =
+        spawn_service(dir.path(), &["--consul", &consul, "--drain-timeout", "1"]);
+    let registration = [("reducer", "registration")];
+    let partial = [("reducer", "registration"), ("outcome", "partial")];
+    let mut last = String::new();
+    assert!(
+        eventually(|| {
+            let (exposition, body) = prometheus_scrape(&addr);
+            last = body;
+            exposition
+                .families
+                .contains_key("dual_registration_partial_total")
+                && counter(
+                    &exposition,
+                    "dual_registration_partial_total",
+                    &registration,
+                    &last,
+                ) >= 1.0
+        }),
+        "no partial registration:\n{last}"
+    );
+    let (exposition, body) = prometheus_scrape(&addr);
+    assert_eq!(
+        counter(
+            &exposition,
+            "dual_registration_partial_total",
+            &registration,
+            &body
+        ),
+        counter(&exposition, "onex_outcomes_total", &partial, &body),
+        "{body}"
+    );
+    let retried = [("operation", "register_service")];
+    assert!(
+        counter(&exposition, "onex_effect_retries_total", &retried, &body) >= 3.0,
+        "a failed call is retried three times:\n{body}"
+    );
+    let breakers = family(&exposition, "onex_circuit_breaker_state", &body);
+    let target = format!("consul:{consul}");
+    let states: Vec<f64> = ["closed", "half_open", "open"]
+        .iter()
+        .map(|state| gauge(breakers, &[("target", &target), ("state", state)], &body))
+        .collect();
+    assert_eq!(states.iter().sum::<f64>(), 1.0, "{body}");
+}
