@@ -1,7 +1,7 @@
 //! The project: an orchestrator contract and everything it references (reducer FSMs,
 //! effect contracts, payload schemas, SQL set-up files), loaded, cross-checked and
 //! compiled into what the runtime executes. Every problem in every file is reported in
-//! one pass (OX504..OX510 plus each file's own findings); the project is built only
+//! one pass (OX504..OX512 plus each file's own findings); the project is built only
 //! when there is no error.
 
 use std::collections::{BTreeMap, HashMap};
@@ -288,7 +288,7 @@ pub struct Loaded {
     pub project: Option<Project>,
     /// One per file read, the orchestrator first: all its findings.
     pub reports: Vec<FileReport>,
-    /// Per report, the findings of the cross-contract check alone (OX504..OX510 and
+    /// Per report, the findings of the cross-contract check alone (OX504..OX512 and
     /// unknown states named by the orchestrator), for `contract lint`, which reports
     /// each file's own findings itself.
     pub cross_contract: Vec<Vec<Diagnostic>>,
