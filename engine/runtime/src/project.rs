@@ -93,6 +93,20 @@ impl ContractMetric {
         }
     }
 
+    /// The names its family and samples take in either exposition format: a
+    /// counter `x` is described as `x` (OpenMetrics) or `x_total` (Prometheus text);
+    /// a histogram's samples add `_bucket`, `_sum` and `_count`.
+    fn names(&self) -> Vec<String> {
+        let suffixes: &[&str] = match self.kind {
+            MetricKind::Counter => &["", "_total", "_created"],
+            MetricKind::Histogram { .. } => &["", "_bucket", "_sum", "_count", "_created"],
+        };
+        suffixes
+            .iter()
+            .map(|suffix| format!("{}{suffix}", self.family))
+            .collect()
+    }
+
     /// How the declaration reads in a message.
     fn shape(&self) -> String {
         match &self.kind {
@@ -449,6 +463,24 @@ pub fn load(path: &Path) -> Loaded {
     }
 }
 
+/// Where a metric was first declared, for messages: its name as written, the
+/// reducer, the FSM file.
+struct FirstDeclared {
+    name: String,
+    reducer: String,
+    file: String,
+}
+
+impl std::fmt::Display for FirstDeclared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "`{}` of {} (reducer `{}`)",
+            self.name, self.file, self.reducer
+        )
+    }
+}
+
 struct Builder<'a> {
     base: PathBuf,
     orchestrator: &'a OrchestratorContract,
@@ -457,9 +489,8 @@ struct Builder<'a> {
     /// The referenced files, with their findings.
     others: Vec<File>,
     effects_complete: bool,
-    /// The metrics the FSMs declare, with where the first declaration of each is
-    /// (reducer, file), for messages.
-    metrics: Vec<(ContractMetric, String, String)>,
+    /// The metrics the FSMs declare, each with its first declaration.
+    metrics: Vec<(ContractMetric, FirstDeclared)>,
 }
 
 impl Builder<'_> {
@@ -605,7 +636,7 @@ impl Builder<'_> {
             setup_sql,
             metrics: std::mem::take(&mut self.metrics)
                 .into_iter()
-                .map(|(metric, ..)| metric)
+                .map(|(metric, _)| metric)
                 .collect(),
         })
     }
@@ -978,14 +1009,14 @@ impl Builder<'_> {
                         continue;
                     }
                     Some(id) => {
-                        let (known, first_reducer, first_file) = &self.metrics[id];
+                        let (known, first) = &self.metrics[id];
                         Some(
                             located(
                                 file,
                                 &METRIC_CONFLICT,
                                 &decl.name.pointer,
                                 format!(
-                                    "metric `{name}` is {} here, and {} in {first_file} (reducer `{first_reducer}`)",
+                                    "metric `{name}` is {} here, and {} as {first}",
                                     metric.shape(),
                                     known.shape()
                                 ),
@@ -995,7 +1026,28 @@ impl Builder<'_> {
                             ),
                         )
                     }
-                    None => None,
+                    // Another family whose series would be named like these (a
+                    // counter `x_total` is described as `x_total`, as a histogram
+                    // `x_total` is).
+                    None => {
+                        let names = metric.names();
+                        self.metrics.iter().find_map(|(known, first)| {
+                            let shared = known.names().into_iter().find(|n| names.contains(n))?;
+                            Some(
+                                located(
+                                    file,
+                                    &METRIC_CONFLICT,
+                                    &decl.name.pointer,
+                                    format!(
+                                        "metric `{name}` ({}) and {first} ({}) would both be exported as `{shared}`",
+                                        metric.shape(),
+                                        known.shape()
+                                    ),
+                                )
+                                .with_help("give one of them a name whose series no other metric's share"),
+                            )
+                        })
+                    }
                 }
             };
             match conflict {
@@ -1005,7 +1057,12 @@ impl Builder<'_> {
                 }
                 None => {
                     let path = self.others[fsm_file].path.display().to_string();
-                    self.metrics.push((metric, reducer.to_owned(), path));
+                    let first = FirstDeclared {
+                        name: name.clone(),
+                        reducer: reducer.to_owned(),
+                        file: path,
+                    };
+                    self.metrics.push((metric, first));
                     declared.push(Some(self.metrics.len() - 1));
                 }
             }
@@ -1598,5 +1655,11 @@ mod tests {
                 buckets: vec![0.5, 2.0, 10.0]
             }
         );
+        // A counter `job_seconds_total` (family `job_seconds`) would be described in
+        // the text format as this histogram is.
+        let counter = ContractMetric::new("job_seconds_total", None, &MetricKind::Counter);
+        assert_eq!(counter.family, "job_seconds");
+        assert!(counter.names().contains(&"job_seconds_total".to_owned()));
+        assert!(histogram.names().contains(&"job_seconds_total".to_owned()));
     }
 }
