@@ -180,7 +180,7 @@ impl Default for Metrics {
         );
         registry.register(
             "outcome_duration_seconds",
-            "Time from a workflow run's first event to its outcome, by reducer",
+            "Time from a workflow run's first event to its first outcome, by reducer",
             outcome_seconds.clone(),
         );
         registry.register(
