@@ -6,6 +6,7 @@ mod contract_test;
 mod graph;
 mod hostile;
 mod lints;
+mod metrics;
 mod pipes;
 mod purity;
 mod reference;

@@ -17,7 +17,7 @@ const REGISTRATION: &str = "registration";
 
 /// Kills the child when the test ends early (a failed assertion), so that no
 /// runtime outlives its test.
-struct Reaper(Child);
+pub(crate) struct Reaper(pub Child);
 
 impl Drop for Reaper {
     fn drop(&mut self) {
@@ -831,31 +831,64 @@ fn kill_once_stored(
     reached
 }
 
-fn http_get(addr: &str, path: &str) -> (u16, String) {
+/// A response of the operations endpoints: its status, its headers (names in lower
+/// case) and its body.
+pub(crate) struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// `GET path` with the request headers given.
+pub(crate) fn http_request(addr: &str, path: &str, headers: &[(&str, &str)]) -> Response {
     let mut stream = std::net::TcpStream::connect(addr).expect("connect");
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .expect("timeout");
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .expect("request");
+    let mut request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    stream.write_all(request.as_bytes()).expect("request");
     let mut response = String::new();
     stream.read_to_string(&mut response).expect("response");
-    let status = response
-        .split_whitespace()
-        .nth(1)
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|line| line.split_whitespace().nth(1))
         .and_then(|s| s.parse().ok())
         .expect("status");
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
+    let headers = lines
+        .filter_map(|line| line.split_once(':'))
+        .map(|(name, value)| (name.trim().to_ascii_lowercase(), value.trim().to_owned()))
+        .collect();
+    Response {
+        status,
+        headers,
+        body: body.to_owned(),
+    }
 }
 
-fn spawn_service(data: &Path, extra: &[&str]) -> (Reaper, String, mpsc::Receiver<String>) {
+pub(crate) fn http_get(addr: &str, path: &str) -> (u16, String) {
+    let response = http_request(addr, path, &[]);
+    (response.status, response.body)
+}
+
+pub(crate) fn spawn_service(
+    data: &Path,
+    extra: &[&str],
+) -> (Reaper, String, mpsc::Receiver<String>) {
     let mut args = vec![
         "run",
         "--contract",
@@ -1143,7 +1176,7 @@ fn wait_for(file: &Path, sql: &'static str, want: i64) -> bool {
 }
 
 /// Whether `condition` comes true within 20 s.
-fn eventually(mut condition: impl FnMut() -> bool) -> bool {
+pub(crate) fn eventually(mut condition: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
         if condition() {

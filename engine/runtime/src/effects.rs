@@ -46,6 +46,7 @@ struct Measures {
     handler_seconds: Histogram,
     succeeded: Counter,
     failed: Counter,
+    retries: Counter,
 }
 
 #[derive(Debug)]
@@ -53,8 +54,9 @@ struct TargetBreaker {
     /// `handler:target` as the handler names it, which calls are matched against.
     key: String,
     breaker: Breaker,
-    /// `circuit_breaker_state` for this target.
-    gauge: Gauge<i64, AtomicI64>,
+    /// `circuit_breaker_state` for this target, one gauge per state in
+    /// [`Breaker::STATES`] order.
+    gauges: [Gauge<i64, AtomicI64>; 3],
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -88,6 +90,10 @@ impl EffectRunner {
                     .clone(),
                 succeeded: result(operation, "success"),
                 failed: result(operation, "failure"),
+                retries: metrics
+                    .effect_retries
+                    .get_or_create(&vec![("operation", operation.name.to_string())])
+                    .clone(),
             })
             .collect();
         EffectRunner {
@@ -167,6 +173,7 @@ impl EffectRunner {
             };
             match retry {
                 Some(wait) => {
+                    measures.retries.inc();
                     tokio::time::sleep(wait).await;
                     attempt += 1;
                 }
@@ -199,7 +206,9 @@ impl EffectRunner {
         let Ok(mut breakers) = self.breakers.lock() else {
             return Ok(());
         };
-        let TargetBreaker { breaker, gauge, .. } = self.breaker(&mut breakers, target);
+        let TargetBreaker {
+            breaker, gauges, ..
+        } = self.breaker(&mut breakers, target);
         match *breaker {
             Breaker::Closed { .. } => Ok(()),
             Breaker::Open { until } if Instant::now() >= until => {
@@ -207,7 +216,7 @@ impl EffectRunner {
                     trials: 1,
                     successes: 0,
                 };
-                gauge.set(breaker.gauge_value());
+                breaker.show(gauges);
                 Ok(())
             }
             Breaker::Open { until } => Err(format!(
@@ -233,9 +242,11 @@ impl EffectRunner {
             let Ok(mut breakers) = self.breakers.lock() else {
                 return;
             };
-            let TargetBreaker { breaker, gauge, .. } = self.breaker(&mut breakers, target);
+            let TargetBreaker {
+                breaker, gauges, ..
+            } = self.breaker(&mut breakers, target);
             let was_open = !matches!(*breaker, Breaker::Closed { .. });
-            Self::next_state(breaker, gauge, spec, ok);
+            Self::next_state(breaker, gauges, spec, ok);
             was_open && matches!(*breaker, Breaker::Closed { .. })
         };
         if closed_again {
@@ -248,7 +259,7 @@ impl EffectRunner {
 
     fn next_state(
         breaker: &mut Breaker,
-        gauge: &Gauge<i64, AtomicI64>,
+        gauges: &[Gauge<i64, AtomicI64>; 3],
         spec: &CircuitBreakerSpec,
         ok: bool,
     ) {
@@ -276,10 +287,11 @@ impl EffectRunner {
             // A call admitted before the breaker opened: the breaker stays as it is.
             (state @ Breaker::Open { .. }, _) => state,
         };
-        if next.gauge_value() != breaker.gauge_value() {
-            gauge.set(next.gauge_value());
-        }
+        let changed = next.state() != breaker.state();
         *breaker = next;
+        if changed {
+            breaker.show(gauges);
+        }
     }
 
     /// The target's breaker, closed (and shown as such) the first time it is seen.
@@ -291,16 +303,22 @@ impl EffectRunner {
         let index = match breakers.iter().position(|known| target.is(&known.key)) {
             Some(index) => index,
             None => {
-                let gauge = self
-                    .metrics
-                    .breaker_state
-                    .get_or_create(&vec![("target", target.to_string())])
-                    .clone();
-                gauge.set(0);
+                let label = target.to_string();
+                let gauges = Breaker::STATES.map(|state| {
+                    self.metrics
+                        .breaker_state
+                        .get_or_create(&vec![
+                            ("target", label.clone()),
+                            ("state", state.to_owned()),
+                        ])
+                        .clone()
+                });
+                let breaker = Breaker::Closed { failures: 0 };
+                breaker.show(&gauges);
                 breakers.push(TargetBreaker {
                     key: target.key(),
-                    breaker: Breaker::Closed { failures: 0 },
-                    gauge,
+                    breaker,
+                    gauges,
                 });
                 breakers.len() - 1
             }
@@ -353,12 +371,23 @@ fn redacted(failure: Failure) -> Failure {
 }
 
 impl Breaker {
-    /// The `circuit_breaker_state` gauge: 0 closed, 1 half-open, 2 open.
-    fn gauge_value(self) -> i64 {
+    /// The `state` labels of `circuit_breaker_state`.
+    const STATES: [&'static str; 3] = ["closed", "half_open", "open"];
+
+    /// Its index in [`Self::STATES`].
+    fn state(self) -> usize {
         match self {
             Breaker::Closed { .. } => 0,
             Breaker::HalfOpen { .. } => 1,
             Breaker::Open { .. } => 2,
+        }
+    }
+
+    /// Sets the target's `circuit_breaker_state` gauges: 1 for this state, 0 for
+    /// the others.
+    fn show(self, gauges: &[Gauge<i64, AtomicI64>; 3]) {
+        for (index, gauge) in gauges.iter().enumerate() {
+            gauge.set(i64::from(index == self.state()));
         }
     }
 }
@@ -473,24 +502,109 @@ mod tests {
             timeout_ms: 0,
             half_open_requests: 1,
         };
+        // The state whose gauge is 1, and that the others are 0.
         let gauge = || {
-            metrics
-                .breaker_state
-                .get_or_create(&vec![("target", "db:x".to_owned())])
-                .get()
+            let values = Breaker::STATES.map(|state| {
+                metrics
+                    .breaker_state
+                    .get_or_create(&vec![
+                        ("target", "db:x".to_owned()),
+                        ("state", state.to_owned()),
+                    ])
+                    .get()
+            });
+            assert_eq!(values.iter().sum::<i64>(), 1, "{values:?}");
+            let current = values.iter().position(|v| *v == 1).unwrap_or_default();
+            Breaker::STATES[current]
         };
         assert!(runner.admit(target, Some(&spec)).is_ok());
         runner.record(target, Some(&spec), false);
-        assert_eq!(gauge(), 0, "one failure is under the threshold");
+        assert_eq!(gauge(), "closed", "one failure is under the threshold");
         runner.record(target, Some(&spec), false);
-        assert_eq!(gauge(), 2, "open");
+        assert_eq!(gauge(), "open");
         // Open for 0 ms: the next call is the half-open trial, and a second waits.
         assert!(runner.admit(target, Some(&spec)).is_ok());
-        assert_eq!(gauge(), 1, "half-open");
+        assert_eq!(gauge(), "half_open");
         assert!(runner.admit(target, Some(&spec)).is_err());
         runner.record(target, Some(&spec), true);
-        assert_eq!(gauge(), 0, "closed again");
+        assert_eq!(gauge(), "closed", "closed again");
         assert!(runner.admit(target, Some(&spec)).is_ok());
+    }
+
+    /// Fails transiently until it has failed `failures` times.
+    #[derive(Debug)]
+    struct Flaky {
+        failures: std::sync::atomic::AtomicU32,
+    }
+
+    impl crate::handler::Handler for Flaky {
+        fn name(&self) -> &'static str {
+            "flaky"
+        }
+
+        fn call<'a>(&'a self, _: &'a Arc<Call>) -> crate::handler::BoxFuture<'a, Outcome> {
+            use std::sync::atomic::Ordering;
+            let failing = self
+                .failures
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+            Box::pin(async move {
+                if failing {
+                    Err(Failure::Transient("not yet".into()))
+                } else {
+                    Ok(Value::Null)
+                }
+            })
+        }
+
+        fn describe(&self) -> String {
+            "fails, then works".into()
+        }
+    }
+
+    #[tokio::test]
+    async fn every_retry_is_counted_for_its_operation() {
+        let metrics = Arc::new(Metrics::default());
+        let mut handlers = Handlers::new();
+        handlers.register(Arc::new(Flaky {
+            failures: std::sync::atomic::AtomicU32::new(2),
+        }));
+        let operation = Operation {
+            name: Arc::from("register"),
+            handler: "flaky".into(),
+            when: None,
+            idempotency_key: None,
+            config: crate::template::Fields::new(Vec::new()),
+            written: Arc::new(serde_json::Map::new()),
+            retry: Some(RetryPolicy {
+                base_delay_ms: 0,
+                ..policy(Backoff::Fixed, 0.0)
+            }),
+            breaker: None,
+            timeout: Duration::from_secs(5),
+            success_codes: Vec::new(),
+        };
+        let runner = EffectRunner::new(
+            handlers,
+            Arc::clone(&metrics),
+            std::slice::from_ref(&operation),
+        );
+        let retries = || {
+            metrics
+                .effect_retries
+                .get_or_create(&vec![("operation", "register".to_owned())])
+                .get()
+        };
+        assert_eq!(retries(), 0, "shown from the start");
+        let call = Arc::new(Call {
+            operation: Arc::clone(&operation.name),
+            config: crate::handler::Config::default(),
+            idempotency_key: Arc::from("key"),
+            correlation_id: None,
+            causation_id: None,
+        });
+        assert!(runner.run(0, &operation, &call).await.is_ok());
+        assert_eq!(retries(), 2, "two failures, two retries");
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod demo;
 pub mod effects;
 pub mod envelope;
 pub mod event_log;
+pub mod exposition;
 pub mod handler;
 pub mod input_file;
 pub mod instance_log;

@@ -1,17 +1,18 @@
 //! Operations endpoints on loopback by default: `/health` (the process is up),
 //! `/ready` (contracts loaded and every handler the contracts use reachable) and
-//! `/metrics` (Prometheus text).
+//! `/metrics` (Prometheus text 0.0.4, or OpenMetrics for a scrape that asks for it).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use serde_json::{Map, Value, json};
 
+use crate::exposition::Format;
 use crate::runtime::Shared;
 
 /// The log target of the line that says where the endpoints listen.
@@ -82,12 +83,20 @@ async fn ready(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
     )
 }
 
-async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+/// The body and its content type follow the scrape's `Accept` header; `Vary` says
+/// so to caches between the scraper and the runtime.
+async fn metrics(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> impl IntoResponse {
+    let accept: Vec<&str> = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .collect();
+    let format = Format::negotiate((!accept.is_empty()).then(|| accept.join(",")).as_deref());
     (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        shared.metrics.render(),
+        [
+            (header::CONTENT_TYPE, format.content_type()),
+            (header::VARY, "Accept"),
+        ],
+        format.body(shared.metrics_text()),
     )
 }

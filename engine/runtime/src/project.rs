@@ -1,7 +1,7 @@
 //! The project: an orchestrator contract and everything it references (reducer FSMs,
 //! effect contracts, payload schemas, SQL set-up files), loaded, cross-checked and
 //! compiled into what the runtime executes. Every problem in every file is reported in
-//! one pass (OX504..OX510 plus each file's own findings); the project is built only
+//! one pass (OX504..OX512 plus each file's own findings); the project is built only
 //! when there is no error.
 
 use std::collections::{BTreeMap, HashMap};
@@ -10,14 +10,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use onex_contract::lints::{
-    ACTION_BOUND_TWICE, INVALID_TEMPLATE, UNBOUND_ACTION, UNKNOWN_ACTION, UNKNOWN_REDUCER,
-    UNKNOWN_STATE, UNKNOWN_TRIGGER, UNRESOLVED_REFERENCE,
+    ACTION_BOUND_TWICE, INVALID_TEMPLATE, METRIC_CONFLICT, UNBOUND_ACTION, UNKNOWN_ACTION,
+    UNKNOWN_REDUCER, UNKNOWN_STATE, UNKNOWN_TRIGGER, UNRESOLVED_REFERENCE,
 };
 use onex_contract::model::execution::{
     After, CircuitBreakerSpec, EffectOperationsSpec, EventTemplate, Execution, PeriodicSpec,
-    RetryPolicy, RuntimeAction, TimerRole,
+    RetryPolicy, RuntimeAction, RuntimeActionSpec, TimerRole,
 };
-use onex_contract::model::{EffectContract, OrchestratorContract};
+use onex_contract::model::{EffectContract, FsmContract, MetricKind, OrchestratorContract};
 use onex_contract::yaml::Node;
 use onex_contract::{Contract, suggest};
 use onex_core::Machine;
@@ -29,6 +29,7 @@ use crate::{input_file, walk};
 
 pub type ReducerId = usize;
 pub type OperationId = usize;
+pub type MetricId = usize;
 
 /// A loaded, checked, compiled project.
 #[derive(Debug)]
@@ -49,6 +50,70 @@ pub struct Project {
     pub demo: Option<Demo>,
     /// SQL set-up files for the `db` handler, in order.
     pub setup_sql: Vec<(PathBuf, String)>,
+    /// The metrics the reducers' FSMs declare, one per name.
+    pub metrics: Vec<ContractMetric>,
+}
+
+/// A metric an FSM declares (its `metrics` block), exported by `/metrics` under the
+/// name it is declared with, with a `reducer` label. One name is one metric for the
+/// whole run: reducers whose FSMs declare it alike share it, and declaring it
+/// otherwise is OX512.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ContractMetric {
+    /// The name of its family: as declared, less a counter's `_total` (the sample
+    /// of a counter `x` is `x_total`).
+    pub family: String,
+    /// The FSM's description.
+    pub description: Option<String>,
+    /// A histogram's bounds ascending, each once.
+    pub kind: MetricKind,
+}
+
+impl ContractMetric {
+    pub fn new(name: &str, description: Option<String>, kind: &MetricKind) -> ContractMetric {
+        let (family, kind) = match kind {
+            MetricKind::Counter => (
+                name.strip_suffix("_total")
+                    .filter(|family| !family.is_empty())
+                    .unwrap_or(name),
+                MetricKind::Counter,
+            ),
+            MetricKind::Histogram { buckets } => {
+                let mut buckets: Vec<f64> =
+                    buckets.iter().copied().filter(|b| b.is_finite()).collect();
+                buckets.sort_by(f64::total_cmp);
+                buckets.dedup();
+                (name, MetricKind::Histogram { buckets })
+            }
+        };
+        ContractMetric {
+            family: family.to_owned(),
+            description,
+            kind,
+        }
+    }
+
+    /// The names its family and samples take in either exposition format: a
+    /// counter `x` is described as `x` (OpenMetrics) or `x_total` (Prometheus text);
+    /// a histogram's samples add `_bucket`, `_sum` and `_count`.
+    fn names(&self) -> Vec<String> {
+        let suffixes: &[&str] = match self.kind {
+            MetricKind::Counter => &["", "_total", "_created"],
+            MetricKind::Histogram { .. } => &["", "_bucket", "_sum", "_count", "_created"],
+        };
+        suffixes
+            .iter()
+            .map(|suffix| format!("{}{suffix}", self.family))
+            .collect()
+    }
+
+    /// How the declaration reads in a message.
+    fn shape(&self) -> String {
+        match &self.kind {
+            MetricKind::Counter => "a counter".into(),
+            MetricKind::Histogram { buckets } => format!("a histogram with buckets {buckets:?}"),
+        }
+    }
 }
 
 impl Project {
@@ -81,12 +146,17 @@ pub struct Reducer {
     /// Fired on instances at rest whose effects failed on a target whose circuit
     /// breaker closed again.
     pub on_breaker_closed: Vec<Arc<str>>,
+    /// The metrics its FSM declares.
+    pub metrics: Vec<MetricId>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Binding {
     Effect(OperationId),
     Runtime(RuntimeAction),
+    /// A `metric` action bound to metrics of the FSM: counters to increment,
+    /// histograms to observe the run's duration in.
+    Metrics(Vec<MetricId>),
 }
 
 impl Reducer {
@@ -240,7 +310,7 @@ pub struct Loaded {
     pub project: Option<Project>,
     /// One per file read, the orchestrator first: all its findings.
     pub reports: Vec<FileReport>,
-    /// Per report, the findings of the cross-contract check alone (OX504..OX510 and
+    /// Per report, the findings of the cross-contract check alone (OX504..OX512 and
     /// unknown states named by the orchestrator), for `contract lint`, which reports
     /// each file's own findings itself.
     pub cross_contract: Vec<Vec<Diagnostic>>,
@@ -376,6 +446,7 @@ pub fn load(path: &Path) -> Loaded {
         own: Vec::new(),
         others: Vec::new(),
         effects_complete: true,
+        metrics: Vec::new(),
     };
     let project = builder.build(path);
     orchestrator_file
@@ -400,6 +471,24 @@ pub fn load(path: &Path) -> Loaded {
     }
 }
 
+/// Where a metric was first declared, for messages: its name as written, the
+/// reducer, the FSM file.
+struct FirstDeclared {
+    name: String,
+    reducer: String,
+    file: String,
+}
+
+impl std::fmt::Display for FirstDeclared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "`{}` of {} (reducer `{}`)",
+            self.name, self.file, self.reducer
+        )
+    }
+}
+
 struct Builder<'a> {
     base: PathBuf,
     orchestrator: &'a OrchestratorContract,
@@ -408,6 +497,8 @@ struct Builder<'a> {
     /// The referenced files, with their findings.
     others: Vec<File>,
     effects_complete: bool,
+    /// The metrics the FSMs declare, each with its first declaration.
+    metrics: Vec<(ContractMetric, FirstDeclared)>,
 }
 
 impl Builder<'_> {
@@ -551,6 +642,10 @@ impl Builder<'_> {
                 .collect(),
             demo,
             setup_sql,
+            metrics: std::mem::take(&mut self.metrics)
+                .into_iter()
+                .map(|(metric, _)| metric)
+                .collect(),
         })
     }
 
@@ -822,7 +917,9 @@ impl Builder<'_> {
                 }
                 None => rest[machine.initial] = true,
             }
-            let bindings = self.bind_actions(&machine, name, spec, intent_owner, index);
+            let declared = self.declare_metrics(name, &fsm, index);
+            let bindings =
+                self.bind_actions(&machine, name, spec, intent_owner, index, &fsm, &declared);
             let results = machine
                 .actions
                 .iter()
@@ -874,13 +971,162 @@ impl Builder<'_> {
                 results,
                 report,
                 on_breaker_closed,
+                metrics: declared.iter().flatten().copied().collect(),
             }));
         }
         reducers
     }
 
+    /// The metrics the FSM of `reducer` declares, registered for the run: per
+    /// declaration, its metric, or `None` when it conflicts (OX512, in the FSM file):
+    /// its family is already declared otherwise, or its name is one the runtime
+    /// uses for its own metrics.
+    fn declare_metrics(
+        &mut self,
+        reducer: &str,
+        fsm: &FsmContract,
+        fsm_file: usize,
+    ) -> Vec<Option<MetricId>> {
+        let mut declared = Vec::with_capacity(fsm.metrics.len());
+        for decl in &fsm.metrics {
+            let name = &decl.name.value;
+            let metric = ContractMetric::new(name, decl.description.clone(), &decl.kind);
+            let file = &self.others[fsm_file];
+            let conflict = if metric.family.starts_with(crate::metrics::PREFIX) {
+                Some(
+                    located(
+                        file,
+                        &METRIC_CONFLICT,
+                        &decl.name.pointer,
+                        format!(
+                            "metric `{name}` has the prefix of the runtime's own metrics (`{}`)",
+                            crate::metrics::PREFIX
+                        ),
+                    )
+                    .with_help(format!(
+                        "`/metrics` names its own metrics `{}...`; give this one a name of the workflow's",
+                        crate::metrics::PREFIX
+                    )),
+                )
+            } else {
+                match self
+                    .metrics
+                    .iter()
+                    .position(|(known, ..)| known.family == metric.family)
+                {
+                    Some(id) if self.metrics[id].0.kind == metric.kind => {
+                        declared.push(Some(id));
+                        continue;
+                    }
+                    Some(id) => {
+                        let (known, first) = &self.metrics[id];
+                        Some(
+                            located(
+                                file,
+                                &METRIC_CONFLICT,
+                                &decl.name.pointer,
+                                format!(
+                                    "metric `{name}` is {} here, and {} as {first}",
+                                    metric.shape(),
+                                    known.shape()
+                                ),
+                            )
+                            .with_help(
+                                "a metric name is one metric for the whole run, shared by the reducers that declare it alike: declare it the same way, or give one of them another name",
+                            ),
+                        )
+                    }
+                    // Another family whose series would be named like these (a
+                    // counter `x_total` is described as `x_total`, as a histogram
+                    // `x_total` is).
+                    None => {
+                        let names = metric.names();
+                        self.metrics.iter().find_map(|(known, first)| {
+                            let shared = known.names().into_iter().find(|n| names.contains(n))?;
+                            Some(
+                                located(
+                                    file,
+                                    &METRIC_CONFLICT,
+                                    &decl.name.pointer,
+                                    format!(
+                                        "metric `{name}` ({}) and {first} ({}) would both be exported as `{shared}`",
+                                        metric.shape(),
+                                        known.shape()
+                                    ),
+                                )
+                                .with_help("give one of them a name whose series no other metric's share"),
+                            )
+                        })
+                    }
+                }
+            };
+            match conflict {
+                Some(d) => {
+                    self.others[fsm_file].diagnostics.push(d);
+                    declared.push(None);
+                }
+                None => {
+                    let path = self.others[fsm_file].path.display().to_string();
+                    let first = FirstDeclared {
+                        name: name.clone(),
+                        reducer: reducer.to_owned(),
+                        file: path,
+                    };
+                    self.metrics.push((metric, first));
+                    declared.push(Some(self.metrics.len() - 1));
+                }
+            }
+        }
+        declared
+    }
+
+    /// The metrics a `{metric: [...]}` runtime action names, each declared by the
+    /// reducer's FSM; a name it does not declare is OX504, in the orchestrator.
+    fn bind_metrics(
+        &mut self,
+        reducer: &str,
+        action: &str,
+        names: &[String],
+        fsm: &FsmContract,
+        declared: &[Option<MetricId>],
+    ) -> Vec<MetricId> {
+        let mut ids = Vec::with_capacity(names.len());
+        for (i, name) in names.iter().enumerate() {
+            match fsm.metrics.iter().position(|m| m.name.value == *name) {
+                Some(at) => ids.extend(declared[at]),
+                None => {
+                    let pointer = format!(
+                        "/execution/reducers/{}/runtime_actions/{}/metric/{i}",
+                        escape(reducer),
+                        escape(action)
+                    );
+                    let mut d = self.at(
+                        &UNRESOLVED_REFERENCE,
+                        &pointer,
+                        format!(
+                            "metric `{name}` is not declared in the `metrics` block of reducer `{reducer}`'s FSM"
+                        ),
+                    );
+                    d = match suggest::did_you_mean(
+                        name,
+                        fsm.metrics.iter().map(|m| m.name.value.as_str()),
+                    ) {
+                        Some(help) => d.with_help(help),
+                        None => d.with_help(format!(
+                            "declare it under `metrics.counters` or `metrics.histograms` of FSM `{}`",
+                            fsm.name.as_deref().unwrap_or(reducer)
+                        )),
+                    };
+                    self.own.push(d);
+                }
+            }
+        }
+        ids
+    }
+
     /// Every FSM action must be run by an effect operation or be a declared runtime
     /// action; a finding in the FSM file otherwise.
+    #[allow(clippy::too_many_arguments)]
     fn bind_actions(
         &mut self,
         machine: &Machine,
@@ -888,14 +1134,25 @@ impl Builder<'_> {
         spec: &onex_contract::model::execution::ReducerSpec,
         intent_owner: &HashMap<String, (OperationId, String)>,
         fsm_file: usize,
+        fsm: &FsmContract,
+        declared: &[Option<MetricId>],
     ) -> Vec<Binding> {
         let mut bindings = Vec::with_capacity(machine.actions.len());
         for action in &machine.actions {
             let name = &*action.name;
             if let Some((op, _)) = intent_owner.get(name) {
                 bindings.push(Binding::Effect(*op));
-            } else if let Some(kind) = spec.runtime_actions.get(name) {
-                bindings.push(Binding::Runtime(*kind));
+            } else if let Some(runtime) = spec.runtime_actions.get(name) {
+                bindings.push(match runtime {
+                    RuntimeActionSpec::Kind(kind) => Binding::Runtime(*kind),
+                    RuntimeActionSpec::Metrics(metrics) => Binding::Metrics(self.bind_metrics(
+                        reducer,
+                        name,
+                        &metrics.metric,
+                        fsm,
+                        declared,
+                    )),
+                });
             } else {
                 bindings.push(Binding::Runtime(RuntimeAction::Log));
                 if !self.effects_complete {
@@ -1382,4 +1639,37 @@ fn normalize(path: &Path) -> PathBuf {
 
 fn escape(key: &str) -> String {
     onex_contract::yaml::pointer_segment(key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_declared_metric_is_named_by_its_family_with_its_bounds_in_order() {
+        let counter = |name: &str| ContractMetric::new(name, None, &MetricKind::Counter).family;
+        assert_eq!(counter("jobs_total"), "jobs");
+        assert_eq!(counter("jobs"), "jobs");
+        assert_eq!(counter("_total"), "_total");
+        let histogram = ContractMetric::new(
+            "job_seconds_total",
+            None,
+            &MetricKind::Histogram {
+                buckets: vec![10.0, 0.5, f64::INFINITY, 0.5, 2.0],
+            },
+        );
+        assert_eq!(histogram.family, "job_seconds_total");
+        assert_eq!(
+            histogram.kind,
+            MetricKind::Histogram {
+                buckets: vec![0.5, 2.0, 10.0]
+            }
+        );
+        // A counter `job_seconds_total` (family `job_seconds`) would be described in
+        // the text format as this histogram is.
+        let counter = ContractMetric::new("job_seconds_total", None, &MetricKind::Counter);
+        assert_eq!(counter.family, "job_seconds");
+        assert!(counter.names().contains(&"job_seconds_total".to_owned()));
+        assert!(histogram.names().contains(&"job_seconds_total".to_owned()));
+    }
 }

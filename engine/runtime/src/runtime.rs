@@ -86,6 +86,14 @@ impl Shared {
         }
     }
 
+    /// `/metrics`' OpenMetrics text, with the queue and the effects in flight as
+    /// they are now.
+    pub fn metrics_text(&self) -> String {
+        self.metrics.queued_events.set(self.work.queued());
+        self.metrics.effects_in_flight.set(self.work.effects());
+        self.metrics.render()
+    }
+
     pub fn count_dead_letter(&self, stage: &str) {
         self.metrics
             .dead_letters
@@ -274,7 +282,7 @@ pub async fn run(
         })?;
     }
     let params = parameters(&project.parameters, &options.params)?;
-    let metrics = Arc::new(Metrics::default());
+    let metrics = Arc::new(Metrics::new(&project));
     let env: serde_json::Map<String, Value> = std::env::vars()
         .map(|(k, v)| (k, Value::String(v)))
         .collect();

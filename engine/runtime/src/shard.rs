@@ -355,16 +355,19 @@ impl Shard {
         }
     }
 
-    /// Hands queued events to the instance while it is at rest.
+    /// Hands queued events to the instance while it is at rest, each beginning a
+    /// new run of the workflow if the last one is over.
     fn drain_inbox(&mut self, reducer: ReducerId, key: &str) {
         let project = Arc::clone(&self.shared.project);
         loop {
             let Some(slot) = self.slots.get_mut(reducer, key) else {
                 return;
             };
-            if !project.reducers[reducer].rest[slot.instance.state] {
+            let rest = &project.reducers[reducer].rest;
+            if !rest[slot.instance.state] {
                 return;
             }
+            slot.end_run_if_over(rest);
             let Some(next) = slot.inbox.pop_front() else {
                 return;
             };
@@ -483,6 +486,9 @@ impl Shard {
         };
         slot.correlation = carried;
         slot.generation += 1;
+        // A run set off by a timer or a breaker, or resumed after a restart, begins
+        // with its first step.
+        let run_started = *slot.started.get_or_insert_with(Instant::now);
         let generation = slot.generation;
         self.counters
             .transition(&self.shared.metrics, spec, reducer, self.record.from, to);
@@ -498,7 +504,9 @@ impl Shard {
                 ])
                 .inc();
             slot.outcome = Some(label);
-            if let Some(started) = slot.started.take() {
+            if !std::mem::replace(&mut slot.reported, true)
+                && let Some(started) = slot.started
+            {
                 self.shared.record_latency(reducer, started);
             }
         }
@@ -522,15 +530,26 @@ impl Shard {
                 let action = machine.action(intent.action);
                 self.counters
                     .intent(&self.shared.metrics, spec, reducer, intent.action);
-                match spec.bindings[intent.action as usize] {
+                match &spec.bindings[intent.action as usize] {
                     Binding::Runtime(RuntimeAction::Metric) => {
                         self.counters
                             .action(&self.shared.metrics, spec, reducer, intent.action);
                     }
+                    Binding::Metrics(ids) => {
+                        self.counters
+                            .action(&self.shared.metrics, spec, reducer, intent.action);
+                        self.counters.declared(
+                            &self.shared.metrics,
+                            spec,
+                            reducer,
+                            ids,
+                            run_started.elapsed().as_secs_f64(),
+                        );
+                    }
                     Binding::Runtime(kind) => {
                         tracing::debug!(reducer = %spec.name, key, action = %action.name, performed_by = kind.as_str(), "runtime action");
                     }
-                    Binding::Effect(operation) => {
+                    &Binding::Effect(operation) => {
                         let intent_key: Arc<str> =
                             Arc::from(shared.idempotency_key(intent).to_text());
                         let intent_value = Arc::new(Intent {
@@ -894,6 +913,7 @@ impl Shard {
                     break;
                 }
             }
+            self.drain_inbox(reducer, &key);
             self.touch(reducer, &key);
         }
     }

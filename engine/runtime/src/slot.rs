@@ -35,9 +35,16 @@ pub struct Slot {
     /// Correlation id of the event that started the current run of the workflow;
     /// follow-up steps and their intents carry it on.
     pub correlation: Option<Arc<str>>,
-    /// When the first event of the current run of the workflow was published (for
-    /// the latency figures; not persisted).
+    /// When the current run of the workflow began: the first event it took was
+    /// published then (or its first step was taken, for a run set off by a timer
+    /// or a breaker, or resumed after a restart). Kept until the instance is at rest
+    /// again (`end_run_if_over`), through every outcome the run reaches (a partial
+    /// one and the complete one its retry reaches), so that each is measured from
+    /// the run's start; not persisted.
     pub started: Option<Instant>,
+    /// The run's outcome latency is recorded (the summary and
+    /// `onex_outcome_duration_seconds` count a run's first outcome).
+    pub reported: bool,
     /// Set while the instance has changes the store does not have yet.
     pub unsaved: Option<Unsaved>,
     /// The breakers (their keys) of the targets its effects last failed on; an
@@ -212,6 +219,7 @@ impl Slot {
             processed: RecentIds::default(),
             correlation: None,
             started: None,
+            reported: false,
             unsaved: None,
             failed_on: Vec::new(),
         }
@@ -234,6 +242,20 @@ impl Slot {
     /// expiry window, does not count.)
     pub fn is_quiet(&self, rest: &[bool]) -> bool {
         rest[self.instance.state] && self.pending.is_empty() && self.inbox.is_empty()
+    }
+
+    /// Ends the current run of the workflow if it is over: the instance is in a rest
+    /// state, ready for its next event, with no deadline armed (a run that waits
+    /// at rest for an event or its deadline, such as a payment, goes on). Effects
+    /// still in flight (publishing the outcome) do not hold it. The next event the
+    /// instance takes, or step it is moved by, begins a new run. A run that reached
+    /// no outcome (an event that changed nothing) ends here too, instead of
+    /// lending its start to the next run.
+    pub fn end_run_if_over(&mut self, rest: &[bool]) {
+        if rest[self.instance.state] && self.timer_work.is_none() {
+            self.started = None;
+            self.reported = false;
+        }
     }
 
     pub fn snapshot<'a>(
@@ -317,6 +339,7 @@ impl Slot {
             processed: snapshot.processed.into_owned(),
             correlation: snapshot.correlation_id.as_deref().map(Arc::from),
             started: None,
+            reported: false,
             unsaved: None,
             failed_on: Vec::new(),
         })

@@ -153,7 +153,7 @@ onex_diag::declare_lints! { ALL;
     UNKNOWN_STEP = "OX501" "unknown-step" Error "a reference names an execution-graph step that is not declared";
     DUPLICATE_STEP = "OX502" "duplicate-step" Error "two execution-graph steps share an id";
     STEP_CYCLE = "OX503" "step-cycle" Error "execution-graph dependencies form a cycle";
-    UNRESOLVED_REFERENCE = "OX504" "unresolved-reference" Error "a referenced contract, schema or SQL file is missing or of the wrong kind";
+    UNRESOLVED_REFERENCE = "OX504" "unresolved-reference" Error "a referenced contract, schema, SQL file or metric is missing or of the wrong kind";
     UNKNOWN_REDUCER = "OX505" "unknown-reducer" Error "a route names a reducer the orchestrator does not declare";
     UNKNOWN_TRIGGER = "OX506" "unknown-trigger" Error "a route or follow-up names a trigger the reducer's FSM does not have";
     UNBOUND_ACTION = "OX507" "unbound-action" Error "an FSM action is run by no effect operation and is not a declared runtime action";
@@ -161,6 +161,7 @@ onex_diag::declare_lints! { ALL;
     ACTION_BOUND_TWICE = "OX509" "action-bound-twice" Error "two effect operations run the same intent";
     UNKNOWN_ACTION = "OX510" "unknown-action" Warning "a binding names an action that no reducer emits";
     BUSY_TERMINAL_STATE = "OX511" "busy-terminal-state" Error "a terminal state is neither a rest state nor left by a follow-up, so instances stay in it busy for ever";
+    METRIC_CONFLICT = "OX512" "metric-conflict" Error "two FSMs declare one metric name differently, or a metric takes the runtime's own prefix";
 }
 
 /// Finds a lint by code (`OX301`) or name (`unknown-state`).

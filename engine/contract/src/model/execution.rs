@@ -55,7 +55,7 @@ pub struct ReducerSpec {
     /// FSM actions that no effect operation runs, with the runtime feature that
     /// performs each.
     #[serde(default)]
-    pub runtime_actions: BTreeMap<String, RuntimeAction>,
+    pub runtime_actions: BTreeMap<String, RuntimeActionSpec>,
     /// States in which an instance takes its next event; default: the initial state.
     pub rest_states: Option<Vec<String>>,
     pub report: Option<ReportSpec>,
@@ -134,6 +134,34 @@ pub struct ResultSpec {
     pub skipped: Map<String, Value>,
 }
 
+/// What performs a runtime action: a runtime feature, or (`{metric: [...]}`) the
+/// metrics of the FSM's `metrics` block that it changes.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum RuntimeActionSpec {
+    Kind(RuntimeAction),
+    Metrics(MetricAction),
+}
+
+impl RuntimeActionSpec {
+    /// The runtime feature: `metric` for the metrics form.
+    pub fn kind(&self) -> RuntimeAction {
+        match self {
+            RuntimeActionSpec::Kind(kind) => *kind,
+            RuntimeActionSpec::Metrics(_) => RuntimeAction::Metric,
+        }
+    }
+}
+
+/// `{metric: [NAME, ...]}`: performing the action increments each named counter by
+/// one and observes each named histogram with the workflow run's duration, in
+/// seconds. The names are those of the reducer's FSM `metrics` block.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricAction {
+    pub metric: Vec<String>,
+}
+
 /// The runtime feature that performs an FSM action (docs/orchestration.md#runtime-actions).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -142,7 +170,8 @@ pub enum RuntimeAction {
     Route,
     /// Written to the log (at debug level) with the step.
     Log,
-    /// Counted in `/metrics` as `onex_actions_total{action=...}`.
+    /// Counted in `/metrics` as `onex_actions_total{action=...}` (and, in the
+    /// metrics form, in the FSM's own metrics it names).
     Metric,
     /// Done by `on_enter.then` timers.
     Timer,

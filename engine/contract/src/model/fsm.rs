@@ -30,6 +30,8 @@ pub struct FsmContract {
     /// Other places that name states: `terminal_states`, `error_states`,
     /// `error_handling.default_error_state`.
     pub other_state_refs: Vec<Located<String>>,
+    /// The `metrics` block: counters, then histograms, in the order written.
+    pub metrics: Vec<Metric>,
     /// False when some state or transition lacked what the model needs (already a
     /// schema finding) and was left out.
     pub complete: bool,
@@ -100,6 +102,24 @@ pub struct Condition {
     /// Conditions with `required: false` are not evaluated.
     pub required: bool,
     pub error_message: Option<String>,
+}
+
+/// A metric the FSM declares. `onex run` exports it under this name and changes it
+/// when a runtime action bound to it is performed (docs/orchestration.md).
+#[derive(Debug, Clone)]
+pub struct Metric {
+    pub name: Located<String>,
+    pub description: Option<String>,
+    pub kind: MetricKind,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum MetricKind {
+    Counter,
+    /// The bucket bounds as written (numbers only).
+    Histogram {
+        buckets: Vec<f64>,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -201,6 +221,12 @@ pub(super) fn build(root: &Node) -> FsmContract {
             .extend(Cursor::with(node, &error_handling_pointer).string("default_error_state"));
     }
 
+    let metrics_pointer = top.child_pointer("metrics");
+    let metrics = root
+        .get("metrics")
+        .map(|node| metrics(Cursor::with(node, &metrics_pointer)))
+        .unwrap_or_default();
+
     let complete = states.len() == states_raw.len() && transitions.len() == transitions_raw.len();
     FsmContract {
         name: top.string("name").map(|n| n.value),
@@ -216,8 +242,50 @@ pub(super) fn build(root: &Node) -> FsmContract {
         transitions,
         context_variables,
         other_state_refs,
+        metrics,
         complete,
     }
+}
+
+/// `metrics.counters` and `metrics.histograms`; an entry without a name is left out
+/// (the schema reported it).
+fn metrics(cursor: Cursor<'_>) -> Vec<Metric> {
+    let declared = |key: &str| {
+        cursor
+            .items(key)
+            .into_iter()
+            .filter_map(|(pointer, node)| {
+                let item = Cursor::with(node, &pointer);
+                let name = item.string("name")?;
+                let description = item.string("description").map(|d| d.value);
+                let buckets = node
+                    .get("buckets")
+                    .map(|b| {
+                        b.as_seq()
+                            .iter()
+                            .filter_map(|n| n.to_json().as_f64())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                Some((name, description, buckets))
+            })
+            .collect::<Vec<_>>()
+    };
+    let counters = declared("counters")
+        .into_iter()
+        .map(|(name, description, _)| Metric {
+            name,
+            description,
+            kind: MetricKind::Counter,
+        });
+    let histograms = declared("histograms")
+        .into_iter()
+        .map(|(name, description, buckets)| Metric {
+            name,
+            description,
+            kind: MetricKind::Histogram { buckets },
+        });
+    counters.chain(histograms).collect()
 }
 
 /// Actions in any of the accepted shapes: a plain name, `{action}` or `{action_name}`.

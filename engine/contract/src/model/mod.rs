@@ -10,7 +10,8 @@ mod orchestrator;
 
 pub use effect::{EffectContract, EffectOperation};
 pub use fsm::{
-    Action, Condition, ContextVariable, Dialect, FsmContract, State, StateRef, Transition,
+    Action, Condition, ContextVariable, Dialect, FsmContract, Metric, MetricKind, State, StateRef,
+    Transition,
 };
 pub use orchestrator::{OrchestratorContract, Step};
 
