@@ -235,6 +235,11 @@ impl Validation {
     /// characters, so that a megabyte value is named, not copied into every dead
     /// letter and context that keeps the errors.
     pub fn errors(&self, payload: &Value) -> Vec<String> {
+        // Most payloads are valid, and asking only that stops at the first failure
+        // without building any error: a third of the cost of listing none.
+        if self.schema.is_valid(payload) {
+            return Vec::new();
+        }
         self.schema
             .iter_errors(payload)
             .map(|e| {
