@@ -1485,8 +1485,11 @@ async fn a_locked_node_registry_fails_one_backend_not_both() {
         ready.await.expect("wait"),
         "the registry did not register itself"
     );
-    let url = format!("sqlite://{}", registry.display());
-    let mut holder = sqlx::SqliteConnection::connect(&url)
+    // onex's writer and checkpointer take the file's lock for moments: wait for them.
+    let options = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(&registry)
+        .busy_timeout(Duration::from_secs(30));
+    let mut holder = sqlx::SqliteConnection::connect_with(&options)
         .await
         .expect("connect");
     sqlx::query("BEGIN EXCLUSIVE")
