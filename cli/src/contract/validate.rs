@@ -1,7 +1,7 @@
 //! `onex contract validate` and `onex contract lint`.
 //!
 //! Each file is checked on its own; an orchestrator with an `execution` block is also
-//! checked against the contracts it references (OX504..OX510), as `onex run` would
+//! checked against the contracts it references (OX504..OX512), as `onex run` would
 //! load it, and those findings are added to the file they point into. A YAML file found
 //! in a directory that is no ONEX contract at all (a CI workflow, a compose file) is
 //! skipped, and listed as such; named on the command line, it is an error.
