@@ -26,6 +26,24 @@ impl Drop for Reaper {
     }
 }
 
+impl Reaper {
+    /// Stops the run with SIGTERM, as an operator would, and returns how it ended and
+    /// what it printed on stdout (its summary).
+    fn terminate(mut self) -> (std::process::ExitStatus, String) {
+        let terminated = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(terminated.success(), "SIGTERM not sent");
+        let status = self.0.wait().expect("exit");
+        let mut stdout = String::new();
+        if let Some(mut pipe) = self.0.stdout.take() {
+            pipe.read_to_string(&mut stdout).expect("stdout");
+        }
+        (status, stdout)
+    }
+}
+
 fn node_id(n: usize) -> String {
     format!("00000000-0000-4000-8000-{n:012}")
 }
@@ -1243,10 +1261,7 @@ fn a_silent_node_expires_and_a_heartbeat_brings_it_back() {
         "SELECT count(*) FROM node_registrations WHERE node_id = '00000000-0000-4000-8000-000000000005' AND liveness = 'alive'",
         1,
     );
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.0.id().to_string()])
-        .status();
-    let status = child.0.wait().expect("exit");
+    let (status, _) = child.terminate();
     assert!(expired, "the node was not marked expired");
     assert!(deregistered, "the expired node stayed in service discovery");
     assert!(announced, "no NodeLivenessExpired event");
@@ -1338,7 +1353,7 @@ fn credentials_in_a_url_are_never_shown_or_stored() {
         .and_then(|l| l.local_addr())
         .expect("a free port");
     let consul = format!("http://onex:url-s3cret@{closed}/?token=query-s3cret");
-    let (mut child, addr, logs) = spawn_service(
+    let (child, addr, logs) = spawn_service(
         dir.path(),
         &[
             "--consul",
@@ -1361,18 +1376,7 @@ fn credentials_in_a_url_are_never_shown_or_stored() {
     );
     let (_, ready) = http_get(&addr, "/ready");
     assert!(ready.contains("unreachable"), "{ready}");
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.0.id().to_string()])
-        .status();
-    child.0.wait().expect("exit");
-    let mut stdout = String::new();
-    child
-        .0
-        .stdout
-        .take()
-        .expect("stdout")
-        .read_to_string(&mut stdout)
-        .expect("summary");
+    let (_, stdout) = child.terminate();
     let stderr: Vec<String> = logs.try_iter().collect();
     let stderr = stderr.join("\n");
     let mut stored = String::new();
@@ -1520,10 +1524,7 @@ async fn a_locked_node_registry_fails_one_backend_not_both() {
         .await
         .expect("unlock");
     drop(stdin);
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.0.id().to_string()])
-        .status();
-    child.0.wait().expect("exit");
+    child.terminate();
     assert!(finished, "the registration did not end: {instance}");
     assert_eq!(instance["outcome"], "partial", "{instance}");
     let context = &instance["snapshot"]["context"];
@@ -1547,7 +1548,7 @@ async fn a_signal_that_leaves_work_unfinished_exits_1() {
     let dir = tempfile::tempdir().expect("tempdir");
     let events = write_events(dir.path(), &[node(3)]);
     let address = consul.uri();
-    let mut child = spawn_onex(&[
+    let child = spawn_onex(&[
         "run",
         "--contract",
         "contracts/",
@@ -1576,22 +1577,9 @@ async fn a_signal_that_leaves_work_unfinished_exits_1() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(hanging, "the node's registration never reached the agent");
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.0.id().to_string()])
-        .status();
-    let status = tokio::task::spawn_blocking(move || {
-        let status = child.0.wait().expect("exit");
-        let mut stdout = String::new();
-        child
-            .0
-            .stdout
-            .take()
-            .expect("stdout")
-            .read_to_string(&mut stdout)
-            .expect("summary");
-        (status, stdout)
-    });
-    let (status, stdout) = status.await.expect("wait");
+    let (status, stdout) = tokio::task::spawn_blocking(move || child.terminate())
+        .await
+        .expect("wait");
     let summary: Value = serde_json::from_str(stdout.trim()).expect("summary JSON");
     assert_eq!(summary["stopped_by"], "signal");
     assert!(
@@ -1732,10 +1720,7 @@ fn the_registry_heartbeats_and_stays_alive_past_the_liveness_window() {
         eventually(|| !published(&data, "NodeLivenessExpired", Some(&node_id(5))).is_empty());
     // Three windows after the start: the registry's own window would have passed twice.
     std::thread::sleep(Duration::from_millis(2400).saturating_sub(started.elapsed()));
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.0.id().to_string()])
-        .status();
-    let status = child.0.wait().expect("exit");
+    let (status, _) = child.terminate();
     assert!(
         silent_expired,
         "the window was not shortened: node 5 never expired"
@@ -1806,7 +1791,7 @@ async fn forged_node_ids_never_reach_the_agent() {
     );
     let address = consul.uri();
     let data = dir.path().to_owned();
-    let mut child = spawn_onex(&[
+    let child = spawn_onex(&[
         "run",
         "--contract",
         "contracts/",
@@ -1838,10 +1823,7 @@ async fn forged_node_ids_never_reach_the_agent() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.0.id().to_string()])
-        .status();
-    tokio::task::spawn_blocking(move || child.0.wait().expect("exit"))
+    tokio::task::spawn_blocking(move || child.terminate())
         .await
         .expect("wait");
     assert_eq!(deregistrations, 2, "node 1 and the registry expire");
@@ -1939,10 +1921,7 @@ async fn partial_registrations_complete_once_the_backend_works_again() {
     });
     let completed = all_complete.await.expect("wait");
     drop(stdin);
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.0.id().to_string()])
-        .status();
-    tokio::task::spawn_blocking(move || child.0.wait().expect("exit"))
+    tokio::task::spawn_blocking(move || child.terminate())
         .await
         .expect("wait");
     assert!(completed, "{:?}", outcomes(&data));
@@ -2091,10 +2070,7 @@ fn an_endless_events_line_is_a_dead_letter_in_bounded_memory() {
         child.0.try_wait().expect("wait").is_none(),
         "onex ended by itself"
     );
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.0.id().to_string()])
-        .status();
-    let status = child.0.wait().expect("exit");
+    let (status, _) = child.terminate();
     assert!(reported, "no dead letter names the cap");
     assert_eq!(status.code(), Some(1), "a dead letter, stopped by a signal");
 }
@@ -2209,7 +2185,7 @@ fn the_listening_address_is_printed_at_the_default_log_level() {
     );
     let addr = line.rsplit("addr=").next().expect("the address field");
     assert!(!addr.ends_with(":0"), "the chosen port, not 0: {line}");
-    assert_eq!(http_get(&addr, "/health").0, 200, "{line}");
+    assert_eq!(http_get(addr, "/health").0, 200, "{line}");
 }
 
 /// What `on_enter`'s `set` writes is what the entered state's effects see; `when` reads

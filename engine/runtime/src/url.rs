@@ -59,7 +59,7 @@ pub fn redact(url: &str) -> Cow<'_, str> {
         None => (head, None),
     };
     let userinfo = userinfo_range(before_query);
-    let secret_query = query.is_some_and(|q| q.split('&').any(|pair| is_secret_pair(pair)));
+    let secret_query = query.is_some_and(|q| q.split('&').any(is_secret_pair));
     if userinfo.is_none() && !secret_query {
         return Cow::Borrowed(url);
     }
