@@ -123,7 +123,12 @@ pub fn write(
                     Entry::Checked(report, _) => {
                         out.write_all(render::human::render(report, color).as_bytes())?
                     }
-                    Entry::Skipped(s) => writeln!(out, "skipped: {} ({})", s.file, s.reason)?,
+                    Entry::Skipped(s) => writeln!(
+                        out,
+                        "skipped: {} ({})",
+                        onex_diag::escape_controls(&s.file),
+                        onex_diag::escape_controls(&s.reason)
+                    )?,
                 }
             }
             let verdict = if totals.errors > 0 { "failed" } else { "ok" };

@@ -2130,6 +2130,32 @@ fn control_characters_from_data_are_escaped_in_human_output() {
         "never",
         path_str(&contract),
     ]);
+    // Found by walking a directory: a file name that is no contract is listed as
+    // skipped; an FSM's state names are drawn.
+    let walked = dir.path().join("walked");
+    std::fs::create_dir(&walked).expect("dir");
+    // A file name may hold anything but NUL and `/`.
+    let name = hostile.trim_end_matches('\0');
+    std::fs::write(walked.join(format!("{name}.yaml")), "a: 1\n").expect("yaml");
+    let listing = onex(&["contract", "validate", path_str(&walked)]);
+    let fsm = dir.path().join("fsm.yaml");
+    std::fs::write(
+        &fsm,
+        concat!(
+            "contract_version: \"1.0.0\"\nname: f\nstate_transitions:\n",
+            "  initial_state: \"a\\e[2J\\a\"\n  states:\n",
+            "    - state_name: \"a\\e[2J\\a\"\n    - state_name: done\n      is_terminal: true\n",
+            "  transitions:\n    - from: \"a\\e[2J\\a\"\n      to: done\n      trigger: go\n",
+        ),
+    )
+    .expect("fsm");
+    let graph = onex(&["contract", "graph", path_str(&fsm)]);
+    assert!(
+        graph.stdout.contains("\\u{1b}[2J"),
+        "{}{}",
+        graph.stdout,
+        graph.stderr
+    );
     for (what, text) in [
         ("run summary", &run.stdout),
         ("run logs", &run.stderr),
@@ -2137,6 +2163,8 @@ fn control_characters_from_data_are_escaped_in_human_output() {
         ("dlq list", &dlq.stdout),
         ("replay", &replay.stdout),
         ("validate", &validate.stdout),
+        ("a directory's listing", &listing.stdout),
+        ("graph", &graph.stdout),
     ] {
         assert!(
             !raw(text),

@@ -24,7 +24,9 @@ pub fn run(args: &GraphArgs) -> anyhow::Result<u8> {
             args.file.display()
         );
     };
-    let mut out = output::stdout();
+    // State and trigger names come from the contract: no control character of theirs
+    // reaches the terminal (dot, Mermaid and JSON have no use for one).
+    let mut out = output::human_stdout();
     match format {
         GraphFormat::Dot => write!(out, "{}", graph::to_dot(&fsm))?,
         GraphFormat::Mermaid => write!(out, "{}", graph::to_mermaid(&fsm))?,

@@ -2,9 +2,11 @@
 
 use crate::FileReport;
 
+/// The workflow command's own escapes (`%`, line breaks), after every other control
+/// character is made visible: the Actions log shows what it is given.
 fn escape_data(text: &str) -> String {
-    text.replace('%', "%25")
-        .replace('\r', "%0D")
+    crate::escape_controls_in_lines(text)
+        .replace('%', "%25")
         .replace('\n', "%0A")
 }
 
@@ -45,5 +47,6 @@ mod tests {
     #[test]
     fn escapes_separators() {
         assert_eq!(super::escape_property("a:b,c%\n"), "a%3Ab%2Cc%25%0A");
+        assert_eq!(super::escape_data("a\u{1b}[2Jb\rc"), "a\\u{1b}[2Jb\\rc");
     }
 }
