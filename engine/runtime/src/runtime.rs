@@ -419,7 +419,7 @@ pub async fn run(
             std::future::pending().await
         }
     };
-    let stopped_by = tokio::select! {
+    let mut stopped_by = tokio::select! {
         () = idle => "idle",
         () = shutdown => "signal",
         Some(error) = source_failures.recv() => {
@@ -429,6 +429,11 @@ pub async fn run(
     };
     for task in sources.iter().chain(&periodic) {
         task.abort();
+    }
+    // A source that failed as the run went idle or was stopped still counts.
+    while let Ok(error) = source_failures.try_recv() {
+        source_errors.push(error);
+        stopped_by = "error";
     }
     if stopped_by != "idle" {
         tracing::info!(
