@@ -98,7 +98,13 @@ pub struct RunArgs {
     )]
     pub listen: String,
     /// Consul agent for the `consul` handler; without it, the local catalog stands in.
-    #[arg(long, value_name = "URL", env = "CONSUL_HTTP_ADDR")]
+    /// (Its value is never shown: it may carry credentials.)
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "CONSUL_HTTP_ADDR",
+        hide_env_values = true
+    )]
     pub consul: Option<String>,
     /// Consul ACL token, sent as X-Consul-Token.
     #[arg(

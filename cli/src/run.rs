@@ -87,7 +87,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<u8> {
     let summary = runtime.block_on(async move {
         let work = Work::with_max_effects(max_effects);
         let bus: Arc<dyn Bus> = EmbeddedBus::new(Arc::clone(&work));
-        let handlers = onex_handlers::builtin(&settings, Arc::clone(&bus));
+        let handlers = onex_handlers::builtin(&settings, Arc::clone(&bus))?;
         onex_runtime::runtime::run(project, handlers, bus, work, options, shutdown_signal()).await
     });
     // Everything is flushed by now. Tasks still blocked (a read of standard input, say)

@@ -35,7 +35,9 @@ const CATALOG_TABLE: &str = "CREATE TABLE IF NOT EXISTS service_catalog (
 
 enum Target {
     Agent {
-        address: String,
+        /// The agent's address; requests go to paths below its own path, with its
+        /// query (`?dc=...`) kept.
+        address: reqwest::Url,
         /// The address as shown (summary, breaker label, messages): no credentials.
         shown: String,
         token: Option<String>,
@@ -66,17 +68,22 @@ pub struct ConsulHandler {
 }
 
 impl ConsulHandler {
-    pub fn agent(address: &str, token: Option<String>) -> ConsulHandler {
+    /// A Consul agent at `address` (`host:port` or a URL); an address that is no URL
+    /// is refused, with the reason.
+    pub fn agent(address: &str, token: Option<String>) -> Result<ConsulHandler, String> {
         let address = address.trim_end_matches('/');
         let address = if address.contains("://") {
             address.to_owned()
         } else {
             format!("http://{address}")
         };
-        ConsulHandler {
+        let shown = onex_runtime::url::redact(&address).into_owned();
+        let parsed = reqwest::Url::parse(&address)
+            .map_err(|e| format!("--consul {shown}: not a URL ({e})"))?;
+        Ok(ConsulHandler {
             target: Target::Agent {
-                shown: onex_runtime::url::redact(&address).into_owned(),
-                address,
+                shown,
+                address: parsed,
                 token,
                 client: reqwest::Client::builder()
                     .connect_timeout(Duration::from_secs(5))
@@ -84,7 +91,7 @@ impl ConsulHandler {
                     .unwrap_or_default(),
             },
             column_sizes: Default::default(),
-        }
+        })
     }
 
     pub fn local_catalog(database: Arc<Database>) -> ConsulHandler {
@@ -122,7 +129,7 @@ impl Handler for ConsulHandler {
                 ) => {
                     let service = service(call)?;
                     let request = client
-                        .put(format!("{address}/v1/agent/service/register"))
+                        .put(endpoint(address, "v1/agent/service/register"))
                         .json(service);
                     send(request, token, shown).await
                 }
@@ -137,8 +144,12 @@ impl Handler for ConsulHandler {
                 ) => {
                     // The id is data (an event's node id, through the contract): one
                     // path segment, whatever it holds.
-                    let id = onex_runtime::url::segment(&service_id(call)?);
-                    let request = client.put(format!("{address}/v1/agent/service/deregister/{id}"));
+                    let id = onex_runtime::url::segment(&service_id(call)?)
+                        .map_err(|e| Failure::Permanent(format!("io_config.service_id: {e}")))?;
+                    let request = client.put(endpoint(
+                        address,
+                        &format!("v1/agent/service/deregister/{id}"),
+                    ));
                     send(request, token, shown).await
                 }
                 (Target::LocalCatalog(db), "register") => {
@@ -216,7 +227,7 @@ impl Handler for ConsulHandler {
                     client,
                 } => {
                     let request = client
-                        .get(format!("{address}/v1/status/leader"))
+                        .get(endpoint(address, "v1/status/leader"))
                         .timeout(Duration::from_secs(2));
                     match send(request, token, shown).await {
                         Ok(response)
@@ -245,6 +256,15 @@ impl Handler for ConsulHandler {
             ),
         }
     }
+}
+
+/// The agent's URL for an API path (written, or encoded segment by segment): below
+/// the address's own path, with its query kept.
+fn endpoint(address: &reqwest::Url, path: &str) -> reqwest::Url {
+    let mut url = address.clone();
+    let below = format!("{}/{path}", address.path().trim_end_matches('/'));
+    url.set_path(&below);
+    url
 }
 
 fn service(call: &Call) -> Result<&Value, Failure> {

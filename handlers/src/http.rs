@@ -50,7 +50,20 @@ impl Handler for HttpHandler {
             let method =
                 reqwest::Method::from_bytes(config["method"].as_str().unwrap_or("GET").as_bytes())
                     .map_err(|e| Failure::Permanent(format!("method: {e}")))?;
-            let mut request = self.client.request(method, url);
+            // The URL whole (query parameters added, each encoded by the URL's own
+            // rules) before the request is made: headers go on that request.
+            let mut target =
+                reqwest::Url::parse(url).map_err(|e| Failure::Permanent(format!("url: {e}")))?;
+            if let Some(query) = config["query_params"].as_object() {
+                let mut pairs = target.query_pairs_mut();
+                for (name, value) in query {
+                    match value {
+                        Value::String(text) => pairs.append_pair(name, text),
+                        other => pairs.append_pair(name, &other.to_string()),
+                    };
+                }
+            }
+            let mut request = self.client.request(method, target);
             let mut has_idempotency_header = false;
             if let Some(headers) = config["headers"].as_object() {
                 for (name, value) in headers {
@@ -64,27 +77,6 @@ impl Handler for HttpHandler {
             }
             if !has_idempotency_header {
                 request = request.header("Idempotency-Key", &*call.idempotency_key);
-            }
-            if let Some(query) = config["query_params"].as_object() {
-                let pairs: Vec<(String, String)> = query
-                    .iter()
-                    .map(|(k, v)| {
-                        (
-                            k.clone(),
-                            v.as_str().map_or_else(|| v.to_string(), str::to_owned),
-                        )
-                    })
-                    .collect();
-                let mut url = reqwest::Url::parse(url)
-                    .map_err(|e| Failure::Permanent(format!("url: {e}")))?;
-                url.query_pairs_mut().extend_pairs(pairs);
-                request = self.client.request(
-                    reqwest::Method::from_bytes(
-                        config["method"].as_str().unwrap_or("GET").as_bytes(),
-                    )
-                    .map_err(|e| Failure::Permanent(format!("method: {e}")))?,
-                    url,
-                );
             }
             if let Some(timeout) = config["timeout_ms"].as_u64() {
                 request = request.timeout(Duration::from_millis(timeout));

@@ -23,13 +23,14 @@ pub struct Settings {
     pub consul_token: Option<String>,
 }
 
-/// Every built-in handler, configured by `settings`.
-pub fn builtin(settings: &Settings, bus: Arc<dyn Bus>) -> Handlers {
+/// Every built-in handler, configured by `settings`; a setting a handler cannot use
+/// (a Consul address that is no URL) is refused with the reason.
+pub fn builtin(settings: &Settings, bus: Arc<dyn Bus>) -> Result<Handlers, String> {
     let database = Arc::new(db::Database::new(settings.data_dir.join(db::DATA_FILE)));
     let mut handlers = Handlers::new();
     handlers.register(Arc::new(db::DbHandler::new(Arc::clone(&database))));
     handlers.register(Arc::new(match &settings.consul {
-        Some(address) => consul::ConsulHandler::agent(address, settings.consul_token.clone()),
+        Some(address) => consul::ConsulHandler::agent(address, settings.consul_token.clone())?,
         // A file of its own, as Consul is a service of its own: a locked or broken
         // node registry must not take service discovery down with it.
         None => consul::ConsulHandler::local_catalog(Arc::new(db::Database::new(
@@ -39,5 +40,5 @@ pub fn builtin(settings: &Settings, bus: Arc<dyn Bus>) -> Handlers {
     handlers.register(Arc::new(kafka::KafkaHandler::new(bus)));
     handlers.register(Arc::new(http::HttpHandler::new()));
     handlers.register(Arc::new(log::LogHandler));
-    handlers
+    Ok(handlers)
 }

@@ -1272,7 +1272,9 @@ fn a_silent_node_expires_and_a_heartbeat_brings_it_back() {
 /// An event's value put into URLs (a consul deregistration's service id, an http
 /// `url_template`'s path and query) is one percent-encoded segment: however it is
 /// made, it cannot climb the path, start a query or reach another endpoint of the
-/// agent, which gets the ACL token.
+/// agent, which gets the ACL token. `..` alone, which URL parsers read as a step up
+/// whatever it is encoded as, is refused where a path segment goes. Headers and
+/// query parameters go with the request, and the agent's own query stays on it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_events_values_cannot_choose_the_path_or_query_of_a_request() {
     use wiremock::matchers::any;
@@ -1285,15 +1287,15 @@ async fn an_events_values_cannot_choose_the_path_or_query_of_a_request() {
         .await;
     let dir = tempfile::tempdir().expect("tempdir");
     let forged = "x/../../../../../v1/kv/pwned?dc=";
+    let probe = |id: &str, value: &str| {
+        json!({"message_id": id, "event_type": "Probe", "payload": {"id": value}}).to_string()
+    };
     let events = write_events(
         dir.path(),
-        &[
-            json!({"message_id": "probe-1", "event_type": "Probe", "payload": {"id": forged}})
-                .to_string(),
-        ],
+        &[probe("probe-1", forged), probe("probe-2", "..")],
     );
-    let address = stand_in.uri();
-    let api = format!("{address}/api");
+    let address = format!("{}/?dc=dc1", stand_in.uri());
+    let api = format!("{}/api", stand_in.uri());
     let data = dir.path().join("data");
     let run = tokio::task::spawn_blocking(move || {
         crate::support::onex_env(
@@ -1318,11 +1320,10 @@ async fn an_events_values_cannot_choose_the_path_or_query_of_a_request() {
     })
     .await
     .expect("run");
-    assert_eq!(run.code, 0, "{}\n{}", run.stdout, run.stderr);
-    let mut seen: Vec<String> = stand_in
-        .received_requests()
-        .await
-        .expect("recorded")
+    // The `..` probe's two effects failed (and are dead letters); nothing was sent.
+    assert_eq!(run.code, 1, "{}\n{}", run.stdout, run.stderr);
+    let received = stand_in.received_requests().await.expect("recorded");
+    let mut seen: Vec<String> = received
         .iter()
         .map(|r| {
             let query = r.url.query().map(|q| format!("?{q}")).unwrap_or_default();
@@ -1334,11 +1335,55 @@ async fn an_events_values_cannot_choose_the_path_or_query_of_a_request() {
     assert_eq!(
         seen,
         [
-            format!("GET /api/items/{encoded}?id={encoded}"),
-            format!("PUT /v1/agent/service/deregister/{encoded}"),
+            format!("GET /api/items/{encoded}?id={encoded}&also={encoded}"),
+            format!("PUT /v1/agent/service/deregister/{encoded}?dc=dc1"),
         ],
         "{}",
         run.stderr
+    );
+    let get = received
+        .iter()
+        .find(|r| r.method.as_str() == "GET")
+        .expect("the GET");
+    for (header, value) in [("authorization", "Bearer probe"), ("idempotency-key", "")] {
+        let sent = get.headers.get(header).and_then(|v| v.to_str().ok());
+        assert!(
+            sent.is_some_and(|v| v.starts_with(value)),
+            "{header}: {sent:?}"
+        );
+    }
+    let letters = list_json("dlq", &dir.path().join("data"), &[]).json_lines();
+    assert_eq!(letters.len(), 2, "{letters:?}");
+    assert!(
+        letters.iter().all(|l| l["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("cannot be one segment of a URL's path"))),
+        "{letters:?}"
+    );
+
+    // An expression right after the environment's base URL would extend its host or
+    // port: refused when the contracts load.
+    let copy = dir.path().join("forgery");
+    copy_dir(&repo_root().join("tests/fixtures/forgery"), &copy);
+    let effect = copy.join("effect.yaml");
+    let text = std::fs::read_to_string(&effect).expect("effect");
+    std::fs::write(
+        &effect,
+        text.replace(
+            "{{ env.PROBE_URL }}/items/",
+            "{{ env.PROBE_URL }}{{ input.id }}/items/",
+        ),
+    )
+    .expect("write");
+    let lint = onex(&["contract", "lint", "--format", "json", path_str(&copy)]);
+    assert_eq!(lint.code, 1, "{}", lint.stdout);
+    assert!(
+        lint.diagnostics().iter().any(|d| d["code"] == "OX508"
+            && d["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("choose where the request goes"))),
+        "{}",
+        lint.stdout
     );
 }
 
@@ -1403,6 +1448,10 @@ fn credentials_in_a_url_are_never_shown_or_stored() {
             assert!(!text.contains(secret), "{secret} in the {what}:\n{text}");
         }
     }
+    // Nor does `--help`, which shows the environment's values of other flags.
+    let help = crate::support::onex_env(&["run", "--help"], &[("CONSUL_HTTP_ADDR", &consul)]);
+    assert_eq!(help.code, 0, "{}", help.stderr);
+    assert!(!help.stdout.contains("url-s3cret"), "{}", help.stdout);
     // Still named, without the credentials.
     assert!(
         stdout.contains(&format!("Consul agent at http://***@{closed}/?token=***")),
@@ -1689,8 +1738,9 @@ fn until_idle_does_not_wait_for_a_watchdog() {
 }
 
 /// The registry is a node too: it heartbeats, so it stays alive and registered past
-/// its liveness window (shortened to 800 ms by the contracts' parameters, as a silent
-/// node's expiry in the same run shows).
+/// its liveness window (shortened to 800 ms by the contracts' parameter, as a silent
+/// node's expiry in the same run shows; its heartbeat keeps to a third of the window
+/// without being told).
 #[test]
 fn the_registry_heartbeats_and_stays_alive_past_the_liveness_window() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -1708,8 +1758,6 @@ fn the_registry_heartbeats_and_stays_alive_past_the_liveness_window() {
         "contracts/",
         "--param",
         "liveness_window_ms=800",
-        "--param",
-        "heartbeat_interval_ms=100",
         "--data-dir",
         path_str(&data),
     ]);
@@ -1726,7 +1774,7 @@ fn the_registry_heartbeats_and_stays_alive_past_the_liveness_window() {
         "the window was not shortened: node 5 never expired"
     );
     let heartbeats = published(&data, "NodeHeartbeatEvent", None);
-    assert!(heartbeats.len() >= 10, "{} heartbeats", heartbeats.len());
+    assert!(heartbeats.len() >= 6, "{} heartbeats", heartbeats.len());
     let registry = heartbeats[0]["entity_id"]
         .as_str()
         .expect("registry id")
@@ -1808,25 +1856,37 @@ async fn forged_node_ids_never_reach_the_agent() {
         "--data-dir",
         path_str(&data),
     ]);
-    // Past the window: node 1 and the registry expire and are deregistered.
-    let mut deregistrations = 0;
-    for _ in 0..200 {
-        deregistrations = consul
+    // Past the window: node 1 expires and is deregistered (the registry heartbeats).
+    let deregistered = || async {
+        consul
             .received_requests()
             .await
             .expect("recorded")
             .iter()
             .filter(|r| r.url.path().contains("/deregister/"))
-            .count();
-        if deregistrations >= 2 {
+            .map(|r| r.url.path().to_owned())
+            .collect::<Vec<_>>()
+    };
+    for _ in 0..200 {
+        if !deregistered().await.is_empty() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // Three more windows, for anything else that would expire.
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    let deregistrations = deregistered().await;
     tokio::task::spawn_blocking(move || child.terminate())
         .await
         .expect("wait");
-    assert_eq!(deregistrations, 2, "node 1 and the registry expire");
+    assert_eq!(
+        deregistrations,
+        [format!(
+            "/v1/agent/service/deregister/onex-effect-{}",
+            node_id(1)
+        )],
+        "only node 1 expires"
+    );
     let paths: Vec<String> = consul
         .received_requests()
         .await
@@ -2150,6 +2210,26 @@ fn control_characters_from_data_are_escaped_in_human_output() {
     )
     .expect("fsm");
     let graph = onex(&["contract", "graph", path_str(&fsm)]);
+    // A scenario's name, in the terminal and in JUnit XML (which cannot hold them).
+    let scenarios = dir.path().join("hostile.test.yaml");
+    std::fs::write(
+        &scenarios,
+        format!(
+            "contract: {}\nscenarios:\n  - name: \"both\\e[2J\\a\"\n    steps:\n      - trigger: introspection_event_received\n        expect: {{state: receiving_introspection}}\n",
+            repo_root().join("contracts/fsm/dual_registration_reducer_fsm.yaml").display()
+        ),
+    )
+    .expect("scenarios");
+    let junit = dir.path().join("junit.xml");
+    let tested = onex(&[
+        "contract",
+        "test",
+        path_str(&scenarios),
+        "--junit",
+        path_str(&junit),
+    ]);
+    assert_eq!(tested.code, 0, "{}", tested.stdout);
+    let junit = std::fs::read_to_string(&junit).expect("junit");
     assert!(
         graph.stdout.contains("\\u{1b}[2J"),
         "{}{}",
@@ -2165,6 +2245,8 @@ fn control_characters_from_data_are_escaped_in_human_output() {
         ("validate", &validate.stdout),
         ("a directory's listing", &listing.stdout),
         ("graph", &graph.stdout),
+        ("contract test", &tested.stdout),
+        ("JUnit XML", &junit),
     ] {
         assert!(
             !raw(text),
@@ -2287,4 +2369,85 @@ fn schema_errors_of_a_huge_value_are_short() {
         .to_string();
     assert!(errors.contains("bytes)"), "{errors}");
     assert!(errors.len() < 1_000, "{} bytes", errors.len());
+}
+
+/// A breaker that closes while an incomplete registration is busy (waiting out its
+/// last back-off) still re-drives it, once it is at rest: the closing is remembered,
+/// not only told to the instances at rest at that moment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registration_busy_when_the_breaker_closes_is_re_driven_once_at_rest() {
+    use wiremock::ResponseTemplate;
+
+    let consul = consul_stand_in(None).await;
+    node_registration()
+        .respond_with(ResponseTemplate::new(503).set_body_string("agent down"))
+        .with_priority(1)
+        .mount(&consul)
+        .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().to_owned();
+    let address = consul.uri();
+    // Back-offs of 0.6, 1.2, 2.4 and 4.8 s: the last is long enough to close the
+    // breaker in.
+    let child = spawn_onex(&[
+        "run",
+        "--contract",
+        "contracts/",
+        "--listen",
+        "off",
+        "--events",
+        "-",
+        "--consul",
+        &address,
+        "--param",
+        "retry_backoff_ms=300",
+        "--data-dir",
+        path_str(&data),
+    ]);
+    let mut stdin = child.0.stdin.as_ref().expect("stdin");
+    writeln!(stdin, "{}", node(3)).expect("write");
+    stdin.flush().expect("flush");
+    let node_3 = |data: &Path| {
+        stored_registrations(data)
+            .into_iter()
+            .find(|i| i["key"] == node_id(3))
+            .unwrap_or(Value::Null)
+    };
+    let last_back_off = tokio::task::spawn_blocking({
+        let data = data.clone();
+        move || {
+            eventually(|| {
+                let node = node_3(&data);
+                node["state"] == "partial_failure"
+                    && node["snapshot"]["context"]["retry_count"] == 4
+            })
+        }
+    });
+    assert!(last_back_off.await.expect("wait"), "{}", node_3(&data));
+    // Consul is back; once the breaker's second is over, another node's registration
+    // is the trial call that closes it, while node 3 still waits.
+    consul.reset().await;
+    answer_as_consul(&consul, None).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    writeln!(stdin, "{}", node(4)).expect("write");
+    stdin.flush().expect("flush");
+    let complete = tokio::task::spawn_blocking({
+        let data = data.clone();
+        move || {
+            eventually(|| {
+                let node = node_3(&data);
+                node["state"] == "idle" && node["outcome"] == "complete"
+            })
+        }
+    });
+    let completed = complete.await.expect("wait");
+    tokio::task::spawn_blocking(move || child.terminate())
+        .await
+        .expect("wait");
+    assert!(completed, "{}", node_3(&data));
+    let outcomes: Vec<Value> = published(&data, "NodeRegistrationResultEvent", Some(&node_id(3)))
+        .iter()
+        .map(|e| e["payload"]["outcome"].clone())
+        .collect();
+    assert_eq!(outcomes.last(), Some(&json!("complete")), "{outcomes:?}");
 }

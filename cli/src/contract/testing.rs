@@ -332,8 +332,11 @@ fn compare(
     out
 }
 
+/// Text as XML character data or an attribute value. XML 1.0 has no way to write
+/// most control characters, even as references: they are written as visible escapes.
 fn xml(text: &str) -> String {
-    text.replace('&', "&amp;")
+    onex_diag::escape_controls_in_lines(text)
+        .replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
         .replace('"', "&quot;")

@@ -53,6 +53,8 @@ struct Measures {
 struct TargetBreaker {
     /// `handler:target` as the handler names it, which calls are matched against.
     key: String,
+    /// How often it has closed again after being open.
+    closings: u64,
     breaker: Breaker,
     /// `circuit_breaker_state` for this target, one gauge per state in
     /// [`Breaker::STATES`] order.
@@ -112,6 +114,16 @@ impl EffectRunner {
     /// Whom to tell when a target's breaker closes again (once per run).
     pub fn on_breaker_closed(&self, notify: BreakerClosed) {
         let _ = self.breaker_closed.set(notify);
+    }
+
+    /// How often the breaker with this key has closed again after being open (0 for
+    /// one never seen).
+    pub fn breaker_closings(&self, key: &str) -> u64 {
+        self.breakers
+            .lock()
+            .ok()
+            .and_then(|breakers| breakers.iter().find(|b| b.key == key).map(|b| b.closings))
+            .unwrap_or(0)
     }
 
     /// The key of the breaker that guards this call (as [`Self::on_breaker_closed`]
@@ -243,11 +255,16 @@ impl EffectRunner {
                 return;
             };
             let TargetBreaker {
-                breaker, gauges, ..
+                breaker,
+                gauges,
+                closings,
+                ..
             } = self.breaker(&mut breakers, target);
             let was_open = !matches!(*breaker, Breaker::Closed { .. });
             Self::next_state(breaker, gauges, spec, ok);
-            was_open && matches!(*breaker, Breaker::Closed { .. })
+            let closed_again = was_open && matches!(*breaker, Breaker::Closed { .. });
+            *closings += u64::from(closed_again);
+            closed_again
         };
         if closed_again {
             tracing::info!(breaker = %target, "circuit breaker closed again");
@@ -317,6 +334,7 @@ impl EffectRunner {
                 breaker.show(&gauges);
                 breakers.push(TargetBreaker {
                     key: target.key(),
+                    closings: 0,
                     breaker,
                     gauges,
                 });

@@ -789,6 +789,7 @@ impl Shard {
         self.settle_check(reducer, key, pending.generation);
         self.drain_inbox(reducer, key);
         self.touch(reducer, key);
+        self.redrive_if_recovered(reducer, key);
     }
 
     /// Fires an `after: settled` follow-up once the entering step's effects are all in.
@@ -882,12 +883,12 @@ impl Shard {
         self.fire(reducer, key, &then.triggers, 0);
         self.drain_inbox(reducer, key);
         self.touch(reducer, key);
+        self.redrive_if_recovered(reducer, key);
     }
 
     /// Re-drives the instances at rest whose effects last failed on the target of
-    /// a breaker that closed again, with their reducer's `on_breaker_closed`
-    /// triggers. The FSM decides: a trigger it rejects (the instance has moved on) is
-    /// no dead letter.
+    /// a breaker that closed again. Busy ones keep their mark: they are re-driven
+    /// when they come to rest ([`Self::redrive_if_recovered`]).
     fn on_breaker_closed(&mut self, breaker: &str) {
         let project = Arc::clone(&self.shared.project);
         let mut waiting = Vec::new();
@@ -896,26 +897,50 @@ impl Shard {
                 continue;
             }
             for (key, slot) in self.slots.iter_mut(reducer) {
-                if slot.failed_on.iter().any(|k| **k == *breaker) {
-                    slot.note_outcome(breaker, false);
-                    if slot.is_quiet(&spec.rest) {
-                        waiting.push((reducer, key.clone()));
-                    }
+                if slot.is_quiet(&spec.rest)
+                    && slot.failed_on.iter().any(|f| *f.breaker == *breaker)
+                {
+                    waiting.push((reducer, key.clone()));
                 }
             }
         }
         for (reducer, key) in waiting {
-            for trigger in &project.reducers[reducer].on_breaker_closed {
-                if self
-                    .step(reducer, &key, trigger, None, None, None, 0)
-                    .is_ok()
-                {
-                    break;
-                }
-            }
-            self.drain_inbox(reducer, &key);
-            self.touch(reducer, &key);
+            self.redrive_if_recovered(reducer, &key);
         }
+    }
+
+    /// An instance at rest whose effects failed on a target whose breaker has closed
+    /// again since gets its reducer's `on_breaker_closed` triggers. The FSM decides: a
+    /// trigger it rejects (the instance has moved on) is no dead letter.
+    fn redrive_if_recovered(&mut self, reducer: ReducerId, key: &str) {
+        let project = Arc::clone(&self.shared.project);
+        let spec = &project.reducers[reducer];
+        if spec.on_breaker_closed.is_empty() {
+            return;
+        }
+        let Some(slot) = self.slots.get_mut(reducer, key) else {
+            return;
+        };
+        if slot.failed_on.is_empty() || !slot.is_quiet(&spec.rest) {
+            return;
+        }
+        let effects = &self.shared.effects;
+        let before = slot.failed_on.len();
+        slot.failed_on
+            .retain(|f| effects.breaker_closings(&f.breaker) <= f.closings);
+        if slot.failed_on.len() == before {
+            return;
+        }
+        for trigger in &spec.on_breaker_closed {
+            if self
+                .step(reducer, key, trigger, None, None, None, 0)
+                .is_ok()
+            {
+                break;
+            }
+        }
+        self.drain_inbox(reducer, key);
+        self.touch(reducer, key);
     }
 
     /// The operation's call for an intent: its templates rendered over `input` (the
@@ -1101,7 +1126,8 @@ fn note_breaker_outcome(shared: &Shared, slot: &mut Slot, pending: &Pending, fai
     if let Some(call) = &pending.call
         && let Some(key) = shared.effects.breaker_key(operation, call)
     {
-        slot.note_outcome(&key, failed);
+        let closings = shared.effects.breaker_closings(&key);
+        slot.note_outcome(&key, failed, closings);
     }
 }
 

@@ -47,10 +47,19 @@ pub struct Slot {
     pub reported: bool,
     /// Set while the instance has changes the store does not have yet.
     pub unsaved: Option<Unsaved>,
-    /// The breakers (their keys) of the targets its effects last failed on; an
-    /// instance at rest is re-driven when one closes again. Not persisted: after a
-    /// restart the breakers start closed.
-    pub failed_on: Vec<Arc<str>>,
+    /// The breakers of the targets its effects last failed on: each key with how
+    /// often that breaker had closed again by then. Once the breaker has closed
+    /// since, the instance is re-driven as soon as it is at rest. Not persisted:
+    /// after a restart the breakers start closed.
+    pub failed_on: Vec<FailedOn>,
+}
+
+/// A breaker an instance's effect failed on.
+#[derive(Debug, Clone)]
+pub struct FailedOn {
+    pub breaker: Arc<str>,
+    /// How often the breaker had closed again when the effect failed.
+    pub closings: u64,
 }
 
 /// Message ids an instance remembers, to skip repeats.
@@ -225,15 +234,20 @@ impl Slot {
         }
     }
 
-    /// Records how an effect guarded by the breaker `key` ended.
-    pub fn note_outcome(&mut self, key: &str, failed: bool) {
-        let known = self.failed_on.iter().position(|k| **k == *key);
+    /// Records how an effect guarded by the breaker `key` ended; `closings`: how
+    /// often that breaker had closed again when it failed.
+    pub fn note_outcome(&mut self, key: &str, failed: bool, closings: u64) {
+        let known = self.failed_on.iter().position(|f| *f.breaker == *key);
         match (known, failed) {
-            (None, true) => self.failed_on.push(Arc::from(key)),
+            (None, true) => self.failed_on.push(FailedOn {
+                breaker: Arc::from(key),
+                closings,
+            }),
+            (Some(at), true) => self.failed_on[at].closings = closings,
             (Some(at), false) => {
                 self.failed_on.swap_remove(at);
             }
-            _ => {}
+            (None, false) => {}
         }
     }
 

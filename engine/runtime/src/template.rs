@@ -148,9 +148,12 @@ impl Fields {
 enum Segment {
     Literal(String),
     Expr(Expr),
-    /// An expression in a URL's path or query: its text is percent-encoded as one
-    /// segment ([`Template::compile_url`]).
-    Encoded(Expr),
+    /// An expression in a URL's path, or (`in_query`) in its query or fragment: its
+    /// text is percent-encoded as one segment ([`Template::compile_url`]).
+    Encoded {
+        expression: Expr,
+        in_query: bool,
+    },
 }
 
 mod direct;
@@ -257,6 +260,7 @@ impl Template {
         };
         let mut written = String::new();
         let mut in_path = false;
+        let mut in_query = false;
         let mut url = Vec::with_capacity(segments.len());
         for (index, segment) in segments.into_iter().enumerate() {
             url.push(match segment {
@@ -265,17 +269,24 @@ impl Template {
                         written.push_str(&text);
                         in_path = origin_ends(&written);
                     }
+                    in_query |= in_path && text.contains(['?', '#']);
                     Segment::Literal(text)
                 }
-                Segment::Expr(expression) | Segment::Encoded(expression) if in_path => {
-                    Segment::Encoded(expression)
+                Segment::Expr(expression) | Segment::Encoded { expression, .. } if in_path => {
+                    Segment::Encoded {
+                        expression,
+                        in_query,
+                    }
                 }
                 Segment::Expr(expression) if index == 0 && expression.reads_env_only => {
-                    // The base URL, whole, from the operator's environment.
-                    in_path = true;
+                    // The base URL, whole, from the operator's environment. What
+                    // follows it is still its authority until the template writes a
+                    // `/`, `?` or `#`: an expression right after it would extend the
+                    // host or the port.
+                    written.push_str("env://base");
                     Segment::Expr(expression)
                 }
-                Segment::Expr(_) | Segment::Encoded(_) => {
+                Segment::Expr(_) | Segment::Encoded { .. } => {
                     return Err(fail(
                         "an expression in the scheme, host or port of a URL would let the data it reads choose where the request goes; write them in the template, or take the whole base URL from one environment variable at the start (`{{ env.NAME }}/path/{{ input.id }}`)".into(),
                     ));
@@ -451,10 +462,18 @@ fn render_at(template: &Template, scope: &minijinja::Value) -> Result<Value, Tem
                 match segment {
                     Segment::Literal(text) => out.push_str(text),
                     Segment::Expr(expression) => expression.write(scope, &mut out).map_err(fail)?,
-                    Segment::Encoded(expression) => {
+                    Segment::Encoded {
+                        expression,
+                        in_query,
+                    } => {
                         let mut value = String::new();
                         expression.write(scope, &mut value).map_err(fail)?;
-                        crate::url::push_segment(&mut out, &value);
+                        if *in_query {
+                            crate::url::push_query_value(&mut out, &value);
+                        } else {
+                            crate::url::push_segment(&mut out, &value)
+                                .map_err(|e| fail(e.to_string()))?;
+                        }
                     }
                 }
             }
@@ -979,14 +998,44 @@ mod tests {
         );
         assert_eq!(
             url(
-                "{{ env.API_URL }}/items/{{ input.id }}",
-                json!({"env": {"API_URL": "http://api:8080/v2"}, "input": {"id": ".."}})
+                "{{ env.API_URL }}/items/{{ input.id }}?q={{ input.id }}",
+                json!({"env": {"API_URL": "http://api:8080/v2"}, "input": {"id": "..."}})
             ),
-            json!("http://api:8080/v2/items/%2E%2E")
+            json!("http://api:8080/v2/items/...?q=...")
         );
+        // `..` climbs whatever it is encoded as: refused in a path, kept in a query.
+        for (id, rendered) in [
+            ("..", None),
+            (".", None),
+            ("a", Some("http://api/items/a/x?q=a")),
+        ] {
+            let t = Template::compile_url("http://api/items/{{ input.id }}/x?q={{ input.id }}")
+                .expect("compiles");
+            let out = t.render(&scope(&[("input", Var::Json(Arc::new(json!({"id": id}))))]));
+            match rendered {
+                Some(expected) => assert_eq!(out.expect("renders"), json!(expected)),
+                None => assert!(
+                    out.expect_err(id).message.contains("cannot be one segment"),
+                    "{id}"
+                ),
+            }
+        }
+        let t = Template::compile_url("http://api/items?q={{ input.id }}").expect("compiles");
+        let out = t.render(&scope(&[(
+            "input",
+            Var::Json(Arc::new(json!({"id": ".."}))),
+        )]));
+        assert_eq!(out.expect("renders"), json!("http://api/items?q=.."));
         assert_eq!(
             url("http://api/plain", json!({})),
             json!("http://api/plain")
+        );
+        assert_eq!(
+            url(
+                "{{ env.API_URL }}?id={{ input.id }}",
+                json!({"env": {"API_URL": "http://api"}, "input": {"id": "a/b"}})
+            ),
+            json!("http://api?id=a%2Fb")
         );
         for refused in [
             "{{ input.url }}",
@@ -995,6 +1044,8 @@ mod tests {
             "http://api{{ input.suffix }}/x",
             "{{ env['API_URL'] }}/x",
             "{{ env.API_URL ~ input.path }}",
+            "{{ env.API_URL }}{{ input.id }}",
+            "{{ env.API_URL }}.{{ input.domain }}/x",
         ] {
             let e = Template::compile_url(refused).expect_err(refused);
             assert!(

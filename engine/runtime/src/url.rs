@@ -1,8 +1,9 @@
 //! URLs, in the two places where data meets them:
 //!
-//! - [`push_segment`]: a value put into a URL (an http `url_template`'s expression, the
-//!   consul handler's service id) is percent-encoded as one path segment (RFC 3986),
-//!   so that no value can add a segment, climb with `..`, start a query or name a host.
+//! - [`push_segment`]: a value put into a URL's path (an http `url_template`'s
+//!   expression, the consul handler's service id) is percent-encoded as one segment
+//!   (RFC 3986), and `.` or `..` are refused, so that no value can add a segment, climb,
+//!   start a query or name a host; [`push_query_value`] encodes one in a query.
 //! - [`redact`]: a URL shown or stored anywhere (the run summary, `/metrics` labels,
 //!   log lines, error messages that end up in instance contexts and published events)
 //!   loses its userinfo and the values of query parameters that carry secrets.
@@ -20,22 +21,38 @@ const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'_')
     .remove(b'~');
 
-/// Appends `value` to `out` as one path segment. `.` and `..` are encoded too
-/// (`%2E`): left as they are, a client or server that normalises the path would
-/// climb with them.
-pub fn push_segment(out: &mut String, value: &str) {
-    match value {
-        "." => out.push_str("%2E"),
-        ".." => out.push_str("%2E%2E"),
-        _ => out.extend(utf8_percent_encode(value, SEGMENT)),
+/// Appends `value` to `out` as one path segment. `.` and `..` cannot be one: URL
+/// parsers read them, and their encodings (`%2E`, `%2e%2e`), as steps up the path,
+/// so such a value is refused.
+pub fn push_segment(out: &mut String, value: &str) -> Result<(), DotSegment> {
+    if matches!(value, "." | "..") {
+        return Err(DotSegment);
     }
+    out.extend(utf8_percent_encode(value, SEGMENT));
+    Ok(())
+}
+
+/// Appends `value` to `out` as one value of a query or fragment, where `.` and `..`
+/// mean nothing and are kept.
+pub fn push_query_value(out: &mut String, value: &str) {
+    out.extend(utf8_percent_encode(value, SEGMENT));
 }
 
 /// `value` as one path segment.
-pub fn segment(value: &str) -> String {
+pub fn segment(value: &str) -> Result<String, DotSegment> {
     let mut out = String::with_capacity(value.len());
-    push_segment(&mut out, value);
-    out
+    push_segment(&mut out, value)?;
+    Ok(out)
+}
+
+/// A value of `.` or `..` where a path segment goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DotSegment;
+
+impl std::fmt::Display for DotSegment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("`.` or `..` cannot be one segment of a URL's path: it would move up or stay where it is")
+    }
 }
 
 /// Query parameters whose values are secrets, by a part of their name (compared
@@ -144,6 +161,11 @@ mod tests {
 
     #[test]
     fn a_value_is_one_segment_whatever_it_holds() {
+        assert_eq!(segment(".."), Err(DotSegment));
+        assert_eq!(segment("."), Err(DotSegment));
+        let mut query = String::new();
+        push_query_value(&mut query, "..");
+        assert_eq!(query, "..");
         for (value, expected) in [
             ("node-1", "node-1"),
             ("a.b_c~d", "a.b_c~d"),
@@ -151,14 +173,13 @@ mod tests {
                 "x/../../../../../v1/kv/pwned?dc=",
                 "x%2F..%2F..%2F..%2F..%2F..%2Fv1%2Fkv%2Fpwned%3Fdc%3D",
             ),
-            ("..", "%2E%2E"),
-            (".", "%2E"),
+            ("...", "..."),
             ("a b#c%d@e:f", "a%20b%23c%25d%40e%3Af"),
             ("é", "%C3%A9"),
             ("\r\nHost: evil", "%0D%0AHost%3A%20evil"),
             ("", ""),
         ] {
-            assert_eq!(segment(value), expected, "{value:?}");
+            assert_eq!(segment(value).as_deref(), Ok(expected), "{value:?}");
         }
     }
 
