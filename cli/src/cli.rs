@@ -3,7 +3,6 @@
 use std::path::PathBuf;
 
 use anyhow::bail;
-use clap::builder::BoolishValueParser;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 const EXIT_CODES: &str = "\
@@ -79,7 +78,7 @@ pub struct RunArgs {
     )]
     pub demo_rate: Option<f64>,
     /// Stop by itself once every event is processed and no work is outstanding.
-    #[arg(long, env = "ONEX_UNTIL_IDLE", value_parser = BoolishValueParser::new())]
+    #[arg(long, env = "ONEX_UNTIL_IDLE", value_parser = yes_no)]
     pub until_idle: bool,
     /// Where instance state, dead letters and the embedded database live.
     #[arg(
@@ -156,6 +155,18 @@ pub struct RunArgs {
     /// Log lines as text or as JSON objects (on stderr).
     #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "ONEX_LOG_FORMAT")]
     pub log_format: LogFormat,
+}
+
+/// A yes/no variable: 1/0, true/false, yes/no, on/off (any case); set but empty, as
+/// CI templates leave unset variables, is no.
+fn yes_no(text: &str) -> Result<bool, String> {
+    match text.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "y" | "on" | "t" => Ok(true),
+        "" | "0" | "false" | "no" | "n" | "off" | "f" => Ok(false),
+        other => Err(format!(
+            "`{other}` is not yes or no (1/0, true/false, yes/no, on/off)"
+        )),
+    }
 }
 
 /// `NAME=VALUE`.
@@ -371,7 +382,7 @@ pub struct LintArgs {
     pub format: Option<Format>,
     /// Treat warnings as errors for the exit code. The variable takes 1/0, true/false,
     /// yes/no or on/off.
-    #[arg(long, env = "ONEX_DENY_WARNINGS", value_parser = BoolishValueParser::new())]
+    #[arg(long, env = "ONEX_DENY_WARNINGS", value_parser = yes_no)]
     pub deny_warnings: bool,
 }
 

@@ -173,10 +173,14 @@ fn yes_no_variables_take_every_usual_spelling() {
         let run = with_env(&lint, &[("ONEX_DENY_WARNINGS", yes)]);
         assert_eq!(run.code, 1, "ONEX_DENY_WARNINGS={yes}: {}", run.stderr);
     }
-    for no in ["0", "false", "no", "off"] {
+    // Set but empty, as CI templates leave a variable they do not fill, is no.
+    for no in ["0", "false", "no", "off", ""] {
         let run = with_env(&lint, &[("ONEX_DENY_WARNINGS", no)]);
         assert_eq!(run.code, 0, "ONEX_DENY_WARNINGS={no}: {}", run.stderr);
     }
+    let typo = with_env(&lint, &[("ONEX_DENY_WARNINGS", "yess")]);
+    assert_eq!(typo.code, 2, "{}", typo.stderr);
+    assert!(typo.stderr.contains("is not yes or no"), "{}", typo.stderr);
     let dir = tempfile::tempdir().expect("tempdir");
     for yes in ["1", "yes"] {
         let data = dir.path().join(yes);
