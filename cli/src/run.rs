@@ -85,10 +85,11 @@ pub fn run(args: &RunArgs) -> anyhow::Result<u8> {
         .context("cannot start the async runtime")?;
     let max_effects = args.max_effects;
     let summary = runtime.block_on(async move {
+        let shutdown = shutdown_signal();
         let work = Work::with_max_effects(max_effects);
         let bus: Arc<dyn Bus> = EmbeddedBus::new(Arc::clone(&work));
         let handlers = onex_handlers::builtin(&settings, Arc::clone(&bus))?;
-        onex_runtime::runtime::run(project, handlers, bus, work, options, shutdown_signal()).await
+        onex_runtime::runtime::run(project, handlers, bus, work, options, shutdown).await
     });
     // Everything is flushed by now. Tasks still blocked (a read of standard input, say)
     // must not hold the process open.
@@ -241,26 +242,37 @@ fn escaped_fields() -> impl for<'w> tracing_subscriber::fmt::FormatFields<'w> {
     .delimited(" ")
 }
 
-/// SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let interrupt = tokio::signal::ctrl_c();
+/// SIGINT or SIGTERM. The handlers are installed now, not when the future is first
+/// polled: the runtime polls it only once it is running, and a signal before that
+/// would otherwise end the process at once, with no drain and no summary. A signal
+/// that arrives in between is kept and seen then.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {
-        let mut terminate =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(signal) => signal,
-                Err(_) => {
-                    let _ = interrupt.await;
-                    return;
+        use tokio::signal::unix::{SignalKind, signal};
+        let interrupt = signal(SignalKind::interrupt());
+        let terminate = signal(SignalKind::terminate());
+        async move {
+            match (interrupt, terminate) {
+                (Ok(mut interrupt), Ok(mut terminate)) => {
+                    tokio::select! {
+                        _ = interrupt.recv() => {}
+                        _ = terminate.recv() => {}
+                    }
                 }
-            };
-        tokio::select! {
-            _ = interrupt => {}
-            _ = terminate.recv() => {}
+                (Ok(mut one), Err(_)) | (Err(_), Ok(mut one)) => {
+                    one.recv().await;
+                }
+                (Err(_), Err(_)) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
+            }
         }
     }
     #[cfg(not(unix))]
-    let _ = interrupt.await;
+    async {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 fn human(summary: &Summary) -> String {

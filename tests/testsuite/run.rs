@@ -2451,3 +2451,45 @@ async fn a_registration_busy_when_the_breaker_closes_is_re_driven_once_at_rest()
         .collect();
     assert_eq!(outcomes.last(), Some(&json!("complete")), "{outcomes:?}");
 }
+
+/// SIGTERM while the run is still starting (its data directory just taken) is not
+/// lost: the run stops as it does later, drained and summarised, rather than being
+/// ended by the signal with nothing said.
+#[test]
+fn a_signal_during_start_up_still_drains_and_summarises() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Instances to restore make the start-up long enough to signal into.
+    let (first, _) = run(dir.path(), &["--demo", "2000"]);
+    assert_eq!(first.code, 0, "{}", first.stderr);
+    let lock = dir.path().join("lock");
+    std::fs::remove_file(&lock).expect("the first run's lock file");
+    let child = spawn_onex(&[
+        "run",
+        "--contract",
+        "contracts/",
+        "--demo",
+        "200",
+        "--listen",
+        "off",
+        "--format",
+        "json",
+        "--data-dir",
+        path_str(dir.path()),
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !std::fs::metadata(&lock).is_ok_and(|m| m.len() > 0) {
+        assert!(
+            Instant::now() < deadline,
+            "the run never took its data directory"
+        );
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    let (status, stdout) = child.terminate();
+    assert!(
+        status.code().is_some(),
+        "ended by the signal itself: {status:?}"
+    );
+    let summary: Value = serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|e| panic!("no summary ({e}): {stdout}"));
+    assert_eq!(summary["stopped_by"], "signal", "{summary}");
+}
