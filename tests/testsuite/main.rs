@@ -4,6 +4,7 @@ mod check;
 mod cli;
 mod contract_test;
 mod graph;
+mod hardening;
 mod hostile;
 mod lints;
 mod metrics;
