@@ -1044,6 +1044,39 @@ mod tests {
     use super::*;
 
     #[test]
+    fn parameters_take_their_defaults_and_refuse_typos_and_other_types() {
+        let declared: BTreeMap<String, Value> = [
+            ("window_ms".to_owned(), json!(90000)),
+            ("name".to_owned(), json!("registry")),
+            ("strict".to_owned(), json!(false)),
+        ]
+        .into_iter()
+        .collect();
+        let set = |given: &[(&str, &str)]| {
+            let given: Vec<(String, String)> = given
+                .iter()
+                .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
+                .collect();
+            parameters(&declared, &given)
+        };
+        let defaults = set(&[]).expect("defaults");
+        assert_eq!(
+            Value::Object(defaults),
+            json!({"name": "registry", "strict": false, "window_ms": 90000})
+        );
+        let given = set(&[("window_ms", "300"), ("name", "42"), ("strict", "true")]).expect("set");
+        assert_eq!(
+            Value::Object(given),
+            json!({"name": "42", "strict": true, "window_ms": 300}),
+            "a string parameter takes the text as it is"
+        );
+        let typo = set(&[("windw_ms", "1")]).expect_err("unknown");
+        assert!(typo.contains("did you mean `window_ms`"), "{typo}");
+        let wrong = set(&[("window_ms", "soon")]).expect_err("not a number");
+        assert!(wrong.contains("like its default, 90000"), "{wrong}");
+    }
+
+    #[test]
     fn the_rate_is_taken_over_the_window_the_outcomes_span() {
         let t0 = Instant::now();
         let ms = Duration::from_millis;
