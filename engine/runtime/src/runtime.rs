@@ -700,18 +700,10 @@ fn route(shared: &Arc<Shared>, senders: &[mpsc::UnboundedSender<Message>], deliv
     drop(work);
 }
 
+/// A dead letter for an event the router could not take, kept as it came off the bus.
 fn letter(envelope: &Envelope, stage: &str, reason: String) -> DeadLetter {
-    tracing::warn!(stage, %reason, message_id = %envelope.message_id, "dead letter");
-    DeadLetter {
-        id: None,
-        at: jiff::Timestamp::now().to_string(),
-        stage: stage.into(),
-        reason,
-        event_type: Some(envelope.event_type.clone()),
-        message_id: Some(envelope.message_id.clone()),
-        source: "bus".into(),
-        raw: serde_json::to_string(envelope).unwrap_or_default(),
-    }
+    let raw = serde_json::to_string(envelope).unwrap_or_default();
+    source_letter("bus", stage, reason, &raw, Some(envelope))
 }
 
 /// Renders and publishes events; `entity` adds the demo's entity variables.
@@ -911,7 +903,7 @@ async fn read_source(
     }
 }
 
-/// A dead letter for a line of an events source (`file.jsonl:12`).
+/// A dead letter from a source (`file.jsonl:12`, `bus`), with the raw text it came as.
 fn source_letter(
     at: &str,
     stage: &str,
@@ -919,7 +911,7 @@ fn source_letter(
     raw: &str,
     envelope: Option<&Envelope>,
 ) -> DeadLetter {
-    tracing::warn!(source = %at, stage, %reason, "event kept as a dead letter");
+    tracing::warn!(source = %at, stage, %reason, message_id = envelope.map(|e| e.message_id.as_str()), "event kept as a dead letter");
     DeadLetter {
         id: None,
         at: jiff::Timestamp::now().to_string(),

@@ -131,12 +131,6 @@ impl Shard {
                         self.hand_over(true);
                         return;
                     };
-                    if let Message::HandOver(done) = message {
-                        self.hand_over(true);
-                        held.clear();
-                        let _ = done.send(());
-                        continue;
-                    }
                     held.extend(self.handle(message));
                     self.take_settled();
                     // Take what else is queued before looking at the clock again.
@@ -565,26 +559,21 @@ impl Shard {
                         });
                         let input = Arc::clone(&entered_context);
                         if let Some(when) = &project.operations[operation].when {
-                            let scope = template::scope(&[
-                                ("input", Var::Object(Arc::clone(&input))),
-                                ("intent", Var::Record(intent_value.clone())),
-                                ("env", self.shared.env.clone()),
-                                ("params", self.shared.params.clone()),
-                            ]);
+                            let scope =
+                                operation_scope(&self.shared, Arc::clone(&input), &intent_value);
                             match when.truthy(&scope) {
                                 Ok(true) => {}
                                 Ok(false) => {
                                     if let Some(rule) = &spec.results[intent.action as usize]
                                         && !rule.skipped.is_empty()
                                     {
-                                        let scope = template::scope(&[
-                                            (
-                                                "context",
-                                                Var::Object(Arc::clone(&slot.instance.context)),
-                                            ),
-                                            ("intent", Var::Record(intent_value.clone())),
-                                            ("params", self.shared.params.clone()),
-                                        ]);
+                                        let scope = mapping_scope(
+                                            slot,
+                                            &self.shared.params,
+                                            &intent_value,
+                                            Var::Value(minijinja::Value::from(())),
+                                            minijinja::Value::from(()),
+                                        );
                                         let updates = render_all(&rule.skipped, scope);
                                         apply(slot, updates, &spec.name, key);
                                     }
@@ -754,13 +743,13 @@ impl Shard {
                         minijinja::Value::from(failure.message()),
                     ),
                 };
-                let scope = template::scope(&[
-                    ("context", Var::Object(Arc::clone(&slot.instance.context))),
-                    ("result", Var::Json(Arc::new(result))),
-                    ("error", Var::Value(error)),
-                    ("intent", Var::Record(pending.intent.clone())),
-                    ("params", self.shared.params.clone()),
-                ]);
+                let scope = mapping_scope(
+                    slot,
+                    &self.shared.params,
+                    &pending.intent,
+                    Var::Json(Arc::new(result)),
+                    error,
+                );
                 let updates = render_all(templates, scope);
                 apply(slot, updates, &spec.name, key);
             }
@@ -868,13 +857,13 @@ impl Shard {
                 note_breaker_outcome(&self.shared, slot, &pending, true);
                 if let Some(rule) = &spec.results[pending.action as usize] {
                     let error = format!("no result within {seconds} s");
-                    let scope = template::scope(&[
-                        ("context", Var::Object(Arc::clone(&slot.instance.context))),
-                        ("result", Var::Value(minijinja::Value::from(()))),
-                        ("error", Var::Value(minijinja::Value::from(error))),
-                        ("intent", Var::Record(pending.intent.clone())),
-                        ("params", self.shared.params.clone()),
-                    ]);
+                    let scope = mapping_scope(
+                        slot,
+                        &self.shared.params,
+                        &pending.intent,
+                        Var::Value(minijinja::Value::from(())),
+                        minijinja::Value::from(error),
+                    );
                     let updates = render_all(&rule.failure, scope);
                     apply(slot, updates, &spec.name, key);
                 }
@@ -953,12 +942,7 @@ impl Shard {
         intent: &Arc<Intent>,
     ) -> Result<Arc<Call>, String> {
         let op = &self.shared.project.operations[operation];
-        let scope = template::scope(&[
-            ("input", Var::Object(input)),
-            ("intent", Var::Record(intent.clone())),
-            ("env", self.shared.env.clone()),
-            ("params", self.shared.params.clone()),
-        ]);
+        let scope = operation_scope(&self.shared, input, intent);
         let rendered = op
             .config
             .render_object(&scope)
@@ -1129,6 +1113,40 @@ fn note_breaker_outcome(shared: &Shared, slot: &mut Slot, pending: &Pending, fai
         let closings = shared.effects.breaker_closings(&key);
         slot.note_outcome(&key, failed, closings);
     }
+}
+
+/// What an operation's templates (`io_config`, `when`, `idempotency_key`) see: the
+/// context of the step that emitted the intent as `input`, the intent, `env` and
+/// `params`.
+fn operation_scope(
+    shared: &Shared,
+    input: Arc<Map<String, Value>>,
+    intent: &Arc<Intent>,
+) -> minijinja::Value {
+    template::scope(&[
+        ("input", Var::Object(input)),
+        ("intent", Var::Record(intent.clone())),
+        ("env", shared.env.clone()),
+        ("params", shared.params.clone()),
+    ])
+}
+
+/// What a `results` mapping sees: the context, the intent, `params`, and the effect's
+/// answer (`result`) and failure (`error`), none where there is neither.
+fn mapping_scope(
+    slot: &Slot,
+    params: &Var,
+    intent: &Arc<Intent>,
+    result: Var,
+    error: minijinja::Value,
+) -> minijinja::Value {
+    template::scope(&[
+        ("context", Var::Object(Arc::clone(&slot.instance.context))),
+        ("result", result),
+        ("error", Var::Value(error)),
+        ("intent", Var::Record(intent.clone())),
+        ("params", params.clone()),
+    ])
 }
 
 /// An instance's context as the template variable `context`, with `params`.
