@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
-use std::process::Stdio;
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -60,7 +60,7 @@ async fn an_events_values_cannot_choose_the_path_or_query_of_a_request() {
                 "--data-dir",
                 path_str(&data),
             ],
-            &[("PROBE_URL", &api)],
+            &[("PROBE_URL", &api), ("PROBE_TOKEN", "probe")],
         )
     })
     .await
@@ -1167,4 +1167,138 @@ fn a_signal_during_start_up_still_drains_and_summarises() {
     let summary: Value = serde_json::from_str(stdout.trim())
         .unwrap_or_else(|e| panic!("no summary ({e}): {stdout}"));
     assert_eq!(summary["stopped_by"], "signal", "{summary}");
+}
+
+/// The forgery fixture's stand-in: probe `b` is not found (a permanent failure), all
+/// else is answered after `delay` seconds.
+async fn answer_probes(stand_in: &wiremock::MockServer, delay: u64) {
+    use wiremock::matchers::{any, method, path};
+    use wiremock::{Mock, ResponseTemplate};
+
+    Mock::given(method("GET"))
+        .and(path("/api/items/b"))
+        .respond_with(ResponseTemplate::new(404))
+        .with_priority(1)
+        .mount(stand_in)
+        .await;
+    Mock::given(any())
+        .respond_with(ResponseTemplate::new(200).set_delay(Duration::from_secs(delay)))
+        .with_priority(2)
+        .mount(stand_in)
+        .await;
+}
+
+/// A call that renders a value of the environment (a token in a header) is sent with
+/// it, and never kept: not in a snapshot of an instance whose call is in flight at a
+/// stop, nor in the dead letter of a call that failed. After a restart the call is
+/// rendered again, token and all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn values_from_the_environment_are_sent_and_never_kept() {
+    let token = "tok-s3cret";
+    let stand_in = wiremock::MockServer::start().await;
+    answer_probes(&stand_in, 30).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let probe = |id: &str, value: &str| {
+        json!({"message_id": id, "event_type": "Probe", "payload": {"id": value}}).to_string()
+    };
+    let events = write_events(dir.path(), &[probe("probe-a", "a"), probe("probe-b", "b")]);
+    let api = format!("{}/api", stand_in.uri());
+    let consul = stand_in.uri();
+    let args = |extra: &[&str]| -> Vec<String> {
+        let mut args: Vec<String> = [
+            "run",
+            "--contract",
+            "tests/fixtures/forgery/orchestrator.yaml",
+            "--listen",
+            "off",
+            "--consul",
+            &consul,
+            "--data-dir",
+            path_str(&data),
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        args.extend(extra.iter().map(|a| (*a).to_owned()));
+        args
+    };
+    let env = [
+        ("PROBE_URL".to_owned(), api),
+        ("PROBE_TOKEN".to_owned(), token.to_owned()),
+    ];
+    let child = Reaper(
+        crate::support::clean_env(&mut Command::new(env!("CARGO_BIN_EXE_onex")))
+            .args(args(&["--events", &events, "--drain-timeout", "1"]))
+            .envs(env.clone())
+            .current_dir(repo_root())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("onex starts"),
+    );
+    let sent = |requests: &[wiremock::Request], item: &str| {
+        requests.iter().any(|r| {
+            r.url.path() == format!("/api/items/{item}")
+                && r.headers.get("authorization").and_then(|v| v.to_str().ok())
+                    == Some(&format!("Bearer {token}"))
+        })
+    };
+    let mut in_flight = false;
+    for _ in 0..200 {
+        let requests = stand_in.received_requests().await.expect("recorded");
+        in_flight = sent(&requests, "a") && sent(&requests, "b");
+        if in_flight {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(in_flight, "the calls did not go out with the token");
+    // Stopped with probe a's call still out: its instance is saved busy.
+    tokio::task::spawn_blocking(move || child.terminate())
+        .await
+        .expect("wait");
+    let kept = |data: &Path| {
+        let mut kept = String::new();
+        for file in ["instances.jsonl", "event-log.jsonl", "state.db"] {
+            let bytes = std::fs::read(data.join(file)).unwrap_or_default();
+            kept.push_str(&String::from_utf8_lossy(&bytes));
+        }
+        kept
+    };
+    let before = kept(&data);
+    assert!(
+        before.contains("\"pending\""),
+        "probe a was not saved in flight"
+    );
+    assert!(!before.contains(token), "the token was kept:\n{before}");
+
+    // The restart runs probe a's call again, rendered anew: with the token.
+    stand_in.reset().await;
+    answer_probes(&stand_in, 0).await;
+    let again = tokio::task::spawn_blocking({
+        let args = args(&["--until-idle"]);
+        move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let env: Vec<(&str, &str)> =
+                env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            crate::support::onex_env(&args, &env)
+        }
+    })
+    .await
+    .expect("run");
+    let requests = stand_in.received_requests().await.expect("recorded");
+    assert!(
+        sent(&requests, "a"),
+        "the call was not run again with the token"
+    );
+    assert!(!kept(&data).contains(token), "the token was kept");
+    let letters = list_json("dlq", &data, &[]).stdout;
+    assert!(
+        letters.contains("status 404"),
+        "probe b's failure: {letters}"
+    );
+    assert!(!letters.contains(token), "{letters}");
+    // Probe b's dead letter is the first run's; this one finished probe a's call.
+    assert_eq!(again.code, 0, "{}\n{}", again.stdout, again.stderr);
 }

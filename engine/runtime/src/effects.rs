@@ -593,6 +593,7 @@ mod tests {
             when: None,
             idempotency_key: None,
             config: crate::template::Fields::new(Vec::new()),
+            reads_env: false,
             written: Arc::new(serde_json::Map::new()),
             retry: Some(RetryPolicy {
                 base_delay_ms: 0,

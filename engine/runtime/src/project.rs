@@ -264,6 +264,10 @@ pub struct Operation {
     pub idempotency_key: Option<Template>,
     /// `io_config`'s templated entries, compiled.
     pub config: Fields,
+    /// Its call renders values from the environment (a token in a header, say): the
+    /// rendered call is used and never kept (snapshots, dead letters), and is
+    /// rendered again after a restart.
+    pub reads_env: bool,
     /// `io_config`'s other entries, as written: those that are never templated
     /// (`NEVER_TEMPLATED`) and plain values. Shared by every call.
     pub written: Arc<Map<String, Value>>,
@@ -758,12 +762,15 @@ impl Builder<'_> {
                     intent_owner.insert(intent.to_owned(), (id, op.operation_name.clone()));
                 }
             }
+            let reads_env = templated.iter().any(|(_, t)| t.reads_env())
+                || idempotency_key.as_ref().is_some_and(Template::reads_env);
             operations.push(Operation {
                 name: Arc::from(op.operation_name.as_str()),
                 handler,
                 when,
                 idempotency_key,
                 config: Fields::new(templated),
+                reads_env,
                 written: Arc::new(written),
                 retry: op
                     .retry_policy

@@ -295,16 +295,24 @@ impl Shard {
         for pending in &mut slot.pending {
             pending.work = Some(self.shared.work.guard());
         }
-        let redo: Vec<Redo> =
-            slot.pending
-                .iter()
-                .map(|p| {
-                    let call = p.call.clone().ok_or_else(|| {
-                        "its call could not be rendered before the restart".to_owned()
-                    });
-                    (p.key.clone(), p.operation, call)
-                })
-                .collect();
+        // A call kept in the snapshot runs again as it was; one with values from the
+        // environment was not kept, and is rendered again from the saved context.
+        let context = Arc::clone(&slot.instance.context);
+        let redo: Vec<Redo> = slot
+            .pending
+            .iter()
+            .map(|p| {
+                let call = match &p.call {
+                    Some(call) => Ok(Arc::clone(call)),
+                    None if project.operations[p.operation].reads_env => {
+                        self.render_call(&p.key, p.operation, Arc::clone(&context), &p.intent)
+                    }
+                    None => Err("its call could not be rendered before the restart".to_owned()),
+                };
+                (p.key.clone(), p.operation, call)
+            })
+            .collect();
+        drop(context);
         if let Some(timer) = slot.timer {
             if project.reducers[reducer].timer_is_work(slot.instance.state) {
                 slot.timer_work = Some(self.shared.work.guard());
@@ -756,7 +764,10 @@ impl Shard {
             None => {
                 if let Err(failure) = &outcome {
                     // Nobody reads this failure back: keep it, so that nothing is lost.
-                    let raw = json!({"intent": *pending.intent, "call": pending.call}).to_string();
+                    // The call as it went, unless it holds values from the
+                    // environment (a token): those are not kept.
+                    let call = pending.call.as_ref().filter(|_| !operation.reads_env);
+                    let raw = json!({"intent": *pending.intent, "call": call}).to_string();
                     self.keep_dead_letter(DeadLetter {
                         id: None,
                         at: jiff::Timestamp::now().to_string(),

@@ -291,7 +291,13 @@ impl Slot {
                     action: Cow::Borrowed(&machine.action(p.action).name),
                     operation: Cow::Borrowed(&operations[p.operation].name),
                     generation: p.generation,
-                    call: p.call.as_deref().map(Cow::Borrowed),
+                    // A call with values from the environment is rendered again
+                    // after a restart rather than kept.
+                    call: p
+                        .call
+                        .as_deref()
+                        .filter(|_| !operations[p.operation].reads_env)
+                        .map(Cow::Borrowed),
                     intent: Cow::Borrowed(&p.intent),
                 })
                 .collect(),

@@ -169,6 +169,8 @@ struct Expr {
     /// Reads one variable of the environment (`env.NAME`): the operator's
     /// configuration, which may choose where a URL points.
     reads_env_only: bool,
+    /// Reads the environment at all: what it gives may be a secret.
+    reads_env: bool,
 }
 
 impl Expr {
@@ -177,10 +179,12 @@ impl Expr {
         let reads_env_only = source.strip_prefix("env.").is_some_and(|name| {
             !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
         });
+        let reads_env = compiled.undeclared_variables(false).contains("env");
         Ok(Expr {
             compiled,
             direct: direct::Direct::compile(source),
             reads_env_only,
+            reads_env,
         })
     }
 
@@ -303,6 +307,23 @@ impl Template {
     /// Whether rendering can give anything but the value as written.
     pub fn is_literal(&self) -> bool {
         matches!(self.0, Kind::Literal(_))
+    }
+
+    /// Whether any of its expressions reads `env`: what it renders may then hold a
+    /// secret (a token in a header), which must not be kept anywhere.
+    pub fn reads_env(&self) -> bool {
+        match &self.0 {
+            Kind::Literal(_) => false,
+            Kind::Expr(expression) => expression.reads_env,
+            Kind::Text(segments) => segments.iter().any(|segment| match segment {
+                Segment::Literal(_) => false,
+                Segment::Expr(expression) | Segment::Encoded { expression, .. } => {
+                    expression.reads_env
+                }
+            }),
+            Kind::Map(fields) => fields.entries.iter().any(|(_, t)| t.reads_env()),
+            Kind::List(items) => items.iter().any(Template::reads_env),
+        }
     }
 
     pub fn render(&self, scope: &minijinja::Value) -> Result<Value, TemplateError> {
@@ -950,6 +971,20 @@ mod tests {
             text(render(Value::Object(many), json!({"x": 1}))),
             text(Value::Object(expected))
         );
+    }
+
+    #[test]
+    fn a_template_knows_whether_it_reads_the_environment() {
+        for (template, reads) in [
+            (json!("Bearer {{ env.TOKEN }}"), true),
+            (json!({"h": ["x", "{{ env['TOKEN'] | upper }}"]}), true),
+            (json!("{{ input.environment }}"), false),
+            (json!({"h": "{{ input.env }}"}), false),
+            (json!("plain"), false),
+        ] {
+            let compiled = Template::compile(&template).expect("compiles");
+            assert_eq!(compiled.reads_env(), reads, "{template}");
+        }
     }
 
     #[test]
