@@ -88,6 +88,8 @@ pub struct RunArgs {
         env = "ONEX_DATA_DIR"
     )]
     pub data_dir: PathBuf,
+    #[command(flatten)]
+    pub database: DatabaseArgs,
     /// Address of /health, /ready and /metrics (port 0 picks a free one); `off` disables.
     #[arg(
         long,
@@ -212,6 +214,34 @@ pub struct StoreArgs {
         env = "ONEX_DATA_DIR"
     )]
     pub data_dir: PathBuf,
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct DatabaseArgs {
+    /// PostgreSQL for the runtime's state and the `db` handler
+    /// (postgres://user:password@host:port/database?sslmode=require); without it,
+    /// files under --data-dir. Also read from DATABASE_URL. (Its value is never
+    /// shown: it may carry credentials.)
+    #[arg(
+        long = "database-url",
+        value_name = "URL",
+        env = "ONEX_DATABASE_URL",
+        hide_env_values = true
+    )]
+    url: Option<String>,
+}
+
+impl DatabaseArgs {
+    /// The URL given, by the flag, ONEX_DATABASE_URL or DATABASE_URL (an empty one
+    /// counts as none).
+    pub fn url(&self) -> Option<String> {
+        self.url
+            .clone()
+            .or_else(|| std::env::var("DATABASE_URL").ok())
+            .filter(|url| !url.is_empty())
+    }
 }
 
 #[derive(Debug, Args)]

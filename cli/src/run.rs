@@ -10,6 +10,8 @@ use anyhow::{Context, bail};
 use onex_contract::ContractKind;
 use onex_runtime::bus::{Bus, EmbeddedBus};
 use onex_runtime::runtime::{Options, Source, Summary};
+use onex_runtime::store::embedded::EmbeddedStore;
+use onex_runtime::store::postgres::PostgresStore;
 use onex_runtime::walk;
 use onex_runtime::work::Work;
 
@@ -62,7 +64,6 @@ pub fn run(args: &RunArgs) -> anyhow::Result<u8> {
         .collect();
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let options = Options {
-        data_dir: args.data_dir.clone(),
         sources,
         demo: args.demo,
         demo_rate: args.demo_rate,
@@ -84,12 +85,18 @@ pub fn run(args: &RunArgs) -> anyhow::Result<u8> {
         .build()
         .context("cannot start the async runtime")?;
     let max_effects = args.max_effects;
+    let database_url = args.database.url();
+    let data_dir = args.data_dir.clone();
     let summary = runtime.block_on(async move {
         let shutdown = shutdown_signal();
         let work = Work::with_max_effects(max_effects);
         let bus: Arc<dyn Bus> = EmbeddedBus::new(Arc::clone(&work));
         let handlers = onex_handlers::builtin(&settings, Arc::clone(&bus))?;
-        onex_runtime::runtime::run(project, handlers, bus, work, options, shutdown).await
+        let store = match &database_url {
+            Some(url) => PostgresStore::open(url).await?,
+            None => EmbeddedStore::open(&data_dir)?,
+        };
+        onex_runtime::runtime::run(project, handlers, bus, store, work, options, shutdown).await
     });
     // Everything is flushed by now. Tasks still blocked (a read of standard input, say)
     // must not hold the process open.

@@ -8,7 +8,9 @@ use anyhow::{Context, bail};
 use onex_diag::escape_controls;
 use serde_json::{Value, json};
 
-use crate::cli::{DlqListArgs, OutputFormat, StateListArgs};
+use onex_runtime::store::{embedded, postgres};
+
+use crate::cli::{DlqListArgs, OutputFormat, StateListArgs, StoreArgs};
 use crate::{EXIT_CLEAN, output};
 
 fn block_on<T>(future: impl std::future::Future<Output = Result<T, String>>) -> anyhow::Result<T> {
@@ -19,9 +21,20 @@ fn block_on<T>(future: impl std::future::Future<Output = Result<T, String>>) -> 
     runtime.block_on(future).map_err(anyhow::Error::msg)
 }
 
+/// The store the command reads, for people.
+fn where_stored(store: &StoreArgs) -> String {
+    match store.database.url() {
+        Some(url) => onex_runtime::url::redact(&url).into_owned(),
+        None => store.data_dir.display().to_string(),
+    }
+}
+
 pub fn dead_letters(args: &DlqListArgs) -> anyhow::Result<u8> {
     let format = args.format()?;
-    let letters = block_on(onex_runtime::store::read_dead_letters(&args.store.data_dir))?;
+    let letters = match args.store.database.url() {
+        Some(url) => block_on(postgres::read_dead_letters(&url))?,
+        None => block_on(embedded::read_dead_letters(&args.store.data_dir))?,
+    };
     let mut out = output::human_stdout();
     match format {
         OutputFormat::Json => {
@@ -31,7 +44,7 @@ pub fn dead_letters(args: &DlqListArgs) -> anyhow::Result<u8> {
         }
         OutputFormat::Human => {
             if letters.is_empty() {
-                writeln!(out, "no dead letters in {}", args.store.data_dir.display())?;
+                writeln!(out, "no dead letters in {}", where_stored(&args.store))?;
             }
             // Each value on its line: a newline in a reason cannot start a fake entry.
             for letter in &letters {
@@ -59,14 +72,17 @@ pub fn dead_letters(args: &DlqListArgs) -> anyhow::Result<u8> {
 pub fn instances(args: &StateListArgs) -> anyhow::Result<u8> {
     let format = args.format()?;
     let data_dir = &args.store.data_dir;
-    let mut stored = block_on(onex_runtime::store::read_instances(data_dir, None))?;
+    let mut stored = match args.store.database.url() {
+        Some(url) => block_on(postgres::read_instances(&url))?,
+        None => block_on(embedded::read_instances(data_dir))?,
+    };
     if let Some(reducer) = &args.reducer {
         let names: BTreeSet<&str> = stored.iter().map(|s| s.reducer.as_str()).collect();
         if !names.contains(reducer.as_str()) {
             bail!(
                 "--reducer {reducer}: {}{}",
                 match names.is_empty() {
-                    true => format!("{} holds no instances", data_dir.display()),
+                    true => format!("{} holds no instances", where_stored(&args.store)),
                     false => format!("the stored reducers are {}", listing(&names)),
                 },
                 hint(reducer, &names)

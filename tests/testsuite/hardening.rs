@@ -253,8 +253,6 @@ fn a_second_run_on_the_same_data_directory_is_refused() {
 /// registration is partial, not failed, as it would be with Consul and PostgreSQL.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_locked_node_registry_fails_one_backend_not_both() {
-    use sqlx::Connection;
-
     let dir = tempfile::tempdir().expect("tempdir");
     // Calls that give up quickly, so that a registration ends within seconds.
     let contracts = edited_contracts(dir.path(), "effects/node_registry_effect.yaml", |text| {
@@ -284,15 +282,12 @@ async fn a_locked_node_registry_fails_one_backend_not_both() {
         "the registry did not register itself"
     );
     // onex's writer and checkpointer take the file's lock for moments: wait for them.
-    let options = sqlx::sqlite::SqliteConnectOptions::new()
-        .filename(&registry)
-        .busy_timeout(Duration::from_secs(30));
-    let mut holder = sqlx::SqliteConnection::connect_with(&options)
-        .await
-        .expect("connect");
-    sqlx::query("BEGIN EXCLUSIVE")
-        .execute(&mut holder)
-        .await
+    let holder = rusqlite::Connection::open(&registry).expect("connect");
+    holder
+        .busy_timeout(Duration::from_secs(30))
+        .expect("busy timeout");
+    holder
+        .execute_batch("BEGIN EXCLUSIVE")
         .expect("lock the node registry");
 
     let mut stdin = child.0.stdin.take().expect("stdin");
@@ -313,10 +308,7 @@ async fn a_locked_node_registry_fails_one_backend_not_both() {
         }
     });
     let (finished, instance) = done.await.expect("wait");
-    sqlx::query("ROLLBACK")
-        .execute(&mut holder)
-        .await
-        .expect("unlock");
+    holder.execute_batch("ROLLBACK").expect("unlock");
     drop(stdin);
     child.terminate();
     assert!(finished, "the registration did not end: {instance}");

@@ -9,7 +9,6 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use sqlx::Row;
 
 use crate::support::{Run, clean_env, onex, path_str, repo_root};
 
@@ -183,39 +182,29 @@ pub(crate) fn try_query(file: &Path, sql: &'static str) -> Result<Vec<Vec<Value>
         .expect("query thread")
 }
 
-/// Runs `future` to completion on a runtime of its own (the tests are synchronous).
-pub(crate) fn block_on<F: std::future::Future>(future: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
-        .block_on(future)
-}
-
 pub(crate) fn query_here(file: &Path, sql: &'static str) -> Result<Vec<Vec<Value>>, String> {
-    block_on(async {
-        let url = format!("sqlite://{}?mode=ro", file.display());
-        let pool = sqlx::SqlitePool::connect(&url)
-            .await
+    let connection =
+        rusqlite::Connection::open_with_flags(file, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
             .map_err(|e| e.to_string())?;
-        let rows = sqlx::query(sql)
-            .fetch_all(&pool)
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok(rows
-            .iter()
-            .map(|row| {
-                (0..sqlx::Row::len(row))
-                    .map(|i| {
-                        row.try_get::<i64, _>(i)
-                            .map(Value::from)
-                            .or_else(|_| row.try_get::<String, _>(i).map(Value::from))
-                            .unwrap_or(Value::Null)
-                    })
-                    .collect()
-            })
-            .collect())
-    })
+    connection
+        .busy_timeout(Duration::from_secs(10))
+        .map_err(|e| e.to_string())?;
+    let mut query = connection.prepare(sql).map_err(|e| e.to_string())?;
+    let columns = query.column_count();
+    let rows = query
+        .query_map([], |row| {
+            Ok((0..columns)
+                .map(|i| match row.get_ref(i) {
+                    Ok(rusqlite::types::ValueRef::Integer(n)) => Value::from(n),
+                    Ok(rusqlite::types::ValueRef::Text(t)) => {
+                        Value::from(String::from_utf8_lossy(t).into_owned())
+                    }
+                    _ => Value::Null,
+                })
+                .collect())
+        })
+        .map_err(|e| e.to_string())?;
+    rows.collect::<Result<_, _>>().map_err(|e| e.to_string())
 }
 
 /// The stored instances of a data directory: the latest line of each in its record
@@ -672,45 +661,45 @@ fn processed_ids_of_an_earlier_state_file_are_still_recognised() {
 pub(crate) fn write_earlier_state_file(data_dir: &Path) {
     let instances = stored(data_dir);
     let state = data_dir.join("state.db");
-    block_on(async {
-        let url = format!("sqlite://{}?mode=rw", state.display());
-        let pool = sqlx::SqlitePool::connect(&url).await.expect("open");
-        sqlx::raw_sql(
+    let connection = rusqlite::Connection::open(&state).expect("open");
+    connection
+        .execute_batch(
             "CREATE TABLE instances (reducer TEXT NOT NULL, key TEXT NOT NULL, state TEXT NOT NULL, outcome TEXT, snapshot TEXT NOT NULL, updated_at TEXT NOT NULL, PRIMARY KEY (reducer, key));
              CREATE TABLE processed (reducer TEXT NOT NULL, key TEXT NOT NULL, message_id TEXT NOT NULL, PRIMARY KEY (reducer, key, message_id));",
         )
-        .execute(&pool)
-        .await
         .expect("earlier tables");
-        for instance in &instances {
-            let mut snapshot = instance["snapshot"].clone();
-            let processed = snapshot
-                .as_object_mut()
-                .and_then(|s| s.remove("processed"))
-                .unwrap_or_default();
-            for id in processed.as_array().into_iter().flatten() {
-                sqlx::query("INSERT INTO processed VALUES (?1, ?2, ?3)")
-                    .bind(instance["reducer"].as_str())
-                    .bind(instance["key"].as_str())
-                    .bind(id.as_str())
-                    .execute(&pool)
-                    .await
-                    .expect("processed row");
-            }
-            sqlx::query(
-                "INSERT INTO instances VALUES (?1, ?2, ?3, ?4, ?5, '2026-01-01T00:00:00Z')",
-            )
-            .bind(instance["reducer"].as_str())
-            .bind(instance["key"].as_str())
-            .bind(instance["state"].as_str())
-            .bind(instance["outcome"].as_str())
-            .bind(snapshot.to_string())
-            .execute(&pool)
-            .await
-            .expect("instance row");
+    for instance in &instances {
+        let mut snapshot = instance["snapshot"].clone();
+        let processed = snapshot
+            .as_object_mut()
+            .and_then(|s| s.remove("processed"))
+            .unwrap_or_default();
+        for id in processed.as_array().into_iter().flatten() {
+            connection
+                .execute(
+                    "INSERT INTO processed VALUES (?1, ?2, ?3)",
+                    (
+                        instance["reducer"].as_str(),
+                        instance["key"].as_str(),
+                        id.as_str(),
+                    ),
+                )
+                .expect("processed row");
         }
-        pool.close().await;
-    });
+        connection
+            .execute(
+                "INSERT INTO instances VALUES (?1, ?2, ?3, ?4, ?5, '2026-01-01T00:00:00Z')",
+                (
+                    instance["reducer"].as_str(),
+                    instance["key"].as_str(),
+                    instance["state"].as_str(),
+                    instance["outcome"].as_str(),
+                    snapshot.to_string(),
+                ),
+            )
+            .expect("instance row");
+    }
+    drop(connection);
     std::fs::remove_file(data_dir.join("instances.jsonl")).expect("no record log");
 }
 

@@ -24,6 +24,75 @@ pub struct Delivery {
     pub work: WorkGuard,
     /// When the bus took the message (latency figures count from here).
     pub published: std::time::Instant,
+    /// Given once the state of every step the message caused is durable.
+    pub ack: Ack,
+}
+
+/// The acknowledgement of one delivery: what lets a bus forget a message (a Kafka
+/// consumer commits its offset). It may be shared by several holders, one per
+/// instance the message reaches; the bus hears of it once all of them have acked.
+/// One dropped without [`Ack::ack`] (a run cut short) never acknowledges: the bus
+/// delivers the message again, and the processed record makes that harmless.
+#[derive(Default)]
+pub struct Ack(Option<Arc<AckState>>);
+
+struct AckState {
+    holders: std::sync::atomic::AtomicUsize,
+    abandoned: std::sync::atomic::AtomicBool,
+    on_ack: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+}
+
+impl std::fmt::Debug for Ack {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "Ack" } else { "Ack(none)" })
+    }
+}
+
+impl Ack {
+    /// Nothing to acknowledge (the embedded bus forgets a message once delivered).
+    pub fn none() -> Ack {
+        Ack(None)
+    }
+
+    pub fn new(on_ack: impl FnOnce() + Send + 'static) -> Ack {
+        Ack(Some(Arc::new(AckState {
+            holders: std::sync::atomic::AtomicUsize::new(1),
+            abandoned: std::sync::atomic::AtomicBool::new(false),
+            on_ack: Mutex::new(Some(Box::new(on_ack))),
+        })))
+    }
+
+    /// Another holder, which must ack too.
+    pub fn share(&self) -> Ack {
+        if let Some(state) = &self.0 {
+            state
+                .holders
+                .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        }
+        Ack(self.0.clone())
+    }
+
+    /// This holder's part is durable; the last one acknowledges the delivery.
+    pub fn ack(mut self) {
+        use std::sync::atomic::Ordering;
+        let Some(state) = self.0.take() else { return };
+        if state.holders.fetch_sub(1, Ordering::AcqRel) == 1
+            && !state.abandoned.load(Ordering::Acquire)
+            && let Some(on_ack) = state.on_ack.lock().ok().and_then(|mut f| f.take())
+        {
+            on_ack();
+        }
+    }
+}
+
+impl Drop for Ack {
+    fn drop(&mut self) {
+        if let Some(state) = self.0.take() {
+            state
+                .abandoned
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
+    }
 }
 
 pub type Subscription = mpsc::UnboundedReceiver<Delivery>;
@@ -113,6 +182,7 @@ impl Bus for EmbeddedBus {
                         Subscriber::Source => self.work.guard(),
                     },
                     published,
+                    ack: Ack::none(),
                 };
                 // A receiver that closed in between simply stops receiving.
                 let _ = subscriber.sender.send(delivery);
@@ -162,5 +232,33 @@ mod tests {
         assert_eq!((work.queued(), work.outstanding()), (0, 2));
         drop((taken, source.recv().await.expect("delivered")));
         assert_eq!(work.outstanding(), 0);
+    }
+
+    fn counted() -> (Arc<std::sync::atomic::AtomicUsize>, Ack) {
+        let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = Arc::clone(&count);
+        let ack = Ack::new(move || {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        });
+        (count, ack)
+    }
+
+    #[test]
+    fn a_shared_ack_is_given_once_every_holder_has_acked() {
+        let (count, ack) = counted();
+        let other = ack.share();
+        ack.ack();
+        assert_eq!(count.load(std::sync::atomic::Ordering::SeqCst), 0);
+        other.ack();
+        assert_eq!(count.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn an_ack_dropped_by_one_holder_is_never_given() {
+        let (count, ack) = counted();
+        let other = ack.share();
+        drop(ack);
+        other.ack();
+        assert_eq!(count.load(std::sync::atomic::Ordering::SeqCst), 0);
     }
 }

@@ -68,6 +68,13 @@ async fn ready(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
         };
         handlers.insert(name.to_owned(), status);
     }
+    let store = match &*shared.store.health().borrow() {
+        Ok(()) => Value::String("ready".into()),
+        Err(reason) => {
+            all = false;
+            Value::String(format!("unavailable: {reason}"))
+        }
+    };
     let status = if all {
         StatusCode::OK
     } else {
@@ -79,6 +86,7 @@ async fn ready(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
             "ready": all,
             "contracts": shared.project.name,
             "handlers": handlers,
+            "store": store,
         })),
     )
 }

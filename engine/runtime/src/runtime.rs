@@ -18,14 +18,13 @@ use tokio::sync::mpsc;
 use crate::bus::{Bus, Delivery, Subscriber};
 use crate::effects::EffectRunner;
 use crate::envelope::Envelope;
-use crate::event_log::LogLine;
 use crate::handler::Handlers;
 use crate::json_text::SizeHint;
 use crate::metrics::Metrics;
 use crate::project::{EventSpec, Project, ReducerId};
 use crate::shard::{Message, Shard, shard_of};
 use crate::slot::{InFlight, Snapshot};
-use crate::store::{DeadLetter, Opened, Store, StoredInstance, Write};
+use crate::store::{DeadLetter, LogLine, Opened, StateStore, StoredInstance, Write};
 use crate::template::{self, Record, Var};
 use crate::work::Work;
 
@@ -35,7 +34,7 @@ pub struct Shared {
     pub project: Arc<Project>,
     pub effects: EffectRunner,
     pub bus: Arc<dyn Bus>,
-    pub store: Store,
+    pub store: Arc<dyn StateStore>,
     pub metrics: Arc<Metrics>,
     pub work: Arc<Work>,
     /// `env` in operation templates: the process environment.
@@ -111,7 +110,6 @@ pub enum Source {
 
 #[derive(Debug, Clone)]
 pub struct Options {
-    pub data_dir: PathBuf,
     pub sources: Vec<Source>,
     pub demo: Option<usize>,
     /// Events per second the demo sends, all entities together; `None`: as fast
@@ -245,10 +243,13 @@ pub struct DemoSummary {
 }
 
 /// Runs until `shutdown` resolves or, with `until_idle`, until all work is done.
+/// The ports are the caller's: `store` (opened, with what it holds), `bus` and
+/// `handlers`.
 pub async fn run(
     project: Project,
     handlers: Handlers,
     bus: Arc<dyn Bus>,
+    store: Opened,
     work: Arc<Work>,
     options: Options,
     shutdown: impl Future<Output = ()>,
@@ -257,10 +258,12 @@ pub async fn run(
     let project = Arc::new(project);
     let Opened {
         store,
-        writer,
         stored,
-    } = Store::open(&options.data_dir).await?;
-    refuse_own_event_log(&options.sources, store.event_log_path())?;
+        legacy_processed,
+    } = store;
+    if let Some(event_log) = store.event_log_file() {
+        refuse_own_event_log(&options.sources, event_log)?;
+    }
     let opened_sources = open_sources(&options.sources).await?;
     let runtime_id = match store.meta("runtime_id").await? {
         Some(id) => id,
@@ -302,7 +305,7 @@ pub async fn run(
         project: Arc::clone(&project),
         effects: EffectRunner::new(handlers, Arc::clone(&metrics), &project.operations),
         bus: Arc::clone(&bus),
-        store: store.clone(),
+        store: Arc::clone(&store),
         metrics: Arc::clone(&metrics),
         work: Arc::clone(&work),
         env: Var::Json(Arc::new(Value::Object(env))),
@@ -323,7 +326,7 @@ pub async fn run(
 
     // The event log: everything published, kept in the store. Set before any
     // effect can run, resumed ones included.
-    let journal_store = store.clone();
+    let journal_store = Arc::clone(&store);
     let line_sizes = SizeHint::default();
     bus.set_journal(Box::new(move |envelope| {
         match LogLine::of(envelope, &line_sizes) {
@@ -342,7 +345,8 @@ pub async fn run(
         shard_tasks.push(tokio::spawn(shard.run(receiver)));
         shard_senders.push(sender);
     }
-    restore(&shared, stored, &shard_senders).await?;
+    restore(&shared, stored, legacy_processed, &shard_senders);
+    let pausing = pause_sources_while_the_store_fails(&store, &work);
     let senders = shard_senders.clone();
     shared.effects.on_breaker_closed(Box::new(move |breaker| {
         let breaker: Arc<str> = Arc::from(breaker);
@@ -467,7 +471,18 @@ pub async fn run(
     for task in &shard_tasks {
         task.abort();
     }
-    store.flush().await;
+    pausing.abort();
+    // A store that cannot write now keeps what it has queued only as long as the
+    // process lives: the deadline says so rather than wait for ever.
+    if tokio::time::timeout(options.drain, store.flush())
+        .await
+        .is_err()
+    {
+        let reason = store.health().borrow().clone().err().unwrap_or_default();
+        return Err(format!(
+            "the state store did not take the last changes within the drain deadline ({reason}); they are redone on the next start"
+        ));
+    }
 
     let mut summary = summarise(
         &shared,
@@ -481,8 +496,6 @@ pub async fn run(
     )
     .await?;
     summary.source_errors = source_errors;
-    // Everything is committed (flushed above); the writer ends with the process.
-    drop(writer);
     Ok(summary)
 }
 
@@ -586,15 +599,38 @@ async fn until_idle(work: &Work) {
     }
 }
 
-async fn restore(
+/// Sources wait while the store cannot write: what they would take could not be
+/// kept, and the changes queued meanwhile would only grow.
+fn pause_sources_while_the_store_fails(
+    store: &Arc<dyn StateStore>,
+    work: &Arc<Work>,
+) -> tokio::task::JoinHandle<()> {
+    let mut health = store.health();
+    let work = Arc::clone(work);
+    tokio::spawn(async move {
+        loop {
+            let now = health.borrow_and_update().clone();
+            match now {
+                Ok(()) => work.resume(),
+                Err(reason) => work.pause(reason),
+            }
+            if health.changed().await.is_err() {
+                return;
+            }
+        }
+    })
+}
+
+fn restore(
     shared: &Arc<Shared>,
     stored: Vec<StoredInstance>,
+    legacy: Vec<(String, String, String)>,
     senders: &[mpsc::UnboundedSender<Message>],
-) -> Result<(), String> {
+) {
     let project = &shared.project;
     let mut legacy_processed: std::collections::HashMap<(String, String), Vec<String>> =
         std::collections::HashMap::new();
-    for (reducer, key, message_id) in shared.store.legacy_processed().await? {
+    for (reducer, key, message_id) in legacy {
         legacy_processed
             .entry((reducer, key))
             .or_default()
@@ -628,7 +664,6 @@ async fn restore(
     if restored > 0 {
         tracing::info!(instances = restored, "resumed instances from the store");
     }
-    Ok(())
 }
 
 /// Sends an event to the instance of every route it takes.
@@ -637,8 +672,10 @@ fn route(shared: &Arc<Shared>, senders: &[mpsc::UnboundedSender<Message>], deliv
         envelope,
         work,
         published,
+        ack,
     } = delivery;
     let Some(routes) = shared.project.routes.get(&envelope.event_type) else {
+        ack.ack();
         return;
     };
     let scope = envelope.vars();
@@ -688,14 +725,29 @@ fn route(shared: &Arc<Shared>, senders: &[mpsc::UnboundedSender<Message>], deliv
             source: Cow::Borrowed("bus"),
             published,
             work: shared.work.queued_guard(),
+            ack: ack.share(),
         });
     }
-    // One dead letter per event and stage, with every route that could not take it.
+    // One dead letter per event and stage, with every route that could not take it;
+    // the delivery's acknowledgement waits for them too.
+    let mut letters = Vec::new();
     if !invalid.is_empty() {
-        shared.dead_letter(letter(&envelope, "validate", invalid.join("; ")));
+        letters.push(letter(&envelope, "validate", invalid.join("; ")));
     }
     if !failures.is_empty() {
-        shared.dead_letter(letter(&envelope, "route", failures.join("; ")));
+        letters.push(letter(&envelope, "route", failures.join("; ")));
+    }
+    if letters.is_empty() {
+        ack.ack();
+    } else {
+        for letter in &letters {
+            shared.count_dead_letter(&letter.stage);
+        }
+        shared.store.write(Write::Changes(crate::store::Changes {
+            instances: Vec::new(),
+            dead_letters: letters,
+            acks: vec![ack],
+        }));
     }
     drop(work);
 }
@@ -1024,8 +1076,8 @@ async fn summarise(
         demo,
         handlers,
         bus: crate::url::redact_text(&shared.bus.describe()).into_owned(),
-        state: shared.store.instance_log_path().display().to_string(),
-        event_log: shared.store.event_log_path().display().to_string(),
+        state: shared.store.location().state,
+        event_log: shared.store.location().event_log,
         listen: listen.map(|a| a.to_string()),
         cpu: crate::cpu::read(outcomes),
     })

@@ -16,6 +16,7 @@ use onex_core::{Change, Event, StepRecord};
 use serde_json::{Map, Value, json};
 use tokio::sync::mpsc;
 
+use crate::bus::Ack;
 use crate::envelope::Envelope;
 use crate::handler::{Call, Config, Outcome};
 use crate::intent::Intent;
@@ -58,6 +59,8 @@ pub enum Message {
         source: Cow<'static, str>,
         published: Instant,
         work: WorkGuard,
+        /// Given once the snapshot that marks the event processed is durable.
+        ack: Ack,
     },
     Result {
         reducer: ReducerId,
@@ -171,6 +174,7 @@ impl Shard {
                 source,
                 published,
                 mut work,
+                ack,
             } => {
                 work.taken();
                 let queued = Queued {
@@ -179,7 +183,7 @@ impl Shard {
                     source,
                     published: Some(published),
                 };
-                self.on_event(reducer, &key, queued);
+                self.on_event(reducer, &key, queued, ack);
                 Some(work)
             }
             Message::Result {
@@ -236,6 +240,9 @@ impl Shard {
                 still_unsaved.push((reducer, key));
                 continue;
             }
+            if let Some(unsaved) = &mut slot.unsaved {
+                self.changes.acks.append(&mut unsaved.acks);
+            }
             let snapshot = slot.snapshot(&spec.machine, &project.operations);
             self.changes.instances.push(StoredInstance {
                 reducer: spec.name.clone(),
@@ -265,6 +272,7 @@ impl Shard {
         if slot.unsaved.is_none() {
             slot.unsaved = Some(Unsaved {
                 since: Instant::now(),
+                acks: Vec::new(),
                 work: self.shared.work.guard(),
             });
             self.unsaved.push((reducer, key.to_owned()));
@@ -331,7 +339,9 @@ impl Shard {
         }
     }
 
-    fn on_event(&mut self, reducer: ReducerId, key: &str, queued: Queued) {
+    /// `ack` is given with the snapshot that marks the event processed; a repeat is
+    /// acknowledged with the first, or with the next hand-over if that is saved.
+    fn on_event(&mut self, reducer: ReducerId, key: &str, queued: Queued, ack: Ack) {
         let project = Arc::clone(&self.shared.project);
         let machine = &project.reducers[reducer].machine;
         let Some(slot) = self
@@ -343,12 +353,19 @@ impl Shard {
         if !slot.processed.insert(&queued.envelope.message_id) {
             self.shared.metrics.duplicates.inc();
             tracing::debug!(message_id = %queued.envelope.message_id, key, "duplicate event skipped");
+            match &mut slot.unsaved {
+                Some(unsaved) => unsaved.acks.push(ack),
+                None => self.changes.acks.push(ack),
+            }
             return;
         }
         self.touch(reducer, key);
         let Some(slot) = self.slots.get_mut(reducer, key) else {
             return;
         };
+        if let Some(unsaved) = &mut slot.unsaved {
+            unsaved.acks.push(ack);
+        }
         if project.reducers[reducer].rest[slot.instance.state] {
             self.deliver(reducer, key, queued);
             self.drain_inbox(reducer, key);

@@ -98,6 +98,9 @@ impl RecentIds {
 #[derive(Debug)]
 pub struct Unsaved {
     pub since: Instant,
+    /// The deliveries this snapshot will mark processed, acknowledged once it is
+    /// durable.
+    pub acks: Vec<crate::bus::Ack>,
     /// Keeps the run from counting as idle while the instance is unsaved.
     pub work: WorkGuard,
 }

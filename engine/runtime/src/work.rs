@@ -56,6 +56,8 @@ pub struct Work {
     queued: AtomicI64,
     effects: AtomicI64,
     max_effects: i64,
+    /// Why sources may take no events now (the state store cannot write).
+    paused: std::sync::Mutex<Option<String>>,
     changed: Notify,
     room: Notify,
 }
@@ -72,6 +74,7 @@ impl Work {
             queued: AtomicI64::new(0),
             effects: AtomicI64::new(0),
             max_effects: max_effects.max(1),
+            paused: std::sync::Mutex::new(None),
             changed: Notify::new(),
             room: Notify::new(),
         })
@@ -129,7 +132,28 @@ impl Work {
         }
     }
 
-    /// Resolves once fewer than [`MAX_QUEUED`] events wait, fewer than
+    /// Stops sources from taking events until [`Work::resume`]: what they would take
+    /// could not be kept.
+    pub fn pause(&self, reason: String) {
+        if let Ok(mut paused) = self.paused.lock() {
+            *paused = Some(reason);
+        }
+    }
+
+    pub fn resume(&self) {
+        if let Ok(mut paused) = self.paused.lock()
+            && paused.take().is_some()
+        {
+            self.room.notify_waiters();
+        }
+    }
+
+    /// Why sources wait, if they are paused.
+    pub fn paused(&self) -> Option<String> {
+        self.paused.lock().ok().and_then(|p| p.clone())
+    }
+
+    /// Resolves once sources are not paused, fewer than [`MAX_QUEUED`] events wait, fewer than
     /// [`MAX_OUTSTANDING`] units are outstanding and fewer effects than the limit
     /// wait on a backend; a source that has to wait for the queue waits until it is
     /// down to [`RESUME_QUEUED`], for the effects until three quarters of the limit.
@@ -138,6 +162,7 @@ impl Work {
             let notified = self.room.notified();
             if self.queued() < MAX_QUEUED
                 && self.outstanding() < MAX_OUTSTANDING
+                && self.paused.lock().is_ok_and(|p| p.is_none())
                 && self.effects() < self.max_effects
             {
                 return;
@@ -261,6 +286,17 @@ mod tests {
         assert_eq!(work.outstanding(), MAX_QUEUED);
         drop(queued);
         assert_eq!((work.queued(), work.outstanding()), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn sources_wait_while_paused_until_resumed() {
+        let work = Work::new();
+        work.pause("the store cannot write".into());
+        let waiting = waiting_source(&work, "paused").await;
+        assert_eq!(work.paused().as_deref(), Some("the store cannot write"));
+        work.resume();
+        gets_room(waiting, "resumed").await;
+        assert_eq!(work.paused(), None);
     }
 
     #[tokio::test]

@@ -22,8 +22,7 @@ use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::envelope::Envelope;
-use crate::json_text::SizeHint;
+use crate::store::LogLine;
 
 pub const EVENT_LOG_FILE: &str = "event-log.jsonl";
 /// Message ids remembered against repeats: far more than are in flight at once (at
@@ -107,10 +106,10 @@ impl EventLog {
 
     /// Appends the line unless its message is logged already.
     pub fn append(&mut self, line: &LogLine) -> std::io::Result<()> {
-        if !self.remember(&line.message_id) {
+        if !self.remember(line.message_id()) {
             return Ok(());
         }
-        self.file.write_all(&line.text)
+        self.file.write_all(line.text())
     }
 
     /// Hands what is buffered to the file.
@@ -134,30 +133,11 @@ impl EventLog {
     }
 }
 
-/// An event's line in the log, newline included, with its message id (by which a
-/// repeat is recognised).
-#[derive(Debug)]
-pub struct LogLine {
-    message_id: Arc<str>,
-    text: Vec<u8>,
-}
-
-impl LogLine {
-    /// `sizes` is the publisher's: the length of its last line sizes this one's buffer.
-    pub fn of(envelope: &Envelope, sizes: &SizeHint) -> Result<LogLine, String> {
-        // sonic-rs, as for snapshots: it escapes strings a vector at a time.
-        let mut text = sizes.write(envelope).map_err(|e| e.to_string())?;
-        text.push(b'\n');
-        Ok(LogLine {
-            message_id: Arc::from(envelope.message_id.as_str()),
-            text,
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::envelope::Envelope;
+    use crate::json_text::SizeHint;
     use serde_json::{Value, json};
 
     fn line(id: &str) -> LogLine {

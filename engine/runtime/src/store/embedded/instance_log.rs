@@ -108,7 +108,7 @@ impl InstanceLog {
     /// Opens (creating) the log; a line cut short at its end is cut off.
     pub fn open(path: &Path) -> Result<InstanceLog, String> {
         let cannot = |e: std::io::Error| format!("cannot open {}: {e}", path.display());
-        let file = crate::event_log::open_log_file(path)?;
+        let file = super::event_log::open_log_file(path)?;
         let mut index: Vec<(u64, u64, Head)> = Vec::new();
         let whole = scan(&file, |offset, length, head| {
             index.push((offset, length, head));

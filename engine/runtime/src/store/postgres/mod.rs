@@ -1,0 +1,492 @@
+//! The PostgreSQL state store (`--database-url postgres://...`): instances, dead
+//! letters, the event log and run metadata in tables of their own (`onex_*`), created
+//! and upgraded by versioned migrations when the store opens; a database whose schema
+//! is newer than this binary knows is refused.
+//!
+//! Writes are taken by one task in batches, at most one per [`COMMIT_INTERVAL`], and
+//! each batch is one transaction: its events, its dead letters and the latest
+//! snapshot of each of its instances, each kind in one statement over arrays. A
+//! transaction is all or nothing, which keeps the port's crash-safe order by itself.
+//! A batch that fails (the server gone, a lost connection) is kept and tried again,
+//! with what came since, until it commits; meanwhile the store reports why.
+//!
+//! While a run uses the store it holds a session advisory lock, so that a second run
+//! on the same database is refused as a second run on one data directory is.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::{Connection, PgConnection, Row, SqlSafeStr};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tokio::time::Instant;
+
+use super::{DeadLetter, Health, Location, Opened, StateStore, StoredInstance, Write};
+use crate::handler::BoxFuture;
+use crate::url::{redact, redact_text};
+
+/// The schema versions this binary knows, oldest first.
+const MIGRATIONS: [(i64, &str, &str); 1] = [(1, "state store", include_str!("0001_state.sql"))];
+/// Where the applied versions are recorded: a name of onex's own, so that a database
+/// shared with an application that uses sqlx's migrator keeps both apart.
+const MIGRATIONS_TABLE: &str = "onex_migrations";
+/// The key of the advisory lock a run holds ("onex" in ASCII).
+const LOCK_KEY: i64 = 0x6f6e_6578;
+/// Batches start at most this often; an instance that changes several times within
+/// it is written once.
+const COMMIT_INTERVAL: Duration = Duration::from_millis(100);
+/// Writes per transaction at most; more wait for the next one.
+const BATCH: usize = 16384;
+/// How long the writer waits before it tries a failed batch again, at most.
+const RETRY_AT_MOST_EVERY: Duration = Duration::from_secs(2);
+/// Connections: the writer's and one for reads; a spare for a reconnect.
+const CONNECTIONS: u32 = 3;
+/// How long a statement waits for a connection before it counts as failed (the
+/// server is down: the writer tries again, `/ready` says so).
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
+
+#[derive(Debug)]
+enum Job {
+    Write(Write),
+    Flush(oneshot::Sender<()>),
+}
+
+#[derive(Debug)]
+pub struct PostgresStore {
+    pool: PgPool,
+    /// The URL without its password, for people.
+    shown: String,
+    jobs: mpsc::UnboundedSender<Job>,
+    flush_asked: Arc<Notify>,
+    health: watch::Receiver<Health>,
+    /// Holds the advisory lock for as long as the store lives.
+    _lock: tokio::sync::Mutex<PgConnection>,
+}
+
+impl PostgresStore {
+    /// Connects, applies the migrations this binary has and the database lacks,
+    /// takes the run's lock and starts the writer. Also returns the stored instances.
+    pub async fn open(url: &str) -> Result<Opened, String> {
+        let shown = redact(url).into_owned();
+        let options = connect_options(url)?;
+        let cannot = |e: sqlx::Error| {
+            format!(
+                "cannot connect to the state store at {shown}: {}",
+                redact_text(&e.to_string())
+            )
+        };
+        let pool = PgPoolOptions::new()
+            .max_connections(CONNECTIONS)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_with(options.clone())
+            .await
+            .map_err(cannot)?;
+        migrate(&pool, &shown).await?;
+        let mut lock = PgConnection::connect_with(&options).await.map_err(cannot)?;
+        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(LOCK_KEY)
+            .fetch_one(&mut lock)
+            .await
+            .map_err(cannot)?;
+        if !locked {
+            return Err(format!(
+                "the state store at {shown} is in use by another onex run; stop it first, or give this run a database of its own"
+            ));
+        }
+        let stored = instances(&pool)
+            .await
+            .map_err(|e| cannot_read(&shown, &e))?;
+        let (jobs, receiver) = mpsc::unbounded_channel();
+        let flush_asked = Arc::new(Notify::new());
+        let (health_sender, health) = watch::channel(Ok(()));
+        tokio::spawn(write_loop(
+            pool.clone(),
+            shown.clone(),
+            receiver,
+            Arc::clone(&flush_asked),
+            health_sender,
+        ));
+        let store = PostgresStore {
+            pool,
+            shown,
+            jobs,
+            flush_asked,
+            health,
+            _lock: tokio::sync::Mutex::new(lock),
+        };
+        Ok(Opened {
+            store: Arc::new(store),
+            stored,
+            legacy_processed: Vec::new(),
+        })
+    }
+
+    fn send(&self, job: Job) {
+        // The writer ends only once the store is gone; a send cannot fail before.
+        let _ = self.jobs.send(job);
+    }
+}
+
+impl StateStore for PostgresStore {
+    fn write(&self, write: Write) {
+        self.send(Job::Write(write));
+    }
+
+    fn flush(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let (done, wait) = oneshot::channel();
+            self.send(Job::Flush(done));
+            self.flush_asked.notify_one();
+            let _ = wait.await;
+        })
+    }
+
+    fn instances(&self) -> BoxFuture<'_, Result<Vec<StoredInstance>, String>> {
+        Box::pin(async move {
+            instances(&self.pool)
+                .await
+                .map_err(|e| cannot_read(&self.shown, &e))
+        })
+    }
+
+    fn dead_letters(&self) -> BoxFuture<'_, Result<Vec<DeadLetter>, String>> {
+        Box::pin(async move {
+            dead_letters(&self.pool)
+                .await
+                .map_err(|e| cannot_read(&self.shown, &e))
+        })
+    }
+
+    fn dead_letter_count(&self) -> BoxFuture<'_, Result<i64, String>> {
+        Box::pin(async move {
+            sqlx::query_scalar("SELECT count(*) FROM onex_dead_letters")
+                .fetch_one(&self.pool)
+                .await
+                .map_err(|e| cannot_read(&self.shown, &e))
+        })
+    }
+
+    fn meta<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<String>, String>> {
+        Box::pin(async move {
+            sqlx::query_scalar("SELECT value FROM onex_meta WHERE key = $1")
+                .bind(key)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(|e| cannot_read(&self.shown, &e))
+        })
+    }
+
+    fn set_meta<'a>(&'a self, key: &'a str, value: &'a str) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            sqlx::query(
+                "INSERT INTO onex_meta (key, value) VALUES ($1, $2) \
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            )
+            .bind(key)
+            .bind(value)
+            .execute(&self.pool)
+            .await
+            .map(drop)
+            .map_err(|e| cannot_write(&self.shown, &e))
+        })
+    }
+
+    fn health(&self) -> watch::Receiver<Health> {
+        self.health.clone()
+    }
+
+    fn location(&self) -> Location {
+        Location {
+            state: format!("{} (table onex_instances)", self.shown),
+            event_log: format!("{} (table onex_event_log)", self.shown),
+        }
+    }
+}
+
+/// The URL's options; `sslmode` and the other libpq parameters are sqlx's to read.
+pub fn connect_options(url: &str) -> Result<PgConnectOptions, String> {
+    PgConnectOptions::from_str(url).map_err(|e| {
+        format!(
+            "the database URL {} is not usable: {}",
+            redact(url),
+            redact_text(&e.to_string())
+        )
+    })
+}
+
+fn cannot_read(shown: &str, e: &sqlx::Error) -> String {
+    format!(
+        "cannot read the state store at {shown}: {}",
+        redact_text(&e.to_string())
+    )
+}
+
+fn cannot_write(shown: &str, e: &sqlx::Error) -> String {
+    format!(
+        "cannot write to the state store at {shown}: {}",
+        redact_text(&e.to_string())
+    )
+}
+
+/// Applies the migrations the database lacks; one it has that this binary does not
+/// know means a newer onex wrote it, and this one refuses rather than guess.
+async fn migrate(pool: &PgPool, shown: &str) -> Result<(), String> {
+    let migrations = MIGRATIONS
+        .iter()
+        .map(|&(version, description, sql)| {
+            Migration::new(
+                version,
+                Cow::Borrowed(description),
+                MigrationType::Simple,
+                sql.into_sql_str(),
+                false,
+            )
+        })
+        .collect();
+    let mut migrator = Migrator::with_migrations(migrations);
+    migrator.dangerous_set_table_name(MIGRATIONS_TABLE);
+    migrator.run(pool).await.map_err(|e| match e {
+        sqlx::migrate::MigrateError::VersionMissing(version) => format!(
+            "the state store at {shown} has schema version {version}, newer than this onex knows (1 to {}); use the onex that wrote it, or a newer one",
+            MIGRATIONS.len()
+        ),
+        other => format!(
+            "cannot prepare the state store at {shown}: {}",
+            redact_text(&other.to_string())
+        ),
+    })
+}
+
+async fn instances(pool: &PgPool) -> Result<Vec<StoredInstance>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT reducer, key, state, outcome, snapshot::text FROM onex_instances ORDER BY reducer, key",
+    )
+    .fetch_all(pool)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(StoredInstance {
+                reducer: r.try_get(0)?,
+                key: r.try_get(1)?,
+                state: r.try_get(2)?,
+                outcome: r.try_get(3)?,
+                snapshot: r.try_get(4)?,
+            })
+        })
+        .collect()
+}
+
+async fn dead_letters(pool: &PgPool) -> Result<Vec<DeadLetter>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT id, at, stage, reason, event_type, message_id, source, raw FROM onex_dead_letters ORDER BY id",
+    )
+    .fetch_all(pool)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(DeadLetter {
+                id: Some(r.try_get(0)?),
+                at: r.try_get(1)?,
+                stage: r.try_get(2)?,
+                reason: r.try_get(3)?,
+                event_type: r.try_get(4)?,
+                message_id: r.try_get(5)?,
+                source: r.try_get(6)?,
+                raw: r.try_get(7)?,
+            })
+        })
+        .collect()
+}
+
+/// Dead letters in the store at `url`, oldest first (`onex dlq list`).
+pub async fn read_dead_letters(url: &str) -> Result<Vec<DeadLetter>, String> {
+    let (pool, shown) = connect_for_reading(url).await?;
+    dead_letters(&pool)
+        .await
+        .map_err(|e| cannot_read(&shown, &e))
+}
+
+/// Instances in the store at `url` (`onex state list`).
+pub async fn read_instances(url: &str) -> Result<Vec<StoredInstance>, String> {
+    let (pool, shown) = connect_for_reading(url).await?;
+    instances(&pool).await.map_err(|e| cannot_read(&shown, &e))
+}
+
+/// A connection for the `dlq` and `state` commands, which read what runs left and
+/// never change the schema: a database without the tables has no runtime state.
+async fn connect_for_reading(url: &str) -> Result<(PgPool, String), String> {
+    let shown = redact(url).into_owned();
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(ACQUIRE_TIMEOUT)
+        .connect_with(connect_options(url)?)
+        .await
+        .map_err(|e| {
+            format!(
+                "cannot connect to the state store at {shown}: {}",
+                redact_text(&e.to_string())
+            )
+        })?;
+    let has_tables: bool = sqlx::query_scalar("SELECT to_regclass('onex_instances') IS NOT NULL")
+        .fetch_one(&pool)
+        .await
+        .map_err(|e| cannot_read(&shown, &e))?;
+    if !has_tables {
+        return Err(format!(
+            "no runtime state at {shown} (run `onex run --database-url ...` first)"
+        ));
+    }
+    Ok((pool, shown))
+}
+
+/// The writer task: at most one transaction per `COMMIT_INTERVAL` unless a flush
+/// hurries it, each with everything that waited meanwhile; a batch that fails is
+/// kept and written again, with what came since, until it commits.
+async fn write_loop(
+    pool: PgPool,
+    shown: String,
+    mut jobs: mpsc::UnboundedReceiver<Job>,
+    flush_asked: Arc<Notify>,
+    health: watch::Sender<Health>,
+) {
+    let mut batch: Vec<Write> = Vec::new();
+    let mut flushes: Vec<oneshot::Sender<()>> = Vec::new();
+    let mut last_commit = Instant::now();
+    let mut retry_after = COMMIT_INTERVAL;
+    loop {
+        if batch.is_empty() && flushes.is_empty() {
+            match jobs.recv().await {
+                Some(Job::Write(write)) => batch.push(write),
+                Some(Job::Flush(done)) => flushes.push(done),
+                None => return,
+            }
+        }
+        if flushes.is_empty() {
+            tokio::select! {
+                () = tokio::time::sleep_until(last_commit + COMMIT_INTERVAL) => {}
+                () = flush_asked.notified() => {}
+            }
+        }
+        last_commit = Instant::now();
+        while batch.len() < BATCH {
+            match jobs.try_recv() {
+                Ok(Job::Write(write)) => batch.push(write),
+                Ok(Job::Flush(done)) => flushes.push(done),
+                Err(_) => break,
+            }
+        }
+        match commit(&pool, &batch).await {
+            Ok(()) => {
+                for write in &mut batch {
+                    if let Write::Changes(changes) = write {
+                        for ack in changes.acks.drain(..) {
+                            ack.ack();
+                        }
+                    }
+                }
+                if batch.len() < BATCH {
+                    for done in flushes.drain(..) {
+                        let _ = done.send(());
+                    }
+                }
+                batch.clear();
+                retry_after = COMMIT_INTERVAL;
+                health.send_if_modified(|h| std::mem::replace(h, Ok(())).is_err());
+            }
+            Err(e) => {
+                let reason = cannot_write(&shown, &e);
+                tracing::error!(error = %reason, "cannot write the runtime's state; trying again");
+                let _was = health.send_replace(Err(reason));
+                tokio::time::sleep(retry_after).await;
+                retry_after = (retry_after * 2).min(RETRY_AT_MOST_EVERY);
+            }
+        }
+    }
+}
+
+/// One batch, one transaction: events, dead letters, then the latest snapshot of
+/// each instance.
+async fn commit(pool: &PgPool, batch: &[Write]) -> Result<(), sqlx::Error> {
+    let mut event_ids: Vec<&str> = Vec::new();
+    let mut envelopes: Vec<&str> = Vec::new();
+    let mut letters: Vec<&DeadLetter> = Vec::new();
+    let mut latest: HashMap<(&str, &str), &StoredInstance, foldhash::fast::RandomState> =
+        HashMap::default();
+    for write in batch {
+        match write {
+            Write::Event(line) => {
+                event_ids.push(line.message_id());
+                envelopes.push(line.json());
+            }
+            Write::DeadLetter(letter) => letters.push(letter),
+            Write::Changes(changes) => {
+                letters.extend(&changes.dead_letters);
+                for row in &changes.instances {
+                    latest.insert((&row.reducer, &row.key), row);
+                }
+            }
+        }
+    }
+    if event_ids.is_empty() && letters.is_empty() && latest.is_empty() {
+        return Ok(());
+    }
+    let mut tx = pool.begin().await?;
+    if !event_ids.is_empty() {
+        sqlx::query(
+            "INSERT INTO onex_event_log (message_id, envelope) \
+             SELECT id, envelope::json FROM UNNEST($1::text[], $2::text[]) AS e(id, envelope) \
+             ON CONFLICT (message_id) DO NOTHING",
+        )
+        .bind(&event_ids)
+        .bind(&envelopes)
+        .execute(&mut *tx)
+        .await?;
+    }
+    if !letters.is_empty() {
+        let column = |f: fn(&DeadLetter) -> &str| letters.iter().map(|d| f(d)).collect::<Vec<_>>();
+        let optional =
+            |f: fn(&DeadLetter) -> Option<&str>| letters.iter().map(|d| f(d)).collect::<Vec<_>>();
+        sqlx::query(
+            "INSERT INTO onex_dead_letters (at, stage, reason, event_type, message_id, source, raw) \
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[]) \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(column(|d| &d.at))
+        .bind(column(|d| &d.stage))
+        .bind(column(|d| &d.reason))
+        .bind(optional(|d| d.event_type.as_deref()))
+        .bind(optional(|d| d.message_id.as_deref()))
+        .bind(column(|d| &d.source))
+        .bind(column(|d| &d.raw))
+        .execute(&mut *tx)
+        .await?;
+    }
+    if !latest.is_empty() {
+        let rows: Vec<&StoredInstance> = latest.into_values().collect();
+        let column = |f: fn(&StoredInstance) -> &str| rows.iter().map(|r| f(r)).collect::<Vec<_>>();
+        sqlx::query(
+            "INSERT INTO onex_instances (reducer, key, state, outcome, snapshot) \
+             SELECT reducer, key, state, outcome, snapshot::json \
+             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[]) \
+               AS i(reducer, key, state, outcome, snapshot) \
+             ON CONFLICT (reducer, key) DO UPDATE SET state = excluded.state, \
+               outcome = excluded.outcome, snapshot = excluded.snapshot, updated_at = now()",
+        )
+        .bind(column(|r| &r.reducer))
+        .bind(column(|r| &r.key))
+        .bind(column(|r| &r.state))
+        .bind(
+            rows.iter()
+                .map(|r| r.outcome.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind(column(|r| &r.snapshot))
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await
+}
