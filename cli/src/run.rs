@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use onex_contract::ContractKind;
 use onex_runtime::bus::{Bus, EmbeddedBus};
+use onex_runtime::journal::Journaled;
 use onex_runtime::runtime::{Options, Source, Summary};
 use onex_runtime::store::embedded::EmbeddedStore;
 use onex_runtime::store::postgres::PostgresStore;
@@ -90,12 +91,15 @@ pub fn run(args: &RunArgs) -> anyhow::Result<u8> {
     let summary = runtime.block_on(async move {
         let shutdown = shutdown_signal();
         let work = Work::with_max_effects(max_effects);
-        let bus: Arc<dyn Bus> = EmbeddedBus::new(Arc::clone(&work));
-        let handlers = onex_handlers::builtin(&settings, Arc::clone(&bus))?;
         let store = match &database_url {
             Some(url) => PostgresStore::open(url).await?,
             None => EmbeddedStore::open(&data_dir)?,
         };
+        let bus: Arc<dyn Bus> = Journaled::new(
+            EmbeddedBus::new(Arc::clone(&work)),
+            Arc::clone(&store.store),
+        );
+        let handlers = onex_handlers::builtin(&settings, Arc::clone(&bus))?;
         onex_runtime::runtime::run(project, handlers, bus, store, work, options, shutdown).await
     });
     // Everything is flushed by now. Tasks still blocked (a read of standard input, say)

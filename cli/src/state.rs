@@ -53,7 +53,7 @@ pub fn dead_letters(args: &DlqListArgs) -> anyhow::Result<u8> {
                     "#{} {} [{}] {}\n    from {}{}",
                     letter.id.unwrap_or_default(),
                     escape_controls(&letter.at),
-                    escape_controls(&letter.stage),
+                    escape_controls(letter.stage.as_str()),
                     escape_controls(&onex_diag::shorten::shorten_quoted(letter.reason.clone())),
                     escape_controls(&letter.source),
                     letter

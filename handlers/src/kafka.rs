@@ -57,7 +57,11 @@ impl Handler for KafkaHandler {
                 entity_id: config["partition_key_template"].as_str().map(str::to_owned),
                 payload: Arc::new(payload),
             };
-            self.bus.publish(envelope).map_err(Failure::Transient)?;
+            self.bus
+                .publish(envelope)
+                .map_err(Failure::Transient)?
+                .await
+                .map_err(Failure::Transient)?;
             Ok(json!({"message_id": message_id}))
         })
     }

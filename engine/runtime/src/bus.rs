@@ -1,4 +1,11 @@
-//! The bus interface and the embedded in-process bus, the default.
+//! The bus port, and the embedded in-process bus, the default.
+//!
+//! A bus takes messages ([`Bus::publish`], which enqueues at once and returns a
+//! [`Published`] that resolves when the bus holds the message: at once in memory, on
+//! the broker's acknowledgement for Kafka) and delivers them to subscribers, each
+//! [`Delivery`] with an [`Ack`] that the runtime gives only once the state of every
+//! step the message caused is durable. Back-pressure is the driver's (sources wait for
+//! room), and so is the event log ([`crate::journal`]): neither is in the interface.
 //!
 //! Delivery order is publish order for every subscriber, so events of one entity stay
 //! in order; the runtime then keeps per-instance order by sharding on the instance
@@ -11,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
 
 use crate::envelope::Envelope;
+use crate::handler::BoxFuture;
 use crate::work::{Work, WorkGuard};
 
 /// One delivered message; holding it keeps the run from counting as idle, and a
@@ -98,21 +106,57 @@ impl Drop for Ack {
 pub type Subscription = mpsc::UnboundedReceiver<Delivery>;
 
 pub trait Bus: Send + Sync + std::fmt::Debug {
-    /// Publishes to every subscriber of the event type. Fails only when the bus is
-    /// closed (shutting down).
-    fn publish(&self, envelope: Envelope) -> Result<(), String>;
+    /// Enqueues for every subscriber of the event type. `Err`: the bus refuses the
+    /// message now (it is closed); otherwise the returned future says whether the
+    /// bus came to hold it. Callers that cannot wait may drop it: the message is
+    /// sent all the same.
+    fn publish(&self, envelope: Envelope) -> Result<Published, String>;
     /// Subscribes to the given event types (`None`: all).
     fn subscribe(&self, event_types: Option<HashSet<String>>, kind: Subscriber) -> Subscription;
     /// Where messages go, for people: "embedded (in-process)".
     fn describe(&self) -> String;
-    /// Keeps every published message before it is delivered (the runtime's event
-    /// log). A bus that is durable by itself ignores it.
-    fn set_journal(&self, journal: Journal) {
-        let _ = journal;
+}
+
+/// The bus's confirmation that it holds a published message.
+pub struct Published(Option<BoxFuture<'static, Result<(), String>>>);
+
+impl Published {
+    /// Held already (an in-memory bus): no future to wait for, no allocation.
+    pub fn held() -> Published {
+        Published(None)
+    }
+
+    /// Held once `confirmation` resolves `Ok` (a broker's acknowledgement).
+    pub fn pending(
+        confirmation: impl std::future::Future<Output = Result<(), String>> + Send + 'static,
+    ) -> Published {
+        Published(Some(Box::pin(confirmation)))
     }
 }
 
-pub type Journal = Box<dyn Fn(&Envelope) + Send + Sync>;
+impl std::fmt::Debug for Published {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Published(pending)"
+        } else {
+            "Published(held)"
+        })
+    }
+}
+
+impl std::future::Future for Published {
+    type Output = Result<(), String>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        match &mut self.0 {
+            None => std::task::Poll::Ready(Ok(())),
+            Some(confirmation) => confirmation.as_mut().poll(cx),
+        }
+    }
+}
 
 /// What a subscriber does with its messages, which says whether those not yet
 /// received count against the queue limit of [`Work::room`].
@@ -136,7 +180,6 @@ struct Listener {
 pub struct EmbeddedBus {
     subscribers: Mutex<Vec<Listener>>,
     work: Arc<Work>,
-    journal: std::sync::OnceLock<Journal>,
 }
 
 impl std::fmt::Debug for EmbeddedBus {
@@ -150,19 +193,13 @@ impl EmbeddedBus {
         Arc::new(EmbeddedBus {
             subscribers: Mutex::new(Vec::new()),
             work,
-            journal: std::sync::OnceLock::new(),
         })
     }
 }
 
 impl Bus for EmbeddedBus {
-    fn publish(&self, envelope: Envelope) -> Result<(), String> {
+    fn publish(&self, envelope: Envelope) -> Result<Published, String> {
         let envelope = Arc::new(envelope);
-        // Journalled first: once publish returns, the message is in the store's
-        // write queue ahead of anything its consequences write.
-        if let Some(journal) = self.journal.get() {
-            journal(&envelope);
-        }
         let mut subscribers = self
             .subscribers
             .lock()
@@ -188,7 +225,7 @@ impl Bus for EmbeddedBus {
                 let _ = subscriber.sender.send(delivery);
             }
         }
-        Ok(())
+        Ok(Published::held())
     }
 
     fn subscribe(&self, event_types: Option<HashSet<String>>, kind: Subscriber) -> Subscription {
@@ -206,10 +243,6 @@ impl Bus for EmbeddedBus {
     fn describe(&self) -> String {
         "embedded (in-process)".into()
     }
-
-    fn set_journal(&self, journal: Journal) {
-        let _ = self.journal.set(journal);
-    }
 }
 
 #[cfg(test)]
@@ -225,7 +258,10 @@ mod tests {
         let envelope: Envelope =
             serde_json::from_str(r#"{"message_id": "m-1", "event_type": "Tick"}"#)
                 .expect("envelope");
-        bus.publish(envelope).expect("published");
+        bus.publish(envelope)
+            .expect("published")
+            .await
+            .expect("held");
         assert_eq!((work.queued(), work.outstanding()), (1, 2));
         let mut taken = processor.recv().await.expect("delivered");
         taken.work.taken();

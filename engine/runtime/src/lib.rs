@@ -14,6 +14,7 @@ pub mod exposition;
 pub mod handler;
 pub mod input_file;
 pub mod intent;
+pub mod journal;
 pub mod json_text;
 pub mod lines;
 pub mod metrics;

@@ -22,18 +22,6 @@ type Labels = Vec<(&'static str, String)>;
 /// What the runtime's own metrics are named with; a contract's may not be (OX512).
 pub const PREFIX: &str = "onex_";
 
-/// The stages at which an event becomes a dead letter (docs/orchestration.md,
-/// Guarantees): each has its `dead_letters_total` series from the start, at 0, so
-/// that a rate or an alert on it has a series before the first dead letter.
-const DEAD_LETTER_STAGES: [&str; 6] = [
-    "decode",
-    "route",
-    "validate",
-    "reject",
-    "effect",
-    "follow-up",
-];
-
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
@@ -108,8 +96,10 @@ impl Default for Metrics {
         let effect_retries = Family::default();
         let breaker_state = Family::default();
         let dead_letters = Family::<Labels, Counter>::default();
-        for stage in DEAD_LETTER_STAGES {
-            let _ = dead_letters.get_or_create(&vec![("stage", stage.to_owned())]);
+        // Every stage has its series from the start, at 0, so that a rate or an
+        // alert on it has a series before the first dead letter.
+        for stage in crate::store::Stage::ALL {
+            let _ = dead_letters.get_or_create(&vec![("stage", stage.as_str().to_owned())]);
         }
         let outcomes = Family::default();
         let outcome_seconds = Family::<Labels, Histogram>::new_with_constructor(

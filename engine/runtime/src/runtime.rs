@@ -19,12 +19,11 @@ use crate::bus::{Bus, Delivery, Subscriber};
 use crate::effects::EffectRunner;
 use crate::envelope::Envelope;
 use crate::handler::Handlers;
-use crate::json_text::SizeHint;
 use crate::metrics::Metrics;
 use crate::project::{EventSpec, Project, ReducerId};
 use crate::shard::{Message, Shard, shard_of};
 use crate::slot::{InFlight, Snapshot};
-use crate::store::{DeadLetter, LogLine, Opened, StateStore, StoredInstance, Write};
+use crate::store::{DeadLetter, Opened, Stage, StateStore, StoredInstance, Write};
 use crate::template::{self, Record, Var};
 use crate::work::Work;
 
@@ -62,7 +61,7 @@ impl Shared {
 
     /// Keeps a dead letter found outside the shards (decoding, routing).
     pub fn dead_letter(&self, letter: DeadLetter) {
-        self.count_dead_letter(&letter.stage);
+        self.count_dead_letter(letter.stage);
         self.store.write(Write::DeadLetter(letter));
     }
 
@@ -93,10 +92,10 @@ impl Shared {
         self.metrics.render()
     }
 
-    pub fn count_dead_letter(&self, stage: &str) {
+    pub fn count_dead_letter(&self, stage: Stage) {
         self.metrics
             .dead_letters
-            .get_or_create(&vec![("stage", stage.to_owned())])
+            .get_or_create(&vec![("stage", stage.as_str().to_owned())])
             .inc();
         self.dead_letters.fetch_add(1, Ordering::Relaxed);
     }
@@ -243,8 +242,8 @@ pub struct DemoSummary {
 }
 
 /// Runs until `shutdown` resolves or, with `until_idle`, until all work is done.
-/// The ports are the caller's: `store` (opened, with what it holds), `bus` and
-/// `handlers`.
+/// The ports are the caller's: `store` (opened, with what it holds), `bus` (through
+/// [`crate::journal::Journaled`] for the event log) and `handlers`.
 pub async fn run(
     project: Project,
     handlers: Handlers,
@@ -323,17 +322,6 @@ pub async fn run(
             })
             .collect(),
     });
-
-    // The event log: everything published, kept in the store. Set before any
-    // effect can run, resumed ones included.
-    let journal_store = Arc::clone(&store);
-    let line_sizes = SizeHint::default();
-    bus.set_journal(Box::new(move |envelope| {
-        match LogLine::of(envelope, &line_sizes) {
-            Ok(line) => journal_store.write(Write::Event(line)),
-            Err(e) => tracing::error!(message_id = %envelope.message_id, error = %e, "cannot write the event to the event log"),
-        }
-    }));
 
     // Shards, then the instances they take over from the last run.
     let shard_count = options.shards.max(1);
@@ -732,16 +720,16 @@ fn route(shared: &Arc<Shared>, senders: &[mpsc::UnboundedSender<Message>], deliv
     // the delivery's acknowledgement waits for them too.
     let mut letters = Vec::new();
     if !invalid.is_empty() {
-        letters.push(letter(&envelope, "validate", invalid.join("; ")));
+        letters.push(letter(&envelope, Stage::Validate, invalid.join("; ")));
     }
     if !failures.is_empty() {
-        letters.push(letter(&envelope, "route", failures.join("; ")));
+        letters.push(letter(&envelope, Stage::Route, failures.join("; ")));
     }
     if letters.is_empty() {
         ack.ack();
     } else {
         for letter in &letters {
-            shared.count_dead_letter(&letter.stage);
+            shared.count_dead_letter(letter.stage);
         }
         shared.store.write(Write::Changes(crate::store::Changes {
             instances: Vec::new(),
@@ -753,9 +741,9 @@ fn route(shared: &Arc<Shared>, senders: &[mpsc::UnboundedSender<Message>], deliv
 }
 
 /// A dead letter for an event the router could not take, kept as it came off the bus.
-fn letter(envelope: &Envelope, stage: &str, reason: String) -> DeadLetter {
+fn letter(envelope: &Envelope, stage: Stage, reason: String) -> DeadLetter {
     let raw = serde_json::to_string(envelope).unwrap_or_default();
-    source_letter("bus", stage, reason, &raw, Some(envelope))
+    DeadLetter::new(stage, reason, "bus".to_owned(), raw, Some(envelope))
 }
 
 /// Renders and publishes events; `entity` adds the demo's entity variables.
@@ -906,7 +894,13 @@ async fn read_source(
         let text = match line.bytes {
             Err(too_long) => {
                 received.fetch_add(1, Ordering::Relaxed);
-                shared.dead_letter(source_letter(&at, "decode", too_long.to_string(), "", None));
+                shared.dead_letter(DeadLetter::new(
+                    Stage::Decode,
+                    too_long.to_string(),
+                    at.clone(),
+                    String::new(),
+                    None,
+                ));
                 continue;
             }
             Ok(bytes) => match std::str::from_utf8(bytes) {
@@ -918,7 +912,13 @@ async fn read_source(
                         e.valid_up_to()
                     );
                     let raw = String::from_utf8_lossy(bytes);
-                    shared.dead_letter(source_letter(&at, "decode", reason, &raw, None));
+                    shared.dead_letter(DeadLetter::new(
+                        Stage::Decode,
+                        reason,
+                        at.clone(),
+                        raw.into_owned(),
+                        None,
+                    ));
                     continue;
                 }
             },
@@ -931,7 +931,13 @@ async fn read_source(
         let mut envelope = match Envelope::decode(text) {
             Ok(envelope) => envelope,
             Err(reason) => {
-                shared.dead_letter(source_letter(&at, "decode", reason, text, None));
+                shared.dead_letter(DeadLetter::new(
+                    Stage::Decode,
+                    reason,
+                    at.clone(),
+                    text.to_owned(),
+                    None,
+                ));
                 continue;
             }
         };
@@ -943,36 +949,25 @@ async fn read_source(
             {
                 reason.push_str(&format!(" ({help})"));
             }
-            shared.dead_letter(source_letter(&at, "route", reason, text, Some(&envelope)));
+            shared.dead_letter(DeadLetter::new(
+                Stage::Route,
+                reason,
+                at.clone(),
+                text.to_owned(),
+                Some(&envelope),
+            ));
             continue;
         }
         if envelope.topic.is_none() {
             envelope.topic = shared.project.topics.get(&envelope.event_type).cloned();
         }
-        if let Err(e) = shared.bus.publish(envelope) {
+        let published = match shared.bus.publish(envelope) {
+            Ok(published) => published.await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = published {
             tracing::error!(source = %at, error = %e, "cannot publish");
         }
-    }
-}
-
-/// A dead letter from a source (`file.jsonl:12`, `bus`), with the raw text it came as.
-fn source_letter(
-    at: &str,
-    stage: &str,
-    reason: String,
-    raw: &str,
-    envelope: Option<&Envelope>,
-) -> DeadLetter {
-    tracing::warn!(source = %at, stage, %reason, message_id = envelope.map(|e| e.message_id.as_str()), "event kept as a dead letter");
-    DeadLetter {
-        id: None,
-        at: jiff::Timestamp::now().to_string(),
-        stage: stage.into(),
-        reason,
-        event_type: envelope.map(|e| e.event_type.clone()),
-        message_id: envelope.map(|e| e.message_id.clone()),
-        source: at.to_owned(),
-        raw: raw.to_owned(),
     }
 }
 

@@ -25,7 +25,7 @@ use crate::metrics::Counters;
 use crate::project::{Binding, ReducerId, When};
 use crate::runtime::Shared;
 use crate::slot::{Pending, Queued, Slot, Snapshot, Timer, TimerKind, Unsaved};
-use crate::store::{Changes, DeadLetter, StoredInstance, Write};
+use crate::store::{Changes, DeadLetter, Stage, StoredInstance, Write};
 use crate::template::{self, Record, Template, Var};
 use crate::work::WorkGuard;
 
@@ -414,7 +414,7 @@ impl Shard {
             Err((name, e)) => {
                 self.dead_letter(
                     &queued,
-                    "route",
+                    Stage::Route,
                     format!("context `{name}` of route to `{}`: {e}", route.trigger),
                 );
                 return;
@@ -448,7 +448,7 @@ impl Shard {
             0,
         );
         if let Err(reason) = accepted {
-            self.dead_letter(&queued, "reject", reason);
+            self.dead_letter(&queued, Stage::Reject, reason);
         }
     }
 
@@ -785,21 +785,19 @@ impl Shard {
                     // environment (a token): those are not kept.
                     let call = pending.call.as_ref().filter(|_| !operation.reads_env);
                     let raw = json!({"intent": *pending.intent, "call": call}).to_string();
-                    self.keep_dead_letter(DeadLetter {
-                        id: None,
-                        at: jiff::Timestamp::now().to_string(),
-                        stage: "effect".into(),
-                        reason: format!(
+                    self.keep_dead_letter(DeadLetter::of_message(
+                        Stage::Effect,
+                        format!(
                             "{}: operation `{}` for `{action_name}` failed: {}",
                             spec.name,
                             operation.name,
                             failure.message()
                         ),
-                        event_type: None,
-                        message_id: pending.intent.causation_id.as_deref().map(str::to_owned),
-                        source: format!("{}/{key}", spec.name),
+                        format!("{}/{key}", spec.name),
                         raw,
-                    });
+                        pending.intent.causation_id.as_deref().map(str::to_owned),
+                        None,
+                    ));
                 }
             }
         }
@@ -1042,22 +1040,18 @@ impl Shard {
     /// Keeps a dead letter in the shard's next hand-over, with the changes that
     /// go with it.
     fn keep_dead_letter(&mut self, letter: DeadLetter) {
-        self.shared.count_dead_letter(&letter.stage);
+        self.shared.count_dead_letter(letter.stage);
         self.changes.dead_letters.push(letter);
     }
 
-    fn dead_letter(&mut self, queued: &Queued, stage: &str, reason: String) {
-        tracing::warn!(stage, %reason, message_id = %queued.envelope.message_id, "dead letter");
-        self.keep_dead_letter(DeadLetter {
-            id: None,
-            at: jiff::Timestamp::now().to_string(),
-            stage: stage.into(),
+    fn dead_letter(&mut self, queued: &Queued, stage: Stage, reason: String) {
+        self.keep_dead_letter(DeadLetter::new(
+            stage,
             reason,
-            event_type: Some(queued.envelope.event_type.clone()),
-            message_id: Some(queued.envelope.message_id.clone()),
-            source: queued.source.to_string(),
-            raw: serde_json::to_string(&queued.envelope).unwrap_or_default(),
-        });
+            queued.source.to_string(),
+            serde_json::to_string(&queued.envelope).unwrap_or_default(),
+            Some(&queued.envelope),
+        ));
     }
 
     /// A dead letter for an instance that cannot go on by itself.
@@ -1068,16 +1062,13 @@ impl Shard {
         };
         let snapshot = slot.snapshot(&project.reducers[reducer].machine, &project.operations);
         let raw = serde_json::to_string(&snapshot).unwrap_or_default();
-        self.keep_dead_letter(DeadLetter {
-            id: None,
-            at: jiff::Timestamp::now().to_string(),
-            stage: "follow-up".into(),
+        self.keep_dead_letter(DeadLetter::new(
+            Stage::FollowUp,
             reason,
-            event_type: None,
-            message_id: None,
-            source: format!("{}/{key}", project.reducers[reducer].name),
+            format!("{}/{key}", project.reducers[reducer].name),
             raw,
-        });
+            None,
+        ));
     }
 }
 

@@ -23,7 +23,7 @@ use tokio::sync::{oneshot, watch};
 
 use self::event_log::{EVENT_LOG_FILE, EventLog};
 use self::instance_log::{INSTANCE_LOG_FILE, InstanceLog};
-use super::{DeadLetter, Health, Location, Opened, StateStore, StoredInstance, Write};
+use super::{DeadLetter, Health, Location, Opened, Stage, StateStore, StoredInstance, Write};
 use crate::handler::BoxFuture;
 
 pub const STATE_FILE: &str = "state.db";
@@ -337,10 +337,17 @@ fn dead_letters(connection: &Connection) -> rusqlite::Result<Vec<DeadLetter>> {
     )?;
     query
         .query_map([], |r| {
+            let stage: String = r.get(2)?;
             Ok(DeadLetter {
                 id: Some(r.get(0)?),
                 at: r.get(1)?,
-                stage: r.get(2)?,
+                stage: Stage::parse(&stage).map_err(|e| {
+                    rusqlite::Error::FromSqlConversionFailure(
+                        2,
+                        rusqlite::types::Type::Text,
+                        e.into(),
+                    )
+                })?,
                 reason: r.get(3)?,
                 event_type: r.get(4)?,
                 message_id: r.get(5)?,
@@ -502,7 +509,7 @@ fn commit_dead_letters(connection: &mut Connection, batch: &[Write]) -> rusqlite
         for d in letters {
             keep.execute((
                 &d.at,
-                &d.stage,
+                d.stage.as_str(),
                 &d.reason,
                 &d.event_type,
                 &d.message_id,
@@ -595,7 +602,7 @@ mod tests {
         DeadLetter {
             id: None,
             at: "2026-11-22T00:00:00Z".into(),
-            stage: "reject".into(),
+            stage: Stage::Reject,
             reason: reason.into(),
             event_type: Some("Happened".into()),
             message_id: message_id.map(str::to_owned),

@@ -25,7 +25,7 @@ use sqlx::{Connection, PgConnection, Row, SqlSafeStr};
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::time::Instant;
 
-use super::{DeadLetter, Health, Location, Opened, StateStore, StoredInstance, Write};
+use super::{DeadLetter, Health, Location, Opened, Stage, StateStore, StoredInstance, Write};
 use crate::handler::BoxFuture;
 use crate::url::{redact, redact_text};
 
@@ -288,10 +288,11 @@ async fn dead_letters(pool: &PgPool) -> Result<Vec<DeadLetter>, sqlx::Error> {
     .await?;
     rows.iter()
         .map(|r| {
+            let stage: String = r.try_get(2)?;
             Ok(DeadLetter {
                 id: Some(r.try_get(0)?),
                 at: r.try_get(1)?,
-                stage: r.try_get(2)?,
+                stage: Stage::parse(&stage).map_err(|e| sqlx::Error::Decode(e.into()))?,
                 reason: r.try_get(3)?,
                 event_type: r.try_get(4)?,
                 message_id: r.try_get(5)?,
@@ -456,7 +457,7 @@ async fn commit(pool: &PgPool, batch: &[Write]) -> Result<(), sqlx::Error> {
              ON CONFLICT DO NOTHING",
         )
         .bind(column(|d| &d.at))
-        .bind(column(|d| &d.stage))
+        .bind(column(|d| d.stage.as_str()))
         .bind(column(|d| &d.reason))
         .bind(optional(|d| d.event_type.as_deref()))
         .bind(optional(|d| d.message_id.as_deref()))
