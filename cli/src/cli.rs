@@ -90,6 +90,11 @@ pub struct RunArgs {
     pub data_dir: PathBuf,
     #[command(flatten)]
     pub database: DatabaseArgs,
+    /// Where the runtime's own state lives: postgres (the default with
+    /// --database-url) or files under --data-dir (the default without). Files with a
+    /// database keep the workflow's data in PostgreSQL and the runtime's state apart.
+    #[arg(long, value_enum, value_name = "KIND", env = "ONEX_STATE_STORE")]
+    pub state_store: Option<StateStoreKind>,
     /// Address of /health, /ready and /metrics (port 0 picks a free one); `off` disables.
     #[arg(
         long,
@@ -242,6 +247,15 @@ impl DatabaseArgs {
             .or_else(|| std::env::var("DATABASE_URL").ok())
             .filter(|url| !url.is_empty())
     }
+}
+
+/// Where `onex run` keeps its own state (instances, dead letters, the event log).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StateStoreKind {
+    /// Files under --data-dir.
+    Files,
+    /// The PostgreSQL database of --database-url.
+    Postgres,
 }
 
 #[derive(Debug, Args)]

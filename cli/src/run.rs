@@ -16,7 +16,7 @@ use onex_runtime::store::postgres::PostgresStore;
 use onex_runtime::walk;
 use onex_runtime::work::Work;
 
-use crate::cli::{LogFormat, OutputFormat, RunArgs};
+use crate::cli::{LogFormat, OutputFormat, RunArgs, StateStoreKind};
 use crate::{EXIT_CLEAN, EXIT_FINDINGS, EXIT_TROUBLE};
 
 pub fn run(args: &RunArgs) -> anyhow::Result<u8> {
@@ -87,13 +87,20 @@ pub fn run(args: &RunArgs) -> anyhow::Result<u8> {
         .context("cannot start the async runtime")?;
     let max_effects = args.max_effects;
     let database_url = args.database.url();
+    let state_store = args.state_store.unwrap_or(match database_url {
+        Some(_) => StateStoreKind::Postgres,
+        None => StateStoreKind::Files,
+    });
     let data_dir = args.data_dir.clone();
     let summary = runtime.block_on(async move {
         let shutdown = shutdown_signal();
         let work = Work::with_max_effects(max_effects);
-        let store = match &database_url {
-            Some(url) => PostgresStore::open(url).await?,
-            None => EmbeddedStore::open(&data_dir)?,
+        let store = match (state_store, &database_url) {
+            (StateStoreKind::Postgres, Some(url)) => PostgresStore::open(url).await?,
+            (StateStoreKind::Postgres, None) => {
+                return Err("--state-store postgres needs --database-url".to_owned());
+            }
+            (StateStoreKind::Files, _) => EmbeddedStore::open(&data_dir)?,
         };
         let bus: Arc<dyn Bus> = Journaled::new(
             EmbeddedBus::new(Arc::clone(&work)),
