@@ -9,6 +9,7 @@ mod hostile;
 mod lints;
 mod metrics;
 mod pipes;
+mod postgres;
 mod purity;
 mod reference;
 mod reference_docs;

@@ -310,7 +310,9 @@ fn shared_server_url() -> &'static str {
 
 /// Runs one SQL statement with `psql` and returns what it printed: one row a line,
 /// columns separated by `|`.
-fn psql(url: &str, sql: &str) -> Result<String, String> {
+/// Runs `sql` with psql on the database at `url`: its rows, one per line, columns
+/// separated by `|` (psql's unaligned, tuples-only output), or psql's error.
+pub fn psql(url: &str, sql: &str) -> Result<String, String> {
     let output = Command::new(psql_program())
         .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
         .args(["-d", url, "-c", sql])

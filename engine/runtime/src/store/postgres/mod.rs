@@ -491,3 +491,98 @@ async fn commit(pool: &PgPool, batch: &[Write]) -> Result<(), sqlx::Error> {
     }
     tx.commit().await
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::bus::Ack;
+    use crate::store::Changes;
+
+    fn instance(key: &str, state: &str) -> StoredInstance {
+        StoredInstance {
+            reducer: "r".into(),
+            key: key.into(),
+            state: state.into(),
+            outcome: None,
+            snapshot: format!(r#"{{"state":"{state}","b":1,"a":2}}"#),
+        }
+    }
+
+    fn counted(acked: &Arc<AtomicUsize>) -> Ack {
+        let acked = Arc::clone(acked);
+        Ack::new(move || {
+            acked.fetch_add(1, Ordering::SeqCst);
+        })
+    }
+
+    /// A unit's acknowledgements are given once it is committed, never while the
+    /// server is away; the unit is kept meanwhile and written when the server is
+    /// back, and health says why in between.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn nothing_is_acknowledged_before_it_is_durable() {
+        let server = tokio::task::spawn_blocking(onex_test_postgres::private_server)
+            .await
+            .expect("server");
+        let url = server.create_database("store");
+        let opened = PostgresStore::open(&url).await.expect("open");
+        let store = opened.store;
+        let acked = Arc::new(AtomicUsize::new(0));
+        store.write(Write::Changes(Changes {
+            instances: vec![instance("k1", "one")],
+            dead_letters: Vec::new(),
+            acks: vec![counted(&acked)],
+        }));
+        store.flush().await;
+        assert_eq!(acked.load(Ordering::SeqCst), 1);
+
+        server.kill();
+        store.write(Write::Changes(Changes {
+            instances: vec![instance("k1", "two"), instance("k2", "one")],
+            dead_letters: Vec::new(),
+            acks: vec![counted(&acked)],
+        }));
+        let mut health = store.health();
+        tokio::time::timeout(Duration::from_secs(20), health.wait_for(Result::is_err))
+            .await
+            .expect("the store reports the failure")
+            .expect("health");
+        assert_eq!(
+            acked.load(Ordering::SeqCst),
+            1,
+            "not acknowledged while away"
+        );
+
+        server.start();
+        tokio::time::timeout(Duration::from_secs(30), store.flush())
+            .await
+            .expect("written once the server is back");
+        assert_eq!(acked.load(Ordering::SeqCst), 2);
+        assert!(store.health().borrow().is_ok());
+        let stored = store.instances().await.expect("read");
+        let states: Vec<(&str, &str)> = stored
+            .iter()
+            .map(|s| (s.key.as_str(), s.state.as_str()))
+            .collect();
+        assert_eq!(states, vec![("k1", "two"), ("k2", "one")]);
+        assert_eq!(
+            stored[0].snapshot, r#"{"state":"two","b":1,"a":2}"#,
+            "a snapshot reads back as written, key order included"
+        );
+    }
+
+    /// A second run on the same database is refused while the first holds it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_second_store_on_one_database_is_refused() {
+        let database = tokio::task::spawn_blocking(onex_test_postgres::fresh_database)
+            .await
+            .expect("database");
+        let first = PostgresStore::open(database.url()).await.expect("open");
+        let second = PostgresStore::open(database.url())
+            .await
+            .expect_err("refused");
+        assert!(second.contains("in use by another onex run"), "{second}");
+        drop(first);
+    }
+}

@@ -1,0 +1,327 @@
+//! `onex run` with its state in PostgreSQL (`--database-url`): the real process against
+//! a real server (tests/postgres), one database per test, and a server of its own for
+//! the tests that stop it.
+
+use std::io::Write as _;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use onex_test_postgres::{fresh_database, private_server, psql};
+use serde_json::Value;
+
+use crate::run::{
+    REGISTRATION, Reaper, eventually, http_get, node, node_id, reducer, run, spawn_onex,
+    write_events,
+};
+use crate::support::{onex, path_str};
+
+/// The rows of `sql`, one string per row (psql's unaligned output).
+fn rows(url: &str, sql: &str) -> Vec<String> {
+    psql(url, sql)
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+fn count(url: &str, sql: &str) -> i64 {
+    rows(url, sql)
+        .first()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{sql}: no count"))
+}
+
+/// Outcome per key of the registration reducer's instances stored in PostgreSQL.
+fn outcomes(url: &str) -> Vec<(String, String)> {
+    rows(
+        url,
+        "SELECT key, coalesce(outcome, '-') FROM onex_instances WHERE reducer = 'registration' ORDER BY key",
+    )
+    .into_iter()
+    .filter_map(|row| {
+        row.split_once('|')
+            .map(|(k, o)| (k.to_owned(), o.to_owned()))
+    })
+    .collect()
+}
+
+/// A run keeps its instances, processed marks, event log and metadata in PostgreSQL,
+/// not under the data directory; a second run on the same events resumes from there
+/// and recognises every event; `state list` and `dlq list` read the same tables.
+#[test]
+fn the_runtimes_state_lives_in_postgres_and_a_second_run_resumes_from_it() {
+    let database = fresh_database();
+    let url = database.url();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let events = write_events(dir.path(), &[node(1), node(2), node(3)]);
+    let (first, summary) = run(&data, &["--events", &events, "--database-url", url]);
+    assert_eq!(first.code, 0, "{}", first.stderr);
+    assert_eq!(reducer(&summary, REGISTRATION)["outcomes"]["complete"], 4);
+    assert!(
+        summary["state"]
+            .as_str()
+            .is_some_and(|s| s.contains("onex_instances") && !s.contains("postgres@")),
+        "the summary names the store, without the user: {summary}"
+    );
+    assert!(
+        !data.join("instances.jsonl").exists() && !data.join("state.db").exists(),
+        "nothing of the runtime's state under the data directory"
+    );
+    let stored = outcomes(url);
+    assert_eq!(stored.len(), 4, "{stored:?}");
+    assert!(stored.iter().all(|(_, o)| o == "complete"), "{stored:?}");
+    let results = count(
+        url,
+        "SELECT count(*) FROM onex_event_log WHERE envelope->>'event_type' = 'NodeRegistrationResultEvent'",
+    );
+    assert_eq!(results, 4, "one result per registration in the event log");
+
+    let (second, summary) = run(&data, &["--events", &events, "--database-url", url]);
+    assert_eq!(second.code, 0, "{}", second.stderr);
+    // Each event reaches two reducers (registration and liveness).
+    assert_eq!(summary["events"]["duplicates"], 6, "{summary}");
+    assert_eq!(summary["runtime_id"], {
+        let id = rows(url, "SELECT value FROM onex_meta WHERE key = 'runtime_id'");
+        Value::String(id[0].clone())
+    });
+
+    let listed = onex(&[
+        "state",
+        "list",
+        "--database-url",
+        url,
+        "--reducer",
+        REGISTRATION,
+        "--format",
+        "json",
+    ]);
+    assert_eq!(listed.code, 0, "{}", listed.stderr);
+    let keys: Vec<Value> = listed
+        .json_lines()
+        .into_iter()
+        .map(|row| row["key"].clone())
+        .collect();
+    assert!(keys.contains(&Value::String(node_id(2))), "{keys:?}");
+    assert_eq!(keys.len(), 4);
+    let letters = onex(&["dlq", "list", "--database-url", url]);
+    assert_eq!(letters.code, 0, "{}", letters.stderr);
+    assert!(
+        letters.stdout.starts_with("no dead letters in postgres://"),
+        "{}",
+        letters.stdout
+    );
+}
+
+/// A state store written by a newer onex (a schema version this one does not know)
+/// is refused with the reason, before anything is changed.
+#[test]
+fn a_state_store_with_a_newer_schema_is_refused() {
+    let database = fresh_database();
+    let url = database.url();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let events = write_events(dir.path(), &[node(1)]);
+    let data = dir.path().join("data");
+    let (first, _) = run(&data, &["--events", &events, "--database-url", url]);
+    assert_eq!(first.code, 0, "{}", first.stderr);
+    psql(
+        url,
+        "INSERT INTO onex_migrations (version, description, success, checksum, execution_time) \
+         VALUES (99, 'from the future', true, '\\x00', 0)",
+    )
+    .expect("a newer version recorded");
+    let refused = onex(&[
+        "run",
+        "--contract",
+        "contracts/",
+        "--until-idle",
+        "--listen",
+        "off",
+        "--data-dir",
+        path_str(&data),
+        "--events",
+        &events,
+        "--database-url",
+        url,
+    ]);
+    assert_eq!(refused.code, 2, "{}", refused.stderr);
+    assert!(
+        refused
+            .stderr
+            .contains("schema version 99, newer than this onex knows"),
+        "{}",
+        refused.stderr
+    );
+    assert_eq!(
+        count(url, "SELECT count(*) FROM onex_migrations"),
+        2,
+        "nothing applied"
+    );
+}
+
+/// `onex run` with its state in the database at `url`, endpoints on a free port, events
+/// from its stdin; returns the process and the endpoints' address.
+fn spawn_with_endpoints(data: &Path, url: &str, extra: &[&str]) -> (Reaper, String) {
+    let mut args = vec![
+        "run",
+        "--contract",
+        "contracts/",
+        "--events",
+        "-",
+        "--listen",
+        "127.0.0.1:0",
+        "--log-format",
+        "json",
+        "--data-dir",
+        path_str(data),
+        "--database-url",
+        url,
+    ];
+    args.extend_from_slice(extra);
+    let mut child = spawn_onex(&args);
+    let stderr = child.0.stderr.take().expect("stderr");
+    let (sender, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = sender.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        let Ok(line) = lines.recv_timeout(Duration::from_secs(1)) else {
+            continue;
+        };
+        let log: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
+        if let Some(addr) = log["addr"].as_str() {
+            return (child, addr.to_owned());
+        }
+    }
+    panic!("no operations endpoint was announced");
+}
+
+/// The state store stops answering mid-run (PostgreSQL stopped, `-m immediate`):
+/// `/ready` turns 503 naming the store, events wait at their source, and once the
+/// server is back everything goes on by itself, with nothing lost.
+#[test]
+fn an_unreachable_state_store_holds_sources_back_until_it_is_back() {
+    let server = private_server();
+    let url = server.create_database("onex");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut child, addr) = spawn_with_endpoints(&dir.path().join("data"), &url, &[]);
+    let mut stdin = child.0.stdin.take().expect("stdin");
+    writeln!(stdin, "{}", node(1)).expect("write");
+    stdin.flush().expect("flush");
+    assert!(
+        eventually(|| outcomes(&url).len() == 2),
+        "the registry and node 1 stored: {:?}",
+        outcomes(&url)
+    );
+    assert_eq!(http_get(&addr, "/ready").0, 200);
+
+    server.kill();
+    for n in 2..=4 {
+        writeln!(stdin, "{}", node(n)).expect("write");
+    }
+    stdin.flush().expect("flush");
+    let mut ready = (0, String::new());
+    assert!(
+        eventually(|| {
+            ready = http_get(&addr, "/ready");
+            ready.0 == 503
+        }),
+        "/ready stayed {ready:?}"
+    );
+    let body: Value = serde_json::from_str(&ready.1).expect("ready JSON");
+    assert!(
+        body["store"].as_str().is_some_and(
+            |s| s.starts_with("unavailable: cannot write to the state store at postgres://")
+        ),
+        "{body}"
+    );
+
+    server.start();
+    assert!(
+        eventually(|| http_get(&addr, "/ready").0 == 200),
+        "/ready once the server is back: {:?}",
+        http_get(&addr, "/ready")
+    );
+    let mut stored = Vec::new();
+    assert!(
+        eventually(|| {
+            stored = outcomes(&url);
+            stored.len() == 5 && stored.iter().all(|(_, o)| o == "complete")
+        }),
+        "every node registered once the store is back: {stored:?}"
+    );
+    drop(stdin);
+    let (status, _) = child.terminate();
+    assert!(status.success(), "{status}");
+}
+
+/// kill -9 under load with the state in PostgreSQL, then a restart on the whole
+/// stream: every node is registered exactly once, with one result each, and no
+/// instance is lost.
+#[test]
+fn a_killed_runtime_resumes_from_postgres_without_loss_or_duplicates() {
+    const NODES: usize = 300;
+    let database = fresh_database();
+    let url = database.url().to_owned();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let lines: Vec<String> = (1..=NODES).map(node).collect();
+    let mut child = spawn_onex(&[
+        "run",
+        "--contract",
+        "contracts/",
+        "--events",
+        "-",
+        "--listen",
+        "off",
+        "--data-dir",
+        path_str(&data),
+        "--database-url",
+        &url,
+    ]);
+    let mut stdin = child.0.stdin.take().expect("stdin");
+    for line in &lines {
+        writeln!(stdin, "{line}").expect("write");
+    }
+    stdin.flush().expect("flush");
+    let stored_some = eventually(|| {
+        psql(
+            &url,
+            "SELECT count(*) FROM onex_instances WHERE reducer = 'registration'",
+        )
+        .ok()
+        .and_then(|n| n.parse::<usize>().ok())
+        .is_some_and(|n| n > NODES / 3)
+    });
+    assert!(
+        stored_some,
+        "the run stored part of the load before the kill"
+    );
+    child.0.kill().expect("SIGKILL");
+    child.0.wait().expect("reaped");
+    drop(stdin);
+    let before = outcomes(&url).len();
+    assert!(before < NODES + 1, "killed mid-load ({before} stored)");
+
+    let events = write_events(dir.path(), &lines);
+    let (restarted, _) = run(&data, &["--events", &events, "--database-url", &url]);
+    assert_eq!(restarted.code, 0, "{}", restarted.stderr);
+    let stored = outcomes(&url);
+    assert_eq!(stored.len(), NODES + 1, "no instance lost");
+    assert!(stored.iter().all(|(_, o)| o == "complete"), "{stored:?}");
+    // The simulated nodes' results (the registry registers itself again at each
+    // start, a new workflow run with a result of its own).
+    let results = "SELECT envelope->'payload'->>'node_id' AS node, count(*) AS n FROM onex_event_log \
+         WHERE envelope->>'event_type' = 'NodeRegistrationResultEvent' \
+         AND envelope->'payload'->>'node_id' LIKE '00000000-0000-4000-8000-%' GROUP BY 1";
+    let twice = rows(&url, &format!("{results} HAVING count(*) <> 1"));
+    assert!(twice.is_empty(), "a result per node, once: {twice:?}");
+    assert_eq!(rows(&url, results).len(), NODES, "a result for every node");
+}
