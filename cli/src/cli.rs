@@ -144,7 +144,7 @@ pub struct RunArgs {
     #[arg(
         long,
         value_name = "N",
-        default_value_t = onex_runtime::work::DEFAULT_MAX_EFFECTS,
+        default_value_t = onex_runtime::driver::work::DEFAULT_MAX_EFFECTS,
         value_parser = clap::value_parser!(i64).range(1..),
         env = "ONEX_MAX_EFFECTS"
     )]

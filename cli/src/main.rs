@@ -25,7 +25,7 @@ pub const EXIT_TROUBLE: u8 = 2;
 
 fn main() -> ExitCode {
     // Before anything else: under `cargo run` the process's CPU clock holds cargo's time.
-    onex_runtime::cpu::mark_start();
+    onex_runtime::driver::cpu::mark_start();
     let args = match cli::Cli::try_parse() {
         Ok(args) => args,
         Err(error) => {

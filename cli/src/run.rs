@@ -8,13 +8,14 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use onex_contract::ContractKind;
-use onex_runtime::bus::{Bus, EmbeddedBus};
-use onex_runtime::journal::Journaled;
-use onex_runtime::runtime::{Options, Source, Summary};
+use onex_runtime::bus::Bus;
+use onex_runtime::bus::embedded::EmbeddedBus;
+use onex_runtime::driver::journal::Journaled;
+use onex_runtime::driver::work::Work;
+use onex_runtime::driver::{Options, Source, summary::Summary};
 use onex_runtime::store::embedded::EmbeddedStore;
 use onex_runtime::store::postgres::PostgresStore;
 use onex_runtime::walk;
-use onex_runtime::work::Work;
 
 use crate::cli::{LogFormat, OutputFormat, RunArgs, StateStoreKind};
 use crate::{EXIT_CLEAN, EXIT_FINDINGS, EXIT_TROUBLE};
@@ -107,7 +108,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<u8> {
             Arc::clone(&store.store),
         );
         let handlers = onex_handlers::builtin(&settings, Arc::clone(&bus))?;
-        onex_runtime::runtime::run(project, handlers, bus, store, work, options, shutdown).await
+        onex_runtime::driver::run(project, handlers, bus, store, work, options, shutdown).await
     });
     // Everything is flushed by now. Tasks still blocked (a read of standard input, say)
     // must not hold the process open.
@@ -225,7 +226,7 @@ fn init_logging(args: &RunArgs) -> anyhow::Result<()> {
     // Where the endpoints listen is said at every level but `off` (with port 0 it is
     // the only way to learn the port).
     if args.log_level.trim() != "off" {
-        let listening = format!("{}=info", onex_runtime::ops::LISTENING);
+        let listening = format!("{}=info", onex_runtime::driver::ops::LISTENING);
         filter = filter.add_directive(listening.parse().context("the listening directive")?);
     }
     let builder = tracing_subscriber::fmt()

@@ -6,8 +6,6 @@
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -107,7 +105,7 @@ impl Failure {
 }
 
 pub type Outcome = Result<Value, Failure>;
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+pub use crate::BoxFuture;
 
 pub trait Handler: Send + Sync + std::fmt::Debug {
     fn name(&self) -> &'static str;

@@ -5,26 +5,25 @@
 //! Architecture invariant: no workflow-specific identifiers (tests/testsuite/purity.rs
 //! checks), and no concrete handler: handlers are passed in by the caller.
 
+//! The layout: `driver` is the runtime itself (wiring, router, shards, effects, ops);
+//! `bus`, `store` and `handler` are its ports, each a trait in its `mod.rs` with the
+//! implementations beside it (the built-in handlers are the `onex-handlers` crate);
+//! `project`, `template`, `envelope` and `intent` are the contracts as the driver runs
+//! them; the rest is support shared with the CLI.
+
 pub mod bus;
-pub mod cpu;
-pub mod demo;
-pub mod effects;
+pub mod driver;
 pub mod envelope;
-pub mod exposition;
 pub mod handler;
 pub mod input_file;
 pub mod intent;
-pub mod journal;
 pub mod json_text;
 pub mod lines;
-pub mod metrics;
-pub mod ops;
 pub mod project;
-pub mod runtime;
-pub mod shard;
-pub mod slot;
 pub mod store;
 pub mod template;
 pub mod url;
 pub mod walk;
-pub mod work;
+
+/// A boxed future, as the ports' methods return (traits used as `dyn`).
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;

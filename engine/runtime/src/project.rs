@@ -31,6 +31,10 @@ pub type ReducerId = usize;
 pub type OperationId = usize;
 pub type MetricId = usize;
 
+/// What the runtime's own metrics are named with; a contract's metric may not be
+/// (OX512).
+pub const RUNTIME_METRICS_PREFIX: &str = "onex_";
+
 /// A loaded, checked, compiled project.
 #[derive(Debug)]
 pub struct Project {
@@ -1004,7 +1008,7 @@ impl Builder<'_> {
             let name = &decl.name.value;
             let metric = ContractMetric::new(name, decl.description.clone(), &decl.kind);
             let file = &self.others[fsm_file];
-            let conflict = if metric.family.starts_with(crate::metrics::PREFIX) {
+            let conflict = if metric.family.starts_with(RUNTIME_METRICS_PREFIX) {
                 Some(
                     located(
                         file,
@@ -1012,12 +1016,12 @@ impl Builder<'_> {
                         &decl.name.pointer,
                         format!(
                             "metric `{name}` has the prefix of the runtime's own metrics (`{}`)",
-                            crate::metrics::PREFIX
+                            RUNTIME_METRICS_PREFIX
                         ),
                     )
                     .with_help(format!(
                         "`/metrics` names its own metrics `{}...`; give this one a name of the workflow's",
-                        crate::metrics::PREFIX
+                        RUNTIME_METRICS_PREFIX
                     )),
                 )
             } else {

@@ -30,9 +30,9 @@ use std::sync::Arc;
 use serde::Serialize;
 use tokio::sync::watch;
 
+use crate::BoxFuture;
 use crate::bus::Ack;
 use crate::envelope::Envelope;
-use crate::handler::BoxFuture;
 use crate::json_text::SizeHint;
 
 /// Where on its way something became a dead letter (docs/orchestration.md,
@@ -152,7 +152,7 @@ pub struct StoredInstance {
     pub key: String,
     pub state: String,
     pub outcome: Option<String>,
-    /// The slot's [`crate::slot::Snapshot`] as JSON.
+    /// The slot's [`crate::driver::slot::Snapshot`] as JSON.
     pub snapshot: String,
 }
 

@@ -24,7 +24,7 @@ use tokio::sync::{oneshot, watch};
 use self::event_log::{EVENT_LOG_FILE, EventLog};
 use self::instance_log::{INSTANCE_LOG_FILE, InstanceLog};
 use super::{DeadLetter, Health, Location, Opened, Stage, StateStore, StoredInstance, Write};
-use crate::handler::BoxFuture;
+use crate::BoxFuture;
 
 pub const STATE_FILE: &str = "state.db";
 /// Held locked by the run that uses the data directory, with its process id in it.

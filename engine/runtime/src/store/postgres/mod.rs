@@ -26,7 +26,7 @@ use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use super::{DeadLetter, Health, Location, Opened, Stage, StateStore, StoredInstance, Write};
-use crate::handler::BoxFuture;
+use crate::BoxFuture;
 use crate::url::{redact, redact_text};
 
 /// The schema versions this binary knows, oldest first.

@@ -13,8 +13,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use std::sync::atomic::AtomicI64;
 
+use crate::driver::metrics::Metrics;
 use crate::handler::{Call, Failure, Handlers, Outcome};
-use crate::metrics::Metrics;
 use crate::project::{Operation, OperationId};
 
 pub struct EffectRunner {
@@ -560,7 +560,7 @@ mod tests {
             "flaky"
         }
 
-        fn call<'a>(&'a self, _: &'a Arc<Call>) -> crate::handler::BoxFuture<'a, Outcome> {
+        fn call<'a>(&'a self, _: &'a Arc<Call>) -> crate::BoxFuture<'a, Outcome> {
             use std::sync::atomic::Ordering;
             let failing = self
                 .failures

@@ -11,11 +11,11 @@ use onex_core::{Instance, Machine};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::driver::work::WorkGuard;
 use crate::envelope::Envelope;
 use crate::handler::Call;
 use crate::intent::Intent;
 use crate::project::OperationId;
-use crate::work::WorkGuard;
 
 #[derive(Debug)]
 pub struct Slot {

@@ -6,7 +6,7 @@
 //! and the runtime recognises them.
 //!
 //! Without a rate the entities send as fast as the runtime takes events in (the
-//! back-pressure of [`crate::work::Work::room`]): a throughput test. With a rate
+//! back-pressure of [`crate::driver::work::Work::room`]): a throughput test. With a rate
 //! (events per second, all entities together) their events are spread evenly over
 //! time: a latency test at a chosen load.
 
@@ -19,8 +19,9 @@ use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 
 use crate::bus::Subscriber;
+use crate::driver::publish::render_event;
+use crate::driver::shared::Shared;
 use crate::project::{Demo, EventSpec};
-use crate::runtime::{Shared, render_event};
 use crate::template::Var;
 
 /// Starts the simulation; returns the entities' ids, or why the `demo` block cannot

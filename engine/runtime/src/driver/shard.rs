@@ -17,17 +17,17 @@ use serde_json::{Map, Value, json};
 use tokio::sync::mpsc;
 
 use crate::bus::Ack;
+use crate::driver::metrics::Counters;
+use crate::driver::shared::Shared;
+use crate::driver::slot::{Pending, Queued, Slot, Snapshot, Timer, TimerKind, Unsaved};
+use crate::driver::work::WorkGuard;
 use crate::envelope::Envelope;
 use crate::handler::{Call, Config, Outcome};
 use crate::intent::Intent;
 use crate::json_text::SizeHint;
-use crate::metrics::Counters;
 use crate::project::{Binding, ReducerId, When};
-use crate::runtime::Shared;
-use crate::slot::{Pending, Queued, Slot, Snapshot, Timer, TimerKind, Unsaved};
 use crate::store::{Changes, DeadLetter, Stage, StoredInstance, Write};
 use crate::template::{self, Record, Template, Var};
-use crate::work::WorkGuard;
 
 /// Follow-up transitions one message may cause before the runtime calls it a loop.
 const MAX_FOLLOW_UPS: u32 = 64;

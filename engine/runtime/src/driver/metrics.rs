@@ -20,7 +20,7 @@ use crate::project::{ContractMetric, MetricId, Project, Reducer, ReducerId};
 type Labels = Vec<(&'static str, String)>;
 
 /// What the runtime's own metrics are named with; a contract's may not be (OX512).
-pub const PREFIX: &str = "onex_";
+pub use crate::project::RUNTIME_METRICS_PREFIX as PREFIX;
 
 #[derive(Debug)]
 pub struct Metrics {
@@ -449,7 +449,7 @@ mod tests {
         ] {
             assert!(openmetrics.contains(line), "{line:?} in\n{openmetrics}");
         }
-        let text = crate::exposition::text_format(&openmetrics);
+        let text = crate::driver::exposition::text_format(&openmetrics);
         for line in [
             "# HELP jobs_total Jobs \"done\",\\nin all.\n",
             "# TYPE jobs_total counter\n",

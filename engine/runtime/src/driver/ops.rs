@@ -12,8 +12,8 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use serde_json::{Map, Value, json};
 
-use crate::exposition::Format;
-use crate::runtime::Shared;
+use crate::driver::exposition::Format;
+use crate::driver::shared::Shared;
 
 /// The log target of the line that says where the endpoints listen.
 pub const LISTENING: &str = "onex::listening";

@@ -1,0 +1,106 @@
+//! What the driver's tasks share: the project, the ports, the metrics and the
+//! outstanding work, and the dead-letter and publishing helpers every one of them uses.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::bus::Bus;
+use crate::driver::effects::EffectRunner;
+use crate::driver::metrics::Metrics;
+use crate::driver::work::Work;
+use crate::project::{Project, ReducerId};
+use crate::store::{DeadLetter, Stage, StateStore, Write};
+use crate::template::{self, Var};
+
+/// What the shards share.
+#[derive(Debug)]
+pub struct Shared {
+    pub project: Arc<Project>,
+    pub effects: EffectRunner,
+    pub bus: Arc<dyn Bus>,
+    pub store: Arc<dyn StateStore>,
+    pub metrics: Arc<Metrics>,
+    pub work: Arc<Work>,
+    /// `env` in operation templates: the process environment.
+    pub env: Var,
+    /// `params` in templates: the contracts' parameters, as this run sets them.
+    pub params: Var,
+    pub(crate) dead_letters: AtomicU64,
+    /// Per reducer: the outcomes of this run.
+    pub(crate) run_times: std::sync::Mutex<Vec<RunTimes>>,
+    /// Per reducer: its `outcome_duration_seconds` histogram.
+    pub(crate) outcome_seconds: Vec<prometheus_client::metrics::histogram::Histogram>,
+}
+
+impl Shared {
+    /// An outcome reached now, of a workflow run whose first event was published at
+    /// `started`.
+    pub fn record_latency(&self, reducer: ReducerId, started: Instant) {
+        let now = Instant::now();
+        let seconds = now.saturating_duration_since(started).as_secs_f64();
+        self.outcome_seconds[reducer].observe(seconds);
+        if let Ok(mut run_times) = self.run_times.lock() {
+            run_times[reducer].record(started, now, seconds);
+        }
+    }
+
+    /// Keeps a dead letter found outside the shards (decoding, routing).
+    pub fn dead_letter(&self, letter: DeadLetter) {
+        self.count_dead_letter(letter.stage);
+        self.store.write(Write::DeadLetter(letter));
+    }
+
+    /// The interval of a periodic event, in milliseconds: a number, or a template
+    /// over `params`.
+    pub fn interval(&self, periodic: &crate::project::Periodic) -> Result<Duration, String> {
+        let scope = template::scope(&[("params", self.params.clone())]);
+        match periodic.interval_ms.render(&scope) {
+            Ok(value) => match value.as_f64() {
+                Some(ms) if ms >= 1.0 => Ok(Duration::from_millis(ms as u64)),
+                _ => Err(format!(
+                    "the interval of the periodic `{}` event is {value}, not a number of milliseconds of at least 1",
+                    periodic.event.event_type
+                )),
+            },
+            Err(e) => Err(format!(
+                "the interval of the periodic `{}` event: {e}",
+                periodic.event.event_type
+            )),
+        }
+    }
+
+    /// `/metrics`' OpenMetrics text, with the queue and the effects in flight as
+    /// they are now.
+    pub fn metrics_text(&self) -> String {
+        self.metrics.queued_events.set(self.work.queued());
+        self.metrics.effects_in_flight.set(self.work.effects());
+        self.metrics.render()
+    }
+
+    pub fn count_dead_letter(&self, stage: Stage) {
+        self.metrics
+            .dead_letters
+            .get_or_create(&vec![("stage", stage.as_str().to_owned())])
+            .inc();
+        self.dead_letters.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+/// A reducer's outcomes in this run: how long each took, and when the first began
+/// and the last was reached (the summary's rate and percentiles).
+pub(crate) struct RunTimes {
+    pub(crate) seconds: Vec<f64>,
+    pub(crate) window: Option<(Instant, Instant)>,
+}
+
+impl RunTimes {
+    pub(crate) fn record(&mut self, started: Instant, reached: Instant, seconds: f64) {
+        self.seconds.push(seconds);
+        self.window = Some(match self.window {
+            Some((first, last)) => (first.min(started), last.max(reached)),
+            None => (started, reached),
+        });
+    }
+}
