@@ -267,7 +267,7 @@ fn an_unreachable_state_store_holds_sources_back_until_it_is_back() {
 /// instance is lost.
 #[test]
 fn a_killed_runtime_resumes_from_postgres_without_loss_or_duplicates() {
-    const NODES: usize = 300;
+    const NODES: usize = 3000;
     let database = fresh_database();
     let url = database.url().to_owned();
     let dir = tempfile::tempdir().expect("tempdir");
@@ -298,7 +298,7 @@ fn a_killed_runtime_resumes_from_postgres_without_loss_or_duplicates() {
         )
         .ok()
         .and_then(|n| n.parse::<usize>().ok())
-        .is_some_and(|n| n > NODES / 3)
+        .is_some_and(|n| n > 0)
     });
     assert!(
         stored_some,

@@ -29,6 +29,9 @@ use crate::{input_file, walk};
 
 pub type ReducerId = usize;
 pub type OperationId = usize;
+/// A route's index in [`Project::routes`]: resolved once, by the router, from the
+/// event's type, and carried to the shard with the event.
+pub type RouteId = usize;
 pub type MetricId = usize;
 
 /// What the runtime's own metrics are named with; a contract's metric may not be
@@ -42,7 +45,10 @@ pub struct Project {
     pub orchestrator_path: PathBuf,
     pub reducers: Vec<Reducer>,
     /// Consumed event type -> the routes it takes (one per reducer it drives).
-    pub routes: HashMap<String, Vec<Route>>,
+    /// Every route, in the orchestrator's order.
+    pub routes: Vec<Route>,
+    /// Event type -> the routes that take it.
+    pub routes_by_event: HashMap<String, Vec<RouteId>>,
     pub operations: Vec<Operation>,
     /// Event type -> topic, from the orchestrator's consumed and published events.
     pub topics: HashMap<String, String>,
@@ -132,6 +138,13 @@ impl Project {
     pub fn reducer(&self, name: &str) -> Option<ReducerId> {
         self.reducers.iter().position(|r| r.name == name)
     }
+
+    /// The routes that take events of this type (none: it is not routed).
+    pub fn routes_for(&self, event_type: &str) -> &[RouteId] {
+        self.routes_by_event
+            .get(event_type)
+            .map_or(&[], Vec::as_slice)
+    }
 }
 
 #[derive(Debug)]
@@ -218,6 +231,7 @@ pub struct Report {
 
 #[derive(Debug)]
 pub struct Route {
+    pub event_type: String,
     pub reducer: ReducerId,
     pub trigger: Arc<str>,
     pub key: Template,
@@ -600,6 +614,13 @@ impl Builder<'_> {
         }
         let reducers = self.load_reducers(&execution, &intent_owner);
         let routes = self.compile_routes(&execution, &reducers);
+        let mut routes_by_event: HashMap<String, Vec<RouteId>> = HashMap::new();
+        for (id, route) in routes.iter().enumerate() {
+            routes_by_event
+                .entry(route.event_type.clone())
+                .or_default()
+                .push(id);
+        }
         self.check_results_and_runtime_actions(&execution, &reducers, &intent_owner);
         self.own
             .extend(busy_terminal_states(self.root(), &execution, &reducers));
@@ -644,6 +665,7 @@ impl Builder<'_> {
             orchestrator_path: path.to_owned(),
             reducers: reducers.into_iter().flatten().collect(),
             routes,
+            routes_by_event,
             operations,
             topics,
             on_start,
@@ -1239,8 +1261,8 @@ impl Builder<'_> {
         &mut self,
         execution: &Execution,
         reducers: &[Option<Reducer>],
-    ) -> HashMap<String, Vec<Route>> {
-        let mut routes: HashMap<String, Vec<Route>> = HashMap::new();
+    ) -> Vec<Route> {
+        let mut routes = Vec::new();
         for (i, spec) in execution.routes.iter().enumerate() {
             let pointer = format!("/execution/routes/{i}");
             let Some(position) = execution.reducers.keys().position(|k| *k == spec.reducer) else {
@@ -1292,16 +1314,14 @@ impl Builder<'_> {
                 continue;
             };
             let reducer_id = reducers[..position].iter().filter(|r| r.is_some()).count();
-            routes
-                .entry(spec.event_type.clone())
-                .or_default()
-                .push(Route {
-                    reducer: reducer_id,
-                    trigger,
-                    key,
-                    context,
-                    validate,
-                });
+            routes.push(Route {
+                event_type: spec.event_type.clone(),
+                reducer: reducer_id,
+                trigger,
+                key,
+                context,
+                validate,
+            });
         }
         routes
     }

@@ -163,7 +163,7 @@ pub async fn run(
     }));
 
     // The router: consumed events -> instances.
-    let routed: HashSet<String> = project.routes.keys().cloned().collect();
+    let routed: HashSet<String> = project.routes_by_event.keys().cloned().collect();
     let mut subscription = bus.subscribe(Some(routed), Subscriber::Processor);
     let router_shared = Arc::clone(&shared);
     let router_senders = shard_senders.clone();

@@ -25,14 +25,12 @@ pub(crate) fn route(
         published,
         ack,
     } = delivery;
-    let Some(routes) = shared.project.routes.get(&envelope.event_type) else {
-        ack.ack();
-        return;
-    };
+    let routes = shared.project.routes_for(&envelope.event_type);
     let scope = envelope.vars();
     let mut failures = Vec::new();
     let mut invalid = Vec::new();
-    for (index, route) in routes.iter().enumerate() {
+    for &id in routes {
+        let route = &shared.project.routes[id];
         let reducer = &shared.project.reducers[route.reducer];
         if let Some(validation) = &route.validate
             && validation.errors_into.is_none()
@@ -71,7 +69,7 @@ pub(crate) fn route(
         let _ = senders[shard].send(Message::Event {
             reducer: route.reducer,
             key,
-            route: index,
+            route: id,
             envelope: Arc::clone(&envelope),
             source: Cow::Borrowed("bus"),
             published,

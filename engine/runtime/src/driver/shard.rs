@@ -25,7 +25,7 @@ use crate::envelope::Envelope;
 use crate::handler::{Call, Config, Outcome};
 use crate::intent::Intent;
 use crate::json_text::SizeHint;
-use crate::project::{Binding, ReducerId, When};
+use crate::project::{Binding, ReducerId, RouteId, When};
 use crate::store::{Changes, DeadLetter, Stage, StoredInstance, Write};
 use crate::template::{self, Record, Template, Var};
 
@@ -54,7 +54,7 @@ pub enum Message {
     Event {
         reducer: ReducerId,
         key: String,
-        route: usize,
+        route: RouteId,
         envelope: Arc<Envelope>,
         source: Cow<'static, str>,
         published: Instant,
@@ -180,6 +180,7 @@ impl Shard {
                 let queued = Queued {
                     envelope,
                     route,
+                    route_of_type: None,
                     source,
                     published: Some(published),
                 };
@@ -283,10 +284,23 @@ impl Shard {
         &mut self,
         reducer: ReducerId,
         key: &str,
-        snapshot: Snapshot<'static>,
+        mut snapshot: Snapshot<'static>,
         legacy_processed: Vec<String>,
     ) {
         let project = Arc::clone(&self.shared.project);
+        // Snapshots of earlier versions named a waiting event's route by its place
+        // among the routes of the event's type.
+        if snapshot.inbox.iter().any(|q| q.route_of_type.is_some()) {
+            for queued in snapshot.inbox.to_mut() {
+                if let Some(place) = queued.route_of_type.take() {
+                    queued.route = project
+                        .routes_for(&queued.envelope.event_type)
+                        .get(place)
+                        .copied()
+                        .unwrap_or(usize::MAX);
+                }
+            }
+        }
         let machine = &project.reducers[reducer].machine;
         let mut slot = match Slot::restore(machine, &project.operations, key, snapshot) {
             Ok(slot) => slot,
@@ -397,11 +411,13 @@ impl Shard {
     /// Maps the event through its route and fires the route's trigger.
     fn deliver(&mut self, reducer: ReducerId, key: &str, queued: Queued) {
         let project = Arc::clone(&self.shared.project);
-        let Some(route) = project
-            .routes
-            .get(&queued.envelope.event_type)
-            .and_then(|routes| routes.get(queued.route))
-        else {
+        let Some(route) = project.routes.get(queued.route) else {
+            // Only an event kept by a run of other contracts can name no route.
+            let reason = format!(
+                "the event waited for a route ({}) that the contracts no longer have",
+                queued.route
+            );
+            self.dead_letter(&queued, Stage::Route, reason);
             return;
         };
         if let Some(slot) = self.slots.get_mut(reducer, key) {

@@ -15,7 +15,7 @@ use crate::driver::work::WorkGuard;
 use crate::envelope::Envelope;
 use crate::handler::Call;
 use crate::intent::Intent;
-use crate::project::OperationId;
+use crate::project::{OperationId, RouteId};
 
 #[derive(Debug)]
 pub struct Slot {
@@ -142,7 +142,13 @@ pub struct Timer {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Queued {
     pub envelope: Arc<Envelope>,
-    pub route: usize,
+    /// The route that takes it, resolved by the router.
+    #[serde(rename = "route_id", default)]
+    pub route: RouteId,
+    /// How snapshots of earlier versions named the route: by its place among the
+    /// routes of the event's type. Read, never written; resolved at restore.
+    #[serde(rename = "route", default, skip_serializing)]
+    pub route_of_type: Option<usize>,
     pub source: Cow<'static, str>,
     /// When the bus took the event (not persisted: latency after a restart counts
     /// from the restart).
@@ -394,6 +400,26 @@ mod tests {
         assert!(!read(at_rest).any());
         assert!(read(r#"{"state":"s","pending":[{"key":"k"}],"context":{}}"#).any());
         assert!(read(r#"{"inbox":[{"route":0}],"state":"s"}"#).any());
+    }
+
+    /// A waiting event is written with its route's id; one read from a snapshot of an
+    /// earlier version keeps the route's place among its event type's, to resolve.
+    #[test]
+    fn a_waiting_events_route_is_written_by_id_and_read_in_either_form() {
+        let envelope = r#"{"message_id":"m","event_type":"Happened"}"#;
+        let earlier: Queued = serde_json::from_str(&format!(
+            r#"{{"envelope":{envelope},"route":1,"source":"bus"}}"#
+        ))
+        .expect("earlier form");
+        assert_eq!((earlier.route, earlier.route_of_type), (0, Some(1)));
+        let now: Queued = serde_json::from_str(&format!(
+            r#"{{"envelope":{envelope},"route_id":7,"source":"bus"}}"#
+        ))
+        .expect("current form");
+        assert_eq!((now.route, now.route_of_type), (7, None));
+        let written = serde_json::to_value(&earlier).expect("written");
+        assert_eq!(written["route_id"], 0);
+        assert!(written.get("route").is_none(), "{written}");
     }
 
     #[test]

@@ -120,8 +120,13 @@ pub(crate) async fn read_source(
                 continue;
             }
         };
-        if !shared.project.routes.contains_key(&envelope.event_type) {
-            let known: Vec<&str> = shared.project.routes.keys().map(String::as_str).collect();
+        if shared.project.routes_for(&envelope.event_type).is_empty() {
+            let known: Vec<&str> = shared
+                .project
+                .routes_by_event
+                .keys()
+                .map(String::as_str)
+                .collect();
             let mut reason = format!("no route for event type `{}`", envelope.event_type);
             if let Some(help) =
                 onex_contract::suggest::did_you_mean(&envelope.event_type, known.iter().copied())
