@@ -572,6 +572,79 @@ mod tests {
         );
     }
 
+    /// The writer's connection is dropped in the middle of a batch's transaction
+    /// (terminated while it waits for a lock, after the batch's events went in): the
+    /// half-done transaction is rolled back, the whole batch is written again, and
+    /// its acknowledgement is given once, after that.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_connection_dropped_mid_batch_is_never_half_applied() {
+        let database = tokio::task::spawn_blocking(onex_test_postgres::fresh_database)
+            .await
+            .expect("database");
+        let url = database.url().to_owned();
+        let store = PostgresStore::open(&url).await.expect("open").store;
+        let psql = |sql: &str| {
+            let (url, sql) = (url.clone(), sql.to_owned());
+            tokio::task::spawn_blocking(move || onex_test_postgres::psql(&url, &sql))
+        };
+        // A session that holds the instances table until told to let go.
+        let holder = tokio::task::spawn_blocking({
+            let url = url.clone();
+            move || {
+                onex_test_postgres::psql(
+                    &url,
+                    "BEGIN; LOCK TABLE onex_instances IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(3); COMMIT;",
+                )
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let acked = Arc::new(AtomicUsize::new(0));
+        let envelope: crate::envelope::Envelope =
+            serde_json::from_str(r#"{"message_id": "m-1", "event_type": "Happened"}"#)
+                .expect("envelope");
+        let line = crate::store::LogLine::of(&envelope, &crate::json_text::SizeHint::default())
+            .expect("line");
+        store.write(Write::Event(line));
+        store.write(Write::Changes(Changes {
+            instances: vec![instance("k1", "one")],
+            dead_letters: Vec::new(),
+            acks: vec![counted(&acked)],
+        }));
+        // The writer is inside its transaction, its events written, waiting for the lock.
+        let waiting = "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+                       AND query LIKE 'INSERT INTO onex_instances%'";
+        let mut writer = String::new();
+        for _ in 0..100 {
+            writer = psql(waiting).await.expect("psql").expect("query");
+            if !writer.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(!writer.is_empty(), "the writer never waited for the lock");
+        psql(&format!("SELECT pg_terminate_backend({writer})"))
+            .await
+            .expect("psql")
+            .expect("terminated");
+        assert_eq!(
+            acked.load(Ordering::SeqCst),
+            0,
+            "not acknowledged half done"
+        );
+        holder.await.expect("holder").expect("lock released");
+        tokio::time::timeout(Duration::from_secs(20), store.flush())
+            .await
+            .expect("the batch written again");
+        assert_eq!(acked.load(Ordering::SeqCst), 1);
+        let events = psql("SELECT count(*) FROM onex_event_log WHERE message_id = 'm-1'")
+            .await
+            .expect("psql")
+            .expect("events");
+        assert_eq!(events, "1", "the event once");
+        let stored = store.instances().await.expect("read");
+        assert_eq!(stored.len(), 1);
+    }
+
     /// A second run on the same database is refused while the first holds it.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_second_store_on_one_database_is_refused() {
