@@ -1,5 +1,11 @@
 //! `db`: SQL with `$1..$n` parameters from `query_params`, on the embedded SQLite
 //! file (`sqlite`). Statements from many instances are group-committed.
+//!
+//! The handler knows its dialect. An operation's `query_template` is portable SQL (a
+//! string) or a map with each dialect's text (`{sqlite: ..., postgres: ...}`), and the
+//! handler runs its own dialect's; it comes as written (never templated), values
+//! being bound from `query_params`. Set-up files likewise: the portable ones and its
+//! dialect's.
 
 mod sqlite;
 
@@ -13,6 +19,42 @@ use serde_json::Value;
 use sqlite::Params;
 pub use sqlite::{DATA_FILE, Database};
 
+/// The SQL dialect a database speaks, named as contracts' per-dialect maps name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    Sqlite,
+    Postgres,
+}
+
+impl Dialect {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Dialect::Sqlite => "sqlite",
+            Dialect::Postgres => "postgres",
+        }
+    }
+}
+
+/// The SQL an operation runs in `dialect`: its portable text, or its dialect's own.
+fn query_for(config: &Config, dialect: Dialect) -> Result<&str, Failure> {
+    match &config["query_template"] {
+        Value::String(sql) => Ok(sql),
+        Value::Object(by_dialect) => match by_dialect.get(dialect.as_str()) {
+            Some(Value::String(sql)) => Ok(sql),
+            _ => Err(Failure::Permanent(format!(
+                "io_config.query_template has no `{}` text",
+                dialect.as_str()
+            ))),
+        },
+        Value::Null => Err(Failure::Permanent(
+            "io_config.query_template is missing".into(),
+        )),
+        _ => Err(Failure::Permanent(
+            "io_config.query_template must be SQL text or a map of it by dialect".into(),
+        )),
+    }
+}
+
 #[derive(Debug)]
 pub struct DbHandler {
     database: Arc<Database>,
@@ -21,6 +63,10 @@ pub struct DbHandler {
 impl DbHandler {
     pub fn new(database: Arc<Database>) -> DbHandler {
         DbHandler { database }
+    }
+
+    pub fn dialect(&self) -> Dialect {
+        Dialect::Sqlite
     }
 }
 
@@ -35,11 +81,7 @@ impl Handler for DbHandler {
 
     fn call<'a>(&'a self, call: &'a Arc<Call>) -> BoxFuture<'a, Outcome> {
         Box::pin(async move {
-            let Some(sql) = call.config["query_template"].as_str() else {
-                return Err(Failure::Permanent(
-                    "io_config.query_template is missing".into(),
-                ));
-            };
+            let sql = query_for(&call.config, self.dialect())?;
             if !matches!(&call.config["query_params"], Value::Array(_) | Value::Null) {
                 return Err(Failure::Permanent(
                     "io_config.query_params must be a list for db".into(),
@@ -54,11 +96,11 @@ impl Handler for DbHandler {
 
     fn prepare<'a>(&'a self, project: &'a Project) -> BoxFuture<'a, Result<(), String>> {
         Box::pin(async move {
-            for (path, sql) in &project.setup_sql {
+            for file in project.setup_sql_for(self.dialect().as_str()) {
                 self.database
-                    .execute_script(sql)
+                    .execute_script(&file.sql)
                     .await
-                    .map_err(|e| format!("set-up file {}: {e}", path.display()))?;
+                    .map_err(|e| format!("set-up file {}: {e}", file.path.display()))?;
             }
             Ok(())
         })
@@ -159,6 +201,33 @@ mod tests {
         assert_eq!(
             handler.call(&not_a_list).await.expect_err("not a list"),
             Failure::Permanent("io_config.query_params must be a list for db".into())
+        );
+    }
+
+    /// The handler runs its own dialect's text of a per-dialect map (as written:
+    /// the runtime never renders it), and refuses a map without it.
+    #[tokio::test]
+    async fn the_handler_runs_its_dialects_text() {
+        let (_dir, db) = database_with("CREATE TABLE t (id TEXT PRIMARY KEY, n INTEGER)").await;
+        let handler = DbHandler::new(Arc::new(db));
+        let insert = call(json!({
+            "query_template": {
+                "sqlite": "INSERT INTO t (id, n) VALUES ($1, $2)",
+                "postgres": "INSERT INTO t (id, n) VALUES ($1, $2::int4)",
+            },
+            "query_params": ["a", 7],
+        }));
+        assert_eq!(
+            handler.call(&insert).await.expect("insert")["rows_affected"],
+            1
+        );
+        let other_only = call(json!({
+            "query_template": {"postgres": "SELECT 1"},
+            "query_params": [],
+        }));
+        assert_eq!(
+            handler.call(&other_only).await.expect_err("no sqlite text"),
+            Failure::Permanent("io_config.query_template has no `sqlite` text".into())
         );
     }
 }
