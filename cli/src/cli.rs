@@ -96,6 +96,17 @@ pub struct RunArgs {
         env = "ONEX_LISTEN"
     )]
     pub listen: String,
+    /// PostgreSQL database for the `db` handler (postgres://USER:PASSWORD@HOST:PORT/DB,
+    /// with `?sslmode=require` or `verify-full` for TLS); also read from DATABASE_URL.
+    /// Without it, the `db` handler uses the embedded SQLite file in the data
+    /// directory. (Its value is never shown: it may carry credentials.)
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "ONEX_DATABASE_URL",
+        hide_env_values = true
+    )]
+    pub database_url: Option<String>,
     /// Consul agent for the `consul` handler; without it, the local catalog stands in.
     /// (Its value is never shown: it may carry credentials.)
     #[arg(
@@ -469,7 +480,20 @@ impl RunArgs {
     pub fn format(&self) -> anyhow::Result<OutputFormat> {
         format(self.format, OutputFormat::Human)
     }
+
+    /// `--database-url`, else `ONEX_DATABASE_URL` (clap reads both), else the
+    /// conventional `DATABASE_URL`; set but empty is unset.
+    pub fn database_url(&self) -> Option<String> {
+        self.database_url
+            .clone()
+            .filter(|url| !url.is_empty())
+            .or_else(|| std::env::var(PLAIN_DATABASE_URL).ok())
+            .filter(|url| !url.is_empty())
+    }
 }
+
+/// The variable most tools read a database URL from, read after `ONEX_DATABASE_URL`.
+const PLAIN_DATABASE_URL: &str = "DATABASE_URL";
 
 /// The variable every command reads its format from when neither `--format` nor the
 /// command's own `ONEX_<COMMAND>_FORMAT` is set.

@@ -46,12 +46,12 @@ impl Run {
     }
 }
 
-/// Removes the settings a developer's shell may hold (`ONEX_*`, `CONSUL_HTTP_*`), so
-/// that tests see the defaults.
+/// Removes the settings a developer's shell may hold (`ONEX_*`, `CONSUL_HTTP_*`,
+/// `DATABASE_URL`), so that tests see the defaults.
 pub fn clean_env(command: &mut Command) -> &mut Command {
     for (name, _) in std::env::vars_os() {
         let name = name.to_string_lossy();
-        if name.starts_with("ONEX_") || name.starts_with("CONSUL_HTTP_") {
+        if name.starts_with("ONEX_") || name.starts_with("CONSUL_HTTP_") || name == "DATABASE_URL" {
             command.env_remove(name.as_ref());
         }
     }

@@ -1,5 +1,7 @@
 //! `db`: SQL with `$1..$n` parameters from `query_params`, on the embedded SQLite
-//! file (`sqlite`). Statements from many instances are group-committed.
+//! file (`sqlite.rs`, the default) or on PostgreSQL (`postgres.rs`, with
+//! `--database-url`). Both group statements from many calls into few transactions,
+//! each statement keeping its own result.
 //!
 //! The handler knows its dialect. An operation's `query_template` is portable SQL (a
 //! string) or a map with each dialect's text (`{sqlite: ..., postgres: ...}`), and the
@@ -7,6 +9,7 @@
 //! being bound from `query_params`. Set-up files likewise: the portable ones and its
 //! dialect's.
 
+mod postgres;
 mod sqlite;
 
 use std::borrow::Cow;
@@ -16,8 +19,27 @@ use onex_runtime::handler::{BoxFuture, Call, Config, Failure, Handler, Outcome};
 use onex_runtime::project::Project;
 use serde_json::Value;
 
-use sqlite::Params;
 pub use sqlite::{DATA_FILE, Database};
+/// A statement's parameters: its own, or an effect call's `query_params`, bound where
+/// they are (a copy was ten allocations per upsert, freed on the worker that made them
+/// only if the writer let go of the call first).
+#[derive(Debug)]
+pub(crate) enum Params {
+    Owned(Vec<Value>),
+    Call(Arc<Call>),
+}
+
+impl Params {
+    pub(crate) fn values(&self) -> &[Value] {
+        match self {
+            Params::Owned(values) => values,
+            Params::Call(call) => match &call.config["query_params"] {
+                Value::Array(items) => items,
+                _ => &[],
+            },
+        }
+    }
+}
 
 /// The SQL dialect a database speaks, named as contracts' per-dialect maps name it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,16 +79,37 @@ fn query_for(config: &Config, dialect: Dialect) -> Result<&str, Failure> {
 
 #[derive(Debug)]
 pub struct DbHandler {
-    database: Arc<Database>,
+    backend: Backend,
+}
+
+#[derive(Debug)]
+enum Backend {
+    Sqlite(Arc<Database>),
+    Postgres(postgres::Pg),
 }
 
 impl DbHandler {
-    pub fn new(database: Arc<Database>) -> DbHandler {
-        DbHandler { database }
+    /// On the embedded SQLite file behind `database`.
+    pub fn sqlite(database: Arc<Database>) -> DbHandler {
+        DbHandler {
+            backend: Backend::Sqlite(database),
+        }
+    }
+
+    /// On the PostgreSQL database at `url` (`postgres://` or `postgresql://`; another
+    /// scheme, or a URL that does not parse, is refused with the reason). Connections
+    /// open when first needed. Must be called inside a Tokio runtime.
+    pub fn postgres(url: &str) -> Result<DbHandler, String> {
+        Ok(DbHandler {
+            backend: Backend::Postgres(postgres::Pg::connect(url)?),
+        })
     }
 
     pub fn dialect(&self) -> Dialect {
-        Dialect::Sqlite
+        match self.backend {
+            Backend::Sqlite(_) => Dialect::Sqlite,
+            Backend::Postgres(_) => Dialect::Postgres,
+        }
     }
 }
 
@@ -76,7 +119,10 @@ impl Handler for DbHandler {
     }
 
     fn target<'a>(&'a self, _config: &'a Config) -> Cow<'a, str> {
-        self.database.path().to_string_lossy()
+        match &self.backend {
+            Backend::Sqlite(database) => database.path().to_string_lossy(),
+            Backend::Postgres(pg) => Cow::Borrowed(pg.target()),
+        }
     }
 
     fn call<'a>(&'a self, call: &'a Arc<Call>) -> BoxFuture<'a, Outcome> {
@@ -87,40 +133,57 @@ impl Handler for DbHandler {
                     "io_config.query_params must be a list for db".into(),
                 ));
             }
-            self.database
-                .run(sql, Params::Call(Arc::clone(call)))
-                .await
-                .map_err(classify)
+            let params = Params::Call(Arc::clone(call));
+            match &self.backend {
+                Backend::Sqlite(database) => {
+                    database.run(sql, params).await.map_err(classify_sqlite)
+                }
+                Backend::Postgres(pg) => pg.run(sql, params).await,
+            }
         })
     }
 
+    /// Runs the set-up SQL files for the handler's dialect: the portable ones and its
+    /// own, in the order the contracts list them.
     fn prepare<'a>(&'a self, project: &'a Project) -> BoxFuture<'a, Result<(), String>> {
         Box::pin(async move {
-            for file in project.setup_sql_for(self.dialect().as_str()) {
-                self.database
-                    .execute_script(&file.sql)
-                    .await
-                    .map_err(|e| format!("set-up file {}: {e}", file.path.display()))?;
+            match &self.backend {
+                Backend::Sqlite(database) => {
+                    for file in project.setup_sql_for(Dialect::Sqlite.as_str()) {
+                        database
+                            .execute_script(&file.sql)
+                            .await
+                            .map_err(|e| format!("set-up file {}: {e}", file.path.display()))?;
+                    }
+                    Ok(())
+                }
+                Backend::Postgres(pg) => pg.prepare(project).await,
             }
-            Ok(())
         })
     }
 
     fn ready(&self) -> BoxFuture<'_, Result<(), String>> {
-        Box::pin(async move { self.database.query("SELECT 1").await.map(drop) })
+        Box::pin(async move {
+            match &self.backend {
+                Backend::Sqlite(database) => database.query("SELECT 1").await.map(drop),
+                Backend::Postgres(pg) => pg.ready().await,
+            }
+        })
     }
 
     fn describe(&self) -> String {
-        format!(
-            "embedded SQLite database {}",
-            self.database.path().display()
-        )
+        match &self.backend {
+            Backend::Sqlite(database) => {
+                format!("embedded SQLite database {}", database.path().display())
+            }
+            Backend::Postgres(pg) => format!("PostgreSQL {}", pg.shown()),
+        }
     }
 }
 
-/// Locked or busy databases are worth retrying; everything else (constraint, syntax)
-/// will fail the same way again.
-fn classify(message: String) -> Failure {
+/// SQLite: a locked or busy database is worth retrying, as is one the writer could
+/// not open; everything else (constraint, syntax) fails the same way again.
+fn classify_sqlite(message: String) -> Failure {
     let lower = message.to_ascii_lowercase();
     if lower.contains("locked")
         || lower.contains("busy")
@@ -131,6 +194,43 @@ fn classify(message: String) -> Failure {
     } else {
         Failure::Permanent(message)
     }
+}
+
+/// PostgreSQL: whether a failure is worth retrying: the connection, the pool, the server going
+/// away or being short of resources, and conflicts between transactions
+/// (serialization failures, deadlocks, locks not available, cancelled statements)
+/// are; what the statement itself gets wrong (constraints, syntax, types,
+/// permissions) fails the same way again.
+pub(crate) fn is_transient(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| transient_sqlstate(&code)),
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        _ => false,
+    }
+}
+
+/// SQLSTATE codes worth retrying.
+fn transient_sqlstate(code: &str) -> bool {
+    // 08: connection exception; 40: transaction rollback (40001 serialization
+    // failure, 40P01 deadlock); 53: insufficient resources (too many connections,
+    // disk full, out of memory); 58: system error (I/O).
+    ["08", "40", "53", "58"]
+        .iter()
+        .any(|class| code.starts_with(class))
+        || matches!(
+            code,
+            // admin_shutdown (a terminated backend), crash_shutdown, cannot_connect_now
+            "57P01" | "57P02" | "57P03"
+            // query_canceled (statement_timeout), lock_not_available
+            | "57014" | "55P03"
+            // read_only_sql_transaction: a standby, until the failover completes
+            | "25006"
+        )
 }
 
 #[cfg(test)]
@@ -164,7 +264,8 @@ mod tests {
     #[tokio::test]
     async fn the_handler_binds_the_calls_parameters_and_hands_the_call_back() {
         let (_dir, db) = database_with("CREATE TABLE t (id TEXT PRIMARY KEY, n INTEGER)").await;
-        let handler = DbHandler::new(Arc::new(db));
+        let database = Arc::new(db);
+        let handler = DbHandler::sqlite(Arc::clone(&database));
         let insert = call(json!({
             "query_template": "INSERT INTO t (id, n) VALUES ($1, $2)",
             "query_params": ["a", 7],
@@ -172,11 +273,7 @@ mod tests {
         let done = handler.call(&insert).await.expect("insert");
         assert_eq!(done["rows_affected"], 1);
         assert_eq!(Arc::strong_count(&insert), 1, "the writer kept the call");
-        let rows = handler
-            .database
-            .query("SELECT id, n FROM t")
-            .await
-            .expect("select");
+        let rows = database.query("SELECT id, n FROM t").await.expect("select");
         assert_eq!(
             rows,
             vec![
@@ -209,7 +306,7 @@ mod tests {
     #[tokio::test]
     async fn the_handler_runs_its_dialects_text() {
         let (_dir, db) = database_with("CREATE TABLE t (id TEXT PRIMARY KEY, n INTEGER)").await;
-        let handler = DbHandler::new(Arc::new(db));
+        let handler = DbHandler::sqlite(Arc::new(db));
         let insert = call(json!({
             "query_template": {
                 "sqlite": "INSERT INTO t (id, n) VALUES ($1, $2)",
@@ -229,5 +326,37 @@ mod tests {
             handler.call(&other_only).await.expect_err("no sqlite text"),
             Failure::Permanent("io_config.query_template has no `sqlite` text".into())
         );
+    }
+
+    #[test]
+    fn postgres_failures_worth_retrying_are_transient() {
+        use super::postgres::tests::server_error;
+        for code in [
+            "40001", "40P01", "57P01", "08006", "08001", "53300", "55P03", "57014",
+        ] {
+            assert!(is_transient(&server_error(code, "x")), "{code}");
+        }
+        for code in [
+            "23505", "23502", "42601", "42P01", "42804", "22P02", "28P01", "3D000",
+        ] {
+            assert!(!is_transient(&server_error(code, "x")), "{code}");
+        }
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset");
+        assert!(is_transient(&sqlx::Error::Io(io)));
+        assert!(is_transient(&sqlx::Error::PoolTimedOut));
+        assert!(!is_transient(&sqlx::Error::Configuration("bad".into())));
+        assert!(!is_transient(&sqlx::Error::RowNotFound));
+    }
+
+    #[test]
+    fn sqlite_failures_worth_retrying_are_transient() {
+        assert!(matches!(
+            classify_sqlite("database is locked".into()),
+            Failure::Transient(_)
+        ));
+        assert!(matches!(
+            classify_sqlite("UNIQUE constraint failed: t.id".into()),
+            Failure::Permanent(_)
+        ));
     }
 }

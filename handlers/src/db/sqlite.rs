@@ -19,11 +19,12 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
-use onex_runtime::handler::Call;
 use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{Connection, ToSql};
 use serde_json::{Map, Value, json};
 use tokio::sync::oneshot;
+
+use super::Params;
 
 pub const DATA_FILE: &str = "data.db";
 /// Statements at most in one transaction.
@@ -66,27 +67,6 @@ enum Job {
         sql: String,
         done: oneshot::Sender<Result<(), String>>,
     },
-}
-
-/// A statement's parameters: its own, or an effect call's `query_params`, bound where
-/// they are (a copy was ten allocations per upsert, freed on the worker that made them
-/// only if the writer let go of the call first).
-#[derive(Debug)]
-pub(super) enum Params {
-    Owned(Vec<Value>),
-    Call(Arc<Call>),
-}
-
-impl Params {
-    fn values(&self) -> &[Value] {
-        match self {
-            Params::Owned(values) => values,
-            Params::Call(call) => match &call.config["query_params"] {
-                Value::Array(items) => items,
-                _ => &[],
-            },
-        }
-    }
 }
 
 /// The embedded database, shared by the `db` handler and the local service catalog.
