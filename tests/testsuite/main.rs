@@ -9,6 +9,7 @@ mod hostile;
 mod lints;
 mod metrics;
 mod pipes;
+mod postgres;
 mod purity;
 mod reference;
 mod reference_docs;
@@ -16,3 +17,5 @@ mod run;
 mod scenarios;
 mod settings;
 mod support;
+#[path = "../throwaway_postgres.rs"]
+mod throwaway_postgres;
