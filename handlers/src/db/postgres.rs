@@ -435,15 +435,19 @@ async fn run_group(
                 // Whatever state it is in, it goes: the pool opens a new one.
                 connection.close_on_drop();
             }
-            outcome
+            outcome.map_err(|e| {
+                format!(
+                    "the transaction did not commit, nothing of it was kept: {}",
+                    failure(&e, secrets).message()
+                )
+            })
         }
-        Err(e) => Err(e),
-    };
-    if let Err(e) = committed {
-        let reason = format!(
-            "the transaction did not commit, nothing of it was kept: {}",
+        Err(e) => Err(format!(
+            "no connection to the database: {}",
             failure(&e, secrets).message()
-        );
+        )),
+    };
+    if let Err(reason) = committed {
         results.clear();
         results.resize_with(group.len(), || Err(Failure::Transient(reason.clone())));
     }
