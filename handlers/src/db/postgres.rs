@@ -42,12 +42,12 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::Params;
 
-/// Connections in the pool. The measurements in docs/performance.md (and the build
-/// notes: ~6.4k upserts/s on one connection, ~12.6k/s on eight) show that a
-/// handful of connections working at once is what a loopback server takes; eight
+/// Connections in the pool. Upserts measured on this kind of machine ran at ~6.4k/s
+/// on one connection and ~12.6k/s on a pool of eight (each connection waits for its
+/// server process in turn, so a few working at once keep the server busy); eight
 /// stay far below PostgreSQL's default `max_connections` (100), so that several
 /// onex processes and the server's other clients fit beside them.
-pub(crate) const POOL_SIZE: u32 = 8;
+const POOL_SIZE: u32 = 8;
 /// Batchers: one per pooled connection, so that a batch never waits for another's
 /// connection. (Readiness checks and set-up wait for a free one, a batch's time.)
 const BATCHERS: usize = POOL_SIZE as usize;
@@ -62,8 +62,9 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// A bound value's PostgreSQL type, chosen from the JSON value's own: strings as
 /// text, integers as int8, other numbers as float8, booleans as bool, null as a text
-/// NULL, arrays and objects as jsonb. A statement casts where its column wants
-/// another type (`$4::jsonb` is not needed then, `$8::timestamptz` is).
+/// NULL, arrays and objects as jsonb. Where a column wants another type the
+/// statement casts: `$8::timestamptz` for a time given as a string, `$4::jsonb` for
+/// a JSON document given as text.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum ParamType {
     Text,
@@ -108,7 +109,7 @@ impl ParamType {
 /// The values bound as [`param_type`] says.
 fn arguments(values: &[Value]) -> Result<PgArguments, sqlx::error::BoxDynError> {
     let mut arguments = PgArguments::default();
-    arguments.reserve(values.len(), values.iter().map(|_| 8).sum());
+    arguments.reserve(values.len(), values.len() * 8);
     for value in values {
         match value {
             Value::Null => arguments.add(None::<&str>)?,
@@ -241,8 +242,7 @@ fn percent_decoded(text: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// The backend: the pool, the queue its batchers take statements from, and how the
-/// URL may be shown.
+/// The backend: the pool, each batcher's queue, and how the URL may be shown.
 #[derive(Debug)]
 pub(crate) struct Pg {
     pool: PgPool,
@@ -261,10 +261,6 @@ impl Pg {
     /// so that an unreachable server is an error of the calls (transient), as a
     /// locked SQLite file is. Must be called inside a Tokio runtime.
     pub(crate) fn connect(url: &str) -> Result<Pg, String> {
-        Pg::with_batchers(url, BATCHERS)
-    }
-
-    pub(crate) fn with_batchers(url: &str, batchers: usize) -> Result<Pg, String> {
         let shown = redact(url).into_owned();
         let scheme = url
             .split_once("://")
@@ -296,7 +292,7 @@ impl Pg {
             .min_connections(0)
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect_lazy_with(options);
-        let queues = (0..batchers.max(1))
+        let queues = (0..BATCHERS)
             .map(|_| {
                 let (jobs, queue) = mpsc::unbounded_channel();
                 runtime.spawn(batcher(pool.clone(), queue, Arc::clone(&secrets)));
@@ -976,10 +972,10 @@ pub(crate) mod tests {
 
     #[test]
     fn urls_of_other_databases_are_refused() {
-        let refused = Pg::with_batchers("mysql://root:hunter2@db/reg", 1).expect_err("mysql");
+        let refused = Pg::connect("mysql://root:hunter2@db/reg").expect_err("mysql");
         assert!(refused.contains("postgres://"), "{refused}");
         assert!(!refused.contains("hunter2"), "{refused}");
-        let refused = Pg::with_batchers("db.example:5432", 1).expect_err("no scheme");
+        let refused = Pg::connect("db.example:5432").expect_err("no scheme");
         assert!(refused.contains("not a PostgreSQL URL"), "{refused}");
     }
 }
