@@ -239,12 +239,13 @@ pub struct DatabaseArgs {
 }
 
 impl DatabaseArgs {
-    /// The URL given, by the flag, ONEX_DATABASE_URL or DATABASE_URL (an empty one
-    /// counts as none).
+    /// `--database-url`, else `ONEX_DATABASE_URL` (clap reads both), else the
+    /// conventional `DATABASE_URL`; set but empty is unset.
     pub fn url(&self) -> Option<String> {
         self.url
             .clone()
-            .or_else(|| std::env::var("DATABASE_URL").ok())
+            .filter(|url| !url.is_empty())
+            .or_else(|| std::env::var(PLAIN_DATABASE_URL).ok())
             .filter(|url| !url.is_empty())
     }
 }
@@ -514,6 +515,9 @@ impl RunArgs {
         format(self.format, OutputFormat::Human)
     }
 }
+
+/// The variable most tools read a database URL from, read after `ONEX_DATABASE_URL`.
+const PLAIN_DATABASE_URL: &str = "DATABASE_URL";
 
 /// The variable every command reads its format from when neither `--format` nor the
 /// command's own `ONEX_<COMMAND>_FORMAT` is set.

@@ -77,6 +77,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<u8> {
     };
     let settings = onex_handlers::Settings {
         data_dir: args.data_dir.clone(),
+        database_url: args.database.url(),
         consul: args.consul.clone().filter(|a| !a.is_empty()),
         consul_token: args.consul_token.clone().filter(|t| !t.is_empty()),
     };

@@ -18,7 +18,11 @@ use onex_runtime::handler::Handlers;
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub data_dir: PathBuf,
-    /// Consul agent address; `None`: the local catalog in the embedded database.
+    /// PostgreSQL URL for the `db` handler; `None`: the embedded SQLite file
+    /// (`data.db` in the data directory).
+    pub database_url: Option<String>,
+    /// Consul agent address; `None`: the local catalog (`catalog.db` in the data
+    /// directory, whichever database the `db` handler uses).
     pub consul: Option<String>,
     pub consul_token: Option<String>,
 }
@@ -26,9 +30,14 @@ pub struct Settings {
 /// Every built-in handler, configured by `settings`; a setting a handler cannot use
 /// (a Consul address that is no URL) is refused with the reason.
 pub fn builtin(settings: &Settings, bus: Arc<dyn Bus>) -> Result<Handlers, String> {
-    let database = Arc::new(db::Database::new(settings.data_dir.join(db::DATA_FILE)));
+    let db = match &settings.database_url {
+        Some(url) => db::DbHandler::postgres(url)?,
+        None => db::DbHandler::sqlite(Arc::new(db::Database::new(
+            settings.data_dir.join(db::DATA_FILE),
+        ))),
+    };
     let mut handlers = Handlers::new();
-    handlers.register(Arc::new(db::DbHandler::new(Arc::clone(&database))));
+    handlers.register(Arc::new(db));
     handlers.register(Arc::new(match &settings.consul {
         Some(address) => consul::ConsulHandler::agent(address, settings.consul_token.clone())?,
         // A file of its own, as Consul is a service of its own: a locked or broken

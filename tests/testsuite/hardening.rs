@@ -497,7 +497,7 @@ fn the_registry_heartbeats_and_stays_alive_past_the_liveness_window() {
     assert_eq!(liveness["state"], "alive", "{liveness}");
     let rows = query(
         &data.join("data.db"),
-        "SELECT node_id, liveness FROM node_registrations WHERE node_type = 'orchestrator'",
+        "SELECT node_id, current_state FROM node_registrations WHERE node_type = 'orchestrator'",
     );
     assert_eq!(rows, vec![vec![json!(registry), json!("alive")]]);
     assert_eq!(

@@ -8,6 +8,7 @@ mod hardening;
 mod hostile;
 mod lints;
 mod metrics;
+mod node_registry;
 mod pipes;
 mod postgres;
 mod purity;

@@ -258,8 +258,8 @@ fn an_unreachable_state_store_holds_sources_back_until_it_is_back() {
         "every node registered once the store is back: {stored:?}"
     );
     drop(stdin);
-    let (status, _) = child.terminate();
-    assert!(status.success(), "{status}");
+    let (status, summary) = child.terminate();
+    assert!(status.success(), "{status}: {summary}");
 }
 
 /// kill -9 under load with the state in PostgreSQL, then a restart on the whole
@@ -324,4 +324,101 @@ fn a_killed_runtime_resumes_from_postgres_without_loss_or_duplicates() {
     let twice = rows(&url, &format!("{results} HAVING count(*) <> 1"));
     assert!(twice.is_empty(), "a result per node, once: {twice:?}");
     assert_eq!(rows(&url, results).len(), NODES, "a result for every node");
+}
+
+/// The node registry's PostgreSQL stops mid-run (`pg_ctl -m immediate stop`) while the
+/// runtime's own state stays in files: registrations taken meanwhile end `partial`
+/// (the local catalog still works), and `complete` once the server is back, with no
+/// restart of onex: the registry's own heartbeats probe the database, its breaker
+/// closes, and the incomplete registrations are driven again.
+#[test]
+fn a_node_registry_that_stops_makes_registrations_partial_then_complete() {
+    let server = private_server();
+    let url = server.create_database("registry");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let mut child = spawn_onex(&[
+        "run",
+        "--contract",
+        "contracts/",
+        "--events",
+        "-",
+        "--listen",
+        "off",
+        "--data-dir",
+        path_str(&data),
+        "--database-url",
+        &url,
+        "--state-store",
+        "files",
+        // The registry heartbeats (a write to the node registry) every 200 ms.
+        "--param",
+        "heartbeat_interval_ms=200",
+    ]);
+    let outcome_of = |n: usize| -> Value {
+        crate::run::stored_registrations(&data)
+            .into_iter()
+            .find(|i| i["key"] == node_id(n))
+            .map(|i| i["outcome"].clone())
+            .unwrap_or(Value::Null)
+    };
+    let mut stdin = child.0.stdin.take().expect("stdin");
+    writeln!(stdin, "{}", node(1)).expect("write");
+    stdin.flush().expect("flush");
+    assert!(
+        eventually(|| outcome_of(1) == "complete"),
+        "{}",
+        outcome_of(1)
+    );
+
+    server.kill();
+    for n in [2, 3] {
+        writeln!(stdin, "{}", node(n)).expect("write");
+    }
+    stdin.flush().expect("flush");
+    assert!(
+        eventually(|| outcome_of(2) == "partial" && outcome_of(3) == "partial"),
+        "registrations while the node registry is down: {} {}",
+        outcome_of(2),
+        outcome_of(3)
+    );
+    let partial = crate::run::stored_registrations(&data)
+        .into_iter()
+        .find(|i| i["key"] == node_id(2))
+        .expect("node 2");
+    let context = &partial["snapshot"]["context"];
+    assert_eq!(context["consul_registered"], true, "{context}");
+    assert_eq!(context["postgres_registered"], false, "{context}");
+
+    server.start();
+    assert!(
+        eventually(|| outcome_of(2) == "complete" && outcome_of(3) == "complete"),
+        "once the node registry is back: {} {}",
+        outcome_of(2),
+        outcome_of(3)
+    );
+    let registered = count(
+        &url,
+        &format!(
+            "SELECT count(*) FROM node_registrations WHERE node_id IN ('{}', '{}', '{}')",
+            node_id(1),
+            node_id(2),
+            node_id(3)
+        ),
+    );
+    assert_eq!(registered, 3);
+    drop(stdin);
+    let (status, summary) = child.terminate();
+    // The heartbeats written while the node registry was down failed, and nothing
+    // reads those failures back: each is a dead letter, which makes the exit 1.
+    assert_eq!(status.code(), Some(1), "{summary}");
+    let letters = crate::run::list_json("dlq", &data, &[]).json_lines();
+    assert!(!letters.is_empty());
+    for letter in &letters {
+        let reason = letter["reason"].as_str().unwrap_or_default();
+        assert!(
+            letter["stage"] == "effect" && reason.contains("operation `record_heartbeat`"),
+            "{letter}"
+        );
+    }
 }

@@ -1242,7 +1242,7 @@ fn a_silent_node_expires_and_a_heartbeat_brings_it_back() {
     let registry = data.join("data.db");
     let expired = wait_for(
         &registry,
-        "SELECT count(*) FROM node_registrations WHERE node_id = '00000000-0000-4000-8000-000000000005' AND liveness = 'expired'",
+        "SELECT count(*) FROM node_registrations WHERE node_id = '00000000-0000-4000-8000-000000000005' AND current_state = 'expired'",
         1,
     );
     let deregistered = wait_for(
@@ -1267,7 +1267,7 @@ fn a_silent_node_expires_and_a_heartbeat_brings_it_back() {
     stdin.flush().expect("flush");
     let revived = wait_for(
         &registry,
-        "SELECT count(*) FROM node_registrations WHERE node_id = '00000000-0000-4000-8000-000000000005' AND liveness = 'alive'",
+        "SELECT count(*) FROM node_registrations WHERE node_id = '00000000-0000-4000-8000-000000000005' AND current_state = 'alive'",
         1,
     );
     let (status, _) = child.terminate();

@@ -47,8 +47,7 @@ impl Run {
 }
 
 /// Removes the settings a developer's shell may hold (`ONEX_*`, `CONSUL_HTTP_*`,
-/// `DATABASE_URL`), so
-/// that tests see the defaults.
+/// `DATABASE_URL`), so that tests see the defaults.
 pub fn clean_env(command: &mut Command) -> &mut Command {
     for (name, _) in std::env::vars_os() {
         let name = name.to_string_lossy();

@@ -58,8 +58,9 @@ pub struct Project {
     /// Parameter name -> its default (`params.NAME` in templates).
     pub parameters: BTreeMap<String, Value>,
     pub demo: Option<Demo>,
-    /// SQL set-up files for the `db` handler, in order.
-    pub setup_sql: Vec<(PathBuf, String)>,
+    /// SQL set-up files for the `db` handler, in order, each for every dialect or for
+    /// one ([`Project::setup_sql_for`]).
+    pub setup_sql: Vec<SetupSql>,
     /// The metrics the reducers' FSMs declare, one per name.
     pub metrics: Vec<ContractMetric>,
 }
@@ -145,6 +146,23 @@ impl Project {
             .get(event_type)
             .map_or(&[], Vec::as_slice)
     }
+
+    /// The set-up SQL files a database of `dialect` (`sqlite`, `postgres`) runs, in
+    /// order: the portable ones and its own.
+    pub fn setup_sql_for<'a>(&'a self, dialect: &'a str) -> impl Iterator<Item = &'a SetupSql> {
+        self.setup_sql
+            .iter()
+            .filter(move |file| file.dialect.as_deref().is_none_or(|d| d == dialect))
+    }
+}
+
+/// A set-up SQL file of an effect contract (`setup.db`), read.
+#[derive(Debug, Clone)]
+pub struct SetupSql {
+    /// The dialect it is written for; `None`: every dialect.
+    pub dialect: Option<String>,
+    pub path: PathBuf,
+    pub sql: String,
 }
 
 #[derive(Debug)]
@@ -1464,7 +1482,9 @@ impl Builder<'_> {
         }
     }
 
-    fn setup_sql(&mut self, effects: &[(usize, EffectContract)]) -> Vec<(PathBuf, String)> {
+    /// Reads every set-up SQL file: a portable entry's, and each dialect's of a
+    /// per-dialect entry (one under a name that is no dialect is OX405's, not read).
+    fn setup_sql(&mut self, effects: &[(usize, EffectContract)]) -> Vec<SetupSql> {
         let mut out = Vec::new();
         for (file_index, effect) in effects {
             let base = self.others[*file_index]
@@ -1472,21 +1492,27 @@ impl Builder<'_> {
                 .parent()
                 .unwrap_or(Path::new("."))
                 .to_owned();
-            for sql in &effect.setup_db {
-                let path = normalize(&base.join(&sql.value));
-                match input_file::read_to_string(&path) {
-                    Ok(text) => out.push((path, text)),
-                    Err(e) => {
-                        let d = Diagnostic::new(
-                            &UNRESOLVED_REFERENCE,
-                            format!(
-                                "cannot read SQL file `{}` ({}): {e}",
-                                sql.value,
-                                path.display()
-                            ),
-                        )
-                        .at(sql.span, sql.pointer.clone());
-                        self.others[*file_index].diagnostics.push(d);
+            for entry in &effect.setup_db {
+                for (dialect, sql) in entry.texts() {
+                    let path = normalize(&base.join(&sql.value));
+                    match input_file::read_to_string(&path) {
+                        Ok(text) => out.push(SetupSql {
+                            dialect: dialect.map(str::to_owned),
+                            path,
+                            sql: text,
+                        }),
+                        Err(e) => {
+                            let d = Diagnostic::new(
+                                &UNRESOLVED_REFERENCE,
+                                format!(
+                                    "cannot read SQL file `{}` ({}): {e}",
+                                    sql.value,
+                                    path.display()
+                                ),
+                            )
+                            .at(sql.span, sql.pointer.clone());
+                            self.others[*file_index].diagnostics.push(d);
+                        }
                     }
                 }
             }
@@ -1707,5 +1733,79 @@ mod tests {
         assert_eq!(counter.family, "job_seconds");
         assert!(counter.names().contains(&"job_seconds_total".to_owned()));
         assert!(histogram.names().contains(&"job_seconds_total".to_owned()));
+    }
+
+    /// A project of the fixture FSM and an effect contract whose `setup.db` is
+    /// `setup`, with the SQL files `files` next to it.
+    fn project_with_setup(setup: &str, files: &[&str]) -> (tempfile::TempDir, Loaded) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let write = |name: &str, text: &str| {
+            std::fs::write(dir.path().join(name), text).expect("write");
+        };
+        write(
+            "fsm.yaml",
+            include_str!("../../../tests/fixtures/project/fsm.yaml"),
+        );
+        write(
+            "effect.yaml",
+            &format!(
+                "name: e\nsetup:\n  db:\n{setup}effect_operations:\n  subcontract_name: e\n  operations:\n    - operation_name: do_work\n      io_config: {{handler_type: log, message_template: w}}\n"
+            ),
+        );
+        write(
+            "orchestrator.yaml",
+            "name: o\nnode_type: ORCHESTRATOR\nexecution:\n  effects: [effect.yaml]\n  reducers:\n    work:\n      contract: fsm.yaml\n      rest_states: [idle, done]\n      runtime_actions:\n        note_finished: log\n      on_enter:\n        working:\n          then: {after: settled, try: [finish]}\n  routes:\n    - event_type: WorkRequested\n      reducer: work\n      trigger: start\n      instance_key: \"{{ payload.id }}\"\n",
+        );
+        for file in files {
+            write(file, &format!("-- {file}"));
+        }
+        let loaded = load(&dir.path().join("orchestrator.yaml"));
+        (dir, loaded)
+    }
+
+    /// Each dialect runs the portable files and its own, in the order written.
+    #[test]
+    fn set_up_files_are_read_per_dialect() {
+        let (_dir, loaded) = project_with_setup(
+            "    - common.sql\n    - {sqlite: lite.sql, postgres: pg.sql}\n    - last.sql\n",
+            &["common.sql", "lite.sql", "pg.sql", "last.sql"],
+        );
+        let findings: Vec<String> = loaded
+            .reports
+            .iter()
+            .flat_map(|r| r.diagnostics.iter().map(|d| d.message.clone()))
+            .collect();
+        let project = loaded.project.unwrap_or_else(|| panic!("{findings:?}"));
+        let sql = |dialect| -> Vec<String> {
+            project
+                .setup_sql_for(dialect)
+                .map(|file| file.sql.clone())
+                .collect()
+        };
+        assert_eq!(
+            sql("sqlite"),
+            ["-- common.sql", "-- lite.sql", "-- last.sql"]
+        );
+        assert_eq!(
+            sql("postgres"),
+            ["-- common.sql", "-- pg.sql", "-- last.sql"]
+        );
+    }
+
+    /// A dialect's missing file is OX504, located at that dialect's entry.
+    #[test]
+    fn a_dialects_missing_set_up_file_is_unresolved() {
+        let (_dir, loaded) = project_with_setup(
+            "    - {sqlite: lite.sql, postgres: pg.sql}\n",
+            &["lite.sql"],
+        );
+        assert!(loaded.project.is_none());
+        let found: Vec<(&str, &str)> = loaded
+            .reports
+            .iter()
+            .flat_map(|r| &r.diagnostics)
+            .map(|d| (d.lint.code, d.pointer.as_str()))
+            .collect();
+        assert_eq!(found, [("OX504", "/setup/db/0/postgres")]);
     }
 }

@@ -15,6 +15,7 @@ mod duplicate_operation;
 mod duplicate_state;
 mod duplicate_step;
 mod duplicate_transition_name;
+mod incomplete_dialect_map;
 mod initial_state;
 mod malformed_condition;
 mod no_path_to_terminal;
@@ -68,6 +69,12 @@ pub(crate) fn effect(contract: &EffectContract, out: &mut Vec<Diagnostic>) {
     retry_not_idempotent::check(contract, out);
     raw_query_interpolation::check(contract, out);
     query_placeholder_mismatch::check(contract, out);
+    incomplete_dialect_map::check(contract, out);
+}
+
+/// ` (postgres)` after what a finding names, when it is one dialect's SQL.
+fn for_dialect(dialect: Option<&str>) -> String {
+    dialect.map(|d| format!(" ({d})")).unwrap_or_default()
 }
 
 pub(crate) fn orchestrator(contract: &OrchestratorContract, out: &mut Vec<Diagnostic>) {
@@ -150,6 +157,7 @@ onex_diag::declare_lints! { ALL;
     RAW_QUERY_INTERPOLATION = "OX402" "raw-query-interpolation" Error "a raw SQL query interpolates input into its text";
     QUERY_PLACEHOLDER_MISMATCH = "OX403" "query-placeholder-mismatch" Error "SQL placeholders $1..$n do not match query_params";
     DUPLICATE_OPERATION = "OX404" "duplicate-operation" Error "two effect operations share a name";
+    INCOMPLETE_DIALECT_MAP = "OX405" "incomplete-dialect-map" Error "SQL written per dialect lacks sqlite or postgres, or names a dialect onex does not know";
     UNKNOWN_STEP = "OX501" "unknown-step" Error "a reference names an execution-graph step that is not declared";
     DUPLICATE_STEP = "OX502" "duplicate-step" Error "two execution-graph steps share an id";
     STEP_CYCLE = "OX503" "step-cycle" Error "execution-graph dependencies form a cycle";

@@ -1,5 +1,5 @@
 //! OX403 query-placeholder-mismatch: a db query's placeholders `$1..$n` and its
-//! `query_params` list must match one to one.
+//! `query_params` list must match one to one, in every dialect's text.
 
 use onex_diag::Diagnostic;
 
@@ -30,30 +30,31 @@ fn placeholders(sql: &str) -> (usize, bool) {
 
 pub(crate) fn check(effect: &EffectContract, out: &mut Vec<Diagnostic>) {
     for op in &effect.operations {
-        let Some(query) = &op.query_template else {
+        let Some(queries) = &op.query_template else {
             continue;
         };
-        let (max, contiguous) = placeholders(&query.value);
-        let params = op.query_param_count.as_ref().map_or(0, |p| p.value);
-        let message = if !contiguous {
-            format!(
-                "query of operation `{}` skips placeholder numbers (highest is ${max})",
-                op.name.value
-            )
-        } else if max != params {
-            format!(
-                "query of operation `{}` uses {max} placeholder(s) but `query_params` lists {params}",
-                op.name.value
-            )
-        } else {
-            continue;
-        };
-        let mut d = Diagnostic::new(&QUERY_PLACEHOLDER_MISMATCH, message)
-            .at(query.span, query.pointer.clone());
-        if let Some(params) = &op.query_param_count {
-            d = d.with_label(params.span, format!("{} parameter(s) here", params.value));
+        for (dialect, query) in queries.texts() {
+            let (max, contiguous) = placeholders(&query.value);
+            let params = op.query_param_count.as_ref().map_or(0, |p| p.value);
+            let of = format!(
+                "query of operation `{}`{}",
+                op.name.value,
+                super::for_dialect(dialect)
+            );
+            let message = if !contiguous {
+                format!("{of} skips placeholder numbers (highest is ${max})")
+            } else if max != params {
+                format!("{of} uses {max} placeholder(s) but `query_params` lists {params}")
+            } else {
+                continue;
+            };
+            let mut d = Diagnostic::new(&QUERY_PLACEHOLDER_MISMATCH, message)
+                .at(query.span, query.pointer.clone());
+            if let Some(params) = &op.query_param_count {
+                d = d.with_label(params.span, format!("{} parameter(s) here", params.value));
+            }
+            out.push(d.with_help("number placeholders $1..$n and give exactly n `query_params`"));
         }
-        out.push(d.with_help("number placeholders $1..$n and give exactly n `query_params`"));
     }
 }
 

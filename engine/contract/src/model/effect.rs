@@ -3,8 +3,100 @@
 use onex_diag::Span;
 
 use super::execution::EffectOperationsSpec;
-use super::{Cursor, Located, string_list};
-use crate::yaml::Node;
+use super::{Cursor, Located};
+use crate::yaml::{Node, NodeKind, pointer_segment};
+
+/// The SQL dialects the `db` handler speaks, as a per-dialect map names them: the
+/// embedded SQLite file, and PostgreSQL.
+pub const SQL_DIALECTS: [&str; 2] = ["sqlite", "postgres"];
+
+/// SQL text, or the path of a set-up SQL file, written once for every dialect or once
+/// per dialect.
+#[derive(Debug, Clone)]
+pub enum PerDialect {
+    /// A string: portable, the same for every dialect.
+    Portable(Located<String>),
+    /// A map `{sqlite: ..., postgres: ...}`: its entries as written, in order, an
+    /// unknown dialect's too (each key with where it is written), and where the map
+    /// is (its entries, for a block map).
+    ByDialect {
+        entries: Vec<(Located<String>, Located<String>)>,
+        span: Span,
+        pointer: String,
+    },
+}
+
+impl PerDialect {
+    /// A string or a map of strings; `None` for anything else (the schema reports it).
+    fn read(node: &Node, pointer: String) -> Option<PerDialect> {
+        if let Some(text) = node.as_str() {
+            return Some(PerDialect::Portable(Located {
+                value: text.to_owned(),
+                span: node.span,
+                pointer,
+            }));
+        }
+        if !matches!(node.kind, NodeKind::Map(_)) {
+            return None;
+        }
+        let entries = node
+            .entries()
+            .iter()
+            .filter_map(|entry| {
+                let at = format!("{pointer}/{}", pointer_segment(&entry.key));
+                let value = entry.value.as_str()?;
+                Some((
+                    Located {
+                        value: entry.key.clone(),
+                        span: entry.key_span,
+                        pointer: at.clone(),
+                    },
+                    Located {
+                        value: value.to_owned(),
+                        span: entry.value.span,
+                        pointer: at,
+                    },
+                ))
+            })
+            .collect();
+        // From the first key to the last value: a block map's own span runs on to
+        // where the next key starts.
+        let span = match (node.entries().first(), node.entries().last()) {
+            (Some(first), Some(last)) => Span::new(first.key_span.start, last.value.span.end),
+            _ => node.span,
+        };
+        Some(PerDialect::ByDialect {
+            entries,
+            span,
+            pointer,
+        })
+    }
+
+    /// What `dialect` runs: the portable text, or the dialect's own entry.
+    pub fn get(&self, dialect: &str) -> Option<&Located<String>> {
+        match self {
+            PerDialect::Portable(text) => Some(text),
+            PerDialect::ByDialect { entries, .. } => entries
+                .iter()
+                .find(|(key, _)| key.value == dialect)
+                .map(|(_, text)| text),
+        }
+    }
+
+    /// Every text that some dialect runs, with the dialect it is for (`None`: every
+    /// dialect). An entry under a name that is no dialect is left out: nothing runs
+    /// it, and OX405 reports its name.
+    pub fn texts(&self) -> Vec<(Option<&str>, &Located<String>)> {
+        match self {
+            PerDialect::Portable(text) => vec![(None, text)],
+            PerDialect::ByDialect { entries, .. } => entries
+                .iter()
+                .filter(|(key, _)| SQL_DIALECTS.contains(&key.value.as_str()))
+                .map(|(key, text)| (Some(key.value.as_str()), text))
+                .collect(),
+        }
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct EffectContract {
@@ -12,8 +104,9 @@ pub struct EffectContract {
     pub operations: Vec<EffectOperation>,
     /// `effect_operations` typed for the runtime, when well-formed.
     pub spec: Option<EffectOperationsSpec>,
-    /// `setup.db`: SQL files run once when the runtime starts, relative to the contract.
-    pub setup_db: Vec<Located<String>>,
+    /// `setup.db`: SQL files run once when the runtime starts, relative to the
+    /// contract; each for every dialect, or one per dialect.
+    pub setup_db: Vec<PerDialect>,
     pub root: Node,
 }
 
@@ -27,7 +120,8 @@ pub struct EffectOperation {
     pub retries: Option<Located<i64>>,
     pub handler_type: Option<String>,
     pub db_operation: Option<String>,
-    pub query_template: Option<Located<String>>,
+    /// `io_config.query_template`: portable SQL, or SQL per dialect.
+    pub query_template: Option<PerDialect>,
     /// `io_config.query_params` when it is a list: how many parameters, and where.
     pub query_param_count: Option<Located<usize>>,
     pub pointer: String,
@@ -85,7 +179,12 @@ pub(super) fn build(root: &Node) -> EffectContract {
                 retries: own_retries.unwrap_or_else(|| default_retries.clone()),
                 handler_type: io.and_then(|io| io.string("handler_type")).map(|h| h.value),
                 db_operation: io.and_then(|io| io.string("operation")).map(|h| h.value),
-                query_template: io.and_then(|io| io.string("query_template")),
+                query_template: io.and_then(|io| {
+                    PerDialect::read(
+                        io.node.get("query_template")?,
+                        io.child_pointer("query_template"),
+                    )
+                }),
                 query_param_count,
                 name,
                 pointer: pointer.clone(),
@@ -95,7 +194,13 @@ pub(super) fn build(root: &Node) -> EffectContract {
     let setup_pointer = top.child_pointer("setup");
     let setup_db = root
         .get("setup")
-        .map(|setup| string_list(Cursor::with(setup, &setup_pointer), "db"))
+        .map(|setup| {
+            Cursor::with(setup, &setup_pointer)
+                .items("db")
+                .into_iter()
+                .filter_map(|(pointer, item)| PerDialect::read(item, pointer))
+                .collect()
+        })
         .unwrap_or_default();
     EffectContract {
         name: subcontract.string("subcontract_name").map(|n| n.value),

@@ -8,7 +8,7 @@ pub mod execution;
 mod fsm;
 mod orchestrator;
 
-pub use effect::{EffectContract, EffectOperation};
+pub use effect::{EffectContract, EffectOperation, PerDialect, SQL_DIALECTS};
 pub use fsm::{
     Action, Condition, ContextVariable, Dialect, FsmContract, Metric, MetricKind, State, StateRef,
     Transition,

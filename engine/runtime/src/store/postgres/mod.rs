@@ -209,6 +209,15 @@ impl StateStore for PostgresStore {
 
 /// The URL's options; `sslmode` and the other libpq parameters are sqlx's to read.
 pub fn connect_options(url: &str) -> Result<PgConnectOptions, String> {
+    let scheme = url
+        .split_once("://")
+        .map(|(scheme, _)| scheme.to_ascii_lowercase());
+    if !matches!(scheme.as_deref(), Some("postgres" | "postgresql")) {
+        return Err(format!(
+            "--database-url {}: not a PostgreSQL URL; it must start with postgres:// or postgresql://",
+            redact(url)
+        ));
+    }
     PgConnectOptions::from_str(url).map_err(|e| {
         format!(
             "the database URL {} is not usable: {}",

@@ -1,7 +1,6 @@
-//! `db`: SQL with `$1..$n` parameters from `query_params`. The embedded default is a
-//! SQLite file (`data.db` under the data directory); PostgreSQL comes next behind the
-//! same handler. Statements from many instances are group-committed by one writer
-//! thread: whatever arrives while a group runs goes into the next transaction, each
+//! The `db` handler's embedded backend: a SQLite file (`data.db` under the data
+//! directory), also the local service catalog's. Statements from many instances are
+//! group-committed by one writer thread: whatever arrives while a group runs goes into the next transaction, each
 //! statement keeping its own result (SQLite undoes a failed statement alone), so a
 //! burst costs few commits and no per-statement thread hand-off.
 //!
@@ -16,17 +15,16 @@
 //! copy and its fsync held up the statements waiting for that commit, and so the
 //! FSM instances waiting for their results (docs/performance.md, ninth round).
 
-use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
-use onex_runtime::handler::{BoxFuture, Call, Config, Failure, Handler, Outcome};
-use onex_runtime::project::Project;
 use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{Connection, ToSql};
 use serde_json::{Map, Value, json};
 use tokio::sync::oneshot;
+
+use super::Params;
 
 pub const DATA_FILE: &str = "data.db";
 /// Statements at most in one transaction.
@@ -71,27 +69,6 @@ enum Job {
     },
 }
 
-/// A statement's parameters: its own, or an effect call's `query_params`, bound where
-/// they are (a copy was ten allocations per upsert, freed on the worker that made them
-/// only if the writer let go of the call first).
-#[derive(Debug)]
-enum Params {
-    Owned(Vec<Value>),
-    Call(Arc<Call>),
-}
-
-impl Params {
-    fn values(&self) -> &[Value] {
-        match self {
-            Params::Owned(values) => values,
-            Params::Call(call) => match &call.config["query_params"] {
-                Value::Array(items) => items,
-                _ => &[],
-            },
-        }
-    }
-}
-
 /// The embedded database, shared by the `db` handler and the local service catalog.
 #[derive(Debug)]
 pub struct Database {
@@ -132,7 +109,7 @@ impl Database {
         self.run(sql, Params::Owned(params)).await
     }
 
-    async fn run(&self, sql: &str, params: Params) -> Result<Value, String> {
+    pub(super) async fn run(&self, sql: &str, params: Params) -> Result<Value, String> {
         let (done, wait) = oneshot::channel();
         self.send(Job::Statement {
             sql: self.statement(sql),
@@ -511,83 +488,8 @@ fn sqlite_placeholders(sql: &str) -> String {
     out
 }
 
-#[derive(Debug)]
-pub struct DbHandler {
-    database: Arc<Database>,
-}
-
-impl DbHandler {
-    pub fn new(database: Arc<Database>) -> DbHandler {
-        DbHandler { database }
-    }
-}
-
-impl Handler for DbHandler {
-    fn name(&self) -> &'static str {
-        "db"
-    }
-
-    fn target<'a>(&'a self, _config: &'a Config) -> Cow<'a, str> {
-        self.database.path.to_string_lossy()
-    }
-
-    fn call<'a>(&'a self, call: &'a Arc<Call>) -> BoxFuture<'a, Outcome> {
-        Box::pin(async move {
-            let Some(sql) = call.config["query_template"].as_str() else {
-                return Err(Failure::Permanent(
-                    "io_config.query_template is missing".into(),
-                ));
-            };
-            if !matches!(&call.config["query_params"], Value::Array(_) | Value::Null) {
-                return Err(Failure::Permanent(
-                    "io_config.query_params must be a list for db".into(),
-                ));
-            }
-            self.database
-                .run(sql, Params::Call(Arc::clone(call)))
-                .await
-                .map_err(classify)
-        })
-    }
-
-    fn prepare<'a>(&'a self, project: &'a Project) -> BoxFuture<'a, Result<(), String>> {
-        Box::pin(async move {
-            for (path, sql) in &project.setup_sql {
-                self.database
-                    .execute_script(sql)
-                    .await
-                    .map_err(|e| format!("set-up file {}: {e}", path.display()))?;
-            }
-            Ok(())
-        })
-    }
-
-    fn ready(&self) -> BoxFuture<'_, Result<(), String>> {
-        Box::pin(async move { self.database.query("SELECT 1").await.map(drop) })
-    }
-
-    fn describe(&self) -> String {
-        format!("embedded SQLite database {}", self.database.path.display())
-    }
-}
-
-/// Locked or busy databases are worth retrying; everything else (constraint, syntax)
-/// will fail the same way again.
-fn classify(message: String) -> Failure {
-    let lower = message.to_ascii_lowercase();
-    if lower.contains("locked")
-        || lower.contains("busy")
-        || lower.contains("stopped")
-        || lower.contains("cannot open")
-    {
-        Failure::Transient(message)
-    } else {
-        Failure::Permanent(message)
-    }
-}
-
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     #[test]
@@ -599,7 +501,7 @@ mod tests {
     }
 
     /// A database in a fresh directory (kept alive by the returned guard), set up.
-    async fn database_with(setup: &str) -> (tempfile::TempDir, Database) {
+    pub(crate) async fn database_with(setup: &str) -> (tempfile::TempDir, Database) {
         let dir = tempfile::tempdir().expect("tempdir");
         let db = Database::new(dir.path().join("data.db"));
         db.execute_script(setup).await.expect("set-up");
@@ -632,70 +534,6 @@ mod tests {
         assert_eq!(
             rows["rows"][0],
             json!({"id": "a", "n": 7, "doc": "{\"k\":1}"})
-        );
-    }
-
-    /// A call whose SQL is the operation's written part and whose parameters are
-    /// rendered, as the runtime makes them.
-    fn call(config: Value) -> Arc<Call> {
-        let Value::Object(mut rendered) = config else {
-            panic!("a test config is an object");
-        };
-        let mut written = Map::new();
-        if let Some(sql) = rendered.remove("query_template") {
-            written.insert("query_template".to_owned(), sql);
-        }
-        Arc::new(Call {
-            operation: Arc::from("upsert"),
-            config: Config::new(rendered, Arc::new(written)),
-            idempotency_key: Arc::from("k"),
-            correlation_id: None,
-            causation_id: None,
-        })
-    }
-
-    /// The handler binds a call's own `query_params` (shared with the writer, not
-    /// copied), and the writer lets go of the call before it answers.
-    #[tokio::test]
-    async fn the_handler_binds_the_calls_parameters_and_hands_the_call_back() {
-        let (_dir, db) = database_with("CREATE TABLE t (id TEXT PRIMARY KEY, n INTEGER)").await;
-        let handler = DbHandler::new(Arc::new(db));
-        let insert = call(json!({
-            "query_template": "INSERT INTO t (id, n) VALUES ($1, $2)",
-            "query_params": ["a", 7],
-        }));
-        let done = handler.call(&insert).await.expect("insert");
-        assert_eq!(done["rows_affected"], 1);
-        assert_eq!(Arc::strong_count(&insert), 1, "the writer kept the call");
-        let rows = handler
-            .database
-            .query("SELECT id, n FROM t")
-            .await
-            .expect("select");
-        assert_eq!(
-            rows,
-            vec![
-                json!({"id": "a", "n": 7})
-                    .as_object()
-                    .cloned()
-                    .expect("row")
-            ]
-        );
-        let short = call(json!({
-            "query_template": "INSERT INTO t (id, n) VALUES ($1, $2)",
-            "query_params": ["b"],
-        }));
-        assert_eq!(
-            handler.call(&short).await.expect_err("one parameter short"),
-            Failure::Permanent("the statement takes 2 parameter(s), query_params gives 1".into())
-        );
-        let not_a_list = call(json!({
-            "query_template": "SELECT 1",
-            "query_params": "a",
-        }));
-        assert_eq!(
-            handler.call(&not_a_list).await.expect_err("not a list"),
-            Failure::Permanent("io_config.query_params must be a list for db".into())
         );
     }
 
