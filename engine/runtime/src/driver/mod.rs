@@ -63,6 +63,10 @@ pub struct Options {
     pub params: Vec<(String, String)>,
     pub shards: usize,
 }
+
+/// Runs until `shutdown` resolves or, with `until_idle`, until all work is done.
+/// The ports are the caller's: `store` (opened, with what it holds), `bus` (through
+/// [`journal::Journaled`] for the event log) and `handlers`.
 pub async fn run(
     project: Project,
     handlers: Handlers,

@@ -111,10 +111,7 @@ pub struct DemoSummary {
     pub lost_examples: Vec<String>,
 }
 
-/// Runs until `shutdown` resolves or, with `until_idle`, until all work is done.
-/// The ports are the caller's: `store` (opened, with what it holds), `bus` (through
-/// [`crate::driver::journal::Journaled`] for the event log) and `handlers`.
-
+/// The summary of a run that has stopped, its instances read back from the store.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn summarise(
     shared: &Shared,
