@@ -13,8 +13,10 @@
 //! wanted next, and PostgreSQL found the deadlock only after a second
 //! (`deadlock_timeout`), then failed one of them.
 //!
-//! Inside a transaction each statement runs in a savepoint: a statement that fails is
-//! rolled back to it alone and answers with its own error, and the others commit. If
+//! A group runs first as a plain transaction, one round trip per statement. If a
+//! statement fails, the database has aborted the transaction: it is rolled back and
+//! the group runs again with each statement in a savepoint, so that the failing one
+//! is rolled back to it alone and answers with its own error, and the others commit. If
 //! the transaction cannot commit (the COMMIT fails, or the connection is lost on the
 //! way), every statement of it fails as transient, whatever it answered: nothing of it
 //! is kept, and the effect runner retries each call (db operations are idempotent).
@@ -456,10 +458,52 @@ async fn run_group(
     }
 }
 
-/// The group in one transaction, each statement in a savepoint; each statement's
-/// outcome goes into `results`. `Err`: the transaction did not commit (the
-/// connection failed, or the COMMIT).
+/// The group in one transaction; each statement's outcome goes into `results`.
+/// `Err`: the transaction did not commit (the connection failed, or the COMMIT).
+///
+/// First without savepoints, which cost a round trip per statement: nearly every
+/// group has no failing statement. When one fails, the database has aborted the
+/// transaction, so it is rolled back and the whole group runs again with a savepoint
+/// around each statement, where a failing statement fails alone.
 async fn transaction(
+    connection: &mut PgConnection,
+    group: &[Job],
+    results: &mut Vec<Outcome>,
+    secrets: &Secrets,
+) -> Result<(), sqlx::Error> {
+    connection
+        .execute(sqlx::raw_sql(const_sql("BEGIN")))
+        .await?;
+    for job in group {
+        match statement(connection, job).await {
+            Ok(answer) => results.push(Ok(answer)),
+            // Nothing ran, or it ran and only its answer cannot be given: the
+            // transaction goes on.
+            Err(StatementError::Answer(failure)) => results.push(Err(failure)),
+            Err(StatementError::Sql(error)) if is_statement_error(&error) => {
+                connection
+                    .execute(sqlx::raw_sql(const_sql("ROLLBACK")))
+                    .await?;
+                results.clear();
+                return with_savepoints(connection, group, results, secrets).await;
+            }
+            Err(StatementError::Sql(error)) => return Err(error),
+        }
+    }
+    connection
+        .execute(sqlx::raw_sql(const_sql("COMMIT")))
+        .await?;
+    Ok(())
+}
+
+/// Whether the database refused the statement itself (a constraint, a type, a
+/// syntax error), which aborts the transaction but leaves the connection usable.
+fn is_statement_error(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(_)) && !super::is_transient(error)
+}
+
+/// The group in one transaction, each statement in a savepoint.
+async fn with_savepoints(
     connection: &mut PgConnection,
     group: &[Job],
     results: &mut Vec<Outcome>,
