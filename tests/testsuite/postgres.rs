@@ -420,3 +420,152 @@ fn a_node_registry_that_stops_makes_registrations_partial_then_complete() {
         );
     }
 }
+
+/// A certificate authority and a certificate it signed for 127.0.0.1, made with
+/// openssl in `dir`: (CA certificate, server certificate, server key). The key is the
+/// server's own (PostgreSQL refuses a key others may read).
+fn certificates(dir: &Path) -> (String, String, String) {
+    let file = |name: &str| path_str(&dir.join(name)).to_owned();
+    let openssl = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl runs");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=onex test CA",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+    ]);
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+    ]);
+    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").expect("ext");
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+        "-out",
+        "server.crt",
+    ]);
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).expect("chmod dir");
+    std::fs::set_permissions(
+        dir.join("server.key"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .expect("chmod key");
+    // As root, the server runs as `postgres`: the key must be that user's.
+    if std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.starts_with(b"0\n"))
+    {
+        let chowned = std::process::Command::new("chown")
+            .args(["postgres", &file("server.key"), &file("server.crt")])
+            .status()
+            .expect("chown");
+        assert!(chowned.success());
+    }
+    (file("ca.crt"), file("server.crt"), file("server.key"))
+}
+
+/// TLS is the URL's: `sslmode=verify-full` with the server's CA works (state store and
+/// node registry alike); a CA that did not sign the server's certificate is refused,
+/// and so is `sslmode=require` against a server without TLS.
+#[test]
+fn tls_options_in_the_database_url_are_honoured() {
+    let certs = tempfile::tempdir().expect("tempdir");
+    let (ca, cert, key) = certificates(certs.path());
+    let ssl_cert = format!("ssl_cert_file={cert}");
+    let ssl_key = format!("ssl_key_file={key}");
+    let server = onex_test_postgres::private_server_with(&["ssl=on", &ssl_cert, &ssl_key]);
+    let url = server.create_database("tls");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let events = write_events(dir.path(), &[node(1)]);
+    let verified = format!("{url}?sslmode=verify-full&sslrootcert={ca}");
+    let (ok, summary) = run(
+        &dir.path().join("ok"),
+        &["--events", &events, "--database-url", &verified],
+    );
+    assert_eq!(ok.code, 0, "{}", ok.stderr);
+    assert_eq!(reducer(&summary, REGISTRATION)["outcomes"]["complete"], 2);
+    assert_eq!(count(&url, "SELECT count(*) FROM node_registrations"), 2);
+
+    let other_ca = tempfile::tempdir().expect("tempdir");
+    let (wrong_ca, _, _) = certificates(other_ca.path());
+    let unverified = format!("{url}?sslmode=verify-full&sslrootcert={wrong_ca}");
+    let refused = onex(&[
+        "run",
+        "--contract",
+        "contracts/",
+        "--until-idle",
+        "--listen",
+        "off",
+        "--data-dir",
+        path_str(&dir.path().join("refused")),
+        "--events",
+        &events,
+        "--database-url",
+        &unverified,
+    ]);
+    assert_eq!(refused.code, 2, "{}", refused.stderr);
+    assert!(
+        refused.stderr.contains("cannot connect to the state store"),
+        "{}",
+        refused.stderr
+    );
+
+    let plain = private_server();
+    let plain_url = format!("{}?sslmode=require", plain.create_database("plain"));
+    let refused = onex(&[
+        "run",
+        "--contract",
+        "contracts/",
+        "--until-idle",
+        "--listen",
+        "off",
+        "--data-dir",
+        path_str(&dir.path().join("plain")),
+        "--events",
+        &events,
+        "--database-url",
+        &plain_url,
+    ]);
+    assert_eq!(refused.code, 2, "{}", refused.stderr);
+}

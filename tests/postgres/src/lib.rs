@@ -116,7 +116,19 @@ pub struct PrivateServer {
 ///
 /// When the server cannot be started, with the reason.
 pub fn private_server() -> PrivateServer {
-    match Server::start(&["synchronous_commit=on"]) {
+    private_server_with(&[])
+}
+
+/// A [`PrivateServer`] with these server settings (`NAME=VALUE`) added, such as
+/// `ssl=on` and its certificate files for a test of TLS.
+///
+/// # Panics
+///
+/// When the server cannot be started, with the reason.
+pub fn private_server_with(settings: &[&str]) -> PrivateServer {
+    let mut all = vec!["synchronous_commit=on"];
+    all.extend_from_slice(settings);
+    match Server::start(&all) {
         Ok(server) => PrivateServer { server },
         Err(error) => panic!("{error}"),
     }
