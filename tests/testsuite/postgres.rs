@@ -569,3 +569,84 @@ fn tls_options_in_the_database_url_are_honoured() {
     ]);
     assert_eq!(refused.code, 2, "{}", refused.stderr);
 }
+
+/// Connections dropped again and again under load (`pg_terminate_backend` of every
+/// busy onex connection, mid-transaction as it happens): the store writes its batches
+/// again and the db handler's calls are retried, so no instance is lost, no
+/// registration claims a row the registry does not have, and no node gets two
+/// `complete` results.
+#[test]
+fn connections_dropped_under_load_lose_and_repeat_nothing() {
+    const NODES: usize = 2000;
+    let database = fresh_database();
+    let url = database.url().to_owned();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let lines: Vec<String> = (1..=NODES).map(node).collect();
+    let events = write_events(dir.path(), &lines);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let dropper = std::thread::spawn({
+        let (url, stop) = (url.clone(), std::sync::Arc::clone(&stop));
+        let name = database.name().to_owned();
+        move || {
+            // From the first stored instance on: the run has started (a connection
+            // lost while it opens the store is an error at start, exit 2).
+            while !stop.load(std::sync::atomic::Ordering::SeqCst)
+                && !psql(&url, "SELECT count(*) > 0 FROM onex_instances").is_ok_and(|t| t == "t")
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let mut dropped = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let sql = format!(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                     WHERE datname = '{name}' AND pid <> pg_backend_pid() AND state <> 'idle'"
+                );
+                dropped += psql(&url, &sql)
+                    .ok()
+                    .and_then(|n| n.parse::<usize>().ok())
+                    .unwrap_or(0);
+                std::thread::sleep(Duration::from_millis(30));
+            }
+            dropped
+        }
+    });
+    let (finished, summary) = run(
+        &dir.path().join("data"),
+        &["--events", &events, "--database-url", &url],
+    );
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let dropped = dropper.join().expect("dropper");
+    assert!(dropped > 0, "no connection was dropped");
+    // The run ended by itself (1 would say a dead letter: a heartbeat's write that
+    // nothing reads back, if one met a dropped connection too often).
+    assert_ne!(finished.code, 2, "{}", finished.stderr);
+    // Nothing failed for good: a registration that met the breaker open ended
+    // partial, and is completed by a re-drive when the breaker closes again (here,
+    // before the run went idle, unless nothing probed the database after it).
+    let registration = &reducer(&summary, REGISTRATION)["outcomes"];
+    assert_eq!(registration["failed"], 0, "{summary}");
+    let stored = outcomes(&url);
+    assert_eq!(stored.len(), NODES + 1, "no instance lost");
+    assert!(
+        stored
+            .iter()
+            .all(|(_, o)| o == "complete" || o == "partial")
+    );
+    // Never reported done unless it was applied: every registration that says its
+    // row is in the node registry has it.
+    let claimed_but_missing = count(
+        &url,
+        "SELECT count(*) FROM onex_instances i WHERE i.reducer = 'registration' \
+         AND (i.snapshot::jsonb->'context'->>'postgres_registered')::boolean \
+         AND NOT EXISTS (SELECT 1 FROM node_registrations r WHERE r.node_id = i.key)",
+    );
+    assert_eq!(claimed_but_missing, 0);
+    let complete_nodes = stored.iter().filter(|(_, o)| o == "complete").count();
+    assert!(complete_nodes > NODES / 2, "{complete_nodes} complete");
+    // One `complete` result per completed node, whatever came before it.
+    let complete = "SELECT envelope::jsonb->'payload'->>'node_id', count(*) FROM onex_event_log \
+         WHERE envelope::jsonb->>'event_type' = 'NodeRegistrationResultEvent' \
+         AND envelope::jsonb->'payload'->>'outcome' = 'complete' GROUP BY 1";
+    assert!(rows(&url, &format!("{complete} HAVING count(*) <> 1")).is_empty());
+    assert_eq!(rows(&url, complete).len(), complete_nodes);
+}

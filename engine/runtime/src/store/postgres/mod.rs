@@ -149,7 +149,7 @@ impl StateStore for PostgresStore {
 
     fn instances(&self) -> BoxFuture<'_, Result<Vec<StoredInstance>, String>> {
         Box::pin(async move {
-            instances(&self.pool)
+            again_if_lost(|| instances(&self.pool))
                 .await
                 .map_err(|e| cannot_read(&self.shown, &e))
         })
@@ -157,7 +157,7 @@ impl StateStore for PostgresStore {
 
     fn dead_letters(&self) -> BoxFuture<'_, Result<Vec<DeadLetter>, String>> {
         Box::pin(async move {
-            dead_letters(&self.pool)
+            again_if_lost(|| dead_letters(&self.pool))
                 .await
                 .map_err(|e| cannot_read(&self.shown, &e))
         })
@@ -165,32 +165,37 @@ impl StateStore for PostgresStore {
 
     fn dead_letter_count(&self) -> BoxFuture<'_, Result<i64, String>> {
         Box::pin(async move {
-            sqlx::query_scalar("SELECT count(*) FROM onex_dead_letters")
-                .fetch_one(&self.pool)
-                .await
-                .map_err(|e| cannot_read(&self.shown, &e))
+            again_if_lost(|| {
+                sqlx::query_scalar("SELECT count(*) FROM onex_dead_letters").fetch_one(&self.pool)
+            })
+            .await
+            .map_err(|e| cannot_read(&self.shown, &e))
         })
     }
 
     fn meta<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<String>, String>> {
         Box::pin(async move {
-            sqlx::query_scalar("SELECT value FROM onex_meta WHERE key = $1")
-                .bind(key)
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(|e| cannot_read(&self.shown, &e))
+            again_if_lost(|| {
+                sqlx::query_scalar("SELECT value FROM onex_meta WHERE key = $1")
+                    .bind(key)
+                    .fetch_optional(&self.pool)
+            })
+            .await
+            .map_err(|e| cannot_read(&self.shown, &e))
         })
     }
 
     fn set_meta<'a>(&'a self, key: &'a str, value: &'a str) -> BoxFuture<'a, Result<(), String>> {
         Box::pin(async move {
-            sqlx::query(
-                "INSERT INTO onex_meta (key, value) VALUES ($1, $2) \
-                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            )
-            .bind(key)
-            .bind(value)
-            .execute(&self.pool)
+            again_if_lost(|| {
+                sqlx::query(
+                    "INSERT INTO onex_meta (key, value) VALUES ($1, $2) \
+                     ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                )
+                .bind(key)
+                .bind(value)
+                .execute(&self.pool)
+            })
             .await
             .map(drop)
             .map_err(|e| cannot_write(&self.shown, &e))
@@ -206,6 +211,35 @@ impl StateStore for PostgresStore {
             state: format!("{} (table onex_instances)", self.shown),
             event_log: format!("{} (table onex_event_log)", self.shown),
         }
+    }
+}
+
+/// Runs `query` again, on another of the pool's connections, when its connection was
+/// lost (the server restarted, an administrator ended the session): a one-statement
+/// read or an idempotent write can simply be tried again. Other errors, and a third
+/// loss in a row, are the caller's.
+async fn again_if_lost<T, F: std::future::Future<Output = Result<T, sqlx::Error>>>(
+    query: impl Fn() -> F,
+) -> Result<T, sqlx::Error> {
+    let mut attempt = 1;
+    loop {
+        match query().await {
+            Err(e) if attempt < 3 && connection_lost(&e) => attempt += 1,
+            other => return other,
+        }
+    }
+}
+
+/// Whether the error is the connection's, not the statement's.
+fn connection_lost(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_) | sqlx::Error::Protocol(_) => true,
+        // 08: connection exception; 57P01..57P03: the session was ended, the server is
+        // shutting down or starting.
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|code| code.starts_with("08") || code.starts_with("57P0")),
+        _ => false,
     }
 }
 
