@@ -3,6 +3,10 @@
 //! renders the operation's templates and hands the handler plain values; retries,
 //! timeouts and circuit breaking are the runtime's, so a handler makes one attempt and
 //! says how it went. A handler never panics: every failure is a [`Failure`].
+//!
+//! Each handler has a static [`Descriptor`]: what contracts may ask of it, known
+//! without building the handler, so that contracts can be checked against the
+//! handlers of the build (`onex contract lint` as much as `onex run`).
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -12,6 +16,37 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::project::Project;
+
+/// What a handler is, for contracts and people: static, so that it can be read
+/// without the handler's connections or clients.
+#[derive(Debug)]
+pub struct Descriptor {
+    /// What `io_config.handler_type` names it by.
+    pub name: &'static str,
+    /// One line for people: what it does and where its effects go.
+    pub summary: &'static str,
+    /// A JSON Schema (draft 2020-12) of an operation's `io_config` for this handler,
+    /// as the contract writes it (templates unrendered), `handler_type` included.
+    pub config_schema: &'static str,
+    /// `io_config` keys taken as written, never rendered as templates (SQL, whose text
+    /// may hold `{{` in a literal, or a key that picks what the call does).
+    pub verbatim: &'static [&'static str],
+    /// The files it takes at start, if any.
+    pub setup: Option<Setup>,
+}
+
+/// A handler takes files when the run starts (SQL that creates its tables, say),
+/// listed under `setup.<name>` in effect contracts, each for every variant or one per
+/// variant.
+#[derive(Debug)]
+pub struct Setup {
+    /// What the files are, for people: `SQL files run once at start`.
+    pub files: &'static str,
+    /// What a variant is, for messages: `dialect`.
+    pub variant: &'static str,
+    /// The variants an entry may name (a map from variant to file names them all).
+    pub variants: &'static [&'static str],
+}
 
 /// One attempt of one operation.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -29,8 +64,9 @@ pub struct Call {
 
 /// An operation's `io_config` for one call: the entries rendered for it, and the
 /// ones written without templates (`handler_type`, `operation`, `query_template`, and
-/// any other plain value), which all the operation's calls share. Copying those into
-/// every call cost several allocations per effect, and the SQL text.
+/// any other plain value), which all the operation's calls share.
+/// Copying those into every call cost several allocations per effect, and the SQL
+/// text.
 ///
 /// Read by key like a JSON object (`config["topic"]`, null when absent); its JSON
 /// form is one object, so a call kept in a snapshot reads back whole.
@@ -108,7 +144,11 @@ pub type Outcome = Result<Value, Failure>;
 pub use crate::BoxFuture;
 
 pub trait Handler: Send + Sync + std::fmt::Debug {
-    fn name(&self) -> &'static str;
+    fn descriptor(&self) -> &'static Descriptor;
+
+    fn name(&self) -> &'static str {
+        self.descriptor().name
+    }
 
     /// What the handler talks to, for the circuit breaker's key and for people.
     fn target<'a>(&'a self, config: &'a Config) -> Cow<'a, str> {

@@ -15,9 +15,25 @@ mod sqlite;
 use std::borrow::Cow;
 use std::sync::Arc;
 
-use onex_runtime::handler::{BoxFuture, Call, Config, Failure, Handler, Outcome};
+use onex_runtime::handler::{
+    BoxFuture, Call, Config, Descriptor, Failure, Handler, Outcome, Setup,
+};
 use onex_runtime::project::Project;
 use serde_json::Value;
+
+pub static DESCRIPTOR: Descriptor = Descriptor {
+    name: "db",
+    summary: "SQL on the embedded SQLite file, or on PostgreSQL with --database-url",
+    config_schema: include_str!("../../../schemas/handlers/db.schema.json"),
+    // SQL may hold `{{` in a literal, and values are bound, never written into it; the
+    // statement's kind is the contract's.
+    verbatim: &["operation", "query_template"],
+    setup: Some(Setup {
+        files: "SQL files run once at start, in order",
+        variant: "dialect",
+        variants: &[Dialect::Sqlite.as_str(), Dialect::Postgres.as_str()],
+    }),
+};
 
 pub use sqlite::{DATA_FILE, Database};
 /// A statement's parameters: its own, or an effect call's `query_params`, bound where
@@ -49,7 +65,7 @@ pub enum Dialect {
 }
 
 impl Dialect {
-    pub fn as_str(self) -> &'static str {
+    pub const fn as_str(self) -> &'static str {
         match self {
             Dialect::Sqlite => "sqlite",
             Dialect::Postgres => "postgres",
@@ -114,8 +130,8 @@ impl DbHandler {
 }
 
 impl Handler for DbHandler {
-    fn name(&self) -> &'static str {
-        "db"
+    fn descriptor(&self) -> &'static Descriptor {
+        &DESCRIPTOR
     }
 
     fn target<'a>(&'a self, _config: &'a Config) -> Cow<'a, str> {
