@@ -11,7 +11,9 @@ use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
-use onex_runtime::handler::{BoxFuture, Call, Config, Descriptor, Failure, Handler, Outcome};
+use onex_runtime::handler::{
+    BoxFuture, Call, Config, Descriptor, Failure, Handler, Outcome, SetupFile,
+};
 use onex_runtime::json_text::SizeHint;
 use serde_json::{Value, json};
 
@@ -210,10 +212,7 @@ impl Handler for ConsulHandler {
         })
     }
 
-    fn prepare<'a>(
-        &'a self,
-        _project: &'a onex_runtime::project::Project,
-    ) -> BoxFuture<'a, Result<(), String>> {
+    fn prepare<'a>(&'a self, _setup: &'a [SetupFile]) -> BoxFuture<'a, Result<(), String>> {
         Box::pin(async move {
             match &self.target {
                 Target::LocalCatalog(db) => db.execute_script(CATALOG_TABLE).await,

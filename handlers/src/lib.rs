@@ -1,8 +1,8 @@
 //! onex's built-in effect handlers, one module each: `consul`, `db`, `kafka`, `http`,
 //! `log` (docs/handlers.md). Each has its static descriptor (`DESCRIPTOR`: name,
 //! config schema from `schemas/handlers/`, keys taken as written, set-up files), listed
-//! in [`DESCRIPTORS`]. The CLI registers the handlers; the runtime only knows the
-//! [`onex_runtime::handler::Handler`] interface.
+//! in [`DESCRIPTORS`], which contracts are checked against. The CLI registers the
+//! handlers; the runtime only knows the [`onex_runtime::handler::Handler`] interface.
 
 pub mod consul;
 pub mod db;
@@ -66,6 +66,7 @@ pub fn builtin(settings: &Settings, bus: Arc<dyn Bus>) -> Result<Handlers, Strin
 #[cfg(test)]
 mod tests {
     use onex_runtime::bus::embedded::EmbeddedBus;
+    use onex_runtime::catalog::Catalog;
     use onex_runtime::driver::work::Work;
     use serde_json::Value;
 
@@ -76,9 +77,10 @@ mod tests {
             .unwrap_or_else(|e| panic!("{}: {e}", descriptor.name))
     }
 
-    /// Each schema names itself and its handler, and takes `handler_type`.
+    /// Each schema compiles, names itself and its handler, and takes `handler_type`.
     #[test]
     fn every_descriptor_has_a_schema_of_its_own() {
+        Catalog::new(DESCRIPTORS).expect("the built-in descriptors compile");
         for descriptor in DESCRIPTORS {
             let name = descriptor.name;
             let schema = schema(descriptor);
@@ -91,6 +93,29 @@ mod tests {
             assert!(!descriptor.summary.is_empty(), "{name}");
             for key in descriptor.verbatim {
                 assert!(schema["properties"].get(key).is_some(), "{name}: {key}");
+            }
+        }
+    }
+
+    /// Editors complete an operation's `io_config` from the effect contract's schema,
+    /// which cannot know which handler is meant: it lists every built-in handler's
+    /// keys, each described as its handlers describe it.
+    #[test]
+    fn the_effect_schema_lists_every_built_in_handlers_keys() {
+        let effect: Value =
+            serde_json::from_str(include_str!("../../schemas/effect.schema.json")).expect("JSON");
+        let listed = &effect["$defs"]["io_config"]["properties"];
+        for descriptor in DESCRIPTORS {
+            let schema = schema(descriptor);
+            let properties = schema["properties"].as_object().expect("properties");
+            for (key, property) in properties.iter().filter(|(k, _)| *k != "handler_type") {
+                let description = property["description"].as_str().expect("described");
+                let text = listed[key]["description"].as_str().unwrap_or_default();
+                assert!(
+                    text.contains(&format!("{}: {description}", descriptor.name)),
+                    "effect.schema.json io_config.{key} should describe it as `{}: {description}`",
+                    descriptor.name
+                );
             }
         }
     }

@@ -5,17 +5,17 @@
 //! says how it went. A handler never panics: every failure is a [`Failure`].
 //!
 //! Each handler has a static [`Descriptor`]: what contracts may ask of it, known
-//! without building the handler, so that contracts can be checked against the
-//! handlers of the build (`onex contract lint` as much as `onex run`).
+//! without building the handler, so that contracts are checked against the handlers
+//! of the build (`onex contract lint` as much as `onex run`) and the project loader
+//! knows no handler's particulars.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
-
-use crate::project::Project;
 
 /// What a handler is, for contracts and people: static, so that it can be read
 /// without the handler's connections or clients.
@@ -37,7 +37,7 @@ pub struct Descriptor {
 
 /// A handler takes files when the run starts (SQL that creates its tables, say),
 /// listed under `setup.<name>` in effect contracts, each for every variant or one per
-/// variant.
+/// variant. The runtime reads them and hands them to [`Handler::prepare`].
 #[derive(Debug)]
 pub struct Setup {
     /// What the files are, for people: `SQL files run once at start`.
@@ -46,6 +46,22 @@ pub struct Setup {
     pub variant: &'static str,
     /// The variants an entry may name (a map from variant to file names them all).
     pub variants: &'static [&'static str],
+}
+
+/// A set-up file, read, for the handler it is listed for.
+#[derive(Debug, Clone)]
+pub struct SetupFile {
+    /// The variant it is for; `None`: every variant.
+    pub variant: Option<&'static str>,
+    pub path: PathBuf,
+    pub text: String,
+}
+
+impl SetupFile {
+    /// Whether a handler of `variant` uses it: a file for every variant, or its own.
+    pub fn is_for(&self, variant: &str) -> bool {
+        self.variant.is_none_or(|v| v == variant)
+    }
 }
 
 /// One attempt of one operation.
@@ -63,8 +79,8 @@ pub struct Call {
 }
 
 /// An operation's `io_config` for one call: the entries rendered for it, and the
-/// ones written without templates (`handler_type`, `operation`, `query_template`, and
-/// any other plain value), which all the operation's calls share.
+/// ones written without templates (`handler_type`, the keys its handler takes as
+/// written, and any other plain value), which all the operation's calls share.
 /// Copying those into every call cost several allocations per effect, and the SQL
 /// text.
 ///
@@ -161,9 +177,10 @@ pub trait Handler: Send + Sync + std::fmt::Debug {
     /// reference instead of copying what it needs.
     fn call<'a>(&'a self, call: &'a Arc<Call>) -> BoxFuture<'a, Outcome>;
 
-    /// Runs once before the first event (creates tables, opens connections).
-    fn prepare<'a>(&'a self, project: &'a Project) -> BoxFuture<'a, Result<(), String>> {
-        let _ = project;
+    /// Runs once before the first event (creates tables, opens connections), with the
+    /// set-up files the contracts list for this handler, in order.
+    fn prepare<'a>(&'a self, setup: &'a [SetupFile]) -> BoxFuture<'a, Result<(), String>> {
+        let _ = setup;
         Box::pin(async { Ok(()) })
     }
 

@@ -16,9 +16,8 @@ use std::borrow::Cow;
 use std::sync::Arc;
 
 use onex_runtime::handler::{
-    BoxFuture, Call, Config, Descriptor, Failure, Handler, Outcome, Setup,
+    BoxFuture, Call, Config, Descriptor, Failure, Handler, Outcome, Setup, SetupFile,
 };
-use onex_runtime::project::Project;
 use serde_json::Value;
 
 pub static DESCRIPTOR: Descriptor = Descriptor {
@@ -161,19 +160,21 @@ impl Handler for DbHandler {
 
     /// Runs the set-up SQL files for the handler's dialect: the portable ones and its
     /// own, in the order the contracts list them.
-    fn prepare<'a>(&'a self, project: &'a Project) -> BoxFuture<'a, Result<(), String>> {
+    fn prepare<'a>(&'a self, setup: &'a [SetupFile]) -> BoxFuture<'a, Result<(), String>> {
         Box::pin(async move {
+            let dialect = self.dialect().as_str();
+            let files = setup.iter().filter(|file| file.is_for(dialect));
             match &self.backend {
                 Backend::Sqlite(database) => {
-                    for file in project.setup_sql_for(Dialect::Sqlite.as_str()) {
+                    for file in files {
                         database
-                            .execute_script(&file.sql)
+                            .execute_script(&file.text)
                             .await
                             .map_err(|e| format!("set-up file {}: {e}", file.path.display()))?;
                     }
                     Ok(())
                 }
-                Backend::Postgres(pg) => pg.prepare(project).await,
+                Backend::Postgres(pg) => pg.prepare(files).await,
             }
         })
     }
