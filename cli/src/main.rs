@@ -89,3 +89,9 @@ fn run(args: cli::Cli) -> anyhow::Result<u8> {
         } => state::instances(&args),
     }
 }
+
+/// The handlers this build has, as contracts are checked against them: the built-in
+/// ones' descriptors, which are also what `onex run` registers.
+fn handler_catalog() -> anyhow::Result<onex_runtime::catalog::Catalog> {
+    onex_runtime::catalog::Catalog::new(onex_handlers::DESCRIPTORS).map_err(anyhow::Error::msg)
+}

@@ -24,7 +24,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<u8> {
     let format = args.format()?;
     init_logging(args)?;
     let path = orchestrator_path(&args.contract)?;
-    let loaded = onex_runtime::project::load(&path);
+    let loaded = onex_runtime::project::load(&path, &crate::handler_catalog()?);
     if loaded.has_errors() {
         for report in &loaded.reports {
             if !report.diagnostics.is_empty() {

@@ -11,9 +11,20 @@ use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
-use onex_runtime::handler::{BoxFuture, Call, Config, Failure, Handler, Outcome};
+use onex_runtime::handler::{
+    BoxFuture, Call, Config, Descriptor, Failure, Handler, Outcome, SetupFile,
+};
 use onex_runtime::json_text::SizeHint;
 use serde_json::{Value, json};
+
+pub static DESCRIPTOR: Descriptor = Descriptor {
+    name: "consul",
+    summary: "service catalog entries: a Consul agent, or the local catalog stand-in",
+    config_schema: include_str!("../../schemas/handlers/consul.schema.json"),
+    // What the call does, chosen by the contract, never by data.
+    verbatim: &["operation"],
+    setup: None,
+};
 
 use crate::db::Database;
 
@@ -103,8 +114,8 @@ impl ConsulHandler {
 }
 
 impl Handler for ConsulHandler {
-    fn name(&self) -> &'static str {
-        "consul"
+    fn descriptor(&self) -> &'static Descriptor {
+        &DESCRIPTOR
     }
 
     fn target<'a>(&'a self, _config: &'a Config) -> Cow<'a, str> {
@@ -201,10 +212,7 @@ impl Handler for ConsulHandler {
         })
     }
 
-    fn prepare<'a>(
-        &'a self,
-        _project: &'a onex_runtime::project::Project,
-    ) -> BoxFuture<'a, Result<(), String>> {
+    fn prepare<'a>(&'a self, _setup: &'a [SetupFile]) -> BoxFuture<'a, Result<(), String>> {
         Box::pin(async move {
             match &self.target {
                 Target::LocalCatalog(db) => db.execute_script(CATALOG_TABLE).await,

@@ -7,8 +7,16 @@ use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
-use onex_runtime::handler::{BoxFuture, Call, Config, Failure, Handler, Outcome};
+use onex_runtime::handler::{BoxFuture, Call, Config, Descriptor, Failure, Handler, Outcome};
 use serde_json::{Value, json};
+
+pub static DESCRIPTOR: Descriptor = Descriptor {
+    name: "http",
+    summary: "one HTTP request per attempt",
+    config_schema: include_str!("../../schemas/handlers/http.schema.json"),
+    verbatim: &[],
+    setup: None,
+};
 
 #[derive(Debug)]
 pub struct HttpHandler {
@@ -33,8 +41,8 @@ impl Default for HttpHandler {
 }
 
 impl Handler for HttpHandler {
-    fn name(&self) -> &'static str {
-        "http"
+    fn descriptor(&self) -> &'static Descriptor {
+        &DESCRIPTOR
     }
 
     fn target<'a>(&'a self, config: &'a Config) -> Cow<'a, str> {

@@ -8,8 +8,16 @@ use std::sync::Arc;
 
 use onex_runtime::bus::Bus;
 use onex_runtime::envelope::{Envelope, name_based_id};
-use onex_runtime::handler::{BoxFuture, Call, Config, Failure, Handler, Outcome};
+use onex_runtime::handler::{BoxFuture, Call, Config, Descriptor, Failure, Handler, Outcome};
 use serde_json::{Value, json};
+
+pub static DESCRIPTOR: Descriptor = Descriptor {
+    name: "kafka",
+    summary: "publishes an event envelope on the run's bus",
+    config_schema: include_str!("../../schemas/handlers/kafka.schema.json"),
+    verbatim: &[],
+    setup: None,
+};
 
 #[derive(Debug)]
 pub struct KafkaHandler {
@@ -23,8 +31,8 @@ impl KafkaHandler {
 }
 
 impl Handler for KafkaHandler {
-    fn name(&self) -> &'static str {
-        "kafka"
+    fn descriptor(&self) -> &'static Descriptor {
+        &DESCRIPTOR
     }
 
     fn target<'a>(&'a self, config: &'a Config) -> Cow<'a, str> {

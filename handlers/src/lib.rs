@@ -1,6 +1,8 @@
 //! onex's built-in effect handlers, one module each: `consul`, `db`, `kafka`, `http`,
-//! `log` (docs/handlers.md). The CLI registers them; the runtime only knows the
-//! [`onex_runtime::handler::Handler`] interface.
+//! `log` (docs/handlers.md). Each has its static descriptor (`DESCRIPTOR`: name,
+//! config schema from `schemas/handlers/`, keys taken as written, set-up files), listed
+//! in [`DESCRIPTORS`], which contracts are checked against. The CLI registers the
+//! handlers; the runtime only knows the [`onex_runtime::handler::Handler`] interface.
 
 pub mod consul;
 pub mod db;
@@ -12,7 +14,16 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use onex_runtime::bus::Bus;
-use onex_runtime::handler::Handlers;
+use onex_runtime::handler::{Descriptor, Handlers};
+
+/// The descriptor of every built-in handler, by name: what [`builtin`] registers.
+pub static DESCRIPTORS: &[&Descriptor] = &[
+    &consul::DESCRIPTOR,
+    &db::DESCRIPTOR,
+    &http::DESCRIPTOR,
+    &kafka::DESCRIPTOR,
+    &log::DESCRIPTOR,
+];
 
 /// Where the handlers' targets are.
 #[derive(Debug, Clone)]
@@ -50,4 +61,88 @@ pub fn builtin(settings: &Settings, bus: Arc<dyn Bus>) -> Result<Handlers, Strin
     handlers.register(Arc::new(http::HttpHandler::new()));
     handlers.register(Arc::new(log::LogHandler));
     Ok(handlers)
+}
+
+#[cfg(test)]
+mod tests {
+    use onex_runtime::bus::embedded::EmbeddedBus;
+    use onex_runtime::catalog::Catalog;
+    use onex_runtime::driver::work::Work;
+    use serde_json::Value;
+
+    use super::*;
+
+    fn schema(descriptor: &Descriptor) -> Value {
+        serde_json::from_str(descriptor.config_schema)
+            .unwrap_or_else(|e| panic!("{}: {e}", descriptor.name))
+    }
+
+    /// Each schema compiles, names itself and its handler, and takes `handler_type`.
+    #[test]
+    fn every_descriptor_has_a_schema_of_its_own() {
+        Catalog::new(DESCRIPTORS).expect("the built-in descriptors compile");
+        for descriptor in DESCRIPTORS {
+            let name = descriptor.name;
+            let schema = schema(descriptor);
+            assert_eq!(
+                schema["$id"],
+                format!("https://onex.dev/schemas/handlers/{name}.schema.json")
+            );
+            assert!(schema["title"].is_string() && schema["description"].is_string());
+            assert_eq!(schema["properties"]["handler_type"]["const"], name);
+            assert!(!descriptor.summary.is_empty(), "{name}");
+            for key in descriptor.verbatim {
+                assert!(schema["properties"].get(key).is_some(), "{name}: {key}");
+            }
+        }
+    }
+
+    /// Editors complete an operation's `io_config` from the effect contract's schema,
+    /// which cannot know which handler is meant: it lists every built-in handler's
+    /// keys, each described as its handlers describe it.
+    #[test]
+    fn the_effect_schema_lists_every_built_in_handlers_keys() {
+        let effect: Value =
+            serde_json::from_str(include_str!("../../schemas/effect.schema.json")).expect("JSON");
+        let listed = &effect["$defs"]["io_config"]["properties"];
+        for descriptor in DESCRIPTORS {
+            let schema = schema(descriptor);
+            let properties = schema["properties"].as_object().expect("properties");
+            for (key, property) in properties.iter().filter(|(k, _)| *k != "handler_type") {
+                let description = property["description"].as_str().expect("described");
+                let text = listed[key]["description"].as_str().unwrap_or_default();
+                assert!(
+                    text.contains(&format!("{}: {description}", descriptor.name)),
+                    "effect.schema.json io_config.{key} should describe it as `{}: {description}`",
+                    descriptor.name
+                );
+            }
+        }
+    }
+
+    /// `builtin` registers a handler for each descriptor, and only those.
+    #[test]
+    fn every_descriptor_has_its_handler() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let settings = Settings {
+            data_dir: dir.path().to_owned(),
+            database_url: None,
+            consul: None,
+            consul_token: None,
+        };
+        let bus = EmbeddedBus::new(Work::new());
+        let handlers = builtin(&settings, bus).expect("built");
+        let registered: Vec<&str> = handlers.iter().map(|h| h.name()).collect();
+        let described: Vec<&str> = DESCRIPTORS.iter().map(|d| d.name).collect();
+        assert_eq!(registered, described);
+        for handler in handlers.iter() {
+            assert!(std::ptr::eq(
+                handler.descriptor(),
+                *DESCRIPTORS
+                    .iter()
+                    .find(|d| d.name == handler.name())
+                    .expect("described")
+            ));
+        }
+    }
 }

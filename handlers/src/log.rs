@@ -2,15 +2,23 @@
 
 use std::sync::Arc;
 
-use onex_runtime::handler::{BoxFuture, Call, Handler, Outcome};
+use onex_runtime::handler::{BoxFuture, Call, Descriptor, Handler, Outcome};
 use serde_json::{Value, json};
+
+pub static DESCRIPTOR: Descriptor = Descriptor {
+    name: "log",
+    summary: "writes one line to the run's log",
+    config_schema: include_str!("../../schemas/handlers/log.schema.json"),
+    verbatim: &[],
+    setup: None,
+};
 
 #[derive(Debug)]
 pub struct LogHandler;
 
 impl Handler for LogHandler {
-    fn name(&self) -> &'static str {
-        "log"
+    fn descriptor(&self) -> &'static Descriptor {
+        &DESCRIPTOR
     }
 
     fn call<'a>(&'a self, call: &'a Arc<Call>) -> BoxFuture<'a, Outcome> {

@@ -190,8 +190,10 @@ fn a_database_url_that_is_not_postgres_is_refused() {
 
 /// The project's contracts, loaded as `onex run` loads them.
 fn registration_project() -> Project {
+    let catalog = onex_runtime::catalog::Catalog::new(onex_handlers::DESCRIPTORS).expect("catalog");
     let loaded = onex_runtime::project::load(
         &repo_root().join("contracts/orchestrators/node_registration_orchestrator.yaml"),
+        &catalog,
     );
     loaded.project.expect("the project's contracts load")
 }
@@ -266,7 +268,10 @@ async fn row(handler: &DbHandler) -> (Value, Value, Value, Value) {
 /// a heartbeat set `current_state`.
 async fn the_registry_sql_behaves(handler: &DbHandler, project: &Project, dialect: &str) {
     assert_eq!(handler.dialect().as_str(), dialect);
-    handler.prepare(project).await.expect("set-up");
+    handler
+        .prepare(project.setup_for(handler.name()))
+        .await
+        .expect("set-up");
     let t = |s: &str| json!(s);
     let upsert = |timestamp: &str, emitted: &str| {
         call(

@@ -1,12 +1,14 @@
 //! The documentation's checkable claims, checked so that they cannot drift:
 //!
-//! - docs/contract-reference.md carries tables generated from the JSON Schemas, between
+//! - docs/contract-reference.md carries tables generated from the JSON Schemas (the
+//!   contract kinds' and the built-in handlers' in `schemas/handlers/`), between
 //!   `<!-- generated:KIND -->` markers; run the test with `ONEX_BLESS=1` to rewrite them;
 //! - every YAML block of the docs is a contract example that lints clean or is marked
 //!   as a fragment (the lint pages' examples are their failing fixtures, checked by
 //!   lints.rs);
 //! - the README's five-minute tour shows what its commands print.
 
+use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::path::{Path, PathBuf};
 
@@ -20,7 +22,57 @@ const KINDS: &[(&str, &str)] = &[
     ("orchestrator", "schemas/orchestrator.schema.json"),
 ];
 
+/// The built-in handlers' schemas, by name.
+fn handler_schemas() -> Vec<(String, Value)> {
+    crate::support::sorted_entries("schemas/handlers")
+        .into_iter()
+        .map(|path| {
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".schema.json"))
+                .expect("schemas/handlers/NAME.schema.json")
+                .to_owned();
+            let schema = serde_json::from_str(&std::fs::read_to_string(&path).expect("schema"))
+                .expect("JSON");
+            (name, schema)
+        })
+        .collect()
+}
+
+/// Per `io_config` key, its type in each built-in handler that takes it: the effect
+/// schema leaves keys' types to the handlers.
+fn io_config_types() -> BTreeMap<String, String> {
+    let mut types: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (name, schema) in handler_schemas() {
+        let properties = schema["properties"].as_object().expect("properties");
+        for (key, property) in properties.iter().filter(|(k, _)| *k != "handler_type") {
+            let kind = if property.get("properties").is_some() {
+                format!(
+                    "[{name} io_config.{key}](#{})",
+                    anchor(&format!("{name} io_config.{key}"))
+                )
+            } else {
+                type_of(property)
+            };
+            types
+                .entry(key.clone())
+                .or_default()
+                .push(format!("{name}: {kind}"));
+        }
+    }
+    types.into_iter().map(|(k, v)| (k, v.join("; "))).collect()
+}
+
 fn type_of(schema: &Value) -> String {
+    if let Some(constant) = schema.get("const") {
+        return format!(
+            "`{}`",
+            constant
+                .as_str()
+                .map_or_else(|| constant.to_string(), str::to_owned)
+        );
+    }
     if let Some(reference) = schema.get("$ref").and_then(Value::as_str) {
         let name = reference.rsplit('/').next().unwrap_or(reference);
         return format!("[{name}](#{})", name.replace('_', "-"));
@@ -63,10 +115,13 @@ fn type_of(schema: &Value) -> String {
     }
 }
 
+/// The table of `schema`'s properties; a property of no type of its own takes
+/// `types`' entry for its key.
 fn table(
     root: &Value,
     title: &str,
     schema: &Value,
+    types: &BTreeMap<String, String>,
     out: &mut String,
     nested: &mut Vec<(String, Value)>,
 ) {
@@ -104,7 +159,10 @@ fn table(
                 anchor(&format!("{title}.{key}[]"))
             )
         } else {
-            type_of(property)
+            match (type_of(property), types.get(key)) {
+                (kind, Some(theirs)) if kind == "any" => theirs.clone(),
+                (kind, _) => kind,
+            }
         };
         // A `$ref` property without its own description borrows its definition's.
         let referenced = property
@@ -144,20 +202,50 @@ fn generate(kind: &str, path: &str) -> String {
         serde_json::from_str(&std::fs::read_to_string(repo_root().join(path)).expect("schema"))
             .expect("JSON");
     let mut out = String::new();
-    let mut pending: Vec<(String, Value)> = vec![(format!("{kind} contract"), schema.clone())];
+    tables(
+        &format!("{kind} contract"),
+        &schema,
+        &io_config_types(),
+        &mut out,
+    );
+    out
+}
+
+/// The built-in handlers' `io_config` tables, one per handler.
+fn generate_handlers() -> String {
+    let mut out = String::new();
+    for (name, schema) in handler_schemas() {
+        tables(
+            &format!("{name} io_config"),
+            &schema,
+            &BTreeMap::new(),
+            &mut out,
+        );
+    }
+    out
+}
+
+/// The tables of `schema` (titled `title`), of its nested objects and of its
+/// definitions.
+fn tables(title: &str, schema: &Value, types: &BTreeMap<String, String>, out: &mut String) {
+    let mut pending: Vec<(String, Value)> = vec![(title.to_owned(), schema.clone())];
     if let Some(defs) = schema.get("$defs").and_then(Value::as_object) {
         pending.extend(defs.iter().map(|(name, def)| (name.clone(), def.clone())));
     }
     while !pending.is_empty() {
         let (title, node) = pending.remove(0);
         let mut nested = Vec::new();
-        table(&schema, &title, &node, &mut out, &mut nested);
+        let types = if title == "io_config" {
+            types
+        } else {
+            &BTreeMap::new()
+        };
+        table(schema, &title, &node, types, out, &mut nested);
         // Nested tables follow their parent.
         for (i, item) in nested.into_iter().enumerate() {
             pending.insert(i, item);
         }
     }
-    out
 }
 
 #[test]
@@ -165,7 +253,11 @@ fn the_contract_reference_matches_the_schemas() {
     let path = repo_root().join("docs/contract-reference.md");
     let text = std::fs::read_to_string(&path).expect("docs/contract-reference.md");
     let mut updated = text.clone();
-    for (kind, schema) in KINDS {
+    let generated = KINDS
+        .iter()
+        .map(|(kind, schema)| (*kind, generate(kind, schema)))
+        .chain([("handlers", generate_handlers())]);
+    for (kind, tables) in generated {
         let (open, close) = (
             format!("<!-- generated:{kind} -->\n"),
             format!("<!-- /generated:{kind} -->"),
@@ -177,7 +269,7 @@ fn the_contract_reference_matches_the_schemas() {
         let end = updated
             .find(&close)
             .unwrap_or_else(|| panic!("marker {close}"));
-        updated.replace_range(start..end, &generate(kind, schema));
+        updated.replace_range(start..end, &tables);
     }
     if std::env::var_os("ONEX_BLESS").is_some() {
         std::fs::write(&path, &updated).expect("write");

@@ -1,8 +1,11 @@
 //! `onex contract validate` and `onex contract lint`.
 //!
-//! Each file is checked on its own; an orchestrator with an `execution` block is also
-//! checked against the contracts it references (OX504..OX512), as `onex run` would
-//! load it, and those findings are added to the file they point into. A YAML file found
+//! Each file is checked on its own, an effect contract's operations and set-up lists
+//! against the descriptors of this build's handlers too (OX513, OX514, OX405); an
+//! orchestrator with an `execution` block is also checked against the contracts it
+//! references (OX504..OX514), as `onex run` would load it, and those findings are added
+//! to the file they point into (once: a referenced effect contract linted on its own
+//! already has its handler findings). A YAML file found
 //! in a directory that is no ONEX contract at all (a CI workflow, a compose file) is
 //! skipped, and listed as such; named on the command line, it is an error.
 
@@ -11,6 +14,7 @@ use std::path::PathBuf;
 
 use onex_contract::Contract;
 use onex_diag::FileReport;
+use onex_runtime::catalog::Catalog;
 
 use crate::cli::{ContractFiles, Format};
 use crate::files::Found;
@@ -18,11 +22,12 @@ use crate::{EXIT_CLEAN, EXIT_FINDINGS, output};
 
 pub fn run(args: &ContractFiles, format: Format, deny_warnings: bool) -> anyhow::Result<u8> {
     let files = crate::files::expand(&args.paths, &args.exclude)?;
+    let catalog = crate::handler_catalog()?;
     let mut reports = Vec::with_capacity(files.len());
     let mut skipped = Vec::new();
     let mut orchestrators = Vec::new();
     for Found { path, named } in &files {
-        let (report, loaded) = super::load_file(path)?;
+        let (mut report, loaded) = super::load_file(path)?;
         if let Some(why) = loaded.not_a_contract.filter(|_| !named) {
             skipped.push(output::Skipped {
                 file: report.source.name().to_owned(),
@@ -35,9 +40,17 @@ pub fn run(args: &ContractFiles, format: Format, deny_warnings: bool) -> anyhow:
         {
             orchestrators.push((reports.len(), path.clone()));
         }
+        if let Some(Contract::Effect(effect)) = &loaded.contract {
+            let mut found = catalog.check(effect);
+            onex_contract::lints::apply_levels(&effect.root, &mut found);
+            report.diagnostics.extend(found);
+            report
+                .diagnostics
+                .sort_by_key(|d| (d.span.map(|s| s.start), d.lint.code));
+        }
         reports.push((report, loaded.contract.map(|c| c.kind().as_str())));
     }
-    add_project_findings(&mut reports, &orchestrators);
+    add_project_findings(&mut reports, &orchestrators, &catalog);
     // Referenced files join the listing in path order, like the rest.
     reports.sort_by(|a, b| a.0.source.name().cmp(b.0.source.name()));
     let totals = output::write(&reports, &skipped, format, output::use_color(args.color))?;
@@ -48,6 +61,7 @@ pub fn run(args: &ContractFiles, format: Format, deny_warnings: bool) -> anyhow:
 fn add_project_findings(
     reports: &mut Vec<(FileReport, Option<&'static str>)>,
     orchestrators: &[(usize, PathBuf)],
+    catalog: &Catalog,
 ) {
     let canonical =
         |name: &str| std::fs::canonicalize(name).unwrap_or_else(|_| PathBuf::from(name));
@@ -57,7 +71,7 @@ fn add_project_findings(
         .map(|(i, (r, _))| (canonical(r.source.name()), i))
         .collect();
     for (position, path) in orchestrators {
-        let project = onex_runtime::project::load(path);
+        let project = onex_runtime::project::load(path, catalog);
         let mut found = project.cross_contract.into_iter();
         // The orchestrator's own findings are in its report already.
         if let Some(own) = found.next() {

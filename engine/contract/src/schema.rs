@@ -1,5 +1,7 @@
 //! The JSON Schema stage: every contract kind has a draft 2020-12 schema in `schemas/`,
 //! embedded here and compiled once. Each schema error becomes a located diagnostic.
+//! [`Schema`] does the same for any other schema checked against part of a contract
+//! (the runtime checks each operation's `io_config` with its handler's).
 
 use std::collections::HashSet;
 use std::sync::OnceLock;
@@ -18,9 +20,47 @@ pub const FSM_SCHEMA: &str = include_str!("../../../schemas/fsm.schema.json");
 pub const EFFECT_SCHEMA: &str = include_str!("../../../schemas/effect.schema.json");
 pub const ORCHESTRATOR_SCHEMA: &str = include_str!("../../../schemas/orchestrator.schema.json");
 
-struct Compiled {
+/// A compiled draft 2020-12 schema whose errors become located findings.
+pub struct Schema {
     schema: Value,
     validator: Validator,
+}
+
+impl std::fmt::Debug for Schema {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Schema")
+            .field("$id", &self.schema.get("$id"))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Schema {
+    /// The schema in `text`; why it cannot be used otherwise.
+    pub fn compile(text: &str) -> Result<Schema, String> {
+        let schema: Value = serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
+        let validator = jsonschema::draft202012::new(&schema).map_err(|e| e.to_string())?;
+        Ok(Schema { schema, validator })
+    }
+
+    /// Checks `document`, the JSON form of the node at `pointer` in `root` (`""`: the
+    /// whole document): one finding per error (`OX201`..`OX204`), located in `root`
+    /// and named by its full path, so that a part is reported as the contract has it.
+    pub fn findings(&self, root: &Node, pointer: &str, document: &Value) -> Vec<Diagnostic> {
+        let mut seen = HashSet::new();
+        let mut out = Vec::new();
+        for error in self.validator.iter_errors(document) {
+            for diagnostic in to_diagnostics(&self.schema, root, pointer, &error) {
+                if seen.insert((
+                    diagnostic.lint.code,
+                    diagnostic.pointer.clone(),
+                    diagnostic.message.clone(),
+                )) {
+                    out.push(diagnostic);
+                }
+            }
+        }
+        out
+    }
 }
 
 /// The schema text of a contract kind.
@@ -32,43 +72,45 @@ pub fn schema_text(kind: ContractKind) -> &'static str {
     }
 }
 
-fn compiled(kind: ContractKind) -> &'static Compiled {
-    static CELLS: [OnceLock<Compiled>; 3] = [OnceLock::new(), OnceLock::new(), OnceLock::new()];
+fn compiled(kind: ContractKind) -> &'static Schema {
+    static CELLS: [OnceLock<Schema>; 3] = [OnceLock::new(), OnceLock::new(), OnceLock::new()];
     let index = kind as usize;
     CELLS[index].get_or_init(|| {
-        // The schemas are part of the build; `every_schema_compiles` proves these hold.
-        let schema: Value =
-            serde_json::from_str(schema_text(kind)).expect("embedded schema is JSON");
-        let validator = jsonschema::draft202012::new(&schema).expect("embedded schema compiles");
-        Compiled { schema, validator }
+        // The schemas are part of the build; `every_schema_compiles` proves this holds.
+        Schema::compile(schema_text(kind)).expect("embedded schema compiles")
     })
 }
 
 /// Validates `document` (the JSON form of `root`) against the schema of `kind`.
 pub fn validate(kind: ContractKind, root: &Node, document: &Value) -> Vec<Diagnostic> {
-    let compiled = compiled(kind);
-    let mut seen = HashSet::new();
-    let mut out = Vec::new();
-    for error in compiled.validator.iter_errors(document) {
-        for diagnostic in to_diagnostics(&compiled.schema, root, &error) {
-            if seen.insert((
-                diagnostic.lint.code,
-                diagnostic.pointer.clone(),
-                diagnostic.message.clone(),
-            )) {
-                out.push(diagnostic);
-            }
-        }
-    }
-    out
+    compiled(kind).findings(root, "", document)
 }
 
-fn to_diagnostics(schema: &Value, root: &Node, error: &ValidationError<'_>) -> Vec<Diagnostic> {
-    let pointer = error.instance_path().as_str().to_owned();
+/// The findings of one error of a check of the node at `base`.
+fn to_diagnostics(
+    schema: &Value,
+    root: &Node,
+    base: &str,
+    error: &ValidationError<'_>,
+) -> Vec<Diagnostic> {
+    let pointer = format!("{base}{}", error.instance_path().as_str());
     let Some((node, key_span)) = root.at_pointer(&pointer) else {
         return Vec::new();
     };
     let place = describe(&pointer);
+    // `anyOf: [{required: [a]}, {required: [b]}]`: one of the keys is missing.
+    if let ValidationErrorKind::AnyOf { .. } = error.kind()
+        && let Some(keys) = alternative_keys(schema, error.schema_path().as_str())
+    {
+        let keys: Vec<String> = keys.iter().map(|k| format!("`{k}`")).collect();
+        return vec![
+            Diagnostic::new(
+                &MISSING_KEY,
+                format!("{place} needs one of the keys {}", keys.join(" or ")),
+            )
+            .at(anchor(node, key_span), pointer),
+        ];
+    }
     match error.kind() {
         ValidationErrorKind::AdditionalProperties { unexpected } => unexpected
             .iter()
@@ -141,6 +183,23 @@ fn to_diagnostics(schema: &Value, root: &Node, error: &ValidationError<'_>) -> V
     }
 }
 
+/// The keys of an `anyOf` whose every branch only requires keys: one of them is
+/// wanted. `None` for any other `anyOf`.
+fn alternative_keys<'a>(schema: &'a Value, schema_path: &str) -> Option<Vec<&'a str>> {
+    let branches = schema_at(schema, schema_path)?.as_array()?;
+    let mut keys = Vec::new();
+    for branch in branches {
+        let branch = branch.as_object()?;
+        if branch.len() != 1 {
+            return None;
+        }
+        for key in branch.get("required")?.as_array()? {
+            keys.push(key.as_str()?);
+        }
+    }
+    (!keys.is_empty()).then_some(keys)
+}
+
 /// Where a finding is, for messages: `states[2].state_name` reads better than a pointer.
 fn describe(pointer: &str) -> String {
     if pointer.is_empty() {
@@ -185,31 +244,30 @@ fn anchor(node: &Node, key_span: Option<Span>) -> Span {
 /// The property names the schema declares for the object at `schema_path` (which ends
 /// in `additionalProperties`), following local `$ref`s.
 fn allowed_properties(schema: &Value, schema_path: &str) -> Vec<String> {
-    let segments: Vec<&str> = schema_path.split('/').skip(1).collect();
-    let Some((_, parent)) = segments.split_last() else {
+    let Some((parent, _)) = schema_path.rsplit_once('/') else {
         return Vec::new();
     };
-    let mut node = schema;
-    for segment in parent {
-        node = resolve_ref(schema, node);
-        let segment = segment.replace("~1", "/").replace("~0", "~");
-        node = match node {
-            Value::Object(map) => match map.get(&segment) {
-                Some(next) => next,
-                None => return Vec::new(),
-            },
-            Value::Array(items) => match segment.parse::<usize>().ok().and_then(|i| items.get(i)) {
-                Some(next) => next,
-                None => return Vec::new(),
-            },
-            _ => return Vec::new(),
-        };
-    }
-    node = resolve_ref(schema, node);
-    node.get("properties")
+    schema_at(schema, parent)
+        .map(|node| resolve_ref(schema, node))
+        .and_then(|node| node.get("properties"))
         .and_then(Value::as_object)
         .map(|p| p.keys().cloned().collect())
         .unwrap_or_default()
+}
+
+/// The part of `schema` at `schema_path`, following local `$ref`s on the way.
+fn schema_at<'a>(schema: &'a Value, schema_path: &str) -> Option<&'a Value> {
+    let mut node = schema;
+    for segment in schema_path.split('/').skip(1) {
+        node = resolve_ref(schema, node);
+        let segment = segment.replace("~1", "/").replace("~0", "~");
+        node = match node {
+            Value::Object(map) => map.get(&segment)?,
+            Value::Array(items) => items.get(segment.parse::<usize>().ok()?)?,
+            _ => return None,
+        };
+    }
+    Some(node)
 }
 
 fn resolve_ref<'a>(root: &'a Value, node: &'a Value) -> &'a Value {
@@ -264,6 +322,56 @@ mod tests {
                 "{kind:?}: regenerate the lint_name enum from the registry"
             );
         }
+    }
+
+    /// A part checked on its own is reported where its document has it; an `anyOf`
+    /// of required keys says which keys would do.
+    #[test]
+    fn a_part_is_located_in_its_document() {
+        let schema = Schema::compile(
+            r#"{
+                "type": "object",
+                "properties": {"n": {"type": "integer"}},
+                "anyOf": [{"required": ["a"]}, {"required": ["b"]}]
+            }"#,
+        )
+        .expect("compiles");
+        let text = "outer:\n  inner:\n    n: x\n";
+        let root = crate::yaml::parse(text).root.expect("parsed");
+        let (inner, _) = root.at_pointer("/outer/inner").expect("inner");
+        let mut found: Vec<(&str, String, String, &str)> = schema
+            .findings(&root, "/outer/inner", &inner.to_json())
+            .into_iter()
+            .map(|d| {
+                let span = d.span.expect("located");
+                (
+                    d.lint.code,
+                    d.pointer,
+                    d.message,
+                    &text[span.start..span.end],
+                )
+            })
+            .collect();
+        found.sort();
+        assert_eq!(
+            found,
+            [
+                (
+                    "OX201",
+                    "/outer/inner/n".to_owned(),
+                    "`outer.inner.n` must be an integer, found string".to_owned(),
+                    "x"
+                ),
+                (
+                    "OX202",
+                    "/outer/inner".to_owned(),
+                    "`outer.inner` needs one of the keys `a` or `b`".to_owned(),
+                    "inner"
+                ),
+            ]
+        );
+        assert!(Schema::compile("{").is_err());
+        assert!(Schema::compile(r#"{"type": 5}"#).is_err());
     }
 
     #[test]

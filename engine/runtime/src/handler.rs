@@ -3,15 +3,66 @@
 //! renders the operation's templates and hands the handler plain values; retries,
 //! timeouts and circuit breaking are the runtime's, so a handler makes one attempt and
 //! says how it went. A handler never panics: every failure is a [`Failure`].
+//!
+//! Each handler has a static [`Descriptor`]: what contracts may ask of it, known
+//! without building the handler, so that contracts are checked against the handlers
+//! of the build (`onex contract lint` as much as `onex run`) and the project loader
+//! knows no handler's particulars.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::project::Project;
+/// What a handler is, for contracts and people: static, so that it can be read
+/// without the handler's connections or clients.
+#[derive(Debug)]
+pub struct Descriptor {
+    /// What `io_config.handler_type` names it by.
+    pub name: &'static str,
+    /// One line for people: what it does and where its effects go.
+    pub summary: &'static str,
+    /// A JSON Schema (draft 2020-12) of an operation's `io_config` for this handler,
+    /// as the contract writes it (templates unrendered), `handler_type` included.
+    pub config_schema: &'static str,
+    /// `io_config` keys taken as written, never rendered as templates (SQL, whose text
+    /// may hold `{{` in a literal, or a key that picks what the call does).
+    pub verbatim: &'static [&'static str],
+    /// The files it takes at start, if any.
+    pub setup: Option<Setup>,
+}
+
+/// A handler takes files when the run starts (SQL that creates its tables, say),
+/// listed under `setup.<name>` in effect contracts, each for every variant or one per
+/// variant. The runtime reads them and hands them to [`Handler::prepare`].
+#[derive(Debug)]
+pub struct Setup {
+    /// What the files are, for people: `SQL files run once at start`.
+    pub files: &'static str,
+    /// What a variant is, for messages: `dialect`.
+    pub variant: &'static str,
+    /// The variants an entry may name (a map from variant to file names them all).
+    pub variants: &'static [&'static str],
+}
+
+/// A set-up file, read, for the handler it is listed for.
+#[derive(Debug, Clone)]
+pub struct SetupFile {
+    /// The variant it is for; `None`: every variant.
+    pub variant: Option<&'static str>,
+    pub path: PathBuf,
+    pub text: String,
+}
+
+impl SetupFile {
+    /// Whether a handler of `variant` uses it: a file for every variant, or its own.
+    pub fn is_for(&self, variant: &str) -> bool {
+        self.variant.is_none_or(|v| v == variant)
+    }
+}
 
 /// One attempt of one operation.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -28,9 +79,10 @@ pub struct Call {
 }
 
 /// An operation's `io_config` for one call: the entries rendered for it, and the
-/// ones written without templates (`handler_type`, `operation`, `query_template`, and
-/// any other plain value), which all the operation's calls share. Copying those into
-/// every call cost several allocations per effect, and the SQL text.
+/// ones written without templates (`handler_type`, the keys its handler takes as
+/// written, and any other plain value), which all the operation's calls share.
+/// Copying those into every call cost several allocations per effect, and the SQL
+/// text.
 ///
 /// Read by key like a JSON object (`config["topic"]`, null when absent); its JSON
 /// form is one object, so a call kept in a snapshot reads back whole.
@@ -108,7 +160,11 @@ pub type Outcome = Result<Value, Failure>;
 pub use crate::BoxFuture;
 
 pub trait Handler: Send + Sync + std::fmt::Debug {
-    fn name(&self) -> &'static str;
+    fn descriptor(&self) -> &'static Descriptor;
+
+    fn name(&self) -> &'static str {
+        self.descriptor().name
+    }
 
     /// What the handler talks to, for the circuit breaker's key and for people.
     fn target<'a>(&'a self, config: &'a Config) -> Cow<'a, str> {
@@ -121,9 +177,10 @@ pub trait Handler: Send + Sync + std::fmt::Debug {
     /// reference instead of copying what it needs.
     fn call<'a>(&'a self, call: &'a Arc<Call>) -> BoxFuture<'a, Outcome>;
 
-    /// Runs once before the first event (creates tables, opens connections).
-    fn prepare<'a>(&'a self, project: &'a Project) -> BoxFuture<'a, Result<(), String>> {
-        let _ = project;
+    /// Runs once before the first event (creates tables, opens connections), with the
+    /// set-up files the contracts list for this handler, in order.
+    fn prepare<'a>(&'a self, setup: &'a [SetupFile]) -> BoxFuture<'a, Result<(), String>> {
+        let _ = setup;
         Box::pin(async { Ok(()) })
     }
 

@@ -8,10 +8,12 @@
 //! The layout: `driver` is the runtime itself (wiring, router, shards, effects, ops);
 //! `bus`, `store` and `handler` are its ports, each a trait in its `mod.rs` with the
 //! implementations beside it (the built-in handlers are the `onex-handlers` crate);
-//! `project`, `template`, `envelope` and `intent` are the contracts as the driver runs
-//! them; the rest is support shared with the CLI.
+//! `project`, `catalog` (the handlers' descriptors that contracts are checked against),
+//! `template`, `envelope` and `intent` are the contracts as the driver runs them; the
+//! rest is support shared with the CLI.
 
 pub mod bus;
+pub mod catalog;
 pub mod driver;
 pub mod envelope;
 pub mod handler;

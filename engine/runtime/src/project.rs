@@ -1,8 +1,9 @@
 //! The project: an orchestrator contract and everything it references (reducer FSMs,
-//! effect contracts, payload schemas, SQL set-up files), loaded, cross-checked and
-//! compiled into what the runtime executes. Every problem in every file is reported in
-//! one pass (OX504..OX512 plus each file's own findings); the project is built only
-//! when there is no error.
+//! effect contracts, payload schemas, handlers' set-up files), loaded, cross-checked
+//! and compiled into what the runtime executes. Every problem in every file is reported
+//! in one pass (OX504..OX514 plus each file's own findings); the project is built only
+//! when there is no error. What a handler takes is its descriptor's business, asked of
+//! the [`Catalog`].
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -24,6 +25,8 @@ use onex_core::Machine;
 use onex_diag::{Diagnostic, FileReport, Severity, SourceFile, Span};
 use serde_json::{Map, Value};
 
+use crate::catalog::Catalog;
+use crate::handler::SetupFile;
 use crate::template::{Fields, Template, TemplateError};
 use crate::{input_file, walk};
 
@@ -58,9 +61,9 @@ pub struct Project {
     /// Parameter name -> its default (`params.NAME` in templates).
     pub parameters: BTreeMap<String, Value>,
     pub demo: Option<Demo>,
-    /// SQL set-up files for the `db` handler, in order, each for every dialect or for
-    /// one ([`Project::setup_sql_for`]).
-    pub setup_sql: Vec<SetupSql>,
+    /// Per handler, the set-up files the effect contracts list for it, read, in order
+    /// ([`Project::setup_for`]).
+    pub setup: BTreeMap<&'static str, Vec<SetupFile>>,
     /// The metrics the reducers' FSMs declare, one per name.
     pub metrics: Vec<ContractMetric>,
 }
@@ -147,22 +150,11 @@ impl Project {
             .map_or(&[], Vec::as_slice)
     }
 
-    /// The set-up SQL files a database of `dialect` (`sqlite`, `postgres`) runs, in
-    /// order: the portable ones and its own.
-    pub fn setup_sql_for<'a>(&'a self, dialect: &'a str) -> impl Iterator<Item = &'a SetupSql> {
-        self.setup_sql
-            .iter()
-            .filter(move |file| file.dialect.as_deref().is_none_or(|d| d == dialect))
+    /// The set-up files for `handler`, in the order the contracts list them: each for
+    /// every variant or for one ([`SetupFile::is_for`]).
+    pub fn setup_for(&self, handler: &str) -> &[SetupFile] {
+        self.setup.get(handler).map_or(&[], Vec::as_slice)
     }
-}
-
-/// A set-up SQL file of an effect contract (`setup.db`), read.
-#[derive(Debug, Clone)]
-pub struct SetupSql {
-    /// The dialect it is written for; `None`: every dialect.
-    pub dialect: Option<String>,
-    pub path: PathBuf,
-    pub sql: String,
 }
 
 #[derive(Debug)]
@@ -304,8 +296,8 @@ pub struct Operation {
     /// rendered call is used and never kept (snapshots, dead letters), and is
     /// rendered again after a restart.
     pub reads_env: bool,
-    /// `io_config`'s other entries, as written: those that are never templated
-    /// (`NEVER_TEMPLATED`) and plain values. Shared by every call.
+    /// `io_config`'s other entries, as written: those its handler takes as written
+    /// ([`Catalog::is_verbatim`]) and plain values. Shared by every call.
     pub written: Arc<Map<String, Value>>,
     pub retry: Option<RetryPolicy>,
     pub breaker: Option<CircuitBreakerSpec>,
@@ -341,9 +333,6 @@ pub struct Demo {
 const DEFAULT_SETTLE_SECONDS: u64 = 30;
 /// Characters kept of one schema error ([`Validation::errors`]).
 const MAX_ERROR_CHARS: usize = 300;
-/// `io_config` entries taken as written even when they look like templates: the
-/// handler's name and operation, and SQL (whose text may hold `{{` in a literal).
-const NEVER_TEMPLATED: [&str; 3] = ["handler_type", "operation", "query_template"];
 /// `io_config` entries that are URLs: their values are encoded ([`Template::compile_url`]).
 const URL_TEMPLATES: [&str; 1] = ["url_template"];
 const DEFAULT_OPERATION_TIMEOUT: Duration = Duration::from_secs(10);
@@ -355,7 +344,7 @@ pub struct Loaded {
     pub project: Option<Project>,
     /// One per file read, the orchestrator first: all its findings.
     pub reports: Vec<FileReport>,
-    /// Per report, the findings of the cross-contract check alone (OX504..OX512 and
+    /// Per report, the findings of the cross-contract check alone (OX504..OX514 and
     /// unknown states named by the orchestrator), for `contract lint`, which reports
     /// each file's own findings itself.
     pub cross_contract: Vec<Vec<Diagnostic>>,
@@ -445,8 +434,9 @@ pub fn find_orchestrators(paths: &[PathBuf]) -> Vec<PathBuf> {
     found
 }
 
-/// Loads the orchestrator at `path` and everything it references.
-pub fn load(path: &Path) -> Loaded {
+/// Loads the orchestrator at `path` and everything it references, its effect
+/// contracts checked against the handlers in `catalog`.
+pub fn load(path: &Path, catalog: &Catalog) -> Loaded {
     let mut orchestrator_file = match File::read(path) {
         Ok(file) => file,
         Err(e) => {
@@ -488,6 +478,7 @@ pub fn load(path: &Path) -> Loaded {
     let mut builder = Builder {
         base: path.parent().unwrap_or(Path::new(".")).to_owned(),
         orchestrator: &orchestrator,
+        catalog,
         own: Vec::new(),
         others: Vec::new(),
         effects_complete: true,
@@ -537,6 +528,7 @@ impl std::fmt::Display for FirstDeclared {
 struct Builder<'a> {
     base: PathBuf,
     orchestrator: &'a OrchestratorContract,
+    catalog: &'a Catalog,
     /// Findings located in the orchestrator.
     own: Vec<Diagnostic>,
     /// The referenced files, with their findings.
@@ -672,7 +664,7 @@ impl Builder<'_> {
                 })
                 .collect(),
         });
-        let setup_sql = self.setup_sql(&effects);
+        let setup = self.setup_files(&effects);
         let topics = self.topics();
         Some(Project {
             name: self
@@ -694,7 +686,7 @@ impl Builder<'_> {
                 .map(|(name, spec)| (name.clone(), spec.default.clone()))
                 .collect(),
             demo,
-            setup_sql,
+            setup,
             metrics: std::mem::take(&mut self.metrics)
                 .into_iter()
                 .map(|(metric, _)| metric)
@@ -717,7 +709,11 @@ impl Builder<'_> {
                 continue;
             };
             match self.others[index].contract.clone() {
-                Some(Contract::Effect(effect)) => effects.push((index, effect)),
+                Some(Contract::Effect(effect)) => {
+                    let found = self.catalog.check(&effect);
+                    self.others[index].diagnostics.extend(found);
+                    effects.push((index, effect));
+                }
                 Some(other) => {
                     let d = self.at(
                         &UNRESOLVED_REFERENCE,
@@ -756,7 +752,7 @@ impl Builder<'_> {
             let mut templated = Vec::new();
             for (key, value) in config.as_object().into_iter().flatten() {
                 let at = format!("{pointer}/io_config/{}", escape(key));
-                let template = if NEVER_TEMPLATED.contains(&key.as_str()) {
+                let template = if self.catalog.is_verbatim(&handler, key) {
                     None
                 } else if URL_TEMPLATES.contains(&key.as_str()) {
                     Some(self.effect_url_template(file_index, value, &at))
@@ -1482,37 +1478,39 @@ impl Builder<'_> {
         }
     }
 
-    /// Reads every set-up SQL file: a portable entry's, and each dialect's of a
-    /// per-dialect entry (one under a name that is no dialect is OX405's, not read).
-    fn setup_sql(&mut self, effects: &[(usize, EffectContract)]) -> Vec<SetupSql> {
-        let mut out = Vec::new();
+    /// Reads the set-up files the effect contracts list for their handlers, per
+    /// handler in order; one that cannot be read is OX504 where it is listed.
+    fn setup_files(
+        &mut self,
+        effects: &[(usize, EffectContract)],
+    ) -> BTreeMap<&'static str, Vec<SetupFile>> {
+        let mut out: BTreeMap<&'static str, Vec<SetupFile>> = BTreeMap::new();
         for (file_index, effect) in effects {
             let base = self.others[*file_index]
                 .path
                 .parent()
                 .unwrap_or(Path::new("."))
                 .to_owned();
-            for entry in &effect.setup_db {
-                for (dialect, sql) in entry.texts() {
-                    let path = normalize(&base.join(&sql.value));
-                    match input_file::read_to_string(&path) {
-                        Ok(text) => out.push(SetupSql {
-                            dialect: dialect.map(str::to_owned),
-                            path,
-                            sql: text,
-                        }),
-                        Err(e) => {
-                            let d = Diagnostic::new(
-                                &UNRESOLVED_REFERENCE,
-                                format!(
-                                    "cannot read SQL file `{}` ({}): {e}",
-                                    sql.value,
-                                    path.display()
-                                ),
-                            )
-                            .at(sql.span, sql.pointer.clone());
-                            self.others[*file_index].diagnostics.push(d);
-                        }
+            for listed in self.catalog.setup_files(effect) {
+                let written = listed.path;
+                let path = normalize(&base.join(&written.value));
+                match input_file::read_to_string(&path) {
+                    Ok(text) => out.entry(listed.handler).or_default().push(SetupFile {
+                        variant: listed.variant,
+                        path,
+                        text,
+                    }),
+                    Err(e) => {
+                        let d = Diagnostic::new(
+                            &UNRESOLVED_REFERENCE,
+                            format!(
+                                "cannot read set-up file `{}` ({}): {e}",
+                                written.value,
+                                path.display()
+                            ),
+                        )
+                        .at(written.span, written.pointer.clone());
+                        self.others[*file_index].diagnostics.push(d);
                     }
                 }
             }
@@ -1735,9 +1733,42 @@ mod tests {
         assert!(histogram.names().contains(&"job_seconds_total".to_owned()));
     }
 
-    /// A project of the fixture FSM and an effect contract whose `setup.db` is
-    /// `setup`, with the SQL files `files` next to it.
-    fn project_with_setup(setup: &str, files: &[&str]) -> (tempfile::TempDir, Loaded) {
+    use crate::handler::{Descriptor, Setup};
+
+    /// Handlers for these tests: `store` takes `statement` as written and set-up
+    /// files per flavour; `note` wants a `message`.
+    static STORE: Descriptor = Descriptor {
+        name: "store",
+        summary: "keeps things",
+        config_schema: r#"{
+            "type": "object",
+            "properties": {
+                "handler_type": {"const": "store"},
+                "statement": {"type": "string"},
+                "values": {"type": "array"}
+            },
+            "required": ["statement"],
+            "additionalProperties": false
+        }"#,
+        verbatim: &["statement"],
+        setup: Some(Setup {
+            files: "scripts run at start",
+            variant: "flavour",
+            variants: &["sweet", "sour"],
+        }),
+    };
+
+    static NOTE: Descriptor = Descriptor {
+        name: "note",
+        summary: "writes notes",
+        config_schema: r#"{"type": "object", "required": ["message"]}"#,
+        verbatim: &[],
+        setup: None,
+    };
+
+    /// A project of the fixture FSM and an effect contract written `effect`, with
+    /// the files `files` (each holding its own name) next to it.
+    fn project_with(effect: &str, files: &[&str]) -> (tempfile::TempDir, Loaded) {
         let dir = tempfile::tempdir().expect("tempdir");
         let write = |name: &str, text: &str| {
             std::fs::write(dir.path().join(name), text).expect("write");
@@ -1746,12 +1777,7 @@ mod tests {
             "fsm.yaml",
             include_str!("../../../tests/fixtures/project/fsm.yaml"),
         );
-        write(
-            "effect.yaml",
-            &format!(
-                "name: e\nsetup:\n  db:\n{setup}effect_operations:\n  subcontract_name: e\n  operations:\n    - operation_name: do_work\n      io_config: {{handler_type: log, message_template: w}}\n"
-            ),
-        );
+        write("effect.yaml", effect);
         write(
             "orchestrator.yaml",
             "name: o\nnode_type: ORCHESTRATOR\nexecution:\n  effects: [effect.yaml]\n  reducers:\n    work:\n      contract: fsm.yaml\n      rest_states: [idle, done]\n      runtime_actions:\n        note_finished: log\n      on_enter:\n        working:\n          then: {after: settled, try: [finish]}\n  routes:\n    - event_type: WorkRequested\n      reducer: work\n      trigger: start\n      instance_key: \"{{ payload.id }}\"\n",
@@ -1759,53 +1785,144 @@ mod tests {
         for file in files {
             write(file, &format!("-- {file}"));
         }
-        let loaded = load(&dir.path().join("orchestrator.yaml"));
+        let catalog = Catalog::new(&[&STORE, &NOTE]).expect("catalog");
+        let loaded = load(&dir.path().join("orchestrator.yaml"), &catalog);
         (dir, loaded)
     }
 
-    /// Each dialect runs the portable files and its own, in the order written.
-    #[test]
-    fn set_up_files_are_read_per_dialect() {
-        let (_dir, loaded) = project_with_setup(
-            "    - common.sql\n    - {sqlite: lite.sql, postgres: pg.sql}\n    - last.sql\n",
-            &["common.sql", "lite.sql", "pg.sql", "last.sql"],
-        );
-        let findings: Vec<String> = loaded
+    /// An effect contract whose one operation `do_work` has this `io_config`, with a
+    /// `setup` block holding `setup` (nothing when empty).
+    fn effect(io_config: &str, setup: &str) -> String {
+        let setup = if setup.is_empty() {
+            String::new()
+        } else {
+            format!("setup:\n{setup}")
+        };
+        format!(
+            "name: e\n{setup}effect_operations:\n  subcontract_name: e\n  operations:\n    - operation_name: do_work\n      io_config: {io_config}\n"
+        )
+    }
+
+    /// (code, file name, pointer) of every finding.
+    fn findings(loaded: &Loaded) -> Vec<(&'static str, String, String)> {
+        loaded
             .reports
             .iter()
-            .flat_map(|r| r.diagnostics.iter().map(|d| d.message.clone()))
-            .collect();
-        let project = loaded.project.unwrap_or_else(|| panic!("{findings:?}"));
-        let sql = |dialect| -> Vec<String> {
+            .flat_map(|r| {
+                let file = std::path::Path::new(r.source.name())
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                r.diagnostics
+                    .iter()
+                    .map(move |d| (d.lint.code, file.clone(), d.pointer.clone()))
+            })
+            .collect()
+    }
+
+    /// Each handler is given the files listed under its name, in the order written,
+    /// each for every variant or for its own.
+    #[test]
+    fn set_up_files_are_read_per_handler_and_variant() {
+        let (_dir, loaded) = project_with(
+            &effect(
+                "{handler_type: store, statement: x}",
+                "  store:\n    - common.txt\n    - {sweet: sweet.txt, sour: sour.txt}\n    - last.txt\n",
+            ),
+            &["common.txt", "sweet.txt", "sour.txt", "last.txt"],
+        );
+        let found = findings(&loaded);
+        let project = loaded.project.unwrap_or_else(|| panic!("{found:?}"));
+        let texts = |variant| -> Vec<String> {
             project
-                .setup_sql_for(dialect)
-                .map(|file| file.sql.clone())
+                .setup_for("store")
+                .iter()
+                .filter(|file| file.is_for(variant))
+                .map(|file| file.text.clone())
                 .collect()
         };
         assert_eq!(
-            sql("sqlite"),
-            ["-- common.sql", "-- lite.sql", "-- last.sql"]
+            texts("sweet"),
+            ["-- common.txt", "-- sweet.txt", "-- last.txt"]
         );
         assert_eq!(
-            sql("postgres"),
-            ["-- common.sql", "-- pg.sql", "-- last.sql"]
+            texts("sour"),
+            ["-- common.txt", "-- sour.txt", "-- last.txt"]
+        );
+        assert!(project.setup_for("note").is_empty());
+    }
+
+    /// A variant's missing file is OX504, located at that variant's entry.
+    #[test]
+    fn a_variants_missing_set_up_file_is_unresolved() {
+        let (_dir, loaded) = project_with(
+            &effect(
+                "{handler_type: store, statement: x}",
+                "  store:\n    - {sweet: sweet.txt, sour: sour.txt}\n",
+            ),
+            &["sweet.txt"],
+        );
+        assert!(loaded.project.is_none());
+        assert_eq!(
+            findings(&loaded),
+            [(
+                "OX504",
+                "effect.yaml".to_owned(),
+                "/setup/store/0/sour".to_owned()
+            )]
         );
     }
 
-    /// A dialect's missing file is OX504, located at that dialect's entry.
+    /// The handler's verbatim keys are kept as written (this one would not compile
+    /// as a template); its other keys are templates.
     #[test]
-    fn a_dialects_missing_set_up_file_is_unresolved() {
-        let (_dir, loaded) = project_with_setup(
-            "    - {sqlite: lite.sql, postgres: pg.sql}\n",
-            &["lite.sql"],
+    fn a_handlers_verbatim_keys_are_not_templated() {
+        let (_dir, loaded) = project_with(
+            &effect(
+                "{handler_type: store, statement: \"{{ not closed\", values: [\"{{ input.id }}\"]}",
+                "",
+            ),
+            &[],
+        );
+        let found = findings(&loaded);
+        let project = loaded.project.unwrap_or_else(|| panic!("{found:?}"));
+        let written = &project.operations[0].written;
+        assert_eq!(written["statement"], "{{ not closed");
+        assert_eq!(written["handler_type"], "store");
+        assert!(!written.contains_key("values"), "{written:?}");
+    }
+
+    /// An operation whose handler the build lacks, a config its handler refuses and a
+    /// set-up list for a handler that takes none are found in the effect contract,
+    /// and nothing runs.
+    #[test]
+    fn operations_and_set_up_lists_are_checked_against_the_handlers() {
+        let (_dir, loaded) = project_with(
+            &effect("{handler_type: stor, statement: x}", "  note: [a.txt]\n"),
+            &["a.txt"],
         );
         assert!(loaded.project.is_none());
-        let found: Vec<(&str, &str)> = loaded
-            .reports
-            .iter()
-            .flat_map(|r| &r.diagnostics)
-            .map(|d| (d.lint.code, d.pointer.as_str()))
-            .collect();
-        assert_eq!(found, [("OX504", "/setup/db/0/postgres")]);
+        assert_eq!(
+            findings(&loaded),
+            [
+                ("OX514", "effect.yaml".to_owned(), "/setup/note".to_owned()),
+                (
+                    "OX513",
+                    "effect.yaml".to_owned(),
+                    "/effect_operations/operations/0/io_config/handler_type".to_owned()
+                ),
+            ]
+        );
+        let (_dir, loaded) = project_with(&effect("{handler_type: note}", ""), &[]);
+        assert_eq!(
+            findings(&loaded),
+            [(
+                "OX514",
+                "effect.yaml".to_owned(),
+                "/effect_operations/operations/0/io_config".to_owned()
+            )]
+        );
+        // The cross-contract findings of the effect contract are these too.
+        assert_eq!(loaded.cross_contract[1].len(), 1);
     }
 }

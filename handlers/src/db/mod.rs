@@ -15,9 +15,24 @@ mod sqlite;
 use std::borrow::Cow;
 use std::sync::Arc;
 
-use onex_runtime::handler::{BoxFuture, Call, Config, Failure, Handler, Outcome};
-use onex_runtime::project::Project;
+use onex_runtime::handler::{
+    BoxFuture, Call, Config, Descriptor, Failure, Handler, Outcome, Setup, SetupFile,
+};
 use serde_json::Value;
+
+pub static DESCRIPTOR: Descriptor = Descriptor {
+    name: "db",
+    summary: "SQL on the embedded SQLite file, or on PostgreSQL with --database-url",
+    config_schema: include_str!("../../../schemas/handlers/db.schema.json"),
+    // SQL may hold `{{` in a literal, and values are bound, never written into it; the
+    // statement's kind is the contract's.
+    verbatim: &["operation", "query_template"],
+    setup: Some(Setup {
+        files: "SQL files run once at start, in order",
+        variant: "dialect",
+        variants: &[Dialect::Sqlite.as_str(), Dialect::Postgres.as_str()],
+    }),
+};
 
 pub use sqlite::{DATA_FILE, Database};
 /// A statement's parameters: its own, or an effect call's `query_params`, bound where
@@ -49,7 +64,7 @@ pub enum Dialect {
 }
 
 impl Dialect {
-    pub fn as_str(self) -> &'static str {
+    pub const fn as_str(self) -> &'static str {
         match self {
             Dialect::Sqlite => "sqlite",
             Dialect::Postgres => "postgres",
@@ -114,8 +129,8 @@ impl DbHandler {
 }
 
 impl Handler for DbHandler {
-    fn name(&self) -> &'static str {
-        "db"
+    fn descriptor(&self) -> &'static Descriptor {
+        &DESCRIPTOR
     }
 
     fn target<'a>(&'a self, _config: &'a Config) -> Cow<'a, str> {
@@ -145,19 +160,21 @@ impl Handler for DbHandler {
 
     /// Runs the set-up SQL files for the handler's dialect: the portable ones and its
     /// own, in the order the contracts list them.
-    fn prepare<'a>(&'a self, project: &'a Project) -> BoxFuture<'a, Result<(), String>> {
+    fn prepare<'a>(&'a self, setup: &'a [SetupFile]) -> BoxFuture<'a, Result<(), String>> {
         Box::pin(async move {
+            let dialect = self.dialect().as_str();
+            let files = setup.iter().filter(|file| file.is_for(dialect));
             match &self.backend {
                 Backend::Sqlite(database) => {
-                    for file in project.setup_sql_for(Dialect::Sqlite.as_str()) {
+                    for file in files {
                         database
-                            .execute_script(&file.sql)
+                            .execute_script(&file.text)
                             .await
                             .map_err(|e| format!("set-up file {}: {e}", file.path.display()))?;
                     }
                     Ok(())
                 }
-                Backend::Postgres(pg) => pg.prepare(project).await,
+                Backend::Postgres(pg) => pg.prepare(files).await,
             }
         })
     }

@@ -30,8 +30,7 @@
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use onex_runtime::handler::{Failure, Outcome};
-use onex_runtime::project::Project;
+use onex_runtime::handler::{Failure, Outcome, SetupFile};
 use onex_runtime::url::{redact, redact_text};
 use serde_json::{Map, Value, json};
 use sqlx::postgres::{PgArguments, PgConnectOptions, PgPoolOptions, PgRow, PgTypeInfo};
@@ -344,10 +343,13 @@ impl Pg {
         })?
     }
 
-    /// Runs the set-up SQL files for PostgreSQL, in order, each as one script.
-    pub(crate) async fn prepare(&self, project: &Project) -> Result<(), String> {
-        for file in project.setup_sql_for(super::Dialect::Postgres.as_str()) {
-            sqlx::raw_sql(AssertSqlSafe(file.sql.clone()))
+    /// Runs set-up SQL files, in order, each as one script.
+    pub(crate) async fn prepare(
+        &self,
+        files: impl Iterator<Item = &SetupFile>,
+    ) -> Result<(), String> {
+        for file in files {
+            sqlx::raw_sql(AssertSqlSafe(file.text.clone()))
                 .execute(&self.pool)
                 .await
                 .map_err(|e| {

@@ -1,29 +1,51 @@
-//! OX405 incomplete-dialect-map: SQL written per dialect (a `query_template`, or a
-//! `setup.db` entry, as a map `{sqlite: ..., postgres: ...}`) names every dialect the
-//! `db` handler speaks and no other. A run on the missing dialect would fail the
-//! operation, or start without its tables; a name the handler does not know is never
-//! run (usually a typo of the missing one).
+//! OX405 incomplete-dialect-map: a text written per variant names every variant and no
+//! other. Here: a `query_template` written per SQL dialect (`{sqlite: ..., postgres:
+//! ...}`). A run on the missing dialect would fail the operation; a name the handler does
+//! not know is never run (usually a typo of the missing one). The runtime applies the
+//! same check, through [`check_variant_map`], to set-up files written per variant, with
+//! the variants their handler's descriptor lists: only it knows the handlers.
 
 use onex_diag::Diagnostic;
 
 use super::INCOMPLETE_DIALECT_MAP;
-use crate::model::{EffectContract, PerDialect, SQL_DIALECTS};
+use crate::model::{EffectContract, PerVariant, SQL_DIALECTS};
 use crate::suggest::did_you_mean;
 
 pub(crate) fn check(effect: &EffectContract, out: &mut Vec<Diagnostic>) {
     for op in &effect.operations {
         if let Some(query) = &op.query_template {
             let what = format!("the query of operation `{}`", op.name.value);
-            check_map(query, &what, "text", out);
+            let variants = Variants {
+                names: &SQL_DIALECTS,
+                noun: "SQL dialect",
+                known_by: "onex",
+            };
+            check_variant_map(query, &variants, &what, "text", out);
         }
-    }
-    for entry in &effect.setup_db {
-        check_map(entry, "this `setup.db` entry", "file", out);
     }
 }
 
-fn check_map(map: &PerDialect, what: &str, thing: &str, out: &mut Vec<Diagnostic>) {
-    let PerDialect::ByDialect {
+/// The variants a map written per variant must name, and how messages call them.
+#[derive(Debug)]
+pub struct Variants<'a> {
+    pub names: &'a [&'a str],
+    /// What one variant is, for messages: `SQL dialect`.
+    pub noun: &'a str,
+    /// Who knows the variants, for messages: `onex`, the `x` handler.
+    pub known_by: &'a str,
+}
+
+/// OX405 for one text written per variant: a finding for each variant it lacks and for
+/// each name that is none of them. `what` names the map (`the query of operation
+/// `x``), `thing` one of its entries (`text`, `file`). A string is every variant's.
+pub fn check_variant_map(
+    map: &PerVariant,
+    variants: &Variants<'_>,
+    what: &str,
+    thing: &str,
+    out: &mut Vec<Diagnostic>,
+) {
+    let PerVariant::ByVariant {
         entries,
         span,
         pointer,
@@ -31,37 +53,40 @@ fn check_map(map: &PerDialect, what: &str, thing: &str, out: &mut Vec<Diagnostic
     else {
         return;
     };
+    let Variants {
+        names,
+        noun,
+        known_by,
+    } = variants;
     for (key, _) in entries {
-        if SQL_DIALECTS.contains(&key.value.as_str()) {
+        if names.contains(&key.value.as_str()) {
             continue;
         }
-        let help = did_you_mean(&key.value, SQL_DIALECTS).unwrap_or_else(|| {
-            format!(
-                "the dialects are {}",
-                SQL_DIALECTS.map(|d| format!("`{d}`")).join(" and ")
-            )
+        let help = did_you_mean(&key.value, names.iter().copied()).unwrap_or_else(|| {
+            let names: Vec<String> = names.iter().map(|d| format!("`{d}`")).collect();
+            format!("the {noun}s are {}", names.join(" and "))
         });
         out.push(
             Diagnostic::new(
                 &INCOMPLETE_DIALECT_MAP,
-                format!("`{}` is not a SQL dialect onex knows", key.value),
+                format!("`{}` is not a {noun} {known_by} knows", key.value),
             )
             .at(key.span, key.pointer.clone())
             .with_help(help),
         );
     }
-    for dialect in SQL_DIALECTS {
-        if entries.iter().any(|(key, _)| key.value == dialect) {
+    for variant in names.iter() {
+        if entries.iter().any(|(key, _)| key.value == *variant) {
             continue;
         }
         out.push(
             Diagnostic::new(
                 &INCOMPLETE_DIALECT_MAP,
-                format!("{what} has no `{dialect}` {thing}"),
+                format!("{what} has no `{variant}` {thing}"),
             )
             .at(*span, pointer.clone())
             .with_help(format!(
-                "add a `{dialect}:` {thing}, or write one string if the SQL is the same in every dialect"
+                "add a `{variant}:` {thing}, or write one string if it is the same for every {noun}"
             )),
         );
     }
@@ -99,6 +124,8 @@ mod tests {
         );
     }
 
+    /// A set-up entry's variants are its handler's, which only the runtime knows:
+    /// the one without `sqlite` is not reported here.
     #[test]
     fn a_missing_or_unknown_dialect_is_reported_where_it_is() {
         assert_eq!(
@@ -107,10 +134,6 @@ mod tests {
                 "    - {postgres: b.sql}\n"
             ),
             [
-                (
-                    "OX405".to_owned(),
-                    "this `setup.db` entry has no `sqlite` file".to_owned()
-                ),
                 (
                     "OX405".to_owned(),
                     "the query of operation `op` has no `postgres` text".to_owned()

@@ -3,9 +3,11 @@
 //! per code under `docs/lints/` (a test keeps the three in step).
 //!
 //! Codes are grouped by stage: `OX1xx` reading the text, `OX2xx` the JSON Schema,
-//! `OX3xx` FSM semantics, `OX4xx` effect semantics, `OX5xx` orchestrator semantics
-//! (OX504 and up check an orchestrator against the contracts it references; the
-//! runtime's project loader emits them, because they need those files read).
+//! `OX3xx` FSM semantics, `OX4xx` effect semantics, `OX5xx` orchestrator semantics.
+//! OX504 and up need what a contract alone does not hold, so the runtime emits them:
+//! an orchestrator checked against the contracts it references (those files read), and
+//! effect contracts checked against the descriptors of the build's handlers (OX513,
+//! OX514, and OX405 for set-up files written per variant).
 
 use onex_diag::{Lint, Severity};
 
@@ -15,7 +17,7 @@ mod duplicate_operation;
 mod duplicate_state;
 mod duplicate_step;
 mod duplicate_transition_name;
-mod incomplete_dialect_map;
+pub mod incomplete_dialect_map;
 mod initial_state;
 mod malformed_condition;
 mod no_path_to_terminal;
@@ -157,11 +159,11 @@ onex_diag::declare_lints! { ALL;
     RAW_QUERY_INTERPOLATION = "OX402" "raw-query-interpolation" Error "a raw SQL query interpolates input into its text";
     QUERY_PLACEHOLDER_MISMATCH = "OX403" "query-placeholder-mismatch" Error "SQL placeholders $1..$n do not match query_params";
     DUPLICATE_OPERATION = "OX404" "duplicate-operation" Error "two effect operations share a name";
-    INCOMPLETE_DIALECT_MAP = "OX405" "incomplete-dialect-map" Error "SQL written per dialect lacks sqlite or postgres, or names a dialect onex does not know";
+    INCOMPLETE_DIALECT_MAP = "OX405" "incomplete-dialect-map" Error "SQL or a set-up file written per dialect (or variant) lacks one, or names one its handler does not know";
     UNKNOWN_STEP = "OX501" "unknown-step" Error "a reference names an execution-graph step that is not declared";
     DUPLICATE_STEP = "OX502" "duplicate-step" Error "two execution-graph steps share an id";
     STEP_CYCLE = "OX503" "step-cycle" Error "execution-graph dependencies form a cycle";
-    UNRESOLVED_REFERENCE = "OX504" "unresolved-reference" Error "a referenced contract, schema, SQL file or metric is missing or of the wrong kind";
+    UNRESOLVED_REFERENCE = "OX504" "unresolved-reference" Error "a referenced contract, schema, set-up file or metric is missing or of the wrong kind";
     UNKNOWN_REDUCER = "OX505" "unknown-reducer" Error "a route names a reducer the orchestrator does not declare";
     UNKNOWN_TRIGGER = "OX506" "unknown-trigger" Error "a route or follow-up names a trigger the reducer's FSM does not have";
     UNBOUND_ACTION = "OX507" "unbound-action" Error "an FSM action is run by no effect operation and is not a declared runtime action";
@@ -170,6 +172,8 @@ onex_diag::declare_lints! { ALL;
     UNKNOWN_ACTION = "OX510" "unknown-action" Warning "a binding names an action that no reducer emits";
     BUSY_TERMINAL_STATE = "OX511" "busy-terminal-state" Error "a terminal state is neither a rest state nor left by a follow-up, so instances stay in it busy for ever";
     METRIC_CONFLICT = "OX512" "metric-conflict" Error "two FSMs declare one metric name differently, or a metric takes the runtime's own prefix";
+    UNKNOWN_HANDLER = "OX513" "unknown-handler" Error "an operation or a set-up list names a handler this build does not have";
+    INVALID_HANDLER_CONFIG = "OX514" "invalid-handler-config" Error "an operation's io_config, or a set-up list, is not what its handler's descriptor accepts";
 }
 
 /// Finds a lint by code (`OX301`) or name (`unknown-state`).

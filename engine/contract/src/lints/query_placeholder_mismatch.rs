@@ -4,7 +4,7 @@
 use onex_diag::Diagnostic;
 
 use super::QUERY_PLACEHOLDER_MISMATCH;
-use crate::model::EffectContract;
+use crate::model::{EffectContract, SQL_DIALECTS};
 
 /// The highest `$n` in `sql`, and whether every number from 1 to it appears.
 fn placeholders(sql: &str) -> (usize, bool) {
@@ -33,7 +33,7 @@ pub(crate) fn check(effect: &EffectContract, out: &mut Vec<Diagnostic>) {
         let Some(queries) = &op.query_template else {
             continue;
         };
-        for (dialect, query) in queries.texts() {
+        for (dialect, query) in queries.texts(&SQL_DIALECTS) {
             let (max, contiguous) = placeholders(&query.value);
             let params = op.query_param_count.as_ref().map_or(0, |p| p.value);
             let of = format!(

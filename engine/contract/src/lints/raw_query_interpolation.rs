@@ -5,14 +5,14 @@
 use onex_diag::{Diagnostic, Span};
 
 use super::RAW_QUERY_INTERPOLATION;
-use crate::model::EffectContract;
+use crate::model::{EffectContract, SQL_DIALECTS};
 
 pub(crate) fn check(effect: &EffectContract, out: &mut Vec<Diagnostic>) {
     for op in &effect.operations {
         let (Some("raw"), Some(queries)) = (op.db_operation.as_deref(), &op.query_template) else {
             continue;
         };
-        for (dialect, query) in queries.texts() {
+        for (dialect, query) in queries.texts(&SQL_DIALECTS) {
             let Some(at) = query
                 .value
                 .find("${input")

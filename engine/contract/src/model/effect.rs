@@ -6,31 +6,31 @@ use super::execution::EffectOperationsSpec;
 use super::{Cursor, Located};
 use crate::yaml::{Node, NodeKind, pointer_segment};
 
-/// The SQL dialects the `db` handler speaks, as a per-dialect map names them: the
-/// embedded SQLite file, and PostgreSQL.
+/// The SQL dialects a `query_template` written per dialect must name (OX405): the
+/// embedded SQLite file's, and PostgreSQL's.
 pub const SQL_DIALECTS: [&str; 2] = ["sqlite", "postgres"];
 
-/// SQL text, or the path of a set-up SQL file, written once for every dialect or once
-/// per dialect.
+/// A text written once for every variant, or once per variant: an operation's SQL per
+/// dialect, or a set-up file per whatever its handler's descriptor says it varies by.
 #[derive(Debug, Clone)]
-pub enum PerDialect {
-    /// A string: portable, the same for every dialect.
+pub enum PerVariant {
+    /// A string: portable, the same for every variant.
     Portable(Located<String>),
     /// A map `{sqlite: ..., postgres: ...}`: its entries as written, in order, an
-    /// unknown dialect's too (each key with where it is written), and where the map
+    /// unknown variant's too (each key with where it is written), and where the map
     /// is (its entries, for a block map).
-    ByDialect {
+    ByVariant {
         entries: Vec<(Located<String>, Located<String>)>,
         span: Span,
         pointer: String,
     },
 }
 
-impl PerDialect {
+impl PerVariant {
     /// A string or a map of strings; `None` for anything else (the schema reports it).
-    fn read(node: &Node, pointer: String) -> Option<PerDialect> {
+    fn read(node: &Node, pointer: String) -> Option<PerVariant> {
         if let Some(text) = node.as_str() {
-            return Some(PerDialect::Portable(Located {
+            return Some(PerVariant::Portable(Located {
                 value: text.to_owned(),
                 span: node.span,
                 pointer,
@@ -65,37 +65,47 @@ impl PerDialect {
             (Some(first), Some(last)) => Span::new(first.key_span.start, last.value.span.end),
             _ => node.span,
         };
-        Some(PerDialect::ByDialect {
+        Some(PerVariant::ByVariant {
             entries,
             span,
             pointer,
         })
     }
 
-    /// What `dialect` runs: the portable text, or the dialect's own entry.
-    pub fn get(&self, dialect: &str) -> Option<&Located<String>> {
+    /// What `variant` uses: the portable text, or the variant's own entry.
+    pub fn get(&self, variant: &str) -> Option<&Located<String>> {
         match self {
-            PerDialect::Portable(text) => Some(text),
-            PerDialect::ByDialect { entries, .. } => entries
+            PerVariant::Portable(text) => Some(text),
+            PerVariant::ByVariant { entries, .. } => entries
                 .iter()
-                .find(|(key, _)| key.value == dialect)
+                .find(|(key, _)| key.value == variant)
                 .map(|(_, text)| text),
         }
     }
 
-    /// Every text that some dialect runs, with the dialect it is for (`None`: every
-    /// dialect). An entry under a name that is no dialect is left out: nothing runs
-    /// it, and OX405 reports its name.
-    pub fn texts(&self) -> Vec<(Option<&str>, &Located<String>)> {
+    /// Every text that one of `variants` uses, with the variant it is for (`None`:
+    /// every variant). An entry under another name is left out: nothing uses it, and
+    /// OX405 reports its name.
+    pub fn texts<'a>(&'a self, variants: &[&str]) -> Vec<(Option<&'a str>, &'a Located<String>)> {
         match self {
-            PerDialect::Portable(text) => vec![(None, text)],
-            PerDialect::ByDialect { entries, .. } => entries
+            PerVariant::Portable(text) => vec![(None, text)],
+            PerVariant::ByVariant { entries, .. } => entries
                 .iter()
-                .filter(|(key, _)| SQL_DIALECTS.contains(&key.value.as_str()))
+                .filter(|(key, _)| variants.contains(&key.value.as_str()))
                 .map(|(key, text)| (Some(key.value.as_str()), text))
                 .collect(),
         }
     }
+}
+
+/// `setup.<handler>`: the set-up files an effect contract gives one handler, in order,
+/// each for every variant or one per variant. Which handlers take set-up files, and
+/// which variants they know, is for their descriptors to say: the runtime checks it.
+#[derive(Debug, Clone)]
+pub struct SetupList {
+    /// The handler's name as written, where its key is.
+    pub handler: Located<String>,
+    pub entries: Vec<PerVariant>,
 }
 
 #[derive(Debug, Clone)]
@@ -104,9 +114,9 @@ pub struct EffectContract {
     pub operations: Vec<EffectOperation>,
     /// `effect_operations` typed for the runtime, when well-formed.
     pub spec: Option<EffectOperationsSpec>,
-    /// `setup.db`: SQL files run once when the runtime starts, relative to the
-    /// contract; each for every dialect, or one per dialect.
-    pub setup_db: Vec<PerDialect>,
+    /// `setup`: per handler, files it takes when the runtime starts, relative to the
+    /// contract, in the order written.
+    pub setup: Vec<SetupList>,
     pub root: Node,
 }
 
@@ -121,7 +131,7 @@ pub struct EffectOperation {
     pub handler_type: Option<String>,
     pub db_operation: Option<String>,
     /// `io_config.query_template`: portable SQL, or SQL per dialect.
-    pub query_template: Option<PerDialect>,
+    pub query_template: Option<PerVariant>,
     /// `io_config.query_params` when it is a list: how many parameters, and where.
     pub query_param_count: Option<Located<usize>>,
     pub pointer: String,
@@ -135,7 +145,7 @@ pub(super) fn build(root: &Node) -> EffectContract {
             name: None,
             operations: Vec::new(),
             spec: None,
-            setup_db: Vec::new(),
+            setup: Vec::new(),
             root: root.clone(),
         };
     };
@@ -180,7 +190,7 @@ pub(super) fn build(root: &Node) -> EffectContract {
                 handler_type: io.and_then(|io| io.string("handler_type")).map(|h| h.value),
                 db_operation: io.and_then(|io| io.string("operation")).map(|h| h.value),
                 query_template: io.and_then(|io| {
-                    PerDialect::read(
+                    PerVariant::read(
                         io.node.get("query_template")?,
                         io.child_pointer("query_template"),
                     )
@@ -192,13 +202,25 @@ pub(super) fn build(root: &Node) -> EffectContract {
         })
         .collect();
     let setup_pointer = top.child_pointer("setup");
-    let setup_db = root
+    let setup = root
         .get("setup")
         .map(|setup| {
-            Cursor::with(setup, &setup_pointer)
-                .items("db")
-                .into_iter()
-                .filter_map(|(pointer, item)| PerDialect::read(item, pointer))
+            let lists = Cursor::with(setup, &setup_pointer);
+            setup
+                .entries()
+                .iter()
+                .map(|entry| SetupList {
+                    handler: Located {
+                        value: entry.key.clone(),
+                        span: entry.key_span,
+                        pointer: lists.child_pointer(&entry.key),
+                    },
+                    entries: lists
+                        .items(&entry.key)
+                        .into_iter()
+                        .filter_map(|(pointer, item)| PerVariant::read(item, pointer))
+                        .collect(),
+                })
                 .collect()
         })
         .unwrap_or_default();
@@ -206,7 +228,7 @@ pub(super) fn build(root: &Node) -> EffectContract {
         name: subcontract.string("subcontract_name").map(|n| n.value),
         operations,
         spec: serde_json::from_value(node.to_json()).ok(),
-        setup_db,
+        setup,
         root: root.clone(),
     }
 }

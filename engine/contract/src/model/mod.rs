@@ -8,7 +8,7 @@ pub mod execution;
 mod fsm;
 mod orchestrator;
 
-pub use effect::{EffectContract, EffectOperation, PerDialect, SQL_DIALECTS};
+pub use effect::{EffectContract, EffectOperation, PerVariant, SQL_DIALECTS, SetupList};
 pub use fsm::{
     Action, Condition, ContextVariable, Dialect, FsmContract, Metric, MetricKind, State, StateRef,
     Transition,

@@ -555,9 +555,17 @@ mod tests {
         failures: std::sync::atomic::AtomicU32,
     }
 
+    static FLAKY: crate::handler::Descriptor = crate::handler::Descriptor {
+        name: "flaky",
+        summary: "fails, then works",
+        config_schema: r#"{"type": "object"}"#,
+        verbatim: &[],
+        setup: None,
+    };
+
     impl crate::handler::Handler for Flaky {
-        fn name(&self) -> &'static str {
-            "flaky"
+        fn descriptor(&self) -> &'static crate::handler::Descriptor {
+            &FLAKY
         }
 
         fn call<'a>(&'a self, _: &'a Arc<Call>) -> crate::BoxFuture<'a, Outcome> {

@@ -95,16 +95,22 @@ pub async fn run(
             id
         }
     };
+    // Loading checked every operation's handler against the descriptors the caller
+    // gave it (OX513); a caller that describes a handler it does not pass is stopped
+    // here, before anything runs.
     for name in project.handler_names() {
         let handler = handlers.get(name).ok_or_else(|| {
-            format!("the contracts use the `{name}` handler, which this build does not provide")
+            format!("the contracts use the `{name}` handler, which this run was not given")
         })?;
-        handler.prepare(&project).await.map_err(|e| {
-            format!(
-                "handler `{name}` cannot start: {}",
-                crate::url::redact_text(&e)
-            )
-        })?;
+        handler
+            .prepare(project.setup_for(name))
+            .await
+            .map_err(|e| {
+                format!(
+                    "handler `{name}` cannot start: {}",
+                    crate::url::redact_text(&e)
+                )
+            })?;
     }
     let params = parameters(&project.parameters, &options.params)?;
     let metrics = Arc::new(Metrics::new(&project));
