@@ -43,12 +43,13 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::Params;
 
-/// Connections in the pool. Upserts measured on this kind of machine ran at ~6.4k/s
-/// on one connection and ~12.6k/s on a pool of eight (each connection waits for its
-/// server process in turn, so a few working at once keep the server busy); eight
-/// stay far below PostgreSQL's default `max_connections` (100), so that several
-/// onex processes and the server's other clients fit beside them.
-const POOL_SIZE: u32 = 8;
+/// Connections in the pool. With PostgreSQL on the same two cores as onex, four
+/// batchers gave the lower tail at a fixed load of ~10,500 registrations/s (p99
+/// 38-50 ms against 49-56 ms with eight, and less server CPU per registration: fewer
+/// backends to wake, larger groups per commit) and the same saturated rate
+/// (docs/performance.md, twentieth round); a server of its own has cores to spare
+/// for more. Four stay far below PostgreSQL's default `max_connections` (100).
+const POOL_SIZE: u32 = 4;
 /// Batchers: one per pooled connection, so that a batch never waits for another's
 /// connection. (Readiness checks and set-up wait for a free one, a batch's time.)
 const BATCHERS: usize = POOL_SIZE as usize;
