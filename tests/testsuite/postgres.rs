@@ -314,6 +314,11 @@ fn a_killed_runtime_resumes_from_postgres_without_loss_or_duplicates() {
     let stored = outcomes(&url);
     assert_eq!(stored.len(), NODES + 1, "no instance lost");
     assert!(stored.iter().all(|(_, o)| o == "complete"), "{stored:?}");
+    assert_eq!(
+        count(&url, "SELECT count(*) FROM node_registrations"),
+        (NODES + 1) as i64,
+        "a row per node in the registry"
+    );
     // The simulated nodes' results (the registry registers itself again at each
     // start, a new workflow run with a result of its own).
     let results = "SELECT envelope::jsonb->'payload'->>'node_id' AS node, count(*) AS n FROM onex_event_log \
