@@ -44,8 +44,8 @@ use tokio::sync::{mpsc, oneshot};
 use super::Params;
 
 /// Connections in the pool. With PostgreSQL on the same two cores as onex, four
-/// batchers gave the lower tail at a fixed load of ~10,500 registrations/s (p99
-/// 38-50 ms against 49-56 ms with eight, and less server CPU per registration: fewer
+/// batchers gave the lower tail at a fixed load of ~10,500 workflow outcomes/s (p99
+/// 38-50 ms against 49-56 ms with eight, and less server CPU per outcome: fewer
 /// backends to wake, larger groups per commit) and the same saturated rate
 /// (docs/performance.md, twentieth round); a server of its own has cores to spare
 /// for more. Four stay far below PostgreSQL's default `max_connections` (100).
