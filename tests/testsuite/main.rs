@@ -6,6 +6,7 @@ mod contract_test;
 mod graph;
 mod hardening;
 mod hostile;
+mod layout;
 mod lints;
 mod metrics;
 mod node_registry;
