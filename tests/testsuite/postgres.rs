@@ -655,3 +655,51 @@ fn connections_dropped_under_load_lose_and_repeat_nothing() {
     assert!(rows(&url, &format!("{complete} HAVING count(*) <> 1")).is_empty());
     assert_eq!(rows(&url, complete).len(), complete_nodes);
 }
+
+/// The state commands on a database no run has used say so, and `--state-store
+/// postgres` without a database is refused: exit 2 with the reason, nothing created.
+#[test]
+fn a_database_without_runtime_state_and_a_store_without_a_database_are_explained() {
+    let database = fresh_database();
+    let url = database.url();
+    for command in ["state", "dlq"] {
+        let listed = onex(&[command, "list", "--database-url", url]);
+        assert_eq!(listed.code, 2, "{}", listed.stderr);
+        assert!(
+            listed
+                .stderr
+                .contains("no runtime state at postgres://***@127.0.0.1:"),
+            "{}",
+            listed.stderr
+        );
+    }
+    assert_eq!(
+        count(
+            url,
+            "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'onex_%'"
+        ),
+        0,
+        "reading created nothing"
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let refused = onex(&[
+        "run",
+        "--contract",
+        "contracts/",
+        "--until-idle",
+        "--listen",
+        "off",
+        "--data-dir",
+        path_str(dir.path()),
+        "--state-store",
+        "postgres",
+    ]);
+    assert_eq!(refused.code, 2, "{}", refused.stderr);
+    assert!(
+        refused
+            .stderr
+            .contains("--state-store postgres needs --database-url"),
+        "{}",
+        refused.stderr
+    );
+}
