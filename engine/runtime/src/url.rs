@@ -139,6 +139,58 @@ pub fn redact_text(text: &str) -> Cow<'_, str> {
     }
 }
 
+/// What must never be shown of one URL (a database's): its password and its secret
+/// query values, as written and percent-decoded, for the messages of a client that
+/// may quote them without the URL around them.
+#[derive(Debug, Default)]
+pub struct Secrets(Vec<String>);
+
+impl Secrets {
+    pub fn of(url: &str) -> Secrets {
+        let before_fragment = url.split('#').next().unwrap_or_default();
+        let (before_query, query) = before_fragment
+            .split_once('?')
+            .map_or((before_fragment, None), |(b, q)| (b, Some(q)));
+        let mut secrets: Vec<String> = Vec::new();
+        if let Some((start, end)) = userinfo_range(before_query)
+            && let Some((_, password)) = before_query[start..end].split_once(':')
+        {
+            secrets.push(password.to_owned());
+        }
+        for pair in query.into_iter().flat_map(|q| q.split('&')) {
+            if let Some((_, value)) = pair.split_once('=')
+                && is_secret_pair(pair)
+            {
+                secrets.push(value.to_owned());
+            }
+        }
+        let decoded: Vec<String> = secrets
+            .iter()
+            .map(|s| {
+                percent_encoding::percent_decode_str(s)
+                    .decode_utf8_lossy()
+                    .into_owned()
+            })
+            .collect();
+        secrets.extend(decoded);
+        secrets.retain(|s| !s.is_empty());
+        secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        secrets.dedup();
+        Secrets(secrets)
+    }
+
+    /// `text` with every URL in it redacted and the secrets nowhere.
+    pub fn strip(&self, text: &str) -> String {
+        let mut out = redact_text(text).into_owned();
+        for secret in &self.0 {
+            if out.contains(secret.as_str()) {
+                out = out.replace(secret.as_str(), REDACTED);
+            }
+        }
+        out
+    }
+}
+
 /// The byte range of `user:password` in `scheme://user:password@host...`.
 fn userinfo_range(before_query: &str) -> Option<(usize, usize)> {
     let start = before_query.find("://")? + 3;
@@ -181,6 +233,20 @@ mod tests {
         ] {
             assert_eq!(segment(value).as_deref(), Ok(expected), "{value:?}");
         }
+    }
+
+    #[test]
+    fn the_password_is_never_in_a_message() {
+        let secrets = Secrets::of("postgres://onex:p%40ss@db.example:5432/reg?password=two");
+        let text = "cannot reach postgres://onex:p%40ss@db.example:5432/reg: p@ss, p%40ss, two";
+        let shown = secrets.strip(text);
+        assert!(
+            !shown.contains("p@ss") && !shown.contains("p%40ss"),
+            "{shown}"
+        );
+        assert!(!shown.contains("two"), "{shown}");
+        assert!(shown.contains("***@db.example:5432/reg"), "{shown}");
+        assert_eq!(Secrets::of("postgres://db/reg").strip("plain"), "plain");
     }
 
     #[test]

@@ -31,7 +31,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use onex_runtime::handler::{Failure, Outcome, SetupFile};
-use onex_runtime::url::{redact, redact_text};
+use onex_runtime::url::{Secrets, redact};
 use serde_json::{Map, Value, json};
 use sqlx::postgres::{PgArguments, PgConnectOptions, PgPoolOptions, PgRow, PgTypeInfo};
 use sqlx::types::Json;
@@ -177,71 +177,6 @@ impl Texts {
         forms.push((types.to_vec(), sql.clone()));
         sql
     }
-}
-
-/// What must never be shown of the URL: its password, as written and decoded.
-#[derive(Debug, Default)]
-struct Secrets(Vec<String>);
-
-impl Secrets {
-    fn of(url: &str) -> Secrets {
-        let mut secrets = Vec::new();
-        let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
-        let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
-        if let Some((userinfo, _)) = authority.rsplit_once('@')
-            && let Some((_, password)) = userinfo.split_once(':')
-        {
-            secrets.push(password.to_owned());
-        }
-        if let Some((_, query)) = rest.split_once('?') {
-            for pair in query.split('#').next().unwrap_or_default().split('&') {
-                if let Some((name, value)) = pair.split_once('=')
-                    && name.eq_ignore_ascii_case("password")
-                {
-                    secrets.push(value.to_owned());
-                }
-            }
-        }
-        let decoded: Vec<String> = secrets.iter().map(|s| percent_decoded(s)).collect();
-        secrets.extend(decoded);
-        secrets.retain(|s| !s.is_empty());
-        secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
-        secrets.dedup();
-        Secrets(secrets)
-    }
-
-    /// `text` with every URL in it redacted and the password nowhere.
-    fn strip(&self, text: &str) -> String {
-        let mut out = redact_text(text).into_owned();
-        for secret in &self.0 {
-            if out.contains(secret.as_str()) {
-                out = out.replace(secret.as_str(), "***");
-            }
-        }
-        out
-    }
-}
-
-fn percent_decoded(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| (b as char).to_digit(16);
-        if bytes[i] == b'%'
-            && let (Some(hi), Some(lo)) = (
-                bytes.get(i + 1).copied().and_then(hex),
-                bytes.get(i + 2).copied().and_then(hex),
-            )
-        {
-            out.push(u8::try_from(hi * 16 + lo).unwrap_or(b'?'));
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The backend: the pool, each batcher's queue, and how the URL may be shown.
@@ -976,20 +911,6 @@ pub(crate) mod tests {
         assert_eq!(numeric(-2, 0, 8, &[12]), json!(0.000_000_12));
         assert_eq!(numeric(0, 0, 0, &[]), json!(0));
         assert_eq!(numeric(0, 0xC000, 0, &[]), json!("NaN"));
-    }
-
-    #[test]
-    fn the_password_is_never_in_a_message() {
-        let secrets = Secrets::of("postgres://onex:p%40ss@db.example:5432/reg?password=two");
-        let text = "cannot reach postgres://onex:p%40ss@db.example:5432/reg: p@ss, p%40ss, two";
-        let shown = secrets.strip(text);
-        assert!(
-            !shown.contains("p@ss") && !shown.contains("p%40ss"),
-            "{shown}"
-        );
-        assert!(!shown.contains("two"), "{shown}");
-        assert!(shown.contains("***@db.example:5432/reg"), "{shown}");
-        assert_eq!(Secrets::of("postgres://db/reg").strip("plain"), "plain");
     }
 
     #[test]
