@@ -217,6 +217,104 @@ pub enum Write {
     Event(LogLine),
 }
 
+/// What a store's writer takes: a write, or a flush to answer once everything queued
+/// before it is durable.
+#[derive(Debug)]
+pub enum Job {
+    Write(Write),
+    Flush(tokio::sync::oneshot::Sender<()>),
+}
+
+/// A writer's batch, kept whole across failed attempts: where every store keeps the
+/// contract's end of a commit (acknowledgements only once all of the batch is durable,
+/// flushes answered once everything before them is, `health` said, backing off while
+/// it fails).
+#[derive(Debug)]
+pub struct Pending {
+    writes: Vec<Write>,
+    flushes: Vec<tokio::sync::oneshot::Sender<()>>,
+    limit: usize,
+    first_retry: std::time::Duration,
+    retry_after: std::time::Duration,
+}
+
+/// How long a writer waits before it tries a failed batch again, at most.
+const RETRY_AT_MOST_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
+impl Pending {
+    /// Batches of at most `limit` writes; a failed one is tried again after
+    /// `first_retry`, then twice as long each time, up to 2 s.
+    pub fn new(limit: usize, first_retry: std::time::Duration) -> Pending {
+        Pending {
+            writes: Vec::with_capacity(limit),
+            flushes: Vec::new(),
+            limit,
+            first_retry,
+            retry_after: first_retry,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.writes.is_empty() && self.flushes.is_empty()
+    }
+
+    /// Whether a flush waits on this batch (then it is written without waiting for
+    /// the next interval).
+    pub fn awaits_flush(&self) -> bool {
+        !self.flushes.is_empty()
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.writes.len() >= self.limit
+    }
+
+    pub fn take(&mut self, job: Job) {
+        match job {
+            Job::Write(write) => self.writes.push(write),
+            Job::Flush(done) => self.flushes.push(done),
+        }
+    }
+
+    pub fn writes(&self) -> &[Write] {
+        &self.writes
+    }
+
+    /// The batch is durable: its acknowledgements are given, and its flushes
+    /// answered unless the batch is full (then more may wait in the queue, and the
+    /// flushes wait for a batch that is not).
+    pub fn committed(&mut self, health: &watch::Sender<Health>) {
+        for write in &mut self.writes {
+            if let Write::Changes(changes) = write {
+                for ack in changes.acks.drain(..) {
+                    ack.ack();
+                }
+            }
+        }
+        if !self.is_full() {
+            for done in self.flushes.drain(..) {
+                let _ = done.send(());
+            }
+        }
+        self.writes.clear();
+        self.retry_after = self.first_retry;
+        health.send_if_modified(|h| std::mem::replace(h, Ok(())).is_err());
+    }
+
+    /// The batch could not be written: it is kept, `health` says why, and the
+    /// answer is how long to wait before trying it again.
+    pub fn failed(
+        &mut self,
+        reason: String,
+        health: &watch::Sender<Health>,
+    ) -> std::time::Duration {
+        tracing::error!(error = %reason, "cannot write the runtime's state; trying again");
+        let _was = health.send_replace(Err(reason));
+        let wait = self.retry_after;
+        self.retry_after = (self.retry_after * 2).min(RETRY_AT_MOST_EVERY);
+        wait
+    }
+}
+
 /// Whether the store takes writes now: `Err` holds why not (a lost connection, a full
 /// disk), for `/ready` and for the sources, which wait while it is so.
 pub type Health = Result<(), String>;

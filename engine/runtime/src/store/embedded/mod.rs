@@ -23,7 +23,9 @@ use tokio::sync::{oneshot, watch};
 
 use self::event_log::{EVENT_LOG_FILE, EventLog};
 use self::instance_log::{INSTANCE_LOG_FILE, InstanceLog};
-use super::{DeadLetter, Health, Location, Opened, Stage, StateStore, StoredInstance, Write};
+use super::{
+    DeadLetter, Health, Job, Location, Opened, Pending, Stage, StateStore, StoredInstance, Write,
+};
 use crate::BoxFuture;
 
 pub const STATE_FILE: &str = "state.db";
@@ -39,8 +41,6 @@ const BATCH: usize = 16384;
 /// within it is written once, in its latest state (docs/performance.md, seventh
 /// round). A crash redoes at most this much more work.
 const COMMIT_INTERVAL: Duration = Duration::from_millis(200);
-/// How long the writer waits before it tries a failed batch again, at most.
-const RETRY_AT_MOST_EVERY: Duration = Duration::from_secs(2);
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS dead_letters (
@@ -59,14 +59,6 @@ CREATE TABLE IF NOT EXISTS meta (
     value TEXT NOT NULL
 );
 ";
-
-/// What the writer thread takes: a write, or a flush to answer once all before it
-/// is written.
-#[derive(Debug)]
-enum Job {
-    Write(Write),
-    Flush(oneshot::Sender<()>),
-}
 
 #[derive(Debug)]
 pub struct EmbeddedStore {
@@ -393,48 +385,27 @@ impl Writer {
     /// flush hurries it, each with everything that waited meanwhile; a batch that
     /// fails is kept and written again, with what came since, until it goes through.
     fn run(mut self, jobs: &std::sync::mpsc::Receiver<Job>, flush_asked: &AtomicBool) {
-        let mut batch = Vec::with_capacity(BATCH);
-        let mut flushes = Vec::new();
+        let mut pending = Pending::new(BATCH, COMMIT_INTERVAL);
         let mut last_commit = Instant::now();
-        let mut retry_after = COMMIT_INTERVAL;
         loop {
-            if batch.is_empty() && flushes.is_empty() {
+            if pending.is_empty() {
                 match jobs.recv() {
-                    Ok(Job::Write(write)) => batch.push(write),
-                    Ok(Job::Flush(done)) => flushes.push(done),
+                    Ok(job) => pending.take(job),
                     Err(_) => return,
                 }
             }
             wait_until(last_commit + COMMIT_INTERVAL, flush_asked);
             last_commit = Instant::now();
-            while batch.len() < BATCH {
+            while !pending.is_full() {
                 match jobs.try_recv() {
-                    Ok(Job::Write(write)) => batch.push(write),
-                    Ok(Job::Flush(done)) => flushes.push(done),
+                    Ok(job) => pending.take(job),
                     Err(_) => break,
                 }
             }
-            match self.commit(&batch) {
-                Ok(()) => {
-                    acknowledge(&mut batch);
-                    // A flush answered here has everything before it written: a
-                    // full batch leaves the rest queued, so flushes wait for a
-                    // batch that is not full.
-                    if batch.len() < BATCH {
-                        for done in flushes.drain(..) {
-                            let _ = done.send(());
-                        }
-                    }
-                    batch.clear();
-                    retry_after = COMMIT_INTERVAL;
-                    self.health
-                        .send_if_modified(|health| std::mem::replace(health, Ok(())).is_err());
-                }
+            match self.commit(pending.writes()) {
+                Ok(()) => pending.committed(&self.health),
                 Err(reason) => {
-                    tracing::error!(error = %reason, "cannot write the runtime's state; trying again");
-                    let _was = self.health.send_replace(Err(reason));
-                    std::thread::sleep(retry_after);
-                    retry_after = (retry_after * 2).min(RETRY_AT_MOST_EVERY);
+                    std::thread::sleep(pending.failed(reason, &self.health));
                     self.reopen();
                 }
             }
@@ -464,17 +435,6 @@ impl Writer {
         }
         if let Ok(connection) = open_connection(&self.data_dir.join(STATE_FILE), false) {
             self.connection = connection;
-        }
-    }
-}
-
-/// Gives the acknowledgements of a written batch.
-fn acknowledge(batch: &mut [Write]) {
-    for write in batch {
-        if let Write::Changes(changes) = write {
-            for ack in changes.acks.drain(..) {
-                ack.ack();
-            }
         }
     }
 }

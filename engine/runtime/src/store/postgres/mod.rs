@@ -25,7 +25,9 @@ use sqlx::{Connection, PgConnection, Row, SqlSafeStr};
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::time::Instant;
 
-use super::{DeadLetter, Health, Location, Opened, Stage, StateStore, StoredInstance, Write};
+use super::{
+    DeadLetter, Health, Job, Location, Opened, Pending, Stage, StateStore, StoredInstance, Write,
+};
 use crate::BoxFuture;
 use crate::url::{redact, redact_text};
 
@@ -43,19 +45,11 @@ const LOCK_KEY: i64 = 0x6f6e_6578;
 const COMMIT_INTERVAL: Duration = Duration::from_millis(200);
 /// Writes per transaction at most; more wait for the next one.
 const BATCH: usize = 16384;
-/// How long the writer waits before it tries a failed batch again, at most.
-const RETRY_AT_MOST_EVERY: Duration = Duration::from_secs(2);
 /// Connections: the writer's and one for reads; a spare for a reconnect.
 const CONNECTIONS: u32 = 3;
 /// How long a statement waits for a connection before it counts as failed (the
 /// server is down: the writer tries again, `/ready` says so).
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
-
-#[derive(Debug)]
-enum Job {
-    Write(Write),
-    Flush(oneshot::Sender<()>),
-}
 
 #[derive(Debug)]
 pub struct PostgresStore {
@@ -399,56 +393,33 @@ async fn write_loop(
     flush_asked: Arc<Notify>,
     health: watch::Sender<Health>,
 ) {
-    let mut batch: Vec<Write> = Vec::new();
-    let mut flushes: Vec<oneshot::Sender<()>> = Vec::new();
+    let mut pending = Pending::new(BATCH, COMMIT_INTERVAL);
     let mut last_commit = Instant::now();
-    let mut retry_after = COMMIT_INTERVAL;
     loop {
-        if batch.is_empty() && flushes.is_empty() {
+        if pending.is_empty() {
             match jobs.recv().await {
-                Some(Job::Write(write)) => batch.push(write),
-                Some(Job::Flush(done)) => flushes.push(done),
+                Some(job) => pending.take(job),
                 None => return,
             }
         }
-        if flushes.is_empty() {
+        if !pending.awaits_flush() {
             tokio::select! {
                 () = tokio::time::sleep_until(last_commit + COMMIT_INTERVAL) => {}
                 () = flush_asked.notified() => {}
             }
         }
         last_commit = Instant::now();
-        while batch.len() < BATCH {
+        while !pending.is_full() {
             match jobs.try_recv() {
-                Ok(Job::Write(write)) => batch.push(write),
-                Ok(Job::Flush(done)) => flushes.push(done),
+                Ok(job) => pending.take(job),
                 Err(_) => break,
             }
         }
-        match commit(&pool, &batch).await {
-            Ok(()) => {
-                for write in &mut batch {
-                    if let Write::Changes(changes) = write {
-                        for ack in changes.acks.drain(..) {
-                            ack.ack();
-                        }
-                    }
-                }
-                if batch.len() < BATCH {
-                    for done in flushes.drain(..) {
-                        let _ = done.send(());
-                    }
-                }
-                batch.clear();
-                retry_after = COMMIT_INTERVAL;
-                health.send_if_modified(|h| std::mem::replace(h, Ok(())).is_err());
-            }
+        match commit(&pool, pending.writes()).await {
+            Ok(()) => pending.committed(&health),
             Err(e) => {
-                let reason = cannot_write(&shown, &e);
-                tracing::error!(error = %reason, "cannot write the runtime's state; trying again");
-                let _was = health.send_replace(Err(reason));
-                tokio::time::sleep(retry_after).await;
-                retry_after = (retry_after * 2).min(RETRY_AT_MOST_EVERY);
+                let wait = pending.failed(cannot_write(&shown, &e), &health);
+                tokio::time::sleep(wait).await;
             }
         }
     }
