@@ -8,9 +8,10 @@ use std::sync::Arc;
 use onex_handlers::db::{Database, DbHandler};
 use onex_runtime::handler::{Call, Config, Handler};
 use onex_runtime::project::Project;
-use onex_test_postgres::{TestDatabase, fresh_database, psql};
+use onex_test_postgres::{TestDatabase, fresh_database};
 use serde_json::{Map, Value, json};
 
+use crate::postgres::count as pg_count;
 use crate::run::{count, reducer, run};
 use crate::support::{onex, onex_env, path_str, repo_root};
 
@@ -30,19 +31,10 @@ fn block_on<F: std::future::Future>(future: F) -> F::Output {
 
 /// Rows of a query whose columns are text.
 fn pg_rows(url: &str, sql: &str) -> Vec<Vec<String>> {
-    psql(url, sql)
-        .unwrap_or_else(|e| panic!("{sql}: {e}"))
-        .lines()
+    crate::postgres::rows(url, sql)
+        .iter()
         .map(|line| line.split('|').map(str::to_owned).collect())
         .collect()
-}
-
-fn pg_count(url: &str, sql: &str) -> i64 {
-    pg_rows(url, sql)
-        .first()
-        .and_then(|row| row.first())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("{sql}: no count"))
 }
 
 #[test]

@@ -10,13 +10,13 @@ use onex_test_postgres::{fresh_database, private_server, psql};
 use serde_json::Value;
 
 use crate::run::{
-    REGISTRATION, Reaper, eventually, http_get, node, node_id, reducer, run, spawn_onex,
+    REGISTRATION, Reaper, eventually, http_get, node, node_id, reducer, run, run_human, spawn_onex,
     write_events,
 };
 use crate::support::{onex, path_str};
 
 /// The rows of `sql`, one string per row (psql's unaligned output).
-fn rows(url: &str, sql: &str) -> Vec<String> {
+pub(crate) fn rows(url: &str, sql: &str) -> Vec<String> {
     psql(url, sql)
         .unwrap_or_else(|e| panic!("{sql}: {e}"))
         .lines()
@@ -24,7 +24,7 @@ fn rows(url: &str, sql: &str) -> Vec<String> {
         .collect()
 }
 
-fn count(url: &str, sql: &str) -> i64 {
+pub(crate) fn count(url: &str, sql: &str) -> i64 {
     rows(url, sql)
         .first()
         .and_then(|n| n.parse().ok())
@@ -130,20 +130,7 @@ fn a_state_store_with_a_newer_schema_is_refused() {
          VALUES (99, 'from the future', true, '\\x00', 0)",
     )
     .expect("a newer version recorded");
-    let refused = onex(&[
-        "run",
-        "--contract",
-        "contracts/",
-        "--until-idle",
-        "--listen",
-        "off",
-        "--data-dir",
-        path_str(&data),
-        "--events",
-        &events,
-        "--database-url",
-        url,
-    ]);
+    let refused = run_human(&data, &["--events", &events, "--database-url", url]);
     assert_eq!(refused.code, 2, "{}", refused.stderr);
     assert!(
         refused
@@ -535,20 +522,10 @@ fn tls_options_in_the_database_url_are_honoured() {
     let other_ca = tempfile::tempdir().expect("tempdir");
     let (wrong_ca, _, _) = certificates(other_ca.path());
     let unverified = format!("{url}?sslmode=verify-full&sslrootcert={wrong_ca}");
-    let refused = onex(&[
-        "run",
-        "--contract",
-        "contracts/",
-        "--until-idle",
-        "--listen",
-        "off",
-        "--data-dir",
-        path_str(&dir.path().join("refused")),
-        "--events",
-        &events,
-        "--database-url",
-        &unverified,
-    ]);
+    let refused = run_human(
+        &dir.path().join("refused"),
+        &["--events", &events, "--database-url", &unverified],
+    );
     assert_eq!(refused.code, 2, "{}", refused.stderr);
     assert!(
         refused.stderr.contains("cannot connect to the state store"),
@@ -558,20 +535,10 @@ fn tls_options_in_the_database_url_are_honoured() {
 
     let plain = private_server();
     let plain_url = format!("{}?sslmode=require", plain.create_database("plain"));
-    let refused = onex(&[
-        "run",
-        "--contract",
-        "contracts/",
-        "--until-idle",
-        "--listen",
-        "off",
-        "--data-dir",
-        path_str(&dir.path().join("plain")),
-        "--events",
-        &events,
-        "--database-url",
-        &plain_url,
-    ]);
+    let refused = run_human(
+        &dir.path().join("plain"),
+        &["--events", &events, "--database-url", &plain_url],
+    );
     assert_eq!(refused.code, 2, "{}", refused.stderr);
 }
 
@@ -682,18 +649,7 @@ fn a_database_without_runtime_state_and_a_store_without_a_database_are_explained
         "reading created nothing"
     );
     let dir = tempfile::tempdir().expect("tempdir");
-    let refused = onex(&[
-        "run",
-        "--contract",
-        "contracts/",
-        "--until-idle",
-        "--listen",
-        "off",
-        "--data-dir",
-        path_str(dir.path()),
-        "--state-store",
-        "postgres",
-    ]);
+    let refused = run_human(dir.path(), &["--state-store", "postgres"]);
     assert_eq!(refused.code, 2, "{}", refused.stderr);
     assert!(
         refused
