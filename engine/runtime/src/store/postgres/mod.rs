@@ -29,7 +29,7 @@ use super::{
     DeadLetter, Health, Job, Location, Opened, Pending, Stage, StateStore, StoredInstance, Write,
 };
 use crate::BoxFuture;
-use crate::url::{redact, redact_text};
+use crate::url::{Secrets, redact};
 
 /// The schema versions this binary knows, oldest first.
 const MIGRATIONS: [(i64, &str, &str); 1] = [(1, "state store", include_str!("0001_state.sql"))];
@@ -51,11 +51,39 @@ const CONNECTIONS: u32 = 3;
 /// server is down: the writer tries again, `/ready` says so).
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// The database as it may be shown: its URL redacted, and its secrets stripped from
+/// any message that quotes them.
+#[derive(Debug)]
+struct Shown {
+    url: String,
+    secrets: Secrets,
+}
+
+impl Shown {
+    fn of(url: &str) -> Arc<Shown> {
+        Arc::new(Shown {
+            url: redact(url).into_owned(),
+            secrets: Secrets::of(url),
+        })
+    }
+
+    /// An error's text as it may be shown.
+    fn error(&self, error: &dyn std::fmt::Display) -> String {
+        self.secrets.strip(&error.to_string())
+    }
+}
+
+impl std::fmt::Display for Shown {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.url)
+    }
+}
+
 #[derive(Debug)]
 pub struct PostgresStore {
     pool: PgPool,
     /// The URL without its password, for people.
-    shown: String,
+    shown: Arc<Shown>,
     jobs: mpsc::UnboundedSender<Job>,
     flush_asked: Arc<Notify>,
     health: watch::Receiver<Health>,
@@ -67,12 +95,12 @@ impl PostgresStore {
     /// Connects, applies the migrations this binary has and the database lacks,
     /// takes the run's lock and starts the writer. Also returns the stored instances.
     pub async fn open(url: &str) -> Result<Opened, String> {
-        let shown = redact(url).into_owned();
+        let shown = Shown::of(url);
         let options = connect_options(url)?;
         let cannot = |e: sqlx::Error| {
             format!(
                 "cannot connect to the state store at {shown}: {}",
-                redact_text(&e.to_string())
+                shown.error(&e)
             )
         };
         let pool = PgPoolOptions::new()
@@ -101,7 +129,7 @@ impl PostgresStore {
         let (health_sender, health) = watch::channel(Ok(()));
         tokio::spawn(write_loop(
             pool.clone(),
-            shown.clone(),
+            Arc::clone(&shown),
             receiver,
             Arc::clone(&flush_asked),
             health_sender,
@@ -249,31 +277,28 @@ pub fn connect_options(url: &str) -> Result<PgConnectOptions, String> {
         ));
     }
     PgConnectOptions::from_str(url).map_err(|e| {
+        let shown = Shown::of(url);
         format!(
-            "the database URL {} is not usable: {}",
-            redact(url),
-            redact_text(&e.to_string())
+            "the database URL {shown} is not usable: {}",
+            shown.error(&e)
         )
     })
 }
 
-fn cannot_read(shown: &str, e: &sqlx::Error) -> String {
-    format!(
-        "cannot read the state store at {shown}: {}",
-        redact_text(&e.to_string())
-    )
+fn cannot_read(shown: &Shown, e: &sqlx::Error) -> String {
+    format!("cannot read the state store at {shown}: {}", shown.error(e))
 }
 
-fn cannot_write(shown: &str, e: &sqlx::Error) -> String {
+fn cannot_write(shown: &Shown, e: &sqlx::Error) -> String {
     format!(
         "cannot write to the state store at {shown}: {}",
-        redact_text(&e.to_string())
+        shown.error(e)
     )
 }
 
 /// Applies the migrations the database lacks; one it has that this binary does not
 /// know means a newer onex wrote it, and this one refuses rather than guess.
-async fn migrate(pool: &PgPool, shown: &str) -> Result<(), String> {
+async fn migrate(pool: &PgPool, shown: &Shown) -> Result<(), String> {
     let migrations = MIGRATIONS
         .iter()
         .map(|&(version, description, sql)| {
@@ -295,7 +320,7 @@ async fn migrate(pool: &PgPool, shown: &str) -> Result<(), String> {
         ),
         other => format!(
             "cannot prepare the state store at {shown}: {}",
-            redact_text(&other.to_string())
+            shown.error(&other)
         ),
     })
 }
@@ -358,8 +383,8 @@ pub async fn read_instances(url: &str) -> Result<Vec<StoredInstance>, String> {
 
 /// A connection for the `dlq` and `state` commands, which read what runs left and
 /// never change the schema: a database without the tables has no runtime state.
-async fn connect_for_reading(url: &str) -> Result<(PgPool, String), String> {
-    let shown = redact(url).into_owned();
+async fn connect_for_reading(url: &str) -> Result<(PgPool, Arc<Shown>), String> {
+    let shown = Shown::of(url);
     let pool = PgPoolOptions::new()
         .max_connections(1)
         .acquire_timeout(ACQUIRE_TIMEOUT)
@@ -368,7 +393,7 @@ async fn connect_for_reading(url: &str) -> Result<(PgPool, String), String> {
         .map_err(|e| {
             format!(
                 "cannot connect to the state store at {shown}: {}",
-                redact_text(&e.to_string())
+                shown.error(&e)
             )
         })?;
     let has_tables: bool = sqlx::query_scalar("SELECT to_regclass('onex_instances') IS NOT NULL")
@@ -388,7 +413,7 @@ async fn connect_for_reading(url: &str) -> Result<(PgPool, String), String> {
 /// kept and written again, with what came since, until it commits.
 async fn write_loop(
     pool: PgPool,
-    shown: String,
+    shown: Arc<Shown>,
     mut jobs: mpsc::UnboundedReceiver<Job>,
     flush_asked: Arc<Notify>,
     health: watch::Sender<Health>,
@@ -659,6 +684,20 @@ mod tests {
         assert_eq!(events, "1", "the event once");
         let stored = store.instances().await.expect("read");
         assert_eq!(stored.len(), 1);
+    }
+
+    /// A URL that cannot be used is refused without its password, however the
+    /// driver's message quotes it.
+    #[test]
+    fn an_unusable_url_is_refused_without_its_password() {
+        for url in [
+            "postgres://onex:hunter2@db:notaport/registry",
+            "mysql://onex:hunter2@db/registry",
+            "postgres://onex@db/registry?password=hunter2&sslmode=bogus",
+        ] {
+            let refused = connect_options(url).expect_err("refused");
+            assert!(!refused.contains("hunter2"), "{refused}");
+        }
     }
 
     /// A second run on the same database is refused while the first holds it.
