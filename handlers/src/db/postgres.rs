@@ -33,7 +33,7 @@ use std::time::Duration;
 use onex_runtime::handler::{Failure, Outcome, SetupFile};
 use onex_runtime::url::{Secrets, redact};
 use serde_json::{Map, Value, json};
-use sqlx::postgres::{PgArguments, PgConnectOptions, PgPoolOptions, PgRow, PgTypeInfo};
+use sqlx::postgres::{PgArguments, PgPoolOptions, PgRow, PgTypeInfo};
 use sqlx::types::Json;
 use sqlx::{
     Arguments, AssertSqlSafe, Column, Executor, PgConnection, PgPool, Postgres, Row, SqlSafeStr,
@@ -199,23 +199,8 @@ impl Pg {
     /// locked SQLite file is. Must be called inside a Tokio runtime.
     pub(crate) fn connect(url: &str) -> Result<Pg, String> {
         let shown = redact(url).into_owned();
-        let scheme = url
-            .split_once("://")
-            .map(|(scheme, _)| scheme.to_ascii_lowercase());
-        if !matches!(scheme.as_deref(), Some("postgres" | "postgresql")) {
-            return Err(format!(
-                "--database-url {shown}: not a PostgreSQL URL; it must start with postgres:// \
-                 or postgresql:// (without --database-url, the db handler uses the embedded \
-                 SQLite file)"
-            ));
-        }
         let secrets = Arc::new(Secrets::of(url));
-        let mut options: PgConnectOptions = url.parse().map_err(|e: sqlx::Error| {
-            format!("--database-url {shown}: {}", secrets.strip(&e.to_string()))
-        })?;
-        if options.get_application_name().is_none() {
-            options = options.application_name("onex");
-        }
+        let options = onex_runtime::store::postgres::connect_options(url)?;
         let target = format!(
             "{}:{}/{}",
             options.get_host(),

@@ -265,23 +265,27 @@ fn connection_lost(error: &sqlx::Error) -> bool {
     }
 }
 
-/// The URL's options; `sslmode` and the other libpq parameters are sqlx's to read.
+/// The options of a `--database-url`, for every PostgreSQL client of onex (this store
+/// and the `db` handler): a URL of another scheme is refused, `sslmode` and the other
+/// libpq parameters are sqlx's to read, and the sessions are named `onex` in
+/// `pg_stat_activity` unless the URL names them. No message shows the password.
 pub fn connect_options(url: &str) -> Result<PgConnectOptions, String> {
+    let shown = Shown::of(url);
     let scheme = url
         .split_once("://")
         .map(|(scheme, _)| scheme.to_ascii_lowercase());
     if !matches!(scheme.as_deref(), Some("postgres" | "postgresql")) {
         return Err(format!(
-            "--database-url {}: not a PostgreSQL URL; it must start with postgres:// or postgresql://",
-            redact(url)
+            "--database-url {shown}: not a PostgreSQL URL; it must start with postgres:// \
+             or postgresql:// (without --database-url, onex keeps everything in files under \
+             --data-dir)"
         ));
     }
-    PgConnectOptions::from_str(url).map_err(|e| {
-        let shown = Shown::of(url);
-        format!(
-            "the database URL {shown} is not usable: {}",
-            shown.error(&e)
-        )
+    let options = PgConnectOptions::from_str(url)
+        .map_err(|e| format!("--database-url {shown}: {}", shown.error(&e)))?;
+    Ok(match options.get_application_name() {
+        Some(_) => options,
+        None => options.application_name("onex"),
     })
 }
 
