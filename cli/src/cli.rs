@@ -30,7 +30,7 @@ pub enum Command {
     Replay(ReplayArgs),
     /// Run an orchestrator contract: events in, reducers advanced, effects executed.
     #[command(after_help = RUN_EXIT_CODES)]
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Dead letters: events that could not be processed, with the reason.
     Dlq {
         #[command(subcommand)]
@@ -90,6 +90,8 @@ pub struct RunArgs {
     pub data_dir: PathBuf,
     #[command(flatten)]
     pub database: DatabaseArgs,
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
     /// Where the runtime's own state lives: postgres (the default with
     /// --database-url) or files under --data-dir (the default without). Files with a
     /// database keep the workflow's data in PostgreSQL and the runtime's state apart.
@@ -186,6 +188,16 @@ fn parse_param(text: &str) -> Result<(String, String), String> {
     }
 }
 
+/// `KEY=VALUE`, without the text in the error: it may be a credential.
+fn parse_kafka_option(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.trim().is_empty() => {
+            Ok((key.trim().to_owned(), value.to_owned()))
+        }
+        _ => Err("expected KEY=VALUE (a librdkafka property)".to_owned()),
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum OutputFormat {
     Human,
@@ -247,6 +259,61 @@ impl DatabaseArgs {
             .filter(|url| !url.is_empty())
             .or_else(|| std::env::var(PLAIN_DATABASE_URL).ok())
             .filter(|url| !url.is_empty())
+    }
+}
+
+/// The Kafka bus.
+#[derive(Debug, Args)]
+pub struct KafkaArgs {
+    /// Kafka brokers (host:port,...) to run on instead of the in-process bus; several
+    /// runs with the same contracts and group share the work. Also read from
+    /// KAFKA_BOOTSTRAP_SERVERS.
+    #[arg(long = "kafka", value_name = "BROKERS", env = "ONEX_KAFKA")]
+    brokers: Option<String>,
+    /// Put before every topic name, as ONEX's environments do: dev., staging., prod.
+    #[arg(
+        long,
+        value_name = "PREFIX",
+        default_value = "",
+        env = "ONEX_KAFKA_TOPIC_PREFIX"
+    )]
+    pub kafka_topic_prefix: String,
+    /// Partitions of the topics onex creates: how many runs can share the work.
+    #[arg(long, value_name = "N", default_value_t = 6, env = "ONEX_KAFKA_PARTITIONS",
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub kafka_partitions: u32,
+    /// Replication factor of the topics onex creates.
+    #[arg(long, value_name = "N", default_value_t = 1, env = "ONEX_KAFKA_REPLICATION",
+          value_parser = clap::value_parser!(i32).range(1..=16))]
+    pub kafka_replication: i32,
+    /// The consumer group of this orchestrator's runs; default: onex.ORCHESTRATOR
+    /// (with the topic prefix before it).
+    #[arg(long, value_name = "NAME", env = "ONEX_KAFKA_GROUP")]
+    pub kafka_group: Option<String>,
+    /// Where dead letters go besides the state store; default:
+    /// onex.dlq.ORCHESTRATOR.v1 (kebab-case, with the topic prefix before it).
+    #[arg(long, value_name = "TOPIC", env = "ONEX_KAFKA_DEAD_LETTER_TOPIC")]
+    pub kafka_dead_letter_topic: Option<String>,
+    /// A librdkafka property, KEY=VALUE, repeatable: security.protocol, sasl.*, ssl.*,
+    /// tuning. (Values are never shown: they may be credentials.)
+    #[arg(long, value_name = "KEY=VALUE", value_parser = parse_kafka_option,
+          env = "ONEX_KAFKA_OPTIONS", value_delimiter = ',', hide_env_values = true)]
+    pub kafka_option: Vec<(String, String)>,
+}
+
+/// The conventional variable of Kafka clients, read when `--kafka` and `ONEX_KAFKA`
+/// are not set.
+const PLAIN_KAFKA: &str = "KAFKA_BOOTSTRAP_SERVERS";
+
+impl KafkaArgs {
+    /// `--kafka`, else `ONEX_KAFKA`, else `KAFKA_BOOTSTRAP_SERVERS`; set but empty is
+    /// unset.
+    pub fn brokers(&self) -> Option<String> {
+        self.brokers
+            .clone()
+            .filter(|b| !b.is_empty())
+            .or_else(|| std::env::var(PLAIN_KAFKA).ok())
+            .filter(|b| !b.is_empty())
     }
 }
 

@@ -10,11 +10,12 @@ use anyhow::{Context, bail};
 use onex_contract::ContractKind;
 use onex_runtime::bus::Bus;
 use onex_runtime::bus::embedded::EmbeddedBus;
+use onex_runtime::bus::kafka::{KafkaBus, KafkaSettings};
 use onex_runtime::driver::journal::Journaled;
 use onex_runtime::driver::work::Work;
 use onex_runtime::driver::{Options, Source, summary::Summary};
 use onex_runtime::store::embedded::EmbeddedStore;
-use onex_runtime::store::postgres::PostgresStore;
+use onex_runtime::store::postgres::{Access, PostgresStore};
 use onex_runtime::walk;
 
 use crate::cli::{LogFormat, OutputFormat, RunArgs, StateStoreKind};
@@ -94,20 +95,35 @@ pub fn run(args: &RunArgs) -> anyhow::Result<u8> {
         None => StateStoreKind::Files,
     });
     let data_dir = args.data_dir.clone();
+    let kafka = kafka_settings(args, &project.name);
+    let topics = project.topics.clone();
+    let consumed: std::collections::HashSet<String> =
+        project.routes_by_event.keys().cloned().collect();
     let summary = runtime.block_on(async move {
         let shutdown = shutdown_signal();
         let work = Work::with_max_effects(max_effects);
+        // Runs that share their work through a consumer group share the store too.
+        let access = match kafka {
+            Some(_) => Access::Shared,
+            None => Access::Exclusive,
+        };
         let store = match (state_store, &database_url) {
-            (StateStoreKind::Postgres, Some(url)) => PostgresStore::open(url).await?,
+            (StateStoreKind::Postgres, Some(url)) => PostgresStore::open(url, access).await?,
             (StateStoreKind::Postgres, None) => {
                 return Err("--state-store postgres needs --database-url".to_owned());
             }
             (StateStoreKind::Files, _) => EmbeddedStore::open(&data_dir)?,
         };
-        let bus: Arc<dyn Bus> = Journaled::new(
-            EmbeddedBus::new(Arc::clone(&work)),
-            Arc::clone(&store.store),
-        );
+        let inner: Arc<dyn Bus> = match kafka {
+            Some(settings) => {
+                if state_store == StateStoreKind::Files {
+                    tracing::warn!("the runtime's state is in files under --data-dir: runs that share this consumer group must share a PostgreSQL store (--database-url) instead");
+                }
+                KafkaBus::connect(settings, topics, &consumed, Arc::clone(&work)).await?
+            }
+            None => EmbeddedBus::new(Arc::clone(&work)),
+        };
+        let bus: Arc<dyn Bus> = Journaled::new(inner, Arc::clone(&store.store));
         let handlers = onex_handlers::builtin(&settings, Arc::clone(&bus))?;
         onex_runtime::driver::run(project, handlers, bus, store, work, options, shutdown).await
     });
@@ -144,6 +160,31 @@ pub fn run(args: &RunArgs) -> anyhow::Result<u8> {
         EXIT_FINDINGS
     } else {
         EXIT_CLEAN
+    })
+}
+
+/// The Kafka bus's settings, if `--kafka` (or its variables) names brokers. Names
+/// derived from the orchestrator's: the group `onex.NAME` and the dead-letter topic
+/// `onex.dlq.NAME.v1` (kebab-case), both after the topic prefix.
+fn kafka_settings(args: &RunArgs, orchestrator: &str) -> Option<KafkaSettings> {
+    let kafka = &args.kafka;
+    let brokers = kafka.brokers()?;
+    let prefix = kafka.kafka_topic_prefix.clone();
+    let kebab = orchestrator.replace('_', "-").to_ascii_lowercase();
+    Some(KafkaSettings {
+        brokers,
+        group: kafka
+            .kafka_group
+            .clone()
+            .unwrap_or_else(|| format!("{prefix}onex.{orchestrator}")),
+        dead_letter_topic: kafka
+            .kafka_dead_letter_topic
+            .clone()
+            .unwrap_or_else(|| format!("onex.dlq.{kebab}.v1")),
+        topic_prefix: prefix,
+        partitions: kafka.kafka_partitions,
+        replication_factor: kafka.kafka_replication,
+        options: kafka.kafka_option.clone(),
     })
 }
 

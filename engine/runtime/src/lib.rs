@@ -14,6 +14,7 @@
 
 pub mod bus;
 pub mod catalog;
+pub mod dead_letter;
 pub mod driver;
 pub mod envelope;
 pub mod handler;

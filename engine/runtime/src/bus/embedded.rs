@@ -4,9 +4,9 @@
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
-use super::{Ack, Bus, Delivery, Published, Subscriber, Subscription};
+use super::{Ack, Bus, Delivery, Incoming, Published, Subscriber, Subscription};
 use crate::driver::work::Work;
 use crate::envelope::Envelope;
 
@@ -14,12 +14,14 @@ use crate::envelope::Envelope;
 struct Listener {
     event_types: Option<HashSet<String>>,
     kind: Subscriber,
-    sender: mpsc::UnboundedSender<Delivery>,
+    sender: mpsc::UnboundedSender<Incoming>,
 }
 
 pub struct EmbeddedBus {
     subscribers: Mutex<Vec<Listener>>,
     work: Arc<Work>,
+    /// Always healthy: memory does not go away.
+    health: watch::Sender<Result<(), String>>,
 }
 
 impl std::fmt::Debug for EmbeddedBus {
@@ -33,6 +35,7 @@ impl EmbeddedBus {
         Arc::new(EmbeddedBus {
             subscribers: Mutex::new(Vec::new()),
             work,
+            health: watch::Sender::new(Ok(())),
         })
     }
 }
@@ -59,10 +62,11 @@ impl Bus for EmbeddedBus {
                         Subscriber::Source => self.work.guard(),
                     },
                     published,
+                    source: std::borrow::Cow::Borrowed("bus"),
                     ack: Ack::none(),
                 };
                 // A receiver that closed in between simply stops receiving.
-                let _ = subscriber.sender.send(delivery);
+                let _ = subscriber.sender.send(Incoming::Delivery(delivery));
             }
         }
         Ok(Published::held())
@@ -82,6 +86,10 @@ impl Bus for EmbeddedBus {
 
     fn describe(&self) -> String {
         "embedded (in-process)".into()
+    }
+
+    fn health(&self) -> watch::Receiver<Result<(), String>> {
+        self.health.subscribe()
     }
 }
 
@@ -103,7 +111,9 @@ mod tests {
             .await
             .expect("held");
         assert_eq!((work.queued(), work.outstanding()), (1, 2));
-        let mut taken = processor.recv().await.expect("delivered");
+        let Some(Incoming::Delivery(mut taken)) = processor.recv().await else {
+            panic!("not delivered");
+        };
         taken.work.taken();
         assert_eq!((work.queued(), work.outstanding()), (0, 2));
         drop((taken, source.recv().await.expect("delivered")));

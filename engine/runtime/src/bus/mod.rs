@@ -7,21 +7,47 @@
 //! step the message caused is durable. Back-pressure is the driver's (sources wait for
 //! room), and so is the event log ([`crate::driver::journal`]): neither is in the interface.
 //!
-//! Delivery order is publish order for every subscriber, so events of one entity stay
-//! in order; the runtime then keeps per-instance order by sharding on the instance
-//! key. The embedded bus holds messages in memory only: what must survive a restart
-//! is kept by the runtime's store (processed ids, instance inboxes, the event log).
+//! Delivery order is publish order for every subscriber (per partition key on Kafka),
+//! so events of one entity stay in order; the runtime then keeps per-instance order by
+//! sharding on the instance key. The embedded bus holds messages in memory only: what
+//! must survive a restart is kept by the runtime's store (processed ids, instance
+//! inboxes, the event log). A partitioned bus (Kafka) shares the work among runtimes:
+//! it tells its processor which instance keys it owns ([`Incoming::Assigned`]) and asks
+//! for them back ([`Incoming::Revoked`]).
 
 pub mod embedded;
+pub mod kafka;
+pub mod partitions;
 
+pub use partitions::Partitions;
+
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::BoxFuture;
+use crate::dead_letter::DeadLetter;
 use crate::driver::work::WorkGuard;
 use crate::envelope::Envelope;
+
+/// What a subscription receives: messages, and for a processor of a partitioned bus,
+/// which instances are its own.
+#[derive(Debug)]
+pub enum Incoming {
+    Delivery(Delivery),
+    /// From now on the instances whose keys fall in these partitions are this
+    /// runtime's: load them from the store before the deliveries that follow.
+    Assigned(Partitions),
+    /// The instances of these partitions go to another runtime: finish or hand back
+    /// their steps, make their state durable, forget them, then answer on `done`;
+    /// the bus commits and releases the partitions only after that.
+    Revoked(Partitions, oneshot::Sender<()>),
+    /// A message that is not an envelope: kept as a dead letter, and acknowledged once
+    /// that is durable.
+    Rejected(DeadLetter, Ack),
+}
 
 /// One delivered message; holding it keeps the run from counting as idle, and a
 /// [`Subscriber::Processor`]'s counts as waiting in the queue until its receiver
@@ -34,6 +60,8 @@ pub struct Delivery {
     pub work: WorkGuard,
     /// When the bus took the message (latency figures count from here).
     pub published: std::time::Instant,
+    /// Where it came from, for dead letters: `bus`, or `kafka:TOPIC/PARTITION@OFFSET`.
+    pub source: Cow<'static, str>,
     /// Given once the state of every step the message caused is durable.
     pub ack: Ack,
 }
@@ -105,7 +133,7 @@ impl Drop for Ack {
     }
 }
 
-pub type Subscription = mpsc::UnboundedReceiver<Delivery>;
+pub type Subscription = mpsc::UnboundedReceiver<Incoming>;
 
 pub trait Bus: Send + Sync + std::fmt::Debug {
     /// Enqueues for every subscriber of the event type. `Err`: the bus refuses the
@@ -117,6 +145,22 @@ pub trait Bus: Send + Sync + std::fmt::Debug {
     fn subscribe(&self, event_types: Option<HashSet<String>>, kind: Subscriber) -> Subscription;
     /// Where messages go, for people: "embedded (in-process)".
     fn describe(&self) -> String;
+    /// `Err(reason)` while the bus cannot take or deliver messages (its brokers are
+    /// unreachable): the runtime then holds its sources and `/ready` says why.
+    fn health(&self) -> watch::Receiver<Result<(), String>>;
+    /// Whether a processor owns only the instances of the partitions it is assigned
+    /// ([`Incoming::Assigned`]); if not, it owns every instance from the start.
+    fn partitioned(&self) -> bool {
+        false
+    }
+    /// Also sends a dead letter where the bus keeps them (Kafka's dead-letter topic);
+    /// the store keeps it in any case.
+    fn dead_letter(&self, _letter: &DeadLetter) {}
+    /// Stops delivering, commits what is acknowledged and sends what is queued (within
+    /// a few seconds): the last step of a run, once the store has its last changes.
+    fn close(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
 }
 
 /// The bus's confirmation that it holds a published message.
@@ -160,15 +204,17 @@ impl std::future::Future for Published {
     }
 }
 
-/// What a subscriber does with its messages, which says whether those not yet
-/// received count against the queue limit of [`Work::room`].
+/// What a subscriber does with its messages: which of them it receives, and whether
+/// those not yet received count against the queue limit of [`Work::room`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Subscriber {
     /// Takes messages in for processing (the router): its backlog is the runtime's
-    /// input queue.
+    /// input queue, and on Kafka it shares the messages with the other runtimes of
+    /// its consumer group, partition by partition.
     Processor,
-    /// Publishes in answer (the demo) and so waits for room itself: counting its
-    /// backlog could hold it back behind messages only it can take.
+    /// Publishes in answer (the demo, simulated nodes): it sees every message
+    /// published from the moment it subscribed, and waits for room itself: counting
+    /// its backlog could hold it back behind messages only it can take.
     Source,
 }
 

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 
-use crate::bus::Subscriber;
+use crate::bus::{Incoming, Subscriber};
 use crate::driver::publish::render_event;
 use crate::driver::shared::Shared;
 use crate::project::{Demo, EventSpec};
@@ -50,7 +50,10 @@ pub fn start(
         let pacer = Arc::clone(&pacer);
         tasks.push(tokio::spawn(async move {
             let runtime = Arc::new(Value::Null);
-            while let Some(delivery) = requests.recv().await {
+            while let Some(incoming) = requests.recv().await {
+                let Incoming::Delivery(delivery) = incoming else {
+                    continue;
+                };
                 let Some(demo) = &shared.project.demo else {
                     return;
                 };

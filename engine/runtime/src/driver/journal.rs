@@ -49,4 +49,20 @@ impl Bus for Journaled {
     fn describe(&self) -> String {
         self.bus.describe()
     }
+
+    fn health(&self) -> tokio::sync::watch::Receiver<Result<(), String>> {
+        self.bus.health()
+    }
+
+    fn partitioned(&self) -> bool {
+        self.bus.partitioned()
+    }
+
+    fn dead_letter(&self, letter: &crate::store::DeadLetter) {
+        self.bus.dead_letter(letter);
+    }
+
+    fn close(&self) -> crate::BoxFuture<'_, ()> {
+        self.bus.close()
+    }
 }

@@ -29,22 +29,21 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
-use crate::bus::{Bus, Subscriber};
+use crate::bus::{Bus, Incoming, Subscriber};
 use crate::driver::effects::EffectRunner;
 use crate::driver::metrics::Metrics;
 use crate::driver::publish::publish_all;
-use crate::driver::router::route;
-use crate::driver::shard::{Message, Shard, shard_of};
+use crate::driver::router::{hand_back, reject, restore, route, take_over};
+use crate::driver::shard::{Message, Shard};
 use crate::driver::shared::RunTimes;
 use crate::driver::shared::Shared;
-use crate::driver::slot::Snapshot;
 pub use crate::driver::sources::Source;
 use crate::driver::sources::{open_sources, read_source};
 use crate::driver::summary::{Summary, summarise};
 use crate::driver::work::Work;
 use crate::handler::Handlers;
 use crate::project::Project;
-use crate::store::{Opened, StateStore, StoredInstance};
+use crate::store::Opened;
 use crate::template::Var;
 
 #[derive(Debug, Clone)]
@@ -162,8 +161,12 @@ pub async fn run(
         shard_tasks.push(tokio::spawn(shard.run(receiver)));
         shard_senders.push(sender);
     }
-    restore(&shared, stored, legacy_processed, &shard_senders);
-    let pausing = pause_sources_while_the_store_fails(&store, &work);
+    // On a partitioned bus the instances come with the partitions assigned to this
+    // runtime; otherwise every stored instance is this runtime's.
+    if !bus.partitioned() {
+        restore(&shared, stored, legacy_processed, &shard_senders);
+    }
+    let pausing = pause_sources_while_unhealthy(store.health(), bus.health(), &work);
     let senders = shard_senders.clone();
     shared.effects.on_breaker_closed(Box::new(move |breaker| {
         let breaker: Arc<str> = Arc::from(breaker);
@@ -177,9 +180,19 @@ pub async fn run(
     let mut subscription = bus.subscribe(Some(routed), Subscriber::Processor);
     let router_shared = Arc::clone(&shared);
     let router_senders = shard_senders.clone();
+    let hand_back_deadline = options.drain;
     let router = tokio::spawn(async move {
-        while let Some(delivery) = subscription.recv().await {
-            route(&router_shared, &router_senders, delivery);
+        let (shared, senders) = (&router_shared, &router_senders);
+        while let Some(incoming) = subscription.recv().await {
+            match incoming {
+                Incoming::Delivery(delivery) => route(shared, senders, delivery),
+                Incoming::Rejected(letter, ack) => reject(shared, letter, ack),
+                Incoming::Assigned(partitions) => take_over(shared, senders, &partitions).await,
+                Incoming::Revoked(partitions, done) => {
+                    hand_back(shared, senders, partitions, hand_back_deadline).await;
+                    let _ = done.send(());
+                }
+            }
         }
     });
 
@@ -301,6 +314,9 @@ pub async fn run(
         ));
     }
 
+    // The bus last: it commits what the store now has.
+    bus.close().await;
+
     let mut summary = summarise(
         &shared,
         &runtime_id,
@@ -416,71 +432,34 @@ async fn until_idle(work: &Work) {
     }
 }
 
-/// Sources wait while the store cannot write: what they would take could not be
-/// kept, and the changes queued meanwhile would only grow.
-fn pause_sources_while_the_store_fails(
-    store: &Arc<dyn StateStore>,
+/// Sources wait while the store cannot write (what they would take could not be
+/// kept, and the changes queued meanwhile would only grow) or the bus is unreachable.
+fn pause_sources_while_unhealthy(
+    mut store: tokio::sync::watch::Receiver<Result<(), String>>,
+    mut bus: tokio::sync::watch::Receiver<Result<(), String>>,
     work: &Arc<Work>,
 ) -> tokio::task::JoinHandle<()> {
-    let mut health = store.health();
     let work = Arc::clone(work);
     tokio::spawn(async move {
         loop {
-            let now = health.borrow_and_update().clone();
-            match now {
-                Ok(()) => work.resume(),
-                Err(reason) => work.pause(reason),
+            let reasons: Vec<String> = [
+                store.borrow_and_update().clone(),
+                bus.borrow_and_update().clone(),
+            ]
+            .into_iter()
+            .filter_map(Result::err)
+            .collect();
+            if reasons.is_empty() {
+                work.resume();
+            } else {
+                work.pause(reasons.join("; "));
             }
-            if health.changed().await.is_err() {
-                return;
+            tokio::select! {
+                changed = store.changed() => if changed.is_err() { return },
+                changed = bus.changed() => if changed.is_err() { return },
             }
         }
     })
-}
-
-fn restore(
-    shared: &Arc<Shared>,
-    stored: Vec<StoredInstance>,
-    legacy: Vec<(String, String, String)>,
-    senders: &[mpsc::UnboundedSender<Message>],
-) {
-    let project = &shared.project;
-    let mut legacy_processed: std::collections::HashMap<(String, String), Vec<String>> =
-        std::collections::HashMap::new();
-    for (reducer, key, message_id) in legacy {
-        legacy_processed
-            .entry((reducer, key))
-            .or_default()
-            .push(message_id);
-    }
-    let mut restored = 0;
-    for stored in stored {
-        let Some(reducer) = project.reducer(&stored.reducer) else {
-            tracing::warn!(reducer = %stored.reducer, "stored instances of a reducer the contracts no longer declare are left alone");
-            continue;
-        };
-        let snapshot: Snapshot<'static> = match serde_json::from_str(&stored.snapshot) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!(reducer = %stored.reducer, key = %stored.key, error = %e, "stored snapshot is unreadable; the instance starts afresh");
-                continue;
-            }
-        };
-        let legacy = legacy_processed
-            .remove(&(stored.reducer.clone(), stored.key.clone()))
-            .unwrap_or_default();
-        let shard = shard_of(reducer, &stored.key, senders.len());
-        let _ = senders[shard].send(Message::Restore {
-            reducer,
-            key: stored.key,
-            snapshot: Box::new(snapshot),
-            legacy_processed: legacy,
-        });
-        restored += 1;
-    }
-    if restored > 0 {
-        tracing::info!(instances = restored, "resumed instances from the store");
-    }
 }
 
 #[cfg(test)]

@@ -68,13 +68,15 @@ async fn ready(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
         };
         handlers.insert(name.to_owned(), status);
     }
-    let store = match &*shared.store.health().borrow() {
+    let mut status_of = |health: &Result<(), String>| match health {
         Ok(()) => Value::String("ready".into()),
         Err(reason) => {
             all = false;
             Value::String(format!("unavailable: {reason}"))
         }
     };
+    let store = status_of(&shared.store.health().borrow());
+    let bus = status_of(&shared.bus.health().borrow());
     let status = if all {
         StatusCode::OK
     } else {
@@ -87,6 +89,7 @@ async fn ready(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
             "contracts": shared.project.name,
             "handlers": handlers,
             "store": store,
+            "bus": bus,
         })),
     )
 }

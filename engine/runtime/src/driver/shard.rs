@@ -16,7 +16,7 @@ use onex_core::{Change, Event, StepRecord};
 use serde_json::{Map, Value, json};
 use tokio::sync::mpsc;
 
-use crate::bus::Ack;
+use crate::bus::{Ack, Partitions};
 use crate::driver::metrics::Counters;
 use crate::driver::shared::Shared;
 use crate::driver::slot::{Pending, Queued, Slot, Snapshot, Timer, TimerKind, Unsaved};
@@ -75,6 +75,14 @@ pub enum Message {
     /// The circuit breaker with this key closed again: re-drive the instances at
     /// rest whose effects last failed on its target.
     BreakerClosed(Arc<str>),
+    /// The instances whose keys fall in these partitions go to another runtime: let
+    /// their effects in flight finish (until `until`), save them, forget them, and
+    /// say when that is done.
+    Release {
+        partitions: Arc<Partitions>,
+        until: Instant,
+        done: tokio::sync::oneshot::Sender<()>,
+    },
     /// A stored instance to take over at start, with the message ids a state file
     /// of an earlier version kept beside it.
     Restore {
@@ -101,6 +109,15 @@ pub struct Shard {
     counters: Counters,
     /// Per reducer: sizes the buffer of the next snapshot's text.
     snapshot_sizes: Vec<SizeHint>,
+    /// Releases waiting for effects in flight on their instances.
+    releasing: Vec<Release>,
+}
+
+#[derive(Debug)]
+struct Release {
+    partitions: Arc<Partitions>,
+    until: Instant,
+    done: tokio::sync::oneshot::Sender<()>,
 }
 
 impl Shard {
@@ -117,6 +134,7 @@ impl Shard {
             changes: Changes::default(),
             counters: Counters::default(),
             snapshot_sizes: (0..reducers).map(|_| SizeHint::default()).collect(),
+            releasing: Vec::new(),
         }
     }
 
@@ -147,6 +165,9 @@ impl Shard {
                     self.expire_timers();
                     self.take_settled();
                 }
+            }
+            if !self.releasing.is_empty() {
+                self.release_settled();
             }
             if handed_over.elapsed() >= HAND_OVER_EVERY {
                 self.hand_over(false);
@@ -211,6 +232,18 @@ impl Shard {
                 let _ = done.send(());
                 None
             }
+            Message::Release {
+                partitions,
+                until,
+                done,
+            } => {
+                self.releasing.push(Release {
+                    partitions,
+                    until,
+                    done,
+                });
+                None
+            }
             Message::BreakerClosed(breaker) => {
                 self.on_breaker_closed(&breaker);
                 None
@@ -262,6 +295,30 @@ impl Shard {
             self.shared
                 .store
                 .write(Write::Changes(std::mem::take(&mut self.changes)));
+        }
+    }
+
+    /// Completes the releases whose instances have no effect in flight any more (or
+    /// whose deadline passed): they are saved as they are and forgotten, with their
+    /// timers. Their next owner resumes them from the store, redoing an effect that
+    /// was still in flight (its idempotency key makes that harmless).
+    fn release_settled(&mut self) {
+        let now = Instant::now();
+        for release in std::mem::take(&mut self.releasing) {
+            let busy = self
+                .slots
+                .iter()
+                .any(|(key, slot)| !slot.pending.is_empty() && release.partitions.holds(key));
+            if busy && now < release.until {
+                self.releasing.push(release);
+                continue;
+            }
+            self.hand_over(true);
+            let released = self.slots.remove_where(|key| release.partitions.holds(key));
+            self.timers
+                .retain(|Reverse((_, _, key, _))| !release.partitions.holds(key));
+            tracing::debug!(instances = released, partitions = %release.partitions, "instances released");
+            let _ = release.done.send(());
         }
     }
 
@@ -1056,7 +1113,7 @@ impl Shard {
     /// Keeps a dead letter in the shard's next hand-over, with the changes that
     /// go with it.
     fn keep_dead_letter(&mut self, letter: DeadLetter) {
-        self.shared.count_dead_letter(letter.stage);
+        self.shared.count_dead_letter(&letter);
         self.changes.dead_letters.push(letter);
     }
 
@@ -1110,6 +1167,22 @@ impl Slots {
         if let Some(slots) = self.0.get_mut(reducer) {
             slots.insert(key.to_owned(), slot);
         }
+    }
+
+    /// Every instance of every reducer.
+    fn iter(&self) -> impl Iterator<Item = (&String, &Slot)> {
+        self.0.iter().flat_map(|slots| slots.iter())
+    }
+
+    /// Forgets the instances whose keys match; returns how many.
+    fn remove_where(&mut self, mut matches: impl FnMut(&str) -> bool) -> usize {
+        let mut removed = 0;
+        for slots in &mut self.0 {
+            let before = slots.len();
+            slots.retain(|key, _| !matches(key));
+            removed += before - slots.len();
+        }
+        removed
     }
 
     fn iter_mut(&mut self, reducer: ReducerId) -> impl Iterator<Item = (&String, &mut Slot)> {

@@ -10,7 +10,7 @@ use crate::driver::effects::EffectRunner;
 use crate::driver::metrics::Metrics;
 use crate::driver::work::Work;
 use crate::project::{Project, ReducerId};
-use crate::store::{DeadLetter, Stage, StateStore, Write};
+use crate::store::{DeadLetter, StateStore, Write};
 use crate::template::{self, Var};
 
 /// What the shards share.
@@ -47,7 +47,7 @@ impl Shared {
 
     /// Keeps a dead letter found outside the shards (decoding, routing).
     pub fn dead_letter(&self, letter: DeadLetter) {
-        self.count_dead_letter(letter.stage);
+        self.count_dead_letter(&letter);
         self.store.write(Write::DeadLetter(letter));
     }
 
@@ -78,12 +78,15 @@ impl Shared {
         self.metrics.render()
     }
 
-    pub fn count_dead_letter(&self, stage: Stage) {
+    /// Counts a dead letter the store is about to keep, and sends it where the bus
+    /// keeps them (Kafka's dead-letter topic).
+    pub fn count_dead_letter(&self, letter: &DeadLetter) {
         self.metrics
             .dead_letters
-            .get_or_create(&vec![("stage", stage.as_str().to_owned())])
+            .get_or_create(&vec![("stage", letter.stage.as_str().to_owned())])
             .inc();
         self.dead_letters.fetch_add(1, Ordering::Relaxed);
+        self.bus.dead_letter(letter);
     }
 }
 

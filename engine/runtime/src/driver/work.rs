@@ -160,15 +160,20 @@ impl Work {
     pub async fn room(&self) {
         loop {
             let notified = self.room.notified();
-            if self.queued() < MAX_QUEUED
-                && self.outstanding() < MAX_OUTSTANDING
-                && self.paused.lock().is_ok_and(|p| p.is_none())
-                && self.effects() < self.max_effects
-            {
+            if self.has_room() {
                 return;
             }
             notified.await;
         }
+    }
+
+    /// Whether a source may take an event now (what [`Work::room`] waits for), for a
+    /// source that cannot wait on a future (a Kafka consumer pauses its partitions).
+    pub fn has_room(&self) -> bool {
+        self.queued() < MAX_QUEUED
+            && self.outstanding() < MAX_OUTSTANDING
+            && self.paused.lock().is_ok_and(|p| p.is_none())
+            && self.effects() < self.max_effects
     }
 
     fn resume_effects(&self) -> i64 {

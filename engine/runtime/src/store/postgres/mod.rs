@@ -11,7 +11,9 @@
 //! with what came since, until it commits; meanwhile the store reports why.
 //!
 //! While a run uses the store it holds a session advisory lock, so that a second run
-//! on the same database is refused as a second run on one data directory is.
+//! on the same database is refused as a second run on one data directory is. Runtimes
+//! that share their work through a Kafka consumer group (each owning the instances of
+//! its partitions) hold it shared: any number of them, but no exclusive run beside.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -38,6 +40,16 @@ const MIGRATIONS: [(i64, &str, &str); 1] = [(1, "state store", include_str!("000
 const MIGRATIONS_TABLE: &str = "onex_migrations";
 /// The key of the advisory lock a run holds ("onex" in ASCII).
 const LOCK_KEY: i64 = 0x6f6e_6578;
+
+/// How a run holds the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// The only run: it owns every instance.
+    Exclusive,
+    /// One of a group of runs on a partitioned bus, each owning the instances of its
+    /// partitions.
+    Shared,
+}
 /// Batches start at most this often; an instance that changes several times within
 /// it is written once. Nothing waits for the store but acknowledgements, so a longer
 /// interval costs no latency; at 100 ms the saturated demo wrote each instance
@@ -94,7 +106,7 @@ pub struct PostgresStore {
 impl PostgresStore {
     /// Connects, applies the migrations this binary has and the database lacks,
     /// takes the run's lock and starts the writer. Also returns the stored instances.
-    pub async fn open(url: &str) -> Result<Opened, String> {
+    pub async fn open(url: &str, access: Access) -> Result<Opened, String> {
         let shown = Shown::of(url);
         let options = connect_options(url)?;
         let cannot = |e: sqlx::Error| {
@@ -111,15 +123,24 @@ impl PostgresStore {
             .map_err(cannot)?;
         migrate(&pool, &shown).await?;
         let mut lock = PgConnection::connect_with(&options).await.map_err(cannot)?;
-        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+        let try_lock = match access {
+            Access::Exclusive => "SELECT pg_try_advisory_lock($1)",
+            Access::Shared => "SELECT pg_try_advisory_lock_shared($1)",
+        };
+        let locked: bool = sqlx::query_scalar(try_lock)
             .bind(LOCK_KEY)
             .fetch_one(&mut lock)
             .await
             .map_err(cannot)?;
         if !locked {
-            return Err(format!(
-                "the state store at {shown} is in use by another onex run; stop it first, or give this run a database of its own"
-            ));
+            return Err(match access {
+                Access::Exclusive => format!(
+                    "the state store at {shown} is in use by another onex run; stop it first, or give this run a database of its own"
+                ),
+                Access::Shared => format!(
+                    "the state store at {shown} is in use by an onex run that is not on Kafka; stop it first, or give this group a database of its own"
+                ),
+            });
         }
         let stored = instances(&pool)
             .await
@@ -571,7 +592,9 @@ mod tests {
             .await
             .expect("server");
         let url = server.create_database("store");
-        let opened = PostgresStore::open(&url).await.expect("open");
+        let opened = PostgresStore::open(&url, Access::Exclusive)
+            .await
+            .expect("open");
         let store = opened.store;
         let acked = Arc::new(AtomicUsize::new(0));
         store.write(Write::Changes(Changes {
@@ -627,7 +650,10 @@ mod tests {
             .await
             .expect("database");
         let url = database.url().to_owned();
-        let store = PostgresStore::open(&url).await.expect("open").store;
+        let store = PostgresStore::open(&url, Access::Exclusive)
+            .await
+            .expect("open")
+            .store;
         let psql = |sql: &str| {
             let (url, sql) = (url.clone(), sql.to_owned());
             tokio::task::spawn_blocking(move || onex_test_postgres::psql(&url, &sql))
@@ -710,8 +736,10 @@ mod tests {
         let database = tokio::task::spawn_blocking(onex_test_postgres::fresh_database)
             .await
             .expect("database");
-        let first = PostgresStore::open(database.url()).await.expect("open");
-        let second = PostgresStore::open(database.url())
+        let first = PostgresStore::open(database.url(), Access::Exclusive)
+            .await
+            .expect("open");
+        let second = PostgresStore::open(database.url(), Access::Exclusive)
             .await
             .expect_err("refused");
         assert!(second.contains("in use by another onex run"), "{second}");
