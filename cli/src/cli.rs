@@ -31,6 +31,9 @@ pub enum Command {
     /// Run an orchestrator contract: events in, reducers advanced, effects executed.
     #[command(after_help = RUN_EXIT_CODES)]
     Run(Box<RunArgs>),
+    /// Play N nodes over Kafka as the orchestrator's `demo` block describes them,
+    /// in a process of their own, until stopped (SIGINT/SIGTERM).
+    Nodes(Box<NodesArgs>),
     /// Dead letters: events that could not be processed, with the reason.
     Dlq {
         #[command(subcommand)]
@@ -260,6 +263,33 @@ impl DatabaseArgs {
             .or_else(|| std::env::var(PLAIN_DATABASE_URL).ok())
             .filter(|url| !url.is_empty())
     }
+}
+
+#[derive(Debug, Args)]
+pub struct NodesArgs {
+    /// The orchestrator contract whose `demo` block describes the nodes, or a
+    /// directory holding exactly one.
+    #[arg(long, value_name = "PATH", env = "ONEX_CONTRACT")]
+    pub contract: PathBuf,
+    /// How many nodes to play. Their ids derive from their index, as `onex run
+    /// --demo`'s do.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub count: usize,
+    /// Events per second all nodes together send, spread evenly; without it, as fast
+    /// as the broker takes them.
+    #[arg(long, value_name = "PER_SECOND")]
+    pub rate: Option<f64>,
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    /// Set a parameter the contracts declare, NAME=VALUE (the heartbeat interval, say).
+    #[arg(long = "param", value_name = "NAME=VALUE", value_delimiter = ',', value_parser = parse_param)]
+    pub params: Vec<(String, String)>,
+    /// Log level (error, warn, info, debug, trace) or a tracing filter.
+    #[arg(long, value_name = "FILTER", default_value = "warn", env = "ONEX_LOG")]
+    pub log_level: String,
+    /// Log lines as text or as JSON objects (on stderr).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "ONEX_LOG_FORMAT")]
+    pub log_format: LogFormat,
 }
 
 /// The Kafka bus.

@@ -3,6 +3,7 @@
 mod cli;
 mod contract;
 mod files;
+mod nodes;
 mod output;
 mod replay;
 mod run;
@@ -81,6 +82,7 @@ fn run(args: cli::Cli) -> anyhow::Result<u8> {
         },
         cli::Command::Replay(replay) => replay::run(&replay),
         cli::Command::Run(run) => run::run(&run),
+        cli::Command::Nodes(nodes) => nodes::run(&nodes),
         cli::Command::Dlq {
             command: cli::DlqCommand::List(args),
         } => state::dead_letters(&args),

@@ -18,34 +18,15 @@ use onex_runtime::store::embedded::EmbeddedStore;
 use onex_runtime::store::postgres::{Access, PostgresStore};
 use onex_runtime::walk;
 
-use crate::cli::{LogFormat, OutputFormat, RunArgs, StateStoreKind};
+use crate::cli::{KafkaArgs, LogFormat, OutputFormat, RunArgs, StateStoreKind};
 use crate::{EXIT_CLEAN, EXIT_FINDINGS, EXIT_TROUBLE};
 
 pub fn run(args: &RunArgs) -> anyhow::Result<u8> {
     let format = args.format()?;
-    init_logging(args)?;
-    let path = orchestrator_path(&args.contract)?;
-    let loaded = onex_runtime::project::load(&path, &crate::handler_catalog()?);
-    if loaded.has_errors() {
-        for report in &loaded.reports {
-            if !report.diagnostics.is_empty() {
-                eprint!(
-                    "{}",
-                    onex_diag::render::human::render(
-                        report,
-                        crate::output::color_for(
-                            crate::cli::Color::Auto,
-                            std::io::IsTerminal::is_terminal(&std::io::stderr())
-                        )
-                    )
-                );
-            }
-        }
-        eprintln!("onex: error: the contracts have errors; nothing was run");
-        return Ok(EXIT_TROUBLE);
-    }
-    let Some(project) = loaded.project else {
-        bail!("{} could not be loaded", path.display());
+    init_logging(&args.log_level, args.log_format)?;
+    let project = match load_project(&args.contract)? {
+        Some(project) => project,
+        None => return Ok(EXIT_TROUBLE),
     };
     let listen: Option<SocketAddr> = match args.listen.as_str() {
         "off" | "none" | "" => None,
@@ -95,7 +76,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<u8> {
         None => StateStoreKind::Files,
     });
     let data_dir = args.data_dir.clone();
-    let kafka = kafka_settings(args, &project.name);
+    let kafka = kafka_settings(&args.kafka, &project.name);
     let topics = project.topics.clone();
     let consumed: std::collections::HashSet<String> =
         project.routes_by_event.keys().cloned().collect();
@@ -166,8 +147,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<u8> {
 /// The Kafka bus's settings, if `--kafka` (or its variables) names brokers. Names
 /// derived from the orchestrator's: the group `onex.NAME` and the dead-letter topic
 /// `onex.dlq.NAME.v1` (kebab-case), both after the topic prefix.
-fn kafka_settings(args: &RunArgs, orchestrator: &str) -> Option<KafkaSettings> {
-    let kafka = &args.kafka;
+pub(crate) fn kafka_settings(kafka: &KafkaArgs, orchestrator: &str) -> Option<KafkaSettings> {
     let brokers = kafka.brokers()?;
     let prefix = kafka.kafka_topic_prefix.clone();
     let kebab = orchestrator.replace('_', "-").to_ascii_lowercase();
@@ -186,6 +166,37 @@ fn kafka_settings(args: &RunArgs, orchestrator: &str) -> Option<KafkaSettings> {
         replication_factor: kafka.kafka_replication,
         options: kafka.kafka_option.clone(),
     })
+}
+
+/// The project of an orchestrator contract (or of the one in a directory); `None`
+/// when its contracts have errors, which are reported on stderr.
+pub(crate) fn load_project(
+    contract: &PathBuf,
+) -> anyhow::Result<Option<onex_runtime::project::Project>> {
+    let path = orchestrator_path(contract)?;
+    let loaded = onex_runtime::project::load(&path, &crate::handler_catalog()?);
+    if loaded.has_errors() {
+        for report in &loaded.reports {
+            if !report.diagnostics.is_empty() {
+                eprint!(
+                    "{}",
+                    onex_diag::render::human::render(
+                        report,
+                        crate::output::color_for(
+                            crate::cli::Color::Auto,
+                            std::io::IsTerminal::is_terminal(&std::io::stderr())
+                        )
+                    )
+                );
+            }
+        }
+        eprintln!("onex: error: the contracts have errors; nothing was run");
+        return Ok(None);
+    }
+    match loaded.project {
+        Some(project) => Ok(Some(project)),
+        None => bail!("{} could not be loaded", path.display()),
+    }
 }
 
 /// A directory must hold exactly one orchestrator; a file must be one.
@@ -262,19 +273,19 @@ fn orchestrators_near(file: &Path) -> Vec<PathBuf> {
     onex_runtime::project::find_orchestrators(&files)
 }
 
-fn init_logging(args: &RunArgs) -> anyhow::Result<()> {
-    let mut filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
-        .with_context(|| format!("--log-level {}: not a level or filter", args.log_level))?;
+pub(crate) fn init_logging(log_level: &str, log_format: LogFormat) -> anyhow::Result<()> {
+    let mut filter = tracing_subscriber::EnvFilter::try_new(log_level)
+        .with_context(|| format!("--log-level {log_level}: not a level or filter"))?;
     // Where the endpoints listen is said at every level but `off` (with port 0 it is
     // the only way to learn the port).
-    if args.log_level.trim() != "off" {
+    if log_level.trim() != "off" {
         let listening = format!("{}=info", onex_runtime::driver::ops::LISTENING);
         filter = filter.add_directive(listening.parse().context("the listening directive")?);
     }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    let result = match args.log_format {
+    let result = match log_format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Text => builder
             .with_ansi(crate::output::color_for(
@@ -307,7 +318,7 @@ fn escaped_fields() -> impl for<'w> tracing_subscriber::fmt::FormatFields<'w> {
 /// polled: the runtime polls it only once it is running, and a signal before that
 /// would otherwise end the process at once, with no drain and no summary. A signal
 /// that arrives in between is kept and seen then.
-fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+pub(crate) fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};

@@ -148,6 +148,12 @@ pub trait Bus: Send + Sync + std::fmt::Debug {
     /// `Err(reason)` while the bus cannot take or deliver messages (its brokers are
     /// unreachable): the runtime then holds its sources and `/ready` says why.
     fn health(&self) -> watch::Receiver<Result<(), String>>;
+    /// Messages known to wait on the bus for this runtime: sent and not yet
+    /// acknowledged by the broker, or on the broker and not yet delivered
+    /// (`u64::MAX` while unknown). The in-process bus delivers at once: 0.
+    fn backlog(&self) -> u64 {
+        0
+    }
     /// Whether a processor owns only the instances of the partitions it is assigned
     /// ([`Incoming::Assigned`]); if not, it owns every instance from the start.
     fn partitioned(&self) -> bool {

@@ -19,15 +19,14 @@ use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 
 use crate::bus::{Incoming, Subscriber};
-use crate::driver::publish::render_event;
-use crate::driver::shared::Shared;
+use crate::driver::publish::{Outlet, render_event};
 use crate::project::{Demo, EventSpec};
 use crate::template::Var;
 
 /// Starts the simulation; returns the entities' ids, or why the `demo` block cannot
 /// run (an interval that is not a number).
 pub fn start(
-    shared: Arc<Shared>,
+    outlet: Outlet,
     count: usize,
     until_idle: bool,
     received: Arc<AtomicU64>,
@@ -36,15 +35,15 @@ pub fn start(
     rate: Option<f64>,
 ) -> Result<Vec<String>, String> {
     let periodic = match &spec.periodic {
-        Some(periodic) => Some(shared.interval(periodic)?),
+        Some(periodic) => Some(outlet.interval(periodic)?),
         None => None,
     };
     let ids: Arc<[String]> = (0..count).map(entity_uuid).collect();
     let pacer = Arc::new(Pacer::new(rate));
     let answered: HashSet<String> = spec.answers.keys().cloned().collect();
     if !answered.is_empty() {
-        let mut requests = shared.bus.subscribe(Some(answered), Subscriber::Source);
-        let shared = Arc::clone(&shared);
+        let mut requests = outlet.bus.subscribe(Some(answered), Subscriber::Source);
+        let outlet = outlet.clone();
         let received = Arc::clone(&received);
         let ids = Arc::clone(&ids);
         let pacer = Arc::clone(&pacer);
@@ -54,7 +53,7 @@ pub fn start(
                 let Incoming::Delivery(delivery) = incoming else {
                     continue;
                 };
-                let Some(demo) = &shared.project.demo else {
+                let Some(demo) = &outlet.project.demo else {
                     return;
                 };
                 let Some(answers) = demo.answers.get(&delivery.envelope.event_type) else {
@@ -74,14 +73,15 @@ pub fn start(
                     if target.as_ref().is_some_and(|t| t != id) {
                         continue;
                     }
-                    pacer.wait(&shared, answers.len()).await;
+                    pacer.wait(&outlet, answers.len()).await;
                     let entity = Entity {
                         index,
                         id,
                         sequence: 0,
+                        uptime_seconds: pacer.start.elapsed().as_secs(),
                     };
                     publish(
-                        &shared,
+                        &outlet,
                         demo,
                         answers,
                         &entity,
@@ -93,10 +93,10 @@ pub fn start(
             }
         }));
     }
-    let guard = shared.work.guard();
+    let guard = outlet.work.guard();
     let entities = Arc::clone(&ids);
     tasks.push(tokio::spawn(async move {
-        let Some(demo) = &shared.project.demo else {
+        let Some(demo) = &outlet.project.demo else {
             return;
         };
         let runtime = Arc::new(Value::Null);
@@ -104,11 +104,12 @@ pub fn start(
             index,
             id: &entities[index],
             sequence,
+            uptime_seconds: pacer.start.elapsed().as_secs(),
         };
         for index in 0..count {
-            pacer.wait(&shared, demo.on_start.len()).await;
+            pacer.wait(&outlet, demo.on_start.len()).await;
             publish(
-                &shared,
+                &outlet,
                 demo,
                 &demo.on_start,
                 &entity(index, 0),
@@ -124,9 +125,9 @@ pub fn start(
         let mut sequence = 1;
         loop {
             for index in 0..count {
-                pacer.wait(&shared, 1).await;
+                pacer.wait(&outlet, 1).await;
                 let entity = entity(index, sequence);
-                publish(&shared, demo, events, &entity, (&runtime, None), &received);
+                publish(&outlet, demo, events, &entity, (&runtime, None), &received);
             }
             if until_idle {
                 break;
@@ -140,7 +141,7 @@ pub fn start(
 }
 
 /// When the next events may go: at once when the runtime has room, or on an even
-/// schedule at a fixed rate (shared by all of the demo's tasks).
+/// schedule at a fixed rate (outlet by all of the demo's tasks).
 #[derive(Debug)]
 struct Pacer {
     start: Instant,
@@ -159,13 +160,13 @@ impl Pacer {
         }
     }
 
-    async fn wait(&self, shared: &Shared, events: usize) {
+    async fn wait(&self, outlet: &Outlet, events: usize) {
         if let Some(per_event) = self.per_event {
             let slot = self.scheduled.fetch_add(events as u64, Ordering::Relaxed);
             let at = self.start + per_event.mul_f64(slot as f64);
             tokio::time::sleep_until(at.into()).await;
         }
-        shared.work.room().await;
+        outlet.work.room().await;
     }
 }
 
@@ -179,12 +180,14 @@ struct Entity<'a> {
     /// Its id, derived once from the index when the demo starts.
     id: &'a str,
     sequence: u64,
+    /// Seconds since the simulation started.
+    uptime_seconds: u64,
 }
 
 /// Renders and publishes `events` for `entity`; `scope` is the templates' `runtime`
-/// (none, shared by all of a task's events) and the event being answered.
+/// (none, outlet by all of a task's events) and the event being answered.
 fn publish(
-    shared: &Shared,
+    outlet: &Outlet,
     demo: &Demo,
     events: &[EventSpec],
     entity: &Entity<'_>,
@@ -196,10 +199,10 @@ fn publish(
         "index": entity.index,
         "uuid": entity.id,
         "sequence": entity.sequence,
-        "uptime_seconds": entity.sequence * 30,
+        "uptime_seconds": entity.uptime_seconds,
     }));
     for event in events {
-        match render_event(shared, event, runtime, Some((&entity, cause))) {
+        match render_event(outlet, event, runtime, Some((&entity, cause))) {
             Ok(mut envelope) => {
                 if envelope.entity_id.is_none()
                     && let Some(template) = &demo.entity_id
@@ -212,7 +215,7 @@ fn publish(
                         .and_then(|v| v.as_str().map(str::to_owned));
                 }
                 received.fetch_add(1, Ordering::Relaxed);
-                if let Err(e) = shared.bus.publish(envelope) {
+                if let Err(e) = outlet.bus.publish(envelope) {
                     tracing::error!(error = %e, "demo cannot publish");
                 }
             }

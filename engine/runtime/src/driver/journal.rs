@@ -58,6 +58,10 @@ impl Bus for Journaled {
         self.bus.partitioned()
     }
 
+    fn backlog(&self) -> u64 {
+        self.bus.backlog()
+    }
+
     fn dead_letter(&self, letter: &crate::store::DeadLetter) {
         self.bus.dead_letter(letter);
     }

@@ -138,6 +138,7 @@ pub async fn run(
         env: Var::Json(Arc::new(Value::Object(env))),
         params: Var::Json(Arc::new(Value::Object(params))),
         dead_letters: AtomicU64::new(0),
+        taken: AtomicU64::new(0),
         run_times: std::sync::Mutex::new(vec![RunTimes::default(); project.reducers.len()]),
         outcome_seconds: project
             .reducers
@@ -185,8 +186,18 @@ pub async fn run(
         let (shared, senders) = (&router_shared, &router_senders);
         while let Some(incoming) = subscription.recv().await {
             match incoming {
-                Incoming::Delivery(delivery) => route(shared, senders, delivery),
-                Incoming::Rejected(letter, ack) => reject(shared, letter, ack),
+                Incoming::Delivery(delivery) => {
+                    shared
+                        .taken
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    route(shared, senders, delivery)
+                }
+                Incoming::Rejected(letter, ack) => {
+                    shared
+                        .taken
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    reject(shared, letter, ack)
+                }
                 Incoming::Assigned(partitions) => take_over(shared, senders, &partitions).await,
                 Incoming::Revoked(partitions, done) => {
                     hand_back(shared, senders, partitions, hand_back_deadline).await;
@@ -212,7 +223,7 @@ pub async fn run(
     let mut sources = Vec::new();
     let demo = match (options.demo, &project.demo) {
         (Some(count), Some(spec)) => Some(crate::driver::demo::start(
-            Arc::clone(&shared),
+            shared.outlet(),
             count,
             options.until_idle,
             Arc::clone(&received),
@@ -228,7 +239,7 @@ pub async fn run(
         }
         _ => None,
     };
-    publish_all(&shared, &project.on_start, &runtime_vars, None);
+    publish_all(&shared.outlet(), &project.on_start, &runtime_vars, None);
     let (source_failed, mut source_failures) = mpsc::unbounded_channel::<String>();
     for source in opened_sources {
         let shared = Arc::clone(&shared);
@@ -248,7 +259,7 @@ pub async fn run(
     let mut source_errors = Vec::new();
     let idle = async {
         if options.until_idle {
-            until_idle(&work).await
+            until_idle(&work, &*bus).await
         } else {
             std::future::pending().await
         }
@@ -335,7 +346,7 @@ pub async fn run(
 /// `params`: each parameter's default, or the value `--param` gives it. A name the
 /// contracts do not declare, or a value of another JSON type than the default, is
 /// refused, so that a typo cannot go unnoticed.
-fn parameters(
+pub fn parameters(
     declared: &BTreeMap<String, Value>,
     given: &[(String, String)],
 ) -> Result<serde_json::Map<String, Value>, String> {
@@ -381,7 +392,7 @@ fn start_periodic(
 ) -> Result<Vec<tokio::task::JoinHandle<()>>, String> {
     let mut tasks = Vec::new();
     for (index, periodic) in shared.project.periodic.iter().enumerate() {
-        let interval = shared.interval(periodic)?;
+        let interval = shared.outlet().interval(periodic)?;
         let shared = Arc::clone(shared);
         let runtime = runtime.clone();
         tasks.push(tokio::spawn(async move {
@@ -394,7 +405,7 @@ fn start_periodic(
                 vars["uptime_seconds"] = json!(started.elapsed().as_secs());
                 vars["active_operations"] = json!(shared.work.effects().max(0));
                 let event = std::slice::from_ref(&shared.project.periodic[index].event);
-                publish_all(&shared, event, &Arc::new(vars), None);
+                publish_all(&shared.outlet(), event, &Arc::new(vars), None);
             }
         }));
     }
@@ -420,13 +431,24 @@ fn refuse_own_event_log(sources: &[Source], event_log: &Path) -> Result<(), Stri
     Ok(())
 }
 
-/// Idle: nothing outstanding, twice in a row a tick apart, so that a message handed
-/// from one task to the next in between is not missed.
-async fn until_idle(work: &Work) {
+/// Idle: nothing outstanding and nothing waiting on the bus, twice in a row a tick
+/// apart (so that a message handed from one task to the next in between is not
+/// missed), and on a broker for a quiet period as well: a message the broker has
+/// acknowledged shows in the consumer's backlog only with its next fetch.
+async fn until_idle(work: &Work, bus: &dyn Bus) {
+    let quiet = if bus.partitioned() {
+        Duration::from_millis(500)
+    } else {
+        Duration::ZERO
+    };
     loop {
         work.idle().await;
-        tokio::time::sleep(crate::driver::shard::TICK).await;
-        if work.outstanding() == 0 {
+        if bus.backlog() > 0 {
+            tokio::time::sleep(crate::driver::shard::TICK).await;
+            continue;
+        }
+        tokio::time::sleep(crate::driver::shard::TICK.max(quiet)).await;
+        if work.outstanding() == 0 && bus.backlog() == 0 {
             return;
         }
     }

@@ -4,22 +4,56 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
-use crate::driver::shared::Shared;
+use crate::bus::Bus;
+use crate::driver::work::Work;
 use crate::envelope::Envelope;
-use crate::project::EventSpec;
+use crate::project::{EventSpec, Periodic, Project};
 use crate::template::{self, Var};
+
+/// What publishing events of the runtime's own takes: the contracts and their
+/// parameters, the bus, and the work count (a source waits for room). A run has one,
+/// and so has `onex nodes`, which publishes a demo's events and nothing else.
+#[derive(Debug, Clone)]
+pub struct Outlet {
+    pub project: Arc<Project>,
+    /// `params` in templates: the contracts' parameters, as this run sets them.
+    pub params: Var,
+    pub bus: Arc<dyn Bus>,
+    pub work: Arc<Work>,
+}
+
+impl Outlet {
+    /// The interval of a periodic event, in milliseconds: a number, or a template
+    /// over `params`.
+    pub fn interval(&self, periodic: &Periodic) -> Result<std::time::Duration, String> {
+        let scope = template::scope(&[("params", self.params.clone())]);
+        match periodic.interval_ms.render(&scope) {
+            Ok(value) => match value.as_f64() {
+                Some(ms) if ms >= 1.0 => Ok(std::time::Duration::from_millis(ms as u64)),
+                _ => Err(format!(
+                    "the interval of the periodic `{}` event is {value}, not a number of milliseconds of at least 1",
+                    periodic.event.event_type
+                )),
+            },
+            Err(e) => Err(format!(
+                "the interval of the periodic `{}` event: {e}",
+                periodic.event.event_type
+            )),
+        }
+    }
+}
 
 /// Renders and publishes events; `entity` adds the demo's entity variables.
 pub fn publish_all(
-    shared: &Shared,
+    outlet: &Outlet,
     events: &[EventSpec],
     runtime: &Arc<Value>,
     entity: Option<(&Arc<Value>, Option<&Arc<Envelope>>)>,
 ) {
     for event in events {
-        match render_event(shared, event, runtime, entity) {
+        match render_event(outlet, event, runtime, entity) {
             Ok(envelope) => {
-                if let Err(e) = shared.bus.publish(envelope) {
+                if let Err(e) = outlet.bus.publish(envelope) {
                     tracing::error!(error = %e, event_type = %event.event_type, "cannot publish");
                 }
             }
@@ -31,7 +65,7 @@ pub fn publish_all(
 }
 
 pub fn render_event(
-    shared: &Shared,
+    outlet: &Outlet,
     event: &EventSpec,
     runtime: &Arc<Value>,
     entity: Option<(&Arc<Value>, Option<&Arc<Envelope>>)>,
@@ -43,7 +77,7 @@ pub fn render_event(
     };
     let scope = template::scope(&[
         ("runtime", Var::Json(Arc::clone(runtime))),
-        ("params", shared.params.clone()),
+        ("params", outlet.params.clone()),
         ("now", Var::Value(minijinja::Value::from(now.as_str()))),
         (
             "entity",
@@ -88,7 +122,7 @@ pub fn render_event(
         topic: event
             .topic
             .clone()
-            .or_else(|| shared.project.topics.get(&event.event_type).cloned()),
+            .or_else(|| outlet.project.topics.get(&event.event_type).cloned()),
         event_type: event.event_type.clone(),
         correlation_id: cause
             .and_then(|c| c.correlation_id.clone())

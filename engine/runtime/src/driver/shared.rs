@@ -3,15 +3,16 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crate::bus::Bus;
 use crate::driver::effects::EffectRunner;
 use crate::driver::metrics::Metrics;
+use crate::driver::publish::Outlet;
 use crate::driver::work::Work;
 use crate::project::{Project, ReducerId};
 use crate::store::{DeadLetter, StateStore, Write};
-use crate::template::{self, Var};
+use crate::template::Var;
 
 /// What the shards share.
 #[derive(Debug)]
@@ -27,6 +28,8 @@ pub struct Shared {
     /// `params` in templates: the contracts' parameters, as this run sets them.
     pub params: Var,
     pub(crate) dead_letters: AtomicU64,
+    /// Messages the router took off the bus.
+    pub(crate) taken: AtomicU64,
     /// Per reducer: the outcomes of this run.
     pub(crate) run_times: std::sync::Mutex<Vec<RunTimes>>,
     /// Per reducer: its `outcome_duration_seconds` histogram.
@@ -51,22 +54,13 @@ impl Shared {
         self.store.write(Write::DeadLetter(letter));
     }
 
-    /// The interval of a periodic event, in milliseconds: a number, or a template
-    /// over `params`.
-    pub fn interval(&self, periodic: &crate::project::Periodic) -> Result<Duration, String> {
-        let scope = template::scope(&[("params", self.params.clone())]);
-        match periodic.interval_ms.render(&scope) {
-            Ok(value) => match value.as_f64() {
-                Some(ms) if ms >= 1.0 => Ok(Duration::from_millis(ms as u64)),
-                _ => Err(format!(
-                    "the interval of the periodic `{}` event is {value}, not a number of milliseconds of at least 1",
-                    periodic.event.event_type
-                )),
-            },
-            Err(e) => Err(format!(
-                "the interval of the periodic `{}` event: {e}",
-                periodic.event.event_type
-            )),
+    /// What publishing the runtime's own events takes.
+    pub fn outlet(&self) -> Outlet {
+        Outlet {
+            project: Arc::clone(&self.project),
+            params: self.params.clone(),
+            bus: Arc::clone(&self.bus),
+            work: Arc::clone(&self.work),
         }
     }
 

@@ -203,7 +203,13 @@ pub(crate) async fn summarise(
         source_errors: Vec::new(),
         elapsed_ms: started.elapsed().as_millis() as u64,
         events: EventCounts {
-            received: received.load(Ordering::Relaxed),
+            // On a broker, what this runtime took off it (its own sources' events
+            // may have gone to another runtime of the group).
+            received: if shared.bus.partitioned() {
+                shared.taken.load(Ordering::Relaxed)
+            } else {
+                received.load(Ordering::Relaxed)
+            },
             duplicates: shared.metrics.duplicates.get(),
             dead_letters: shared.dead_letters.load(Ordering::Relaxed),
             dead_letters_total: shared.store.dead_letter_count().await?,

@@ -4,7 +4,7 @@
 
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -30,7 +30,13 @@ const POLL: Duration = Duration::from_millis(50);
 /// stuck) pauses fetching on the broker.
 const PAUSE_AFTER: Duration = Duration::from_millis(100);
 
+/// How long a look at a partition's offsets may take: a broker answers it after the
+/// fetch ahead of it on the connection, which waits up to `fetch.wait.max.ms`.
+const WATERMARKS_TIMEOUT: Duration = Duration::from_secs(2);
+
 pub struct Spec {
+    /// Where a processor says how many messages of its partitions wait on the broker.
+    pub lag: Arc<AtomicU64>,
     pub settings: Arc<KafkaSettings>,
     pub watch: Watch,
     pub topics: Vec<String>,
@@ -63,7 +69,10 @@ pub fn start(spec: Spec) -> Result<std::thread::JoinHandle<()>, String> {
         .set("enable.auto.offset.store", "false")
         .set("enable.partition.eof", "false")
         // Prefetched messages are bounded; the rest waits on the broker.
-        .set("queued.max.messages.kbytes", "16384");
+        .set("queued.max.messages.kbytes", "16384")
+        // How long a fetch waits on the broker for messages: also how long a request
+        // behind it on the connection waits (a look at the offsets, a commit).
+        .set("fetch.wait.max.ms", "100");
     match spec.kind {
         Subscriber::Processor => {
             config
@@ -134,6 +143,16 @@ fn consume(consumer: BaseConsumer<Context>, spec: Spec, offsets: Arc<Mutex<Offse
     while !spec.stop.load(Ordering::SeqCst) && !spec.out.is_closed() {
         if last_commit.elapsed() >= COMMIT_EVERY {
             commit_due(&consumer, &offsets, CommitMode::Async);
+            // Measured only while the runtime is idle, when it is asked for (it
+            // costs the brokers a request per partition).
+            if spec.kind == Subscriber::Processor {
+                let lag = if spec.work.outstanding() == 0 {
+                    lag(&consumer)
+                } else {
+                    u64::MAX
+                };
+                spec.lag.store(lag, Ordering::SeqCst);
+            }
             last_commit = Instant::now();
         }
         // Back-pressure: what the runtime cannot take waits on the broker.
@@ -255,6 +274,53 @@ fn receive(
                 }
             }
         }
+    }
+}
+
+/// Messages of the assigned partitions on the broker and not yet delivered;
+/// `u64::MAX` while that is unknown (no assignment yet, a broker that does not answer).
+fn lag(consumer: &BaseConsumer<Context>) -> u64 {
+    let (Ok(assignment), Ok(positions)) = (consumer.assignment(), consumer.position()) else {
+        return u64::MAX;
+    };
+    if assignment.count() == 0 {
+        return u64::MAX;
+    }
+    let mut total = 0u64;
+    for element in positions.elements() {
+        let Ok((_, high)) =
+            consumer.fetch_watermarks(element.topic(), element.partition(), WATERMARKS_TIMEOUT)
+        else {
+            return u64::MAX;
+        };
+        let position = match element.offset() {
+            Offset::Offset(position) => position,
+            // Nothing delivered since the assignment: the committed offset is where
+            // delivery begins.
+            _ => match committed_offset(consumer, element.topic(), element.partition()) {
+                Some(position) => position,
+                None => return u64::MAX,
+            },
+        };
+        if high < 0 {
+            return u64::MAX;
+        }
+        total += high.saturating_sub(position).max(0) as u64;
+    }
+    total
+}
+
+fn committed_offset(consumer: &BaseConsumer<Context>, topic: &str, partition: i32) -> Option<i64> {
+    let mut list = TopicPartitionList::new();
+    list.add_partition(topic, partition);
+    let committed = consumer.committed_offsets(list, WATERMARKS_TIMEOUT).ok()?;
+    match committed.elements().first()?.offset() {
+        Offset::Offset(offset) => Some(offset),
+        // Never committed: a new group reads from the start.
+        _ => consumer
+            .fetch_watermarks(topic, partition, WATERMARKS_TIMEOUT)
+            .ok()
+            .map(|(low, _)| low),
     }
 }
 

@@ -25,7 +25,7 @@ mod tests;
 mod topics;
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -58,6 +58,8 @@ pub struct KafkaBus {
     watch: Watch,
     stop: Arc<AtomicBool>,
     consumers: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    /// Each processor's backlog on the broker, as its thread last measured it.
+    lags: Mutex<Vec<Arc<AtomicU64>>>,
 }
 
 impl std::fmt::Debug for KafkaBus {
@@ -160,6 +162,7 @@ impl KafkaBus {
             watch,
             stop: Arc::new(AtomicBool::new(false)),
             consumers: Mutex::new(Vec::new()),
+            lags: Mutex::new(Vec::new()),
         });
         bus.watch_recovery();
         Ok(bus)
@@ -278,7 +281,14 @@ impl Bus for KafkaBus {
             return receiver;
         };
         let topics = self.topics_for(&event_types);
+        let lag = Arc::new(AtomicU64::new(u64::MAX));
+        if kind == Subscriber::Processor
+            && let Ok(mut lags) = self.lags.lock()
+        {
+            lags.push(Arc::clone(&lag));
+        }
         let spec = consumer::Spec {
+            lag,
             settings: Arc::clone(&self.settings),
             watch: self.watch.clone(),
             topics,
@@ -321,6 +331,19 @@ impl Bus for KafkaBus {
 
     fn partitioned(&self) -> bool {
         true
+    }
+
+    fn backlog(&self) -> u64 {
+        let lags = self
+            .lags
+            .lock()
+            .map(|lags| {
+                lags.iter()
+                    .map(|l| l.load(Ordering::SeqCst))
+                    .fold(0u64, u64::saturating_add)
+            })
+            .unwrap_or(u64::MAX);
+        lags.saturating_add(self.producer.in_flight_count().max(0) as u64)
     }
 
     fn dead_letter(&self, letter: &DeadLetter) {
