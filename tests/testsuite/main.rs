@@ -6,6 +6,7 @@ mod contract_test;
 mod graph;
 mod hardening;
 mod hostile;
+mod kafka;
 mod layout;
 mod lints;
 mod metrics;

@@ -51,7 +51,11 @@ impl Run {
 pub fn clean_env(command: &mut Command) -> &mut Command {
     for (name, _) in std::env::vars_os() {
         let name = name.to_string_lossy();
-        if name.starts_with("ONEX_") || name.starts_with("CONSUL_HTTP_") || name == "DATABASE_URL" {
+        if name.starts_with("ONEX_")
+            || name.starts_with("CONSUL_HTTP_")
+            || name == "DATABASE_URL"
+            || name == "KAFKA_BOOTSTRAP_SERVERS"
+        {
             command.env_remove(name.as_ref());
         }
     }

@@ -86,7 +86,10 @@ pub async fn run(
         refuse_own_event_log(&options.sources, event_log)?;
     }
     let opened_sources = open_sources(&options.sources).await?;
+    // A runtime's id lasts as long as its store, unless the store is shared by the
+    // runtimes of a consumer group: then each process is a runtime of its own.
     let runtime_id = match store.meta("runtime_id").await? {
+        _ if bus.partitioned() => uuid::Uuid::new_v4().to_string(),
         Some(id) => id,
         None => {
             let id = uuid::Uuid::new_v4().to_string();

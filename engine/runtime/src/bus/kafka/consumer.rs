@@ -30,10 +30,6 @@ const POLL: Duration = Duration::from_millis(50);
 /// stuck) pauses fetching on the broker.
 const PAUSE_AFTER: Duration = Duration::from_millis(100);
 
-/// How long a look at a partition's offsets may take: a broker answers it after the
-/// fetch ahead of it on the connection, which waits up to `fetch.wait.max.ms`.
-const WATERMARKS_TIMEOUT: Duration = Duration::from_secs(2);
-
 pub struct Spec {
     /// Where a processor says how many messages of its partitions wait on the broker.
     pub lag: Arc<AtomicU64>,
@@ -61,6 +57,7 @@ pub fn start(spec: Spec) -> Result<std::thread::JoinHandle<()>, String> {
         offsets: Arc::clone(&offsets),
         partitions: spec.partitions,
         stop: Arc::clone(&spec.stop),
+        lag: Arc::clone(&spec.lag),
     };
     let settings = &spec.settings;
     let mut config = settings.client_config();
@@ -70,8 +67,8 @@ pub fn start(spec: Spec) -> Result<std::thread::JoinHandle<()>, String> {
         .set("enable.partition.eof", "false")
         // Prefetched messages are bounded; the rest waits on the broker.
         .set("queued.max.messages.kbytes", "16384")
-        // How long a fetch waits on the broker for messages: also how long a request
-        // behind it on the connection waits (a look at the offsets, a commit).
+        // How long a fetch waits on the broker for messages: also how stale the
+        // backlog reported in the statistics may be.
         .set("fetch.wait.max.ms", "100");
     match spec.kind {
         Subscriber::Processor => {
@@ -83,7 +80,10 @@ pub fn start(spec: Spec) -> Result<std::thread::JoinHandle<()>, String> {
                 .set("partition.assignment.strategy", "range")
                 // A runtime killed outright hands its partitions on after this
                 // (librdkafka's default, 45 s, would leave them idle that long).
-                .set("session.timeout.ms", "10000");
+                .set("session.timeout.ms", "10000")
+                // librdkafka's statistics carry each partition's backlog (high
+                // watermark against position) without a request of their own.
+                .set("statistics.interval.ms", "100");
         }
         Subscriber::Source => {
             config
@@ -143,16 +143,6 @@ fn consume(consumer: BaseConsumer<Context>, spec: Spec, offsets: Arc<Mutex<Offse
     while !spec.stop.load(Ordering::SeqCst) && !spec.out.is_closed() {
         if last_commit.elapsed() >= COMMIT_EVERY {
             commit_due(&consumer, &offsets, CommitMode::Async);
-            // Measured only while the runtime is idle, when it is asked for (it
-            // costs the brokers a request per partition).
-            if spec.kind == Subscriber::Processor {
-                let lag = if spec.work.outstanding() == 0 {
-                    lag(&consumer)
-                } else {
-                    u64::MAX
-                };
-                spec.lag.store(lag, Ordering::SeqCst);
-            }
             last_commit = Instant::now();
         }
         // Back-pressure: what the runtime cannot take waits on the broker.
@@ -277,53 +267,6 @@ fn receive(
     }
 }
 
-/// Messages of the assigned partitions on the broker and not yet delivered;
-/// `u64::MAX` while that is unknown (no assignment yet, a broker that does not answer).
-fn lag(consumer: &BaseConsumer<Context>) -> u64 {
-    let (Ok(assignment), Ok(positions)) = (consumer.assignment(), consumer.position()) else {
-        return u64::MAX;
-    };
-    if assignment.count() == 0 {
-        return u64::MAX;
-    }
-    let mut total = 0u64;
-    for element in positions.elements() {
-        let Ok((_, high)) =
-            consumer.fetch_watermarks(element.topic(), element.partition(), WATERMARKS_TIMEOUT)
-        else {
-            return u64::MAX;
-        };
-        let position = match element.offset() {
-            Offset::Offset(position) => position,
-            // Nothing delivered since the assignment: the committed offset is where
-            // delivery begins.
-            _ => match committed_offset(consumer, element.topic(), element.partition()) {
-                Some(position) => position,
-                None => return u64::MAX,
-            },
-        };
-        if high < 0 {
-            return u64::MAX;
-        }
-        total += high.saturating_sub(position).max(0) as u64;
-    }
-    total
-}
-
-fn committed_offset(consumer: &BaseConsumer<Context>, topic: &str, partition: i32) -> Option<i64> {
-    let mut list = TopicPartitionList::new();
-    list.add_partition(topic, partition);
-    let committed = consumer.committed_offsets(list, WATERMARKS_TIMEOUT).ok()?;
-    match committed.elements().first()?.offset() {
-        Offset::Offset(offset) => Some(offset),
-        // Never committed: a new group reads from the start.
-        _ => consumer
-            .fetch_watermarks(topic, partition, WATERMARKS_TIMEOUT)
-            .ok()
-            .map(|(low, _)| low),
-    }
-}
-
 /// When the producer sent the message (its create time), as an instant of this
 /// process: latencies then count the time on the broker too.
 fn published_at(message: &BorrowedMessage<'_>) -> Instant {
@@ -362,6 +305,8 @@ struct Context {
     /// Set once the bus closes: the runtime has saved everything by then, and no
     /// one is left to answer a hand-back.
     stop: Arc<AtomicBool>,
+    /// Where the backlog of the assigned partitions goes with each statistics report.
+    lag: Arc<AtomicU64>,
 }
 
 impl Context {
@@ -385,6 +330,37 @@ impl ClientContext for Context {
     fn error(&self, error: KafkaError, reason: &str) {
         self.watch.error(error, reason);
     }
+
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        self.lag.store(backlog(&statistics), Ordering::SeqCst);
+    }
+}
+
+/// Messages of the assigned partitions on the brokers and not yet delivered, as of
+/// the last fetch: `u64::MAX` while that is unknown (nothing assigned yet, a
+/// partition whose position or high watermark is not known yet).
+fn backlog(statistics: &rdkafka::Statistics) -> u64 {
+    let mut total = 0u64;
+    let mut assigned = false;
+    for topic in statistics.topics.values() {
+        for partition in topic.partitions.values() {
+            if partition.partition < 0 || !partition.desired {
+                continue;
+            }
+            assigned = true;
+            let position = [partition.app_offset, partition.committed_offset]
+                .into_iter()
+                .find(|offset| *offset >= 0);
+            let high = partition.hi_offset;
+            match position {
+                Some(position) if high >= 0 => total += high.saturating_sub(position).max(0) as u64,
+                // Nothing read or committed yet, and nothing to read.
+                None if high >= 0 && high == partition.lo_offset => {}
+                _ => return u64::MAX,
+            }
+        }
+    }
+    if assigned { total } else { u64::MAX }
 }
 
 impl ConsumerContext for Context {
