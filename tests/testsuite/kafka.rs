@@ -79,14 +79,15 @@ impl Registry<'_> {
             "run",
             "--contract",
             "contracts/",
-            "--listen",
-            "off",
             "--data-dir",
             path_str(&data),
             "--database-url",
             self.url,
         ];
         args.extend(self.kafka.iter().map(String::as_str));
+        if !extra.contains(&"--listen") {
+            args.extend(["--listen", "off"]);
+        }
         args.extend_from_slice(extra);
         spawn_logged(self.dir, name, &args)
     }
@@ -272,4 +273,114 @@ async fn three_runtimes_share_the_nodes_and_the_survivors_take_over_a_killed_one
         (repeated as i64) < NODES / 3,
         "repeats only where the killed runtime had effects in flight: {repeated}"
     );
+}
+
+/// The operations address a runtime's JSON log announces.
+fn endpoints(log: &Path) -> Option<String> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .find_map(|entry| entry["addr"].as_str().map(str::to_owned))
+}
+
+/// The broker crashes (SIGKILL) under a steady load of heartbeats and comes back on the
+/// same port with its data. Meanwhile `/ready` is 503 naming the bus and the runtime
+/// keeps running; once the broker is back it catches up by itself: every node's
+/// latest recorded heartbeat is then one sent after the broker's return (a key's
+/// messages are taken in order, so everything before it was taken too), and nothing
+/// the nodes sent is missing from what the runtime took.
+#[test]
+fn a_broker_outage_holds_the_runtime_which_catches_up_once_the_broker_is_back() {
+    const NODES: i64 = 100;
+    let broker = onex_test_kafka::private_broker();
+    let database = fresh_database();
+    let url = database.url();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let registry = Registry {
+        url,
+        kafka: vec![
+            "--kafka".into(),
+            broker.bootstrap(),
+            // Heartbeats every 200 ms: 500 a second from 100 nodes.
+            "--param".into(),
+            "heartbeat_interval_ms=200".into(),
+        ],
+        dir: dir.path(),
+    };
+    let (runtime, log) = registry.spawn("registry", &["--listen", "127.0.0.1:0"]);
+    assert!(
+        within(Duration::from_secs(30), || endpoints(&log).is_some()),
+        "the endpoints are announced"
+    );
+    let addr = endpoints(&log).expect("address");
+    let (nodes, _) = registry.nodes(NODES as usize);
+    assert!(
+        within(Duration::from_secs(120), || played_rows(url) == NODES),
+        "every node registered before the outage"
+    );
+
+    broker.kill();
+    let mut ready = (0, serde_json::Value::Null);
+    assert!(
+        within(Duration::from_secs(60), || {
+            let (status, body) = crate::run::http_get(&addr, "/ready");
+            ready = (status, serde_json::from_str(&body).unwrap_or_default());
+            ready.1["bus"]
+                .as_str()
+                .is_some_and(|bus| bus.starts_with("unavailable: Kafka: no broker is reachable"))
+        }),
+        "/ready names the bus: {ready:?}"
+    );
+    assert_eq!(ready.0, 503, "{ready:?}");
+    std::thread::sleep(Duration::from_secs(2));
+
+    broker.start();
+    let back = Instant::now();
+    let back_at = onex_test_postgres::psql(url, "SELECT now()").expect("the time");
+    let caught_up = format!(
+        "SELECT count(*) FROM node_registrations WHERE capabilities->>'demo' = 'true' \
+         AND last_heartbeat > '{}'::timestamptz",
+        back_at.trim()
+    );
+    assert!(
+        within(Duration::from_secs(60), || count(url, &caught_up) == NODES),
+        "every node's heartbeats taken up to after the broker's return: {} of {NODES}",
+        count(url, &caught_up)
+    );
+    let catch_up = back.elapsed();
+    assert!(
+        within(Duration::from_secs(30), || crate::run::http_get(
+            &addr, "/ready"
+        )
+        .0 == 200),
+        "ready again"
+    );
+    eprintln!(
+        "broker outage: caught up {:.2} s after the broker's return",
+        catch_up.as_secs_f64()
+    );
+
+    let (status, played) = nodes.terminate();
+    assert!(status.success(), "{status}: {played}");
+    let sent: u64 = played
+        .split_whitespace()
+        .nth(5)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("the nodes' count of sent events: {played}"));
+    // Time to take what the nodes sent last.
+    std::thread::sleep(Duration::from_secs(3));
+    let (status, summary) = runtime.terminate();
+    assert!(status.success(), "{status}: {summary}");
+    let received: u64 = summary
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("events"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("the runtime's count of events taken: {summary}"));
+    assert!(
+        received >= sent,
+        "the runtime took {received} events, the nodes sent {sent}: {summary}"
+    );
+    assert!(summary.contains(" 0 dead letters"), "{summary}");
 }
