@@ -1,5 +1,5 @@
-//! `kafka`: publishes an event envelope. The target is the run's bus: the embedded bus
-//! by default (a Kafka bus comes with the Kafka issue, behind the same interface).
+//! `kafka`: publishes an event envelope on the run's bus: the embedded bus by default,
+//! the broker with `--kafka`, where the effect succeeds once the broker has the message.
 //! The message id is derived from the intent's idempotency key, so a repeated intent
 //! publishes the same message, which consumers and the event log recognise.
 

@@ -100,11 +100,10 @@ impl Registry<'_> {
     }
 }
 
-fn kafka_args() -> Vec<String> {
-    let broker = onex_test_kafka::shared_broker();
+fn kafka_args(bootstrap: &str) -> Vec<String> {
     vec![
         "--kafka".into(),
-        broker.bootstrap().into(),
+        bootstrap.into(),
         "--kafka-topic-prefix".into(),
         onex_test_kafka::unique_prefix(),
         // A runtime killed outright hands its partitions on after this.
@@ -123,7 +122,7 @@ fn nodes_in_another_process_register_and_answer_a_restarted_registrys_request() 
     let dir = tempfile::tempdir().expect("tempdir");
     let registry = Registry {
         url: database.url(),
-        kafka: kafka_args(),
+        kafka: kafka_args(onex_test_kafka::shared_broker().bootstrap()),
         dir: dir.path(),
     };
     let (first, first_log) = registry.spawn("registry", &[]);
@@ -173,9 +172,11 @@ async fn three_runtimes_share_the_nodes_and_the_survivors_take_over_a_killed_one
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().to_owned();
     let report = tokio::task::spawn_blocking(move || {
+        // A broker of its own: the group's rebalances are not slowed by other tests'.
+        let broker = onex_test_kafka::private_broker();
         let registry = Registry {
             url: &url,
-            kafka: kafka_args(),
+            kafka: kafka_args(&broker.bootstrap()),
             dir: &path,
         };
         let consul = ["--consul", address.as_str()];

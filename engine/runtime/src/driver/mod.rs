@@ -142,6 +142,7 @@ pub async fn run(
         params: Var::Json(Arc::new(Value::Object(params))),
         dead_letters: AtomicU64::new(0),
         taken: AtomicU64::new(0),
+        owned: std::sync::Mutex::new(crate::bus::Partitions::default()),
         run_times: std::sync::Mutex::new(vec![RunTimes::default(); project.reducers.len()]),
         outcome_seconds: project
             .reducers
@@ -201,8 +202,16 @@ pub async fn run(
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     reject(shared, letter, ack)
                 }
-                Incoming::Assigned(partitions) => take_over(shared, senders, &partitions).await,
+                Incoming::Assigned(partitions) => {
+                    take_over(shared, senders, &partitions).await;
+                    if let Ok(mut owned) = shared.owned.lock() {
+                        *owned = partitions;
+                    }
+                }
                 Incoming::Revoked(partitions, done) => {
+                    if let Ok(mut owned) = shared.owned.lock() {
+                        owned.numbers.retain(|n| !partitions.numbers.contains(n));
+                    }
                     hand_back(shared, senders, partitions, hand_back_deadline).await;
                     let _ = done.send(());
                 }

@@ -30,6 +30,8 @@ pub struct Shared {
     pub(crate) dead_letters: AtomicU64,
     /// Messages the router took off the bus.
     pub(crate) taken: AtomicU64,
+    /// On a partitioned bus, the partitions whose instances this runtime holds.
+    pub(crate) owned: std::sync::Mutex<crate::bus::Partitions>,
     /// Per reducer: the outcomes of this run.
     pub(crate) run_times: std::sync::Mutex<Vec<RunTimes>>,
     /// Per reducer: its `outcome_duration_seconds` histogram.

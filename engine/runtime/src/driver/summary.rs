@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use crate::driver::shared::{RunTimes, Shared};
 use crate::driver::slot::InFlight;
+use crate::store::StoredInstance;
 
 #[derive(Debug, Serialize)]
 pub struct Summary {
@@ -124,7 +125,15 @@ pub(crate) async fn summarise(
     listen: Option<SocketAddr>,
 ) -> Result<Summary, String> {
     let project = &shared.project;
-    let stored = shared.store.instances().await?;
+    let everyone = shared.store.instances().await?;
+    // A runtime of a consumer group reports the instances of the partitions it held
+    // last (the store is the group's); the demo's entities count wherever they are.
+    let stored: Vec<&StoredInstance> = match shared.owned.lock() {
+        Ok(owned) if shared.bus.partitioned() => {
+            everyone.iter().filter(|s| owned.holds(&s.key)).collect()
+        }
+        _ => everyone.iter().collect(),
+    };
     let mut run_times = shared
         .run_times
         .lock()
@@ -174,7 +183,7 @@ pub(crate) async fn summarise(
     }
     let demo = demo.map(|ids| {
         let reported = project.reducers.iter().find(|r| r.report.is_some());
-        let reached: HashSet<&str> = stored
+        let reached: HashSet<&str> = everyone
             .iter()
             .filter(|s| reported.is_some_and(|r| r.name == s.reducer) && s.outcome.is_some())
             .map(|s| s.key.as_str())

@@ -59,6 +59,16 @@ pub fn decode(
     topic: &str,
 ) -> Result<Envelope, String> {
     let value = value.ok_or("the message has no value")?;
+    // The common case, an envelope complete in itself, is parsed once.
+    if let Ok(mut envelope) = serde_json::from_slice::<Envelope>(value) {
+        if envelope.topic.is_none() {
+            envelope.topic = Some(topic.to_owned());
+        }
+        if envelope.correlation_id.is_none() {
+            envelope.correlation_id = header(headers, "correlation_id").map(str::to_owned);
+        }
+        return Ok(envelope);
+    }
     let mut json: Value = serde_json::from_slice(value)
         .map_err(|e| format!("the message is not a JSON envelope: {e}"))?;
     let Value::Object(fields) = &mut json else {

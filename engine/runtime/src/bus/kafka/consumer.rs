@@ -67,9 +67,11 @@ pub fn start(spec: Spec) -> Result<std::thread::JoinHandle<()>, String> {
         .set("enable.partition.eof", "false")
         // Prefetched messages are bounded; the rest waits on the broker.
         .set("queued.max.messages.kbytes", "16384")
-        // How long a fetch waits on the broker for messages: also how stale the
-        // backlog reported in the statistics may be.
-        .set("fetch.wait.max.ms", "100");
+        // How long a fetch waits on the broker for messages: a broker that answers only
+        // when it is up (tansu) adds it to every message's latency (in the tenth-of-a-second
+        // range at a fixed load with 100 here: docs/performance.md); an idle runtime then
+        // asks a hundred times a second.
+        .set("fetch.wait.max.ms", "10");
     match spec.kind {
         Subscriber::Processor => {
             config
