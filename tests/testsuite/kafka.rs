@@ -1,9 +1,8 @@
 //! `onex run --kafka` end to end: real `onex` processes on a real Kafka-compatible
 //! broker (tansu, tests/kafka, standing in for Apache Kafka) and a real PostgreSQL
-//! (tests/postgres): nodes played by `onex nodes` in another process, several
-//! runtimes sharing the work, one killed outright.
+//! (tests/postgres): nodes played by `onex nodes` in another process, a registry that
+//! starts again, a broker that goes away under load.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -11,7 +10,7 @@ use std::time::{Duration, Instant};
 use onex_test_postgres::fresh_database;
 
 use crate::postgres::{count, rows};
-use crate::run::{Reaper, consul_stand_in, service_registrations};
+use crate::run::Reaper;
 use crate::support::{clean_env, path_str, repo_root};
 
 /// Waits up to `limit` for `condition`.
@@ -41,17 +40,6 @@ fn spawn_logged(dir: &Path, name: &str, args: &[&str]) -> (Reaper, PathBuf) {
         .spawn()
         .expect("onex starts");
     (Reaper(child), log)
-}
-
-/// The partition sets a runtime's log says it was assigned, in order.
-fn assignments(log: &Path) -> Vec<String> {
-    std::fs::read_to_string(log)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .filter(|entry| entry["message"] == "Kafka: partitions assigned")
-        .filter_map(|entry| entry["partitions"].as_str().map(str::to_owned))
-        .collect()
 }
 
 /// Rows of the nodes `onex nodes` plays (the registries register themselves too);
@@ -154,125 +142,6 @@ fn nodes_in_another_process_register_and_answer_a_restarted_registrys_request() 
     assert!(
         played.starts_with("onex nodes: 100 nodes sent "),
         "{played}"
-    );
-}
-
-/// Three runtimes in one consumer group, their state in one PostgreSQL, share 3,000
-/// nodes; one is killed with SIGKILL mid-load. Its partitions go to the others, which
-/// take its instances over from the store: every node ends registered, in the
-/// registry and in the Consul stand-in, and none is lost. A fourth runtime joining
-/// later is given partitions.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_runtimes_share_the_nodes_and_the_survivors_take_over_a_killed_ones() {
-    const NODES: i64 = 3000;
-    let consul = consul_stand_in(None).await;
-    let address = consul.uri();
-    let database = fresh_database();
-    let url = database.url().to_owned();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().to_owned();
-    let report = tokio::task::spawn_blocking(move || {
-        // A broker of its own: the group's rebalances are not slowed by other tests'.
-        let broker = onex_test_kafka::private_broker();
-        let registry = Registry {
-            url: &url,
-            kafka: kafka_args(&broker.bootstrap()),
-            dir: &path,
-        };
-        let consul = ["--consul", address.as_str()];
-        let mut runtimes: Vec<(Reaper, PathBuf)> = (1..=3)
-            .map(|n| registry.spawn(&format!("registry-{n}"), &consul))
-            .collect();
-        assert!(
-            within(Duration::from_secs(120), || runtimes
-                .iter()
-                .all(|(_, log)| !assignments(log).is_empty())),
-            "all three joined the group"
-        );
-        let (nodes, _) = registry.nodes(NODES as usize);
-        assert!(
-            within(Duration::from_secs(120), || played_rows(&url) > NODES / 5),
-            "the load began"
-        );
-        let (mut killed, killed_log) = runtimes.remove(1);
-        let before: Vec<usize> = runtimes.iter().map(|(_, log)| assignments(log).len()).collect();
-        killed.0.kill().expect("SIGKILL");
-        killed.0.wait().expect("reaped");
-        let kill = Instant::now();
-        let killed_rows = played_rows(&url);
-        assert!(
-            within(Duration::from_secs(120), || runtimes
-                .iter()
-                .zip(&before)
-                .all(|((_, log), seen)| assignments(log).len() > *seen)),
-            "the survivors were given the partitions again: {:?}, the killed one's {:?}",
-            runtimes.iter().map(|(_, log)| assignments(log)).collect::<Vec<_>>(),
-            assignments(&killed_log)
-        );
-        let rebalance = kill.elapsed();
-        assert!(
-            within(Duration::from_secs(180), || played_rows(&url) == NODES),
-            "every node registered: {}",
-            played_rows(&url)
-        );
-        // The row comes first, the instance's outcome with its next save.
-        let complete = || {
-            count(
-                &url,
-                "SELECT count(*) FROM onex_instances i JOIN node_registrations n ON n.node_id::text = i.key \
-                 WHERE i.reducer = 'registration' AND i.outcome = 'complete' AND n.capabilities->>'demo' = 'true'",
-            )
-        };
-        assert!(
-            within(Duration::from_secs(30), || complete() == NODES),
-            "every node's registration complete, none lost: {}",
-            complete()
-        );
-
-        let (fourth, fourth_log) = registry.spawn("registry-4", &consul);
-        assert!(
-            within(Duration::from_secs(120), || assignments(&fourth_log)
-                .iter()
-                .any(|p| !p.starts_with("[] "))),
-            "a fourth runtime takes partitions over: {:?}",
-            assignments(&fourth_log)
-        );
-        runtimes.push((fourth, fourth_log));
-        for (runtime, log) in runtimes {
-            let (status, summary) = runtime.terminate();
-            assert!(status.success(), "{status}: {summary} ({})", log.display());
-        }
-        let (status, played) = nodes.terminate();
-        assert!(status.success(), "{status}: {played}");
-        (rebalance, killed_rows)
-    })
-    .await
-    .expect("the runtimes' test");
-    let (rebalance, killed_at) = report;
-
-    // The Consul stand-in: every node's service registered, each counted per id.
-    let mut per_service: BTreeMap<String, usize> = BTreeMap::new();
-    for request in service_registrations(&consul).await {
-        let body: serde_json::Value = serde_json::from_slice(&request.body).expect("JSON body");
-        let id = body["ID"].as_str().expect("service id").to_owned();
-        *per_service.entry(id).or_default() += 1;
-    }
-    let repeated = per_service.values().filter(|n| **n > 1).count();
-    eprintln!(
-        "scale-out: killed at {killed_at} of {NODES} rows; partitions reassigned {:.1} s after the kill; \
-         {} services registered, {repeated} of them more than once (effects in flight on the killed runtime, \
-         redone by the next owner under their idempotency keys)",
-        rebalance.as_secs_f64(),
-        per_service.len()
-    );
-    assert!(
-        per_service.len() as i64 >= NODES,
-        "every node in the Consul stand-in: {}",
-        per_service.len()
-    );
-    assert!(
-        (repeated as i64) < NODES / 3,
-        "repeats only where the killed runtime had effects in flight: {repeated}"
     );
 }
 
@@ -384,4 +253,51 @@ fn a_broker_outage_holds_the_runtime_which_catches_up_once_the_broker_is_back() 
         "the runtime took {received} events, the nodes sent {sent}: {summary}"
     );
     assert!(summary.contains(" 0 dead letters"), "{summary}");
+}
+
+/// librdkafka options are passed through, and a secret among them is shown nowhere:
+/// not by `--help` (from the environment), not in the errors of a run that cannot
+/// reach its brokers.
+#[test]
+fn kafka_credentials_are_never_shown() {
+    let secret = "hunter2-kafka";
+    let help = crate::support::onex_env(
+        &["run", "--help"],
+        &[("ONEX_KAFKA_OPTIONS", &format!("sasl.password={secret}"))],
+    );
+    assert_eq!(help.code, 0, "{}", help.stderr);
+    assert!(help.stdout.contains("--kafka-option"), "{}", help.stdout);
+    assert!(!help.stdout.contains(secret), "{}", help.stdout);
+
+    // A closed port: no broker answers, and the run says so.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let password = format!("sasl.password={secret}");
+    let run = crate::support::onex(&[
+        "run",
+        "--contract",
+        "contracts/",
+        "--listen",
+        "off",
+        "--data-dir",
+        path_str(dir.path()),
+        "--kafka",
+        &closed.to_string(),
+        "--kafka-option",
+        "security.protocol=SASL_PLAINTEXT",
+        "--kafka-option",
+        "sasl.mechanism=PLAIN",
+        "--kafka-option",
+        "sasl.username=onex",
+        "--kafka-option",
+        &password,
+        "--log-level",
+        "debug",
+    ]);
+    assert_eq!(run.code, 2, "{}", run.stderr);
+    assert!(run.stderr.contains("no answer from"), "{}", run.stderr);
+    assert!(!run.stderr.contains(secret), "{}", run.stderr);
+    assert!(!run.stdout.contains(secret), "{}", run.stdout);
 }

@@ -28,14 +28,12 @@
 //! fails, it never skips.
 
 use std::hash::{BuildHasher as _, RandomState};
-use std::io::Read as _;
 use std::net::{TcpStream, ToSocketAddrs as _};
-use std::os::unix::process::CommandExt as _;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, SystemTime};
+
+use onex_test_service::Watched;
 
 #[cfg(test)]
 mod tests;
@@ -52,7 +50,7 @@ pub struct Broker {
     bootstrap: String,
     /// Kept for the life of the process: never dropped (it is in a static), it removes
     /// the broker when the process is gone. None for the user's broker.
-    _process: Option<Process>,
+    _process: Option<Watched>,
 }
 
 impl Broker {
@@ -81,8 +79,8 @@ pub fn shared_broker() -> &'static Broker {
                 _process: None,
             })
         }
-        _ => Process::start().map(|process| Broker {
-            bootstrap: process.bootstrap(),
+        _ => start_broker().map(|process| Broker {
+            bootstrap: bootstrap_of(&process),
             _process: Some(process),
         }),
     });
@@ -117,7 +115,7 @@ pub fn unique_prefix() -> String {
 /// on the same port. Dropping it stops it and removes its directory.
 #[derive(Debug)]
 pub struct PrivateBroker {
-    process: Process,
+    process: Watched,
 }
 
 /// Starts a [`PrivateBroker`]. It always needs the tansu binary (`ONEX_TEST_KAFKA`
@@ -127,7 +125,7 @@ pub struct PrivateBroker {
 ///
 /// When the broker cannot be started, with the reason.
 pub fn private_broker() -> PrivateBroker {
-    match Process::start() {
+    match start_broker() {
         Ok(process) => PrivateBroker { process },
         Err(error) => panic!("{error}"),
     }
@@ -136,12 +134,12 @@ pub fn private_broker() -> PrivateBroker {
 impl PrivateBroker {
     /// The client's `bootstrap.servers`: `127.0.0.1:PORT`, the same across restarts.
     pub fn bootstrap(&self) -> String {
-        self.process.bootstrap()
+        bootstrap_of(&self.process)
     }
 
     /// The port it listens on, on 127.0.0.1.
     pub fn port(&self) -> u16 {
-        self.process.port
+        self.process.port()
     }
 
     /// Stops the broker gracefully (SIGTERM), keeping its data: connections are refused
@@ -186,116 +184,14 @@ impl PrivateBroker {
     }
 }
 
-/// A broker started by `broker watch`, which stops it and removes its directory when
-/// the pipe to its standard input closes: when this value is dropped, or when the test
-/// process ends, whatever way (the kernel closes the pipe; statics are never dropped).
-#[derive(Debug)]
-struct Process {
-    dir: PathBuf,
-    port: u16,
-    watch: Child,
+/// Starts a broker with `broker watch` (tests/service): it is stopped and its directory
+/// removed when the value is dropped or the test process ends, whatever way.
+fn start_broker() -> Result<Watched, String> {
+    Watched::start(SCRIPT, "kafka", "a Kafka broker (tansu)", &[])
 }
 
-impl Process {
-    fn start() -> Result<Process, String> {
-        let dir = unused_dir();
-        let mut watch = script_command("watch", &dir)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|error| format!("could not run {SCRIPT}: {error}"))?;
-        // The script closes its stdout and stderr once the broker is ready (or it has
-        // given up): read both to the end, stderr on a thread so that a long message
-        // cannot fill the pipe while stdout is read.
-        let mut stderr = watch.stderr.take().expect("stderr is piped");
-        let errors = std::thread::spawn(move || {
-            let mut text = String::new();
-            let _ = stderr.read_to_string(&mut text);
-            text
-        });
-        let mut stdout = String::new();
-        let _ = watch
-            .stdout
-            .take()
-            .expect("stdout is piped")
-            .read_to_string(&mut stdout);
-        let errors = errors.join().unwrap_or_default();
-        match stdout.trim().parse() {
-            Ok(port) => {
-                // Such as "building tansu": shown with the test's output.
-                eprint!("{errors}");
-                Ok(Process { dir, port, watch })
-            }
-            Err(_) => {
-                let status = watch.wait().map(|status| status.to_string());
-                Err(format!(
-                    "{SCRIPT} could not start a Kafka broker (tansu) in {} ({}):\n{errors}",
-                    dir.display(),
-                    status.unwrap_or_else(|error| error.to_string())
-                ))
-            }
-        }
-    }
-
-    fn bootstrap(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    /// Runs `broker COMMAND DIR`: its error is its stderr.
-    fn script(&self, command: &str) -> Result<(), String> {
-        let output = script_command(command, &self.dir)
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|error| format!("could not run {SCRIPT}: {error}"))?;
-        if output.status.success() {
-            // Such as a graceful stop that had to kill.
-            eprint!("{}", String::from_utf8_lossy(&output.stderr));
-            Ok(())
-        } else {
-            Err(format!(
-                "{SCRIPT} {command} {} failed ({}):\n{}",
-                self.dir.display(),
-                output.status,
-                String::from_utf8_lossy(&output.stderr)
-            ))
-        }
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        // End of file on its standard input: the script stops the broker and removes its
-        // directory, the same way as when the test process is gone. Wait for it, so that
-        // the broker is gone when the drop returns.
-        drop(self.watch.stdin.take());
-        let _ = self.watch.wait();
-    }
-}
-
-/// `bash tests/kafka/broker COMMAND DIR`, in a process group of its own: a Ctrl-C at
-/// the terminal ends the tests but must not interrupt a start or a stop half-way (nor
-/// the build of tansu, which would then start again from scratch).
-fn script_command(command: &str, dir: &Path) -> Command {
-    let mut script = Command::new("bash");
-    script.arg(SCRIPT).arg(command).arg(dir).process_group(0);
-    script
-}
-
-/// A directory for a new broker, in the temporary directory, that does not exist yet
-/// (the script creates it).
-fn unused_dir() -> PathBuf {
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    loop {
-        let dir = std::env::temp_dir().join(format!(
-            "onex-kafka-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        if !dir.exists() {
-            return dir;
-        }
-    }
+fn bootstrap_of(broker: &Watched) -> String {
+    format!("127.0.0.1:{}", broker.port())
 }
 
 /// Checks the user's `ONEX_TEST_KAFKA`: a comma-separated list of `host:port`, one of

@@ -1,6 +1,8 @@
 use super::*;
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::time::Instant;
 
 /// Does anything accept connections on this port of 127.0.0.1?
@@ -271,7 +273,7 @@ fn a_private_broker_whose_port_was_taken_does_not_start_and_says_why() {
 #[test]
 fn a_dropped_private_broker_is_stopped_and_removed() {
     let broker = private_broker();
-    let (dir, port) = (broker.process.dir.clone(), broker.port());
+    let (dir, port) = (broker.process.dir().to_owned(), broker.port());
     assert!(dir.join("tansu.db").is_file(), "its data is in SQLite");
     assert!(listening(port));
     drop(broker);
@@ -319,8 +321,13 @@ fn brokers_of_a_killed_test_process_are_removed() {
             .expect("the shared broker was started");
         let mut stdout = std::io::stdout().lock();
         for process in [&private.process, shared] {
-            writeln!(stdout, "broker {} {}", process.port, process.dir.display())
-                .expect("tell the parent");
+            writeln!(
+                stdout,
+                "broker {} {}",
+                process.port(),
+                process.dir().display()
+            )
+            .expect("tell the parent");
         }
         stdout.flush().expect("tell the parent");
         // Killed long before this; if the parent is gone, end anyway.

@@ -18,12 +18,11 @@
 //! inside `#[tokio::test]` alike, with no runtime of its own. When PostgreSQL cannot be
 //! had it panics with the reason: a test that needs a database fails, it never skips.
 
-use std::io::Read as _;
-use std::os::unix::process::CommandExt as _;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
+
+use onex_test_service::Watched;
 
 #[cfg(test)]
 mod tests;
@@ -107,7 +106,7 @@ pub fn fresh_database() -> TestDatabase {
 /// could be lost, and fault tests count on what was committed.
 #[derive(Debug)]
 pub struct PrivateServer {
-    server: Server,
+    server: Watched,
 }
 
 /// Starts a [`PrivateServer`].
@@ -128,7 +127,7 @@ pub fn private_server() -> PrivateServer {
 pub fn private_server_with(settings: &[&str]) -> PrivateServer {
     let mut all = vec!["synchronous_commit=on"];
     all.extend_from_slice(settings);
-    match Server::start(&all) {
+    match start_server(&all) {
         Ok(server) => PrivateServer { server },
         Err(error) => panic!("{error}"),
     }
@@ -137,7 +136,7 @@ pub fn private_server_with(settings: &[&str]) -> PrivateServer {
 impl PrivateServer {
     /// `postgres://postgres@127.0.0.1:PORT/DATABASE`.
     pub fn url(&self, database: &str) -> String {
-        self.server.url(database)
+        server_url(&self.server, database)
     }
 
     /// Creates an empty database and returns its URL.
@@ -165,122 +164,29 @@ impl PrivateServer {
     /// Stops the server at once, as if it had crashed (`pg_ctl -m immediate`), keeping
     /// its data: connections are then refused until [`start`](Self::start).
     pub fn kill(&self) {
-        self.server.script("kill");
+        self.server
+            .script("kill")
+            .unwrap_or_else(|error| panic!("{error}"));
     }
 
     /// Starts the server again, on the same port, after a [`kill`](Self::kill); it
     /// accepts connections when this returns.
     pub fn start(&self) {
-        self.server.script("restart");
+        self.server
+            .script("restart")
+            .unwrap_or_else(|error| panic!("{error}"));
     }
 }
 
-/// A server started by `server watch`, which stops and removes it when the pipe to
-/// its standard input closes: when this value is dropped, or when the test process
-/// ends, whatever way (the kernel closes the pipe; statics are never dropped).
-#[derive(Debug)]
-struct Server {
-    dir: PathBuf,
-    port: u16,
-    watch: Child,
+/// Starts a server with `server watch` (tests/service) with these settings added: it is
+/// stopped and its directory removed when the value is dropped or the test process
+/// ends, whatever way.
+fn start_server(settings: &[&str]) -> Result<Watched, String> {
+    Watched::start(SCRIPT, "postgres", "PostgreSQL", settings)
 }
 
-impl Server {
-    /// Starts a server with these settings (`NAME=VALUE`) added.
-    fn start(settings: &[&str]) -> Result<Server, String> {
-        let dir = unused_dir();
-        let mut watch = script_command("watch", &dir)
-            .args(settings)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|error| format!("could not run {SCRIPT}: {error}"))?;
-        // The script closes its stdout and stderr once the server is ready (or it has
-        // given up): read both to the end, stderr on a thread so that a long apt-get
-        // log cannot fill the pipe while stdout is read.
-        let mut stderr = watch.stderr.take().expect("stderr is piped");
-        let errors = std::thread::spawn(move || {
-            let mut text = String::new();
-            let _ = stderr.read_to_string(&mut text);
-            text
-        });
-        let mut stdout = String::new();
-        let _ = watch
-            .stdout
-            .take()
-            .expect("stdout is piped")
-            .read_to_string(&mut stdout);
-        let errors = errors.join().unwrap_or_default();
-        match stdout.trim().parse() {
-            Ok(port) => {
-                // Such as "installing PostgreSQL": shown with the test's output.
-                eprint!("{errors}");
-                Ok(Server { dir, port, watch })
-            }
-            Err(_) => {
-                let status = watch.wait().map(|status| status.to_string());
-                Err(format!(
-                    "{SCRIPT} could not start PostgreSQL in {} ({}):\n{errors}",
-                    dir.display(),
-                    status.unwrap_or_else(|error| error.to_string())
-                ))
-            }
-        }
-    }
-
-    fn url(&self, database: &str) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
-    }
-
-    /// Runs `server COMMAND DIR`, panicking with its stderr when it fails.
-    fn script(&self, command: &str) {
-        let output = script_command(command, &self.dir)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap_or_else(|error| panic!("could not run {SCRIPT}: {error}"));
-        assert!(
-            output.status.success(),
-            "{SCRIPT} {command} {} failed ({}):\n{}",
-            self.dir.display(),
-            output.status,
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        // End of file on its standard input: the script stops the server and removes
-        // its directory, the same way as when the test process is gone. Wait for it,
-        // so that the server is gone when the drop returns.
-        drop(self.watch.stdin.take());
-        let _ = self.watch.wait();
-    }
-}
-
-/// `bash tests/postgres/server COMMAND DIR`, in a process group of its own: a Ctrl-C
-/// at the terminal ends the tests but must not interrupt a start or a stop half-way.
-fn script_command(command: &str, dir: &std::path::Path) -> Command {
-    let mut script = Command::new("bash");
-    script.arg(SCRIPT).arg(command).arg(dir).process_group(0);
-    script
-}
-
-/// A directory for a new server, in the temporary directory, that does not exist yet
-/// (the script creates it).
-fn unused_dir() -> PathBuf {
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    loop {
-        let dir = std::env::temp_dir().join(format!(
-            "onex-postgres-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        if !dir.exists() {
-            return dir;
-        }
-    }
+fn server_url(server: &Watched, database: &str) -> String {
+    format!("postgres://postgres@127.0.0.1:{}/{database}", server.port())
 }
 
 /// The shared server's maintenance database; started on the first call.
@@ -288,7 +194,7 @@ struct Shared {
     admin_url: String,
     /// Kept for the life of the process: never dropped, it stops the server when the
     /// process is gone.
-    _server: Option<Server>,
+    _server: Option<Watched>,
 }
 
 /// The shared server, or why it could not be had: a failure is kept, so that every
@@ -309,8 +215,8 @@ fn shared_server_url() -> &'static str {
                 ))
             }
         }
-        _ => Server::start(&[]).map(|server| Shared {
-            admin_url: server.url("postgres"),
+        _ => start_server(&[]).map(|server| Shared {
+            admin_url: server_url(&server, "postgres"),
             _server: Some(server),
         }),
     });

@@ -1,7 +1,7 @@
 use super::*;
 use std::io::{BufRead as _, BufReader};
 use std::net::TcpStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// What `sql` prints on the database at `url`; panics with psql's error.
@@ -103,7 +103,7 @@ fn a_private_server_can_be_killed_and_started_again_with_its_data() {
 
     server.kill();
     assert!(
-        !listening(server.server.port),
+        !listening(server.server.port()),
         "a killed server refuses connections"
     );
     assert!(psql(&url, "SELECT 1").is_err());
@@ -117,7 +117,7 @@ fn a_private_server_can_be_killed_and_started_again_with_its_data() {
 #[test]
 fn a_dropped_private_server_is_stopped_and_removed() {
     let server = private_server();
-    let (dir, port) = (server.server.dir.clone(), server.server.port);
+    let (dir, port) = (server.server.dir().to_owned(), server.server.port());
     assert!(dir.join("data").is_dir());
     assert!(listening(port));
     drop(server);
@@ -127,7 +127,7 @@ fn a_dropped_private_server_is_stopped_and_removed() {
 
 #[test]
 fn a_server_that_cannot_start_says_why_and_leaves_nothing() {
-    let error = Server::start(&["no_such_setting=1"]).expect_err("the server refuses the setting");
+    let error = start_server(&["no_such_setting=1"]).expect_err("the server refuses the setting");
     assert!(
         error.contains("unrecognized configuration parameter \"no_such_setting\""),
         "{error}"
@@ -182,7 +182,7 @@ fn watchdog_child() {
         _ => panic!("the shared server was started"),
     };
     for server in [&private.server, shared] {
-        println!("server {} {}", server.port, server.dir.display());
+        println!("server {} {}", server.port(), server.dir().display());
     }
     // Killed long before this; if the parent is gone, end anyway.
     std::thread::sleep(Duration::from_secs(60));

@@ -60,45 +60,43 @@ pub fn start(spec: Spec) -> Result<std::thread::JoinHandle<()>, String> {
         lag: Arc::clone(&spec.lag),
     };
     let settings = &spec.settings;
-    let mut config = settings.client_config();
-    config
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("enable.partition.eof", "false")
-        // Prefetched messages are bounded; the rest waits on the broker.
-        .set("queued.max.messages.kbytes", "16384")
-        // How long a fetch waits on the broker for messages: a broker that answers only
-        // when it is up (tansu) adds it to every message's latency (in the tenth-of-a-second
-        // range at a fixed load with 100 here: docs/performance.md); an idle runtime then
-        // asks a hundred times a second.
-        .set("fetch.wait.max.ms", "10");
-    match spec.kind {
-        Subscriber::Processor => {
-            config
-                .set("group.id", &settings.group)
-                // A new group reads what was published before it first joined.
-                .set("auto.offset.reset", "earliest")
-                // Range gives a runtime the same partition numbers of every topic.
-                .set("partition.assignment.strategy", "range")
-                // A runtime killed outright hands its partitions on after this
-                // (librdkafka's default, 45 s, would leave them idle that long).
-                .set("session.timeout.ms", "10000")
-                // librdkafka's statistics carry each partition's backlog (high
-                // watermark against position) without a request of their own.
-                .set("statistics.interval.ms", "100");
+    let config = settings.client_config(|config| {
+        config
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("enable.partition.eof", "false")
+            // Prefetched messages are bounded; the rest waits on the broker.
+            .set("queued.max.messages.kbytes", "16384")
+            // How long a fetch waits on the broker for messages: a broker that answers
+            // only when it is up (tansu) adds it to every message's latency (in the
+            // tenth-of-a-second range at a fixed load with 100 here:
+            // docs/performance.md); an idle runtime then asks a hundred times a second.
+            .set("fetch.wait.max.ms", "10");
+        match spec.kind {
+            Subscriber::Processor => {
+                config
+                    .set("group.id", &settings.group)
+                    // A new group reads what was published before it first joined.
+                    .set("auto.offset.reset", "earliest")
+                    // Range gives a runtime the same partition numbers of every topic.
+                    .set("partition.assignment.strategy", "range")
+                    // A runtime killed outright hands its partitions on after this
+                    // (librdkafka's default, 45 s, would leave them idle that long).
+                    .set("session.timeout.ms", "10000")
+                    // librdkafka's statistics carry each partition's backlog (high
+                    // watermark against position) without a request of their own.
+                    .set("statistics.interval.ms", "100");
+            }
+            Subscriber::Source => {
+                config
+                    .set(
+                        "group.id",
+                        format!("{}.source.{}", settings.group, uuid::Uuid::new_v4()),
+                    )
+                    .set("auto.offset.reset", "latest");
+            }
         }
-        Subscriber::Source => {
-            config
-                .set(
-                    "group.id",
-                    format!("{}.source.{}", settings.group, uuid::Uuid::new_v4()),
-                )
-                .set("auto.offset.reset", "latest");
-        }
-    }
-    for (key, value) in &settings.options {
-        config.set(key, value);
-    }
+    });
     let consumer: BaseConsumer<Context> = config
         .create_with_context(context)
         .map_err(|e| format!("Kafka consumer: {}", settings.redact(&e.to_string())))?;

@@ -135,16 +135,18 @@ impl KafkaBus {
             settings: Arc::clone(&settings),
         };
         let producer: FutureProducer<Watch> = settings
-            .client_config()
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            // Java's partitioner, so that every client puts a key where the runtime
-            // that owns its instance reads (`partitions::partition_of`).
-            .set("partitioner", "murmur2_random")
-            .set("linger.ms", "2")
-            // Never give a message up while brokers are away: it is sent once they
-            // are back (the sources wait meanwhile, which bounds the queue).
-            .set("message.timeout.ms", "0")
+            .client_config(|config| {
+                config
+                    .set("enable.idempotence", "true")
+                    .set("acks", "all")
+                    // Java's partitioner, so that every client puts a key where the
+                    // runtime that owns its instance reads (`partitions::partition_of`).
+                    .set("partitioner", "murmur2_random")
+                    .set("linger.ms", "2")
+                    // Never give a message up while brokers are away: it is sent once
+                    // they are back (the sources wait meanwhile, which bounds the queue).
+                    .set("message.timeout.ms", "0");
+            })
             .create_with_context(watch.clone())
             .map_err(|e| format!("Kafka producer: {}", settings.redact(&e.to_string())))?;
         let mut wanted: Vec<String> = topics.values().map(|t| settings.topic(t)).collect();

@@ -61,9 +61,9 @@ fn shown<'a>(key: &str, value: &'a str) -> &'a str {
 }
 
 impl KafkaSettings {
-    /// The settings every client starts from: the brokers, onex's defaults, then the
-    /// user's options.
-    pub fn client_config(&self) -> ClientConfig {
+    /// A client's settings: the brokers and onex's defaults, those of the client's
+    /// role (`role`), then the user's options, which win over both.
+    pub fn client_config(&self, role: impl FnOnce(&mut ClientConfig)) -> ClientConfig {
         let mut config = ClientConfig::new();
         config
             .set("bootstrap.servers", &self.brokers)
@@ -73,6 +73,7 @@ impl KafkaSettings {
             .set("reconnect.backoff.max.ms", "1000")
             .set("retry.backoff.max.ms", "1000")
             .set("topic.metadata.refresh.interval.ms", "10000");
+        role(&mut config);
         for (key, value) in &self.options {
             config.set(key, value);
         }

@@ -338,3 +338,57 @@ async fn the_bus_says_when_no_broker_is_reachable_and_when_it_is_back() {
         .expect("acknowledged");
     bus.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_reaches_the_dead_letter_topic_in_onex_dlq_envelope() {
+    use rdkafka::message::Message;
+
+    let cluster = cluster();
+    let bus = connect(settings(&cluster, "dead-letters")).await;
+    let original = serde_json::json!({
+        "message_id": "m-9", "event_type": "Thing", "correlation_id": "c-9", "payload": {}
+    });
+    let letter = crate::dead_letter::DeadLetter::new(
+        crate::dead_letter::Stage::Validate,
+        "the payload does not match".into(),
+        format!("kafka:dev.{TOPIC}/2@41"),
+        original.to_string(),
+        None,
+    );
+    let reader: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", cluster.bootstrap_servers())
+        .set("group.id", "dlq-reader")
+        .create()
+        .expect("reader");
+    let mut list = TopicPartitionList::new();
+    for partition in 0..PARTITIONS as i32 {
+        list.add_partition_offset("dev.onex.dlq.test.v1", partition, Offset::Beginning)
+            .expect("partition");
+    }
+    reader.assign(&list).expect("assigned");
+    bus.dead_letter(&letter);
+    let deadline = std::time::Instant::now() + WAIT;
+    let message = loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no dead letter on the topic"
+        );
+        if let Some(message) = reader.poll(Duration::from_millis(200)) {
+            break message.expect("a message");
+        }
+    };
+    let envelope: serde_json::Value =
+        serde_json::from_slice(message.payload().expect("a value")).expect("JSON");
+    assert_eq!(envelope["event_type"], "DeadLetter");
+    assert_eq!(envelope["correlation_id"], "c-9");
+    let payload = &envelope["payload"];
+    assert_eq!(payload["original_topic"], TOPIC, "without the prefix");
+    assert_eq!(payload["original_partition"], 2);
+    assert_eq!(payload["original_offset"], 41);
+    assert_eq!(payload["failure_reason"], "the payload does not match");
+    assert_eq!(payload["error_type"], "validate");
+    assert_eq!(payload["retry_count"], 0);
+    assert_eq!(payload["correlation_id"], "c-9");
+    assert_eq!(payload["original_message"], original);
+    bus.close().await;
+}

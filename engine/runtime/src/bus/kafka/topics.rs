@@ -16,7 +16,7 @@ pub async fn ensure(
     wanted: &[String],
 ) -> Result<HashMap<String, u32>, String> {
     let admin: AdminClient<Watch> = settings
-        .client_config()
+        .client_config(|_| {})
         .create_with_context(watch.clone())
         .map_err(|e| format!("Kafka admin client: {}", settings.redact(&e.to_string())))?;
     let admin = std::sync::Arc::new(admin);
