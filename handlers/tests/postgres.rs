@@ -88,15 +88,19 @@ impl Gate {
     }
 }
 
-/// Waits until a session of the handler waits for a lock; its pid.
-async fn waiting_batcher(url: &str) -> i32 {
+/// Waits until a session of the handler waits for the lock of `table` (a gate); its
+/// pid. The statement is matched too: another session of the handler may wait on a
+/// lock for a moment, and killing that one instead would leave the test waiting.
+async fn waiting_batcher(url: &str, table: &str) -> i32 {
     let mut watcher = connect(url).await;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let found: Option<i32> = sqlx::query_scalar(
             "SELECT pid FROM pg_stat_activity \
-             WHERE application_name = 'onex' AND wait_event_type = 'Lock'",
+             WHERE application_name = 'onex' AND wait_event_type = 'Lock' \
+             AND query LIKE '%FROM ' || $1 || ' WHERE%'",
         )
+        .bind(table)
         .fetch_optional(&mut watcher)
         .await
         .expect("pg_stat_activity");
@@ -188,7 +192,7 @@ async fn a_failing_statement_fails_alone_and_the_rest_of_its_group_commits() {
         "SELECT count(*) FROM gate WHERE $1 <> ''",
         json!(["g"]),
     );
-    waiting_batcher(db.url()).await;
+    waiting_batcher(db.url(), "gate").await;
     let group = [
         spawn(&handler, INSERT, json!(["g", "a"])),
         spawn(&handler, INSERT, json!(["g", "a"])),
@@ -246,7 +250,7 @@ async fn a_connection_killed_mid_transaction_fails_its_whole_group_as_transient(
         "SELECT count(*) FROM gate WHERE $1 <> ''",
         json!(["g"]),
     );
-    waiting_batcher(db.url()).await;
+    waiting_batcher(db.url(), "gate").await;
     // Queued behind the gate: two inserts run, then the group waits on `gate2`.
     let gate2 = Gate::close(db.url(), "gate2").await;
     let group = [
@@ -262,7 +266,7 @@ async fn a_connection_killed_mid_transaction_fails_its_whole_group_as_transient(
     settle().await;
     gate.open().await;
     waiting.await.expect("task").expect("the gate's statement");
-    let batcher = waiting_batcher(db.url()).await;
+    let batcher = waiting_batcher(db.url(), "gate2").await;
     let mut killer = connect(db.url()).await;
     let killed: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
         .bind(batcher)
@@ -309,7 +313,7 @@ async fn a_stopped_server_fails_calls_as_transient_until_it_is_back() {
         "SELECT count(*) FROM gate WHERE $1 <> ''",
         json!(["g"]),
     );
-    waiting_batcher(&url).await;
+    waiting_batcher(&url, "gate").await;
     let gate2 = Gate::close(&url, "gate2").await;
     let group = [
         spawn(&handler, INSERT, json!(["g", "b"])),
@@ -323,7 +327,7 @@ async fn a_stopped_server_fails_calls_as_transient_until_it_is_back() {
     settle().await;
     gate.open().await;
     waiting.await.expect("task").expect("the gate's statement");
-    waiting_batcher(&url).await;
+    waiting_batcher(&url, "gate2").await;
     server.kill();
     drop(gate2);
     for task in group {
