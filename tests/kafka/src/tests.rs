@@ -248,7 +248,17 @@ fn a_private_broker_whose_port_was_taken_does_not_start_and_says_why() {
     let broker = private_broker();
     assert_eq!(wire::create_topic(&broker.bootstrap(), "kept", 1), 0);
     broker.kill();
-    let squatter = TcpListener::bind(("127.0.0.1", broker.port())).expect("take the port");
+    // The killed broker's socket may take a moment to be released.
+    let deadline = Instant::now() + std::time::Duration::from_secs(10);
+    let squatter = loop {
+        match TcpListener::bind(("127.0.0.1", broker.port())) {
+            Ok(listener) => break listener,
+            Err(_) if Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            Err(error) => panic!("take the port: {error}"),
+        }
+    };
 
     // It does not move to another port behind its clients' backs, nor take the
     // squatter's connections for its own.
