@@ -100,16 +100,21 @@ pub(crate) fn route(
     if letters.is_empty() {
         ack.ack();
     } else {
-        for letter in &letters {
-            shared.count_dead_letter(letter);
-        }
-        shared.store.write(Write::Changes(crate::store::Changes {
-            instances: Vec::new(),
-            dead_letters: letters,
-            acks: vec![ack],
-        }));
+        keep(shared, letters, ack);
     }
     drop(work);
+}
+
+/// Keeps dead letters of a delivery; its acknowledgement waits until they are durable.
+fn keep(shared: &Shared, letters: Vec<DeadLetter>, ack: Ack) {
+    for letter in &letters {
+        shared.count_dead_letter(letter);
+    }
+    shared.store.write(Write::Changes(crate::store::Changes {
+        instances: Vec::new(),
+        dead_letters: letters,
+        acks: vec![ack],
+    }));
 }
 
 /// A dead letter for an event the router could not take, kept as it came off the bus.
@@ -121,12 +126,7 @@ fn letter(envelope: &Envelope, source: &str, stage: Stage, reason: String) -> De
 /// A message the bus could not read as an envelope: a dead letter, and the delivery
 /// acknowledged once the store has it.
 pub(crate) fn reject(shared: &Shared, letter: DeadLetter, ack: Ack) {
-    shared.count_dead_letter(&letter);
-    shared.store.write(Write::Changes(crate::store::Changes {
-        instances: Vec::new(),
-        dead_letters: vec![letter],
-        acks: vec![ack],
-    }));
+    keep(shared, vec![letter], ack);
 }
 
 /// Takes over the stored instances of newly assigned partitions, before any of

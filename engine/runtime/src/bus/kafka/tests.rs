@@ -80,12 +80,17 @@ async fn delivery(subscription: &mut Subscription) -> crate::bus::Delivery {
     }
 }
 
-fn committed(cluster: &MockCluster<'static, DefaultProducerContext>, group: &str) -> Vec<i64> {
-    let reader: BaseConsumer = ClientConfig::new()
+/// A plain client of the cluster, for reading what the bus wrote as another client.
+fn reader(cluster: &MockCluster<'static, DefaultProducerContext>, group: &str) -> BaseConsumer {
+    ClientConfig::new()
         .set("bootstrap.servers", cluster.bootstrap_servers())
         .set("group.id", group)
         .create()
-        .expect("reader");
+        .expect("reader")
+}
+
+fn committed(cluster: &MockCluster<'static, DefaultProducerContext>, group: &str) -> Vec<i64> {
+    let reader = reader(cluster, group);
     let mut list = TopicPartitionList::new();
     for partition in 0..PARTITIONS as i32 {
         list.add_partition(&format!("dev.{TOPIC}"), partition);
@@ -132,11 +137,7 @@ async fn what_was_published_before_the_group_first_joined_is_delivered_with_onex
     drop(first);
     bus.close().await;
     // As another client reads it: ONEX's headers, and the entity as the key.
-    let reader: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", cluster.bootstrap_servers())
-        .set("group.id", "reader")
-        .create()
-        .expect("reader");
+    let reader = reader(&cluster, "reader");
     let mut list = TopicPartitionList::new();
     list.add_partition_offset(&format!("dev.{TOPIC}"), place.partition, Offset::Beginning)
         .expect("partition");
@@ -375,11 +376,7 @@ async fn a_dead_letter_reaches_the_dead_letter_topic_in_onex_dlq_envelope() {
         original.to_string(),
         None,
     );
-    let reader: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", cluster.bootstrap_servers())
-        .set("group.id", "dlq-reader")
-        .create()
-        .expect("reader");
+    let reader = reader(&cluster, "dlq-reader");
     let mut list = TopicPartitionList::new();
     for partition in 0..PARTITIONS as i32 {
         list.add_partition_offset("dev.onex.dlq.test.v1", partition, Offset::Beginning)
