@@ -1,7 +1,9 @@
 //! `consul`: service catalog entries (register, deregister). Two targets, one contract:
 //! - a Consul agent (`--consul URL` or `CONSUL_HTTP_ADDR`): `PUT /v1/agent/service/register`
 //!   with the rendered `service` definition, `PUT /v1/agent/service/deregister/<id>`, the
-//!   ACL token (`--consul-token` or `CONSUL_HTTP_TOKEN`) in `X-Consul-Token`;
+//!   ACL token (`--consul-token` or `CONSUL_HTTP_TOKEN`) in `X-Consul-Token`, the
+//!   intent's idempotency key in `Idempotency-Key` (the agent ignores it; a proxy or an
+//!   audit log can tell a call run again from a new one by it);
 //! - without an address, the local catalog: a `service_catalog` table in a SQLite file
 //!   of its own (`catalog.db` in the data directory), a stand-in that keeps the same
 //!   service definitions so that the workflow runs on a machine without Consul. It is
@@ -142,7 +144,7 @@ impl Handler for ConsulHandler {
                     let request = client
                         .put(endpoint(address, "v1/agent/service/register"))
                         .json(service);
-                    send(request, token, shown).await
+                    send(request, token, shown, Some(call)).await
                 }
                 (
                     Target::Agent {
@@ -161,7 +163,7 @@ impl Handler for ConsulHandler {
                         address,
                         &format!("v1/agent/service/deregister/{id}"),
                     ));
-                    send(request, token, shown).await
+                    send(request, token, shown, Some(call)).await
                 }
                 (Target::LocalCatalog(db), "register") => {
                     let service = service(call)?;
@@ -237,7 +239,7 @@ impl Handler for ConsulHandler {
                     let request = client
                         .get(endpoint(address, "v1/status/leader"))
                         .timeout(Duration::from_secs(2));
-                    match send(request, token, shown).await {
+                    match send(request, token, shown, None).await {
                         Ok(response)
                             if response["status"]
                                 .as_u64()
@@ -301,14 +303,24 @@ fn service_id(call: &Call) -> Result<String, Failure> {
     }
 }
 
-/// Sends with the ACL token; the runtime judges the status against success codes.
-/// An error names the agent as `shown`: reqwest's own message would quote the URL
-/// with its credentials.
-async fn send(request: reqwest::RequestBuilder, token: &Option<String>, shown: &str) -> Outcome {
-    let request = match token {
-        Some(token) => request.header("X-Consul-Token", token),
-        None => request,
-    };
+/// Sends with the ACL token and the call's idempotency key; the runtime judges the
+/// status against success codes. An error names the agent as `shown`: reqwest's own
+/// message would quote the URL with its credentials.
+async fn send(
+    mut request: reqwest::RequestBuilder,
+    token: &Option<String>,
+    shown: &str,
+    call: Option<&Call>,
+) -> Outcome {
+    if let Some(token) = token {
+        request = request.header("X-Consul-Token", token);
+    }
+    if let Some(call) = call {
+        request = request.header(
+            "Idempotency-Key",
+            crate::idempotency_header(&call.idempotency_key),
+        );
+    }
     let response = request.send().await.map_err(|e| {
         Failure::Transient(format!(
             "consul at {shown} unreachable: {}",

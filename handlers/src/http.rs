@@ -84,7 +84,10 @@ impl Handler for HttpHandler {
                 }
             }
             if !has_idempotency_header {
-                request = request.header("Idempotency-Key", &*call.idempotency_key);
+                request = request.header(
+                    "Idempotency-Key",
+                    crate::idempotency_header(&call.idempotency_key),
+                );
             }
             if let Some(timeout) = config["timeout_ms"].as_u64() {
                 request = request.timeout(Duration::from_millis(timeout));

@@ -63,6 +63,20 @@ pub fn builtin(settings: &Settings, bus: Arc<dyn Bus>) -> Result<Handlers, Strin
     Ok(handlers)
 }
 
+/// A call's idempotency key as an `Idempotency-Key` header value: as it is when it is
+/// visible ASCII, percent-encoded otherwise (the key holds the instance's key, which is
+/// event data and may hold anything, even a line break).
+fn idempotency_header(key: &str) -> reqwest::header::HeaderValue {
+    if key.bytes().all(|b| b.is_ascii_graphic())
+        && let Ok(value) = reqwest::header::HeaderValue::from_str(key)
+    {
+        return value;
+    }
+    let mut encoded = String::with_capacity(key.len() * 3);
+    onex_runtime::url::push_query_value(&mut encoded, key);
+    reqwest::header::HeaderValue::from_str(&encoded).expect("percent-encoded text is ASCII")
+}
+
 #[cfg(test)]
 mod tests {
     use onex_runtime::bus::embedded::EmbeddedBus;
@@ -118,6 +132,17 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Whatever an instance key holds, the header is valid and tells keys apart.
+    #[test]
+    fn an_idempotency_key_is_always_a_valid_header() {
+        assert_eq!(idempotency_header("00ab:node-1:3:0"), "00ab:node-1:3:0");
+        assert_eq!(
+            idempotency_header("00ab:a\r\nb:3:0"),
+            "00ab%3Aa%0D%0Ab%3A3%3A0"
+        );
+        assert_eq!(idempotency_header("00ab:é:3:0"), "00ab%3A%C3%A9%3A3%3A0");
     }
 
     /// `builtin` registers a handler for each descriptor, and only those.

@@ -1,0 +1,472 @@
+//! A stand-in for a Consul agent, for tests: the part of the agent's HTTP API that
+//! `onex`'s `consul` handler and its readiness check use, with the agent's state
+//! behind it, served by wiremock on a loopback port. It is a stand-in, not Consul:
+//! users point `onex --consul` at a real agent.
+//!
+//! What it answers, as the agent does:
+//! - `PUT /v1/agent/service/register`: the service definition kept under its `ID`
+//!   (its `Name` without one), replacing an earlier one; 400 without a `Name`;
+//! - `PUT /v1/agent/service/deregister/<id>`: removed; 404 for an unknown id;
+//! - `GET /v1/agent/services`: every service, by id;
+//! - `GET /v1/agent/health/service/id/<id>`: the aggregated status of its checks
+//!   (200 passing, 429 warning, 503 critical; 404 unknown), set by the test;
+//! - `GET /v1/status/leader`: a leader's address.
+//!
+//! With a token, every call but the leader status needs it in `X-Consul-Token` (403
+//! `ACL not found` otherwise). Every request is kept as [`Received`], so that tests
+//! assert exactly what the agent was asked; failures ([`ConsulStandIn::fail_next`])
+//! and hangs ([`ConsulStandIn::hang`]) can be injected.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate, matchers};
+
+/// One request the stand-in received, as the agent would read it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Received {
+    pub method: String,
+    pub path: String,
+    /// `X-Consul-Token`.
+    pub token: Option<String>,
+    /// `Idempotency-Key`: which step's call this is, so a call run again can be told
+    /// from a new one.
+    pub idempotency_key: Option<String>,
+    /// The body as JSON (`Null` when empty or not JSON).
+    pub body: Value,
+    /// The status it was answered with.
+    pub status: u16,
+}
+
+impl Received {
+    /// The id of the service a registration or deregistration is about.
+    pub fn service_id(&self) -> Option<&str> {
+        match self.path.strip_prefix(DEREGISTER) {
+            Some(id) => Some(id),
+            None => self.body["ID"].as_str().or(self.body["Name"].as_str()),
+        }
+    }
+
+    pub fn is_registration(&self) -> bool {
+        self.method == "PUT" && self.path == REGISTER
+    }
+
+    pub fn is_deregistration(&self) -> bool {
+        self.method == "PUT" && self.path.starts_with(DEREGISTER)
+    }
+}
+
+/// The aggregated status of a service's checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    Passing,
+    Warning,
+    Critical,
+}
+
+impl Health {
+    fn answer(self) -> (u16, &'static str) {
+        match self {
+            Health::Passing => (200, "passing"),
+            Health::Warning => (429, "warning"),
+            Health::Critical => (503, "critical"),
+        }
+    }
+}
+
+const REGISTER: &str = "/v1/agent/service/register";
+const DEREGISTER: &str = "/v1/agent/service/deregister/";
+const HEALTH: &str = "/v1/agent/health/service/id/";
+const LEADER: &str = "/v1/status/leader";
+
+#[derive(Default)]
+struct State {
+    token: Option<String>,
+    /// Registered services by id, as registered.
+    services: BTreeMap<String, Value>,
+    health: BTreeMap<String, Health>,
+    received: Vec<Received>,
+    /// The next this many service calls are answered with this status, unchanged.
+    failing: Option<(usize, u16)>,
+    hang: Option<Duration>,
+}
+
+impl State {
+    fn answer(
+        &mut self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: &Value,
+    ) -> (u16, Value) {
+        if path == LEADER {
+            return (200, json!("127.0.0.1:8300"));
+        }
+        if let Some((left, status)) = &mut self.failing {
+            let status = *status;
+            *left -= 1;
+            if *left == 0 {
+                self.failing = None;
+            }
+            return (status, json!("injected failure"));
+        }
+        if self.token.is_some() && self.token.as_deref() != token {
+            return (403, json!("ACL not found"));
+        }
+        match (method, path) {
+            ("PUT", REGISTER) => match body["Name"].as_str() {
+                Some(name) if !name.is_empty() => {
+                    let id = body["ID"].as_str().unwrap_or(name).to_owned();
+                    self.services.insert(id, body.clone());
+                    (200, Value::Null)
+                }
+                _ => (400, json!("Missing service name")),
+            },
+            ("PUT", _) if path.starts_with(DEREGISTER) => {
+                let id = &path[DEREGISTER.len()..];
+                match self.services.remove(id) {
+                    Some(_) => {
+                        self.health.remove(id);
+                        (200, Value::Null)
+                    }
+                    None => (404, json!(format!("Unknown service ID {id:?}"))),
+                }
+            }
+            ("GET", "/v1/agent/services") => (
+                200,
+                Value::Object(
+                    self.services
+                        .iter()
+                        .map(|(id, service)| (id.clone(), agent_view(id, service)))
+                        .collect(),
+                ),
+            ),
+            ("GET", _) if path.starts_with(HEALTH) => {
+                let id = &path[HEALTH.len()..];
+                match self.services.get(id) {
+                    Some(service) => {
+                        let health = self.health.get(id).copied().unwrap_or(Health::Passing);
+                        let (status, name) = health.answer();
+                        (
+                            status,
+                            json!({"AggregatedStatus": name, "Service": agent_view(id, service), "Checks": []}),
+                        )
+                    }
+                    None => (404, json!(format!("ServiceId {id} not found"))),
+                }
+            }
+            _ => (404, json!("not a call this stand-in knows")),
+        }
+    }
+}
+
+/// A service as the agent lists it (`Service` for the name).
+fn agent_view(id: &str, service: &Value) -> Value {
+    json!({
+        "ID": id,
+        "Service": service["Name"],
+        "Tags": service.get("Tags").cloned().unwrap_or(json!([])),
+        "Meta": service.get("Meta").cloned().unwrap_or(json!({})),
+        "Address": service.get("Address").cloned().unwrap_or(json!("")),
+        "Port": service.get("Port").cloned().unwrap_or(json!(0)),
+    })
+}
+
+struct Agent(Arc<Mutex<State>>);
+
+impl Respond for Agent {
+    fn respond(&self, request: &Request) -> ResponseTemplate {
+        let header = |name: &str| {
+            request
+                .headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let method = request.method.as_str().to_owned();
+        let path = request.url.path().to_owned();
+        let token = header("X-Consul-Token");
+        let body = serde_json::from_slice(&request.body).unwrap_or(Value::Null);
+        let mut state = lock(&self.0);
+        let (status, answer) = state.answer(&method, &path, token.as_deref(), &body);
+        let hang = state.hang;
+        state.received.push(Received {
+            method,
+            path,
+            token,
+            idempotency_key: header("Idempotency-Key"),
+            body,
+            status,
+        });
+        let mut response = ResponseTemplate::new(status);
+        response = match answer {
+            Value::Null => response,
+            Value::String(text) if status >= 400 => response.set_body_string(text),
+            other => response.set_body_json(other),
+        };
+        match hang {
+            Some(delay) => response.set_delay(delay),
+            None => response,
+        }
+    }
+}
+
+/// A poisoned lock means a test already failed; its state is still the best account.
+fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
+    state
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The stand-in agent; stopped when dropped.
+pub struct ConsulStandIn {
+    server: MockServer,
+    state: Arc<Mutex<State>>,
+}
+
+impl ConsulStandIn {
+    /// An agent without ACLs.
+    pub async fn start() -> ConsulStandIn {
+        ConsulStandIn::with_token(None).await
+    }
+
+    /// An agent that wants `token` in every service call, when given.
+    pub async fn with_token(token: Option<&str>) -> ConsulStandIn {
+        let state = Arc::new(Mutex::new(State {
+            token: token.map(str::to_owned),
+            ..State::default()
+        }));
+        let server = MockServer::start().await;
+        Mock::given(matchers::any())
+            .respond_with(Agent(Arc::clone(&state)))
+            .mount(&server)
+            .await;
+        ConsulStandIn { server, state }
+    }
+
+    /// The agent's address, for `--consul`.
+    pub fn uri(&self) -> String {
+        self.server.uri()
+    }
+
+    /// Every request received, in order.
+    pub fn received(&self) -> Vec<Received> {
+        lock(&self.state).received.clone()
+    }
+
+    /// The service registrations received, in order.
+    pub fn registrations(&self) -> Vec<Received> {
+        self.received()
+            .into_iter()
+            .filter(Received::is_registration)
+            .collect()
+    }
+
+    /// The services registered now, by id, as they were registered.
+    pub fn services(&self) -> BTreeMap<String, Value> {
+        lock(&self.state).services.clone()
+    }
+
+    /// Sets the aggregated status of a service's checks.
+    pub fn set_health(&self, id: &str, health: Health) {
+        lock(&self.state).health.insert(id.to_owned(), health);
+    }
+
+    /// The next `count` service calls are answered with `status` and change nothing.
+    pub fn fail_next(&self, count: usize, status: u16) {
+        lock(&self.state).failing = (count > 0).then_some((count, status));
+    }
+
+    /// Every answer from now on waits `delay` (`None`: answers at once again).
+    pub fn hang(&self, delay: Option<Duration>) {
+        lock(&self.state).hang = delay;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn call(
+        client: &reqwest::Client,
+        method: reqwest::Method,
+        url: String,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (u16, String) {
+        let mut request = client.request(method, url);
+        if let Some(token) = token {
+            request = request.header("X-Consul-Token", token);
+        }
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.expect("the stand-in answers");
+        let status = response.status().as_u16();
+        (status, response.text().await.expect("body"))
+    }
+
+    #[tokio::test]
+    async fn registers_lists_checks_and_deregisters_like_the_agent() {
+        let consul = ConsulStandIn::start().await;
+        let client = reqwest::Client::new();
+        let base = consul.uri();
+        let service =
+            json!({"ID": "svc-1", "Name": "svc", "Tags": ["a"], "Address": "10.0.0.1", "Port": 80});
+        let register = format!("{base}{REGISTER}");
+        assert_eq!(
+            call(
+                &client,
+                reqwest::Method::PUT,
+                register.clone(),
+                None,
+                Some(service.clone())
+            )
+            .await
+            .0,
+            200
+        );
+        let (status, listed) = call(
+            &client,
+            reqwest::Method::GET,
+            format!("{base}/v1/agent/services"),
+            None,
+            None,
+        )
+        .await;
+        assert_eq!(status, 200);
+        let listed: Value = serde_json::from_str(&listed).expect("JSON");
+        assert_eq!(listed["svc-1"]["Service"], "svc");
+        assert_eq!(listed["svc-1"]["Port"], 80);
+
+        let health = format!("{base}{HEALTH}svc-1");
+        assert_eq!(
+            call(&client, reqwest::Method::GET, health.clone(), None, None)
+                .await
+                .0,
+            200
+        );
+        consul.set_health("svc-1", Health::Critical);
+        let (status, body) = call(&client, reqwest::Method::GET, health.clone(), None, None).await;
+        assert_eq!((status, body.contains("critical")), (503, true));
+
+        assert_eq!(
+            call(
+                &client,
+                reqwest::Method::PUT,
+                register,
+                None,
+                Some(json!({"ID": "x"}))
+            )
+            .await
+            .0,
+            400,
+            "a service without a name"
+        );
+        let deregister = format!("{base}{DEREGISTER}svc-1");
+        assert_eq!(
+            call(
+                &client,
+                reqwest::Method::PUT,
+                deregister.clone(),
+                None,
+                None
+            )
+            .await
+            .0,
+            200
+        );
+        assert_eq!(
+            call(&client, reqwest::Method::PUT, deregister, None, None)
+                .await
+                .0,
+            404
+        );
+        assert_eq!(
+            call(&client, reqwest::Method::GET, health, None, None)
+                .await
+                .0,
+            404
+        );
+        assert!(consul.services().is_empty());
+
+        let received = consul.received();
+        assert_eq!(received.len(), 8);
+        assert_eq!(received[0].service_id(), Some("svc-1"));
+        assert!(received[0].is_registration());
+        assert_eq!(received[0].body, service);
+        assert_eq!(received[6].service_id(), Some("svc-1"));
+        assert!(received[6].is_deregistration());
+        assert_eq!(consul.registrations().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_token_is_checked_and_failures_and_hangs_are_injected() {
+        let consul = ConsulStandIn::with_token(Some("s3cret")).await;
+        let client = reqwest::Client::new();
+        let register = format!("{}{REGISTER}", consul.uri());
+        let service = json!({"Name": "svc"});
+        let (status, body) = call(
+            &client,
+            reqwest::Method::PUT,
+            register.clone(),
+            Some("wrong"),
+            Some(service.clone()),
+        )
+        .await;
+        assert_eq!((status, body.as_str()), (403, "ACL not found"));
+        let leader = format!("{}{LEADER}", consul.uri());
+        assert_eq!(
+            call(&client, reqwest::Method::GET, leader, None, None).await,
+            (200, "\"127.0.0.1:8300\"".into())
+        );
+
+        consul.fail_next(2, 500);
+        for _ in 0..2 {
+            let (status, _) = call(
+                &client,
+                reqwest::Method::PUT,
+                register.clone(),
+                Some("s3cret"),
+                Some(service.clone()),
+            )
+            .await;
+            assert_eq!(status, 500);
+        }
+        assert!(
+            consul.services().is_empty(),
+            "a failed call changes nothing"
+        );
+        assert_eq!(
+            call(
+                &client,
+                reqwest::Method::PUT,
+                register.clone(),
+                Some("s3cret"),
+                Some(service.clone())
+            )
+            .await
+            .0,
+            200
+        );
+        assert!(
+            consul.services().contains_key("svc"),
+            "registered under its name"
+        );
+
+        consul.hang(Some(Duration::from_secs(5)));
+        let hung = client
+            .put(&register)
+            .header("X-Consul-Token", "s3cret")
+            .json(&service)
+            .timeout(Duration::from_millis(300))
+            .send()
+            .await;
+        assert!(hung.expect_err("no answer within the timeout").is_timeout());
+        consul.hang(None);
+        let statuses: Vec<u16> = consul.received().iter().map(|r| r.status).collect();
+        assert_eq!(statuses, [403, 200, 500, 500, 200, 200]);
+    }
+}
