@@ -14,7 +14,7 @@ use crate::run::Reaper;
 use crate::support::{clean_env, path_str, repo_root};
 
 /// Waits up to `limit` for `condition`.
-fn within(limit: Duration, mut condition: impl FnMut() -> bool) -> bool {
+pub(crate) fn within(limit: Duration, mut condition: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + limit;
     while Instant::now() < deadline {
         if condition() {
@@ -27,7 +27,7 @@ fn within(limit: Duration, mut condition: impl FnMut() -> bool) -> bool {
 
 /// `onex` with its log (JSON lines, info) in `DIR/NAME.log`, read by the tests, and
 /// its summary on stdout.
-fn spawn_logged(dir: &Path, name: &str, args: &[&str]) -> (Reaper, PathBuf) {
+pub(crate) fn spawn_logged(dir: &Path, name: &str, args: &[&str]) -> (Reaper, PathBuf) {
     let log = dir.join(format!("{name}.log"));
     let file = std::fs::File::create(&log).expect("log file");
     let child = clean_env(&mut Command::new(env!("CARGO_BIN_EXE_onex")))
@@ -44,7 +44,7 @@ fn spawn_logged(dir: &Path, name: &str, args: &[&str]) -> (Reaper, PathBuf) {
 
 /// Rows of the nodes `onex nodes` plays (the registries register themselves too);
 /// -1 before the registry has made its table.
-fn played_rows(url: &str) -> i64 {
+pub(crate) fn played_rows(url: &str) -> i64 {
     onex_test_postgres::psql(
         url,
         "SELECT count(*) FROM node_registrations WHERE capabilities->>'demo' = 'true'",
@@ -54,14 +54,14 @@ fn played_rows(url: &str) -> i64 {
     .unwrap_or(-1)
 }
 
-struct Registry<'a> {
-    url: &'a str,
-    kafka: Vec<String>,
-    dir: &'a Path,
+pub(crate) struct Registry<'a> {
+    pub(crate) url: &'a str,
+    pub(crate) kafka: Vec<String>,
+    pub(crate) dir: &'a Path,
 }
 
 impl Registry<'_> {
-    fn spawn(&self, name: &str, extra: &[&str]) -> (Reaper, PathBuf) {
+    pub(crate) fn spawn(&self, name: &str, extra: &[&str]) -> (Reaper, PathBuf) {
         let data = self.dir.join(name);
         let mut args = vec![
             "run",
@@ -80,15 +80,16 @@ impl Registry<'_> {
         spawn_logged(self.dir, name, &args)
     }
 
-    fn nodes(&self, count: usize) -> (Reaper, PathBuf) {
+    pub(crate) fn nodes(&self, count: usize, extra: &[&str]) -> (Reaper, PathBuf) {
         let count = count.to_string();
         let mut args = vec!["nodes", "--contract", "contracts/", "--count", &count];
         args.extend(self.kafka.iter().map(String::as_str));
+        args.extend_from_slice(extra);
         spawn_logged(self.dir, "nodes", &args)
     }
 }
 
-fn kafka_args(bootstrap: &str) -> Vec<String> {
+pub(crate) fn kafka_args(bootstrap: &str) -> Vec<String> {
     vec![
         "--kafka".into(),
         bootstrap.into(),
@@ -114,7 +115,7 @@ fn nodes_in_another_process_register_and_answer_a_restarted_registrys_request() 
         dir: dir.path(),
     };
     let (first, first_log) = registry.spawn("registry", &[]);
-    let (nodes, nodes_log) = registry.nodes(100);
+    let (nodes, nodes_log) = registry.nodes(100, &[]);
     assert!(
         within(Duration::from_secs(90), || played_rows(database.url())
             == 100),
@@ -146,7 +147,7 @@ fn nodes_in_another_process_register_and_answer_a_restarted_registrys_request() 
 }
 
 /// The operations address a runtime's JSON log announces.
-fn endpoints(log: &Path) -> Option<String> {
+pub(crate) fn endpoints(log: &Path) -> Option<String> {
     std::fs::read_to_string(log)
         .unwrap_or_default()
         .lines()
@@ -184,7 +185,7 @@ fn a_broker_outage_holds_the_runtime_which_catches_up_once_the_broker_is_back() 
         "the endpoints are announced"
     );
     let addr = endpoints(&log).expect("address");
-    let (nodes, _) = registry.nodes(NODES as usize);
+    let (nodes, _) = registry.nodes(NODES as usize, &[]);
     assert!(
         within(Duration::from_secs(120), || played_rows(url) == NODES),
         "every node registered before the outage"

@@ -17,6 +17,7 @@ mod purity;
 mod reference;
 mod reference_docs;
 mod run;
+mod scale_out;
 mod scenarios;
 mod settings;
 mod support;

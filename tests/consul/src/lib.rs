@@ -226,6 +226,14 @@ pub struct ConsulStandIn {
     state: Arc<Mutex<State>>,
 }
 
+impl std::fmt::Debug for ConsulStandIn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConsulStandIn")
+            .field("uri", &self.uri())
+            .finish_non_exhaustive()
+    }
+}
+
 impl ConsulStandIn {
     /// An agent without ACLs.
     pub async fn start() -> ConsulStandIn {
