@@ -95,9 +95,6 @@ pub(crate) fn kafka_args(bootstrap: &str) -> Vec<String> {
         bootstrap.into(),
         "--kafka-topic-prefix".into(),
         onex_test_kafka::unique_prefix(),
-        // A runtime killed outright hands its partitions on after this.
-        "--kafka-option".into(),
-        "session.timeout.ms=6000".into(),
     ]
 }
 

@@ -44,6 +44,11 @@ pub enum Incoming {
     /// their steps, make their state durable, forget them, then answer on `done`;
     /// the bus commits and releases the partitions only after that.
     Revoked(Partitions, oneshot::Sender<()>),
+    /// The group went on without this runtime (its session expired): another may own
+    /// these partitions already. Their instances are forgotten as they are, unsaved;
+    /// what they did since their last save is redone by the owner from the committed
+    /// offsets, while saving them now could overwrite that owner's newer state.
+    Lost(Partitions),
     /// A message that is not an envelope: kept as a dead letter, and acknowledged once
     /// that is durable.
     Rejected(DeadLetter, Ack),

@@ -33,7 +33,7 @@ use crate::bus::{Bus, Incoming, Subscriber};
 use crate::driver::effects::EffectRunner;
 use crate::driver::metrics::Metrics;
 use crate::driver::publish::publish_all;
-use crate::driver::router::{hand_back, reject, restore, route, take_over};
+use crate::driver::router::{forget, hand_back, reject, restore, route, take_over};
 use crate::driver::shard::{Message, Shard};
 use crate::driver::shared::RunTimes;
 use crate::driver::shared::Shared;
@@ -214,6 +214,12 @@ pub async fn run(
                     }
                     hand_back(shared, senders, partitions, hand_back_deadline).await;
                     let _ = done.send(());
+                }
+                Incoming::Lost(partitions) => {
+                    if let Ok(mut owned) = shared.owned.lock() {
+                        owned.numbers.retain(|n| !partitions.numbers.contains(n));
+                    }
+                    forget(senders, partitions);
                 }
             }
         }

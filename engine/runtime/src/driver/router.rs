@@ -189,6 +189,14 @@ pub(crate) async fn hand_back(
     tracing::info!(%partitions, "handed the instances of revoked partitions back");
 }
 
+/// Forgets the instances of lost partitions, unsaved (see [`Incoming::Lost`]).
+pub(crate) fn forget(senders: &[mpsc::UnboundedSender<Message>], partitions: Partitions) {
+    let partitions = Arc::new(partitions);
+    for sender in senders {
+        let _ = sender.send(Message::Forget(Arc::clone(&partitions)));
+    }
+}
+
 /// Sends stored instances to their shards to take over, with the message ids a
 /// state file of an earlier version kept beside them.
 pub(crate) fn restore(

@@ -83,6 +83,9 @@ pub enum Message {
         until: Instant,
         done: tokio::sync::oneshot::Sender<()>,
     },
+    /// The instances whose keys fall in these partitions are another runtime's
+    /// already: forget them, unsaved, with their timers.
+    Forget(Arc<Partitions>),
     /// A stored instance to take over at start, with the message ids a state file
     /// of an earlier version kept beside it.
     Restore {
@@ -248,6 +251,10 @@ impl Shard {
                 self.on_breaker_closed(&breaker);
                 None
             }
+            Message::Forget(partitions) => {
+                self.forget(&partitions);
+                None
+            }
         }
     }
 
@@ -320,6 +327,16 @@ impl Shard {
             tracing::debug!(instances = released, partitions = %release.partitions, "instances released");
             let _ = release.done.send(());
         }
+    }
+
+    /// Drops the instances of `partitions` without saving them: their unsaved steps'
+    /// deliveries go unacknowledged, so their next owner takes them again.
+    fn forget(&mut self, partitions: &Partitions) {
+        let forgotten = self.slots.remove_where(|key| partitions.holds(key));
+        self.unsaved.retain(|(_, key)| !partitions.holds(key));
+        self.timers
+            .retain(|Reverse((_, _, key, _))| !partitions.holds(key));
+        tracing::debug!(instances = forgotten, %partitions, "instances of lost partitions forgotten");
     }
 
     /// Marks an instance as changed since it was last saved.

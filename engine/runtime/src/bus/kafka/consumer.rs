@@ -363,9 +363,31 @@ fn backlog(statistics: &rdkafka::Statistics) -> u64 {
     if assigned { total } else { u64::MAX }
 }
 
+impl Context {
+    /// Stops tracking the offsets of partitions given away: their messages, delivered
+    /// again to the next owner, are its to acknowledge.
+    fn forget_offsets(&self, list: &TopicPartitionList) {
+        let given_away: Vec<(Arc<str>, i32)> = list
+            .elements()
+            .iter()
+            .map(|e| (Arc::from(e.topic()), e.partition()))
+            .collect();
+        if let Ok(mut offsets) = self.offsets.lock() {
+            offsets.forget(&given_away);
+        }
+    }
+}
+
 impl ConsumerContext for Context {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
+            Rebalance::Revoke(list) if consumer.assignment_lost() => {
+                let partitions = self.numbers(list);
+                tracing::warn!(%partitions, "Kafka: partitions lost (the group went on without this runtime); forgetting their instances unsaved");
+                let _ = self.out.send(Incoming::Lost(partitions));
+                // No commit: the group's offsets are the next owner's now.
+                self.forget_offsets(list);
+            }
             Rebalance::Revoke(list) => {
                 let partitions = self.numbers(list);
                 tracing::info!(%partitions, "Kafka: partitions revoked; handing their instances back");
@@ -378,14 +400,7 @@ impl ConsumerContext for Context {
                     let _ = handed_back.blocking_recv();
                 }
                 commit_due(consumer, &self.offsets, CommitMode::Sync);
-                let given_away: Vec<(Arc<str>, i32)> = list
-                    .elements()
-                    .iter()
-                    .map(|e| (Arc::from(e.topic()), e.partition()))
-                    .collect();
-                if let Ok(mut offsets) = self.offsets.lock() {
-                    offsets.forget(&given_away);
-                }
+                self.forget_offsets(list);
             }
             Rebalance::Assign(list) => {
                 let partitions = self.numbers(list);

@@ -7,7 +7,9 @@
 //! - A processor ([`Subscriber::Processor`]) is a member of the orchestrator's
 //!   consumer group ([`consumer`]): it is told which partitions, and so which
 //!   instance keys, are its own ([`Incoming::Assigned`]), and gives them back
-//!   ([`Incoming::Revoked`]) only once their state is durable. An offset is committed
+//!   ([`Incoming::Revoked`]) only once their state is durable; partitions the group
+//!   took away while this runtime was unreachable ([`Incoming::Lost`]) are dropped
+//!   unsaved and uncommitted, theirs to redo. An offset is committed
 //!   only once every message before it is acknowledged ([`offsets`]), which the
 //!   runtime does once the state of the steps it caused is in the store.
 //! - A source ([`Subscriber::Source`]: the demo, simulated nodes) reads every

@@ -332,6 +332,38 @@ async fn a_second_member_takes_partitions_only_after_the_first_handed_them_back(
     second.close().await;
 }
 
+/// A member whose session expires (the coordinator unreachable for longer than the
+/// session timeout) is told its partitions are lost, not asked for them back: the
+/// group may have given them to another member already, so their instances are not
+/// the runtime's to save any more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_whose_session_expires_is_told_its_partitions_are_lost() {
+    let cluster = cluster();
+    let mut settings = settings(&cluster, "lost");
+    settings
+        .options
+        .push(("session.timeout.ms".into(), "6000".into()));
+    let bus = connect(settings).await;
+    let mut processor = bus.subscribe(None, Subscriber::Processor);
+    let Incoming::Assigned(all) = next(&mut processor).await else {
+        panic!("assigned everything");
+    };
+    cluster.broker_down(1).expect("down");
+    match next(&mut processor).await {
+        Incoming::Lost(lost) => assert_eq!(lost, all),
+        other => panic!("expected the partitions lost, got {other:?}"),
+    }
+    cluster.broker_up(1).expect("up");
+    loop {
+        match next(&mut processor).await {
+            Incoming::Assigned(again) if again == all => break,
+            Incoming::Assigned(_) => {}
+            other => panic!("expected the partitions again, got {other:?}"),
+        }
+    }
+    bus.close().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_bus_says_when_no_broker_is_reachable_and_when_it_is_back() {
     let cluster = cluster();
