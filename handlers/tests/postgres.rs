@@ -396,3 +396,31 @@ fn port_of(url: &str) -> String {
     let after = url.rsplit_once(':').expect("a port").1;
     after.split('/').next().expect("port").to_owned()
 }
+
+/// Runtimes started together run the same set-up files on one database at once:
+/// each starts, none fails on `CREATE ... IF NOT EXISTS` racing its twin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_up_files_run_by_runtimes_starting_together_all_succeed() {
+    let setup = [onex_runtime::handler::SetupFile {
+        variant: None,
+        path: "contracts/sql/t.sql".into(),
+        text: "CREATE TABLE IF NOT EXISTS t (id TEXT PRIMARY KEY, n BIGINT);\n\
+               CREATE INDEX IF NOT EXISTS t_n ON t (n);\n\
+               CREATE TABLE IF NOT EXISTS u (id TEXT PRIMARY KEY);"
+            .into(),
+    }];
+    let setup = Arc::new(setup);
+    for _round in 0..5 {
+        let database = database();
+        let starting: Vec<JoinHandle<Result<(), String>>> = (0..4)
+            .map(|_| {
+                let handler = DbHandler::postgres(database.url()).expect("a handler");
+                let setup = Arc::clone(&setup);
+                tokio::spawn(async move { handler.prepare(&setup[..]).await })
+            })
+            .collect();
+        for started in starting {
+            started.await.expect("joined").expect("set up");
+        }
+    }
+}

@@ -77,6 +77,13 @@ fn hold_everything<'a>(logs: impl IntoIterator<Item = &'a Path>, count: u32) -> 
     held.len() as u32 == count
 }
 
+/// The last lines of a log, for a failure's message.
+fn tail(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(15)..].join("\n")
+}
+
 /// The node ids `onex nodes` plays, from the registry table.
 fn played_nodes(url: &str) -> BTreeSet<String> {
     rows(
@@ -361,8 +368,13 @@ async fn three_runtimes_share_the_nodes_and_the_survivors_take_over_a_killed_one
             within(Duration::from_secs(120), || runtimes
                 .iter()
                 .all(|(_, log)| holds_some(log))),
-            "all three hold partitions: {:?}",
-            runtimes.iter().map(|(_, log)| assignments(log)).collect::<Vec<_>>()
+            "all three hold partitions: {:?}; the log of one without: {}",
+            runtimes.iter().map(|(_, log)| assignments(log)).collect::<Vec<_>>(),
+            runtimes
+                .iter()
+                .find(|(_, log)| !holds_some(log))
+                .map(|(_, log)| tail(log))
+                .unwrap_or_default()
         );
         let (nodes, _) = registry.nodes(NODES as usize, &["--rate", "400"]);
         assert!(

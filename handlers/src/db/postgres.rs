@@ -43,6 +43,10 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::Params;
 
+/// The advisory lock the set-up files run under ("onexsetu" in ASCII); the state
+/// store's lock is another.
+const SETUP_LOCK: i64 = 0x6f6e_6578_7365_7475;
+
 /// Connections in the pool. With PostgreSQL on the same two cores as onex, four
 /// batchers gave the lower tail at a fixed load of ~10,500 workflow outcomes/s (p99
 /// 38-50 ms against 49-56 ms with eight, and less server CPU per outcome: fewer
@@ -264,24 +268,47 @@ impl Pg {
         })?
     }
 
-    /// Runs set-up SQL files, in order, each as one script.
+    /// Runs set-up SQL files, in order, each as one script, holding an advisory lock:
+    /// runtimes started together (a consumer group's) would otherwise race on
+    /// `CREATE ... IF NOT EXISTS`, which PostgreSQL does not make safe against a
+    /// concurrent twin (a unique violation in its catalog), and one would fail to start.
     pub(crate) async fn prepare(
         &self,
         files: impl Iterator<Item = &SetupFile>,
     ) -> Result<(), String> {
+        let failed = |e: &sqlx::Error| self.failure(e).message().to_owned();
+        // One connection: the lock is its session's, released with it however the
+        // set-up ends.
+        let mut connection = self.pool.acquire().await.map_err(|e| failed(&e))?;
+        sqlx::query("SELECT pg_advisory_lock($1)")
+            .bind(SETUP_LOCK)
+            .execute(&mut *connection)
+            .await
+            .map_err(|e| failed(&e))?;
+        let mut outcome = Ok(());
         for file in files {
-            sqlx::raw_sql(AssertSqlSafe(file.text.clone()))
-                .execute(&self.pool)
+            if let Err(e) = sqlx::raw_sql(AssertSqlSafe(file.text.clone()))
+                .execute(&mut *connection)
                 .await
-                .map_err(|e| {
-                    format!(
-                        "set-up file {}: {}",
-                        file.path.display(),
-                        self.failure(&e).message()
-                    )
-                })?;
+            {
+                outcome = Err(format!(
+                    "set-up file {}: {}",
+                    file.path.display(),
+                    failed(&e)
+                ));
+                break;
+            }
         }
-        Ok(())
+        if sqlx::query("SELECT pg_advisory_unlock($1)")
+            .bind(SETUP_LOCK)
+            .execute(&mut *connection)
+            .await
+            .is_err()
+        {
+            // Still held by this session: close it rather than pool it.
+            connection.detach();
+        }
+        outcome
     }
 
     pub(crate) async fn ready(&self) -> Result<(), String> {
