@@ -64,10 +64,11 @@ pub fn builtin(settings: &Settings, bus: Arc<dyn Bus>) -> Result<Handlers, Strin
 }
 
 /// A call's idempotency key as an `Idempotency-Key` header value: as it is when it is
-/// visible ASCII, percent-encoded otherwise (the key holds the instance's key, which is
-/// event data and may hold anything, even a line break).
+/// visible ASCII without `%`, percent-encoded otherwise (the key holds the instance's
+/// key, which is event data and may hold anything, even a line break; a `%` is encoded
+/// too, so that no key as it is reads like another one encoded).
 fn idempotency_header(key: &str) -> reqwest::header::HeaderValue {
-    if key.bytes().all(|b| b.is_ascii_graphic())
+    if key.bytes().all(|b| b.is_ascii_graphic() && b != b'%')
         && let Ok(value) = reqwest::header::HeaderValue::from_str(key)
     {
         return value;
@@ -143,6 +144,7 @@ mod tests {
             "00ab%3Aa%0D%0Ab%3A3%3A0"
         );
         assert_eq!(idempotency_header("00ab:é:3:0"), "00ab%3A%C3%A9%3A3%3A0");
+        assert_ne!(idempotency_header("a%0Ab"), idempotency_header("a\nb"));
     }
 
     /// `builtin` registers a handler for each descriptor, and only those.

@@ -423,4 +423,23 @@ async fn set_up_files_run_by_runtimes_starting_together_all_succeed() {
             started.await.expect("joined").expect("set up");
         }
     }
+
+    // A set-up that fails lets the next one have the lock.
+    let database = database();
+    let broken = [onex_runtime::handler::SetupFile {
+        variant: None,
+        path: "contracts/sql/broken.sql".into(),
+        text: "CREATE TABLE IF NOT EXIST broken (id TEXT);".into(),
+    }];
+    let first = DbHandler::postgres(database.url()).expect("a handler");
+    let error = first.prepare(&broken).await.expect_err("a syntax error");
+    assert!(
+        error.starts_with("set-up file contracts/sql/broken.sql: "),
+        "{error}"
+    );
+    let second = DbHandler::postgres(database.url()).expect("a handler");
+    tokio::time::timeout(Duration::from_secs(10), second.prepare(&setup[..]))
+        .await
+        .expect("the lock was released")
+        .expect("set up");
 }

@@ -277,38 +277,23 @@ impl Pg {
         files: impl Iterator<Item = &SetupFile>,
     ) -> Result<(), String> {
         let failed = |e: &sqlx::Error| self.failure(e).message().to_owned();
-        // One connection: the lock is its session's, released with it however the
-        // set-up ends.
+        // One connection, closed rather than pooled when done: the lock is its
+        // session's and goes with it, however the set-up ends (an error, a panic, a
+        // cancelled future).
         let mut connection = self.pool.acquire().await.map_err(|e| failed(&e))?;
+        connection.close_on_drop();
         sqlx::query("SELECT pg_advisory_lock($1)")
             .bind(SETUP_LOCK)
             .execute(&mut *connection)
             .await
             .map_err(|e| failed(&e))?;
-        let mut outcome = Ok(());
         for file in files {
-            if let Err(e) = sqlx::raw_sql(AssertSqlSafe(file.text.clone()))
+            sqlx::raw_sql(AssertSqlSafe(file.text.clone()))
                 .execute(&mut *connection)
                 .await
-            {
-                outcome = Err(format!(
-                    "set-up file {}: {}",
-                    file.path.display(),
-                    failed(&e)
-                ));
-                break;
-            }
+                .map_err(|e| format!("set-up file {}: {}", file.path.display(), failed(&e)))?;
         }
-        if sqlx::query("SELECT pg_advisory_unlock($1)")
-            .bind(SETUP_LOCK)
-            .execute(&mut *connection)
-            .await
-            .is_err()
-        {
-            // Still held by this session: close it rather than pool it.
-            connection.detach();
-        }
-        outcome
+        Ok(())
     }
 
     pub(crate) async fn ready(&self) -> Result<(), String> {

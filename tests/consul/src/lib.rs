@@ -1,11 +1,12 @@
-//! A stand-in for a Consul agent, for tests: the part of the agent's HTTP API that
-//! `onex`'s `consul` handler and its readiness check use, with the agent's state
-//! behind it, served by wiremock on a loopback port. It is a stand-in, not Consul:
+//! A stand-in for a Consul agent, for tests: the calls `onex`'s `consul` handler and
+//! its readiness check make, and those a test reads the agent's state back with
+//! (services, a service's health), served by wiremock on a loopback port. It is a stand-in, not Consul:
 //! users point `onex --consul` at a real agent.
 //!
 //! What it answers, as the agent does:
 //! - `PUT /v1/agent/service/register`: the service definition kept under its `ID`
-//!   (its `Name` without one), replacing an earlier one; 400 without a `Name`;
+//!   (its `Name` without one, or with an empty one), replacing an earlier one; 400
+//!   without a `Name`;
 //! - `PUT /v1/agent/service/deregister/<id>`: removed; 404 for an unknown id;
 //! - `GET /v1/agent/services`: every service, by id;
 //! - `GET /v1/agent/health/service/id/<id>`: the aggregated status of its checks
@@ -45,7 +46,7 @@ impl Received {
     pub fn service_id(&self) -> Option<&str> {
         match self.path.strip_prefix(DEREGISTER) {
             Some(id) => Some(id),
-            None => self.body["ID"].as_str().or(self.body["Name"].as_str()),
+            None => registered_id(&self.body),
         }
     }
 
@@ -56,6 +57,15 @@ impl Received {
     pub fn is_deregistration(&self) -> bool {
         self.method == "PUT" && self.path.starts_with(DEREGISTER)
     }
+}
+
+/// The id a registration's body gives its service, as the agent reads it: `ID`, or
+/// `Name` when that is missing or empty.
+fn registered_id(body: &Value) -> Option<&str> {
+    body["ID"]
+        .as_str()
+        .filter(|id| !id.is_empty())
+        .or(body["Name"].as_str())
 }
 
 /// The aggregated status of a service's checks.
@@ -116,10 +126,9 @@ impl State {
             return (403, json!("ACL not found"));
         }
         match (method, path) {
-            ("PUT", REGISTER) => match body["Name"].as_str() {
-                Some(name) if !name.is_empty() => {
-                    let id = body["ID"].as_str().unwrap_or(name).to_owned();
-                    self.services.insert(id, body.clone());
+            ("PUT", REGISTER) => match registered_id(body) {
+                Some(id) if body["Name"].as_str().is_some_and(|n| !n.is_empty()) => {
+                    self.services.insert(id.to_owned(), body.clone());
                     (200, Value::Null)
                 }
                 _ => (400, json!("Missing service name")),
@@ -186,7 +195,10 @@ impl Respond for Agent {
                 .map(str::to_owned)
         };
         let method = request.method.as_str().to_owned();
-        let path = request.url.path().to_owned();
+        // As the agent reads it: a service id in the path is one encoded segment.
+        let path = percent_encoding::percent_decode_str(request.url.path())
+            .decode_utf8_lossy()
+            .into_owned();
         let token = header("X-Consul-Token");
         let body = serde_json::from_slice(&request.body).unwrap_or(Value::Null);
         let mut state = lock(&self.0);
@@ -408,6 +420,42 @@ mod tests {
         assert_eq!(received[6].service_id(), Some("svc-1"));
         assert!(received[6].is_deregistration());
         assert_eq!(consul.registrations().len(), 2);
+    }
+
+    /// An id in a path is read decoded; an empty `ID` means the name, as the agent has it.
+    #[tokio::test]
+    async fn ids_are_read_as_the_agent_reads_them() {
+        let consul = ConsulStandIn::start().await;
+        let client = reqwest::Client::new();
+        let register = format!("{}{REGISTER}", consul.uri());
+        for service in [
+            json!({"ID": "a/b c", "Name": "x"}),
+            json!({"ID": "", "Name": "named"}),
+        ] {
+            assert_eq!(
+                call(
+                    &client,
+                    reqwest::Method::PUT,
+                    register.clone(),
+                    None,
+                    Some(service)
+                )
+                .await
+                .0,
+                200
+            );
+        }
+        let ids: Vec<String> = consul.services().into_keys().collect();
+        assert_eq!(ids, ["a/b c", "named"]);
+        let deregister = format!("{}{DEREGISTER}a%2Fb%20c", consul.uri());
+        assert_eq!(
+            call(&client, reqwest::Method::PUT, deregister, None, None)
+                .await
+                .0,
+            200
+        );
+        assert_eq!(consul.received()[2].service_id(), Some("a/b c"));
+        assert_eq!(consul.services().into_keys().collect::<Vec<_>>(), ["named"]);
     }
 
     #[tokio::test]

@@ -209,16 +209,12 @@ pub async fn run(
                     }
                 }
                 Incoming::Revoked(partitions, done) => {
-                    if let Ok(mut owned) = shared.owned.lock() {
-                        owned.numbers.retain(|n| !partitions.numbers.contains(n));
-                    }
+                    shared.disown(&partitions);
                     hand_back(shared, senders, partitions, hand_back_deadline).await;
                     let _ = done.send(());
                 }
                 Incoming::Lost(partitions) => {
-                    if let Ok(mut owned) = shared.owned.lock() {
-                        owned.numbers.retain(|n| !partitions.numbers.contains(n));
-                    }
+                    shared.disown(&partitions);
                     forget(senders, partitions);
                 }
             }

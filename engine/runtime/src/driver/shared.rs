@@ -39,6 +39,13 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// `partitions` are not this runtime's any more.
+    pub(crate) fn disown(&self, partitions: &crate::bus::Partitions) {
+        if let Ok(mut owned) = self.owned.lock() {
+            owned.numbers.retain(|n| !partitions.numbers.contains(n));
+        }
+    }
+
     /// An outcome reached now, of a workflow run whose first event was published at
     /// `started`.
     pub fn record_latency(&self, reducer: ReducerId, started: Instant) {
