@@ -146,11 +146,19 @@ fn assert_every_service_registered(consul: &ConsulStandIn, played: &BTreeSet<Str
         .map(|node| (node, per_node.get(node.as_str()).copied().unwrap_or(0)))
         .filter(|(_, services)| *services != 1)
         .collect();
+    assert_none(
+        "nodes without exactly one service in the Consul stand-in",
+        &wrong,
+    );
+}
+
+/// Fails naming how many `found` there are and the first few.
+fn assert_none<T: std::fmt::Debug>(what: &str, found: &[T]) {
     assert!(
-        wrong.is_empty(),
-        "{} nodes without exactly one service in the Consul stand-in, among them {:?}",
-        wrong.len(),
-        &wrong[..wrong.len().min(3)]
+        found.is_empty(),
+        "{} {what}, among them {:?}",
+        found.len(),
+        &found[..found.len().min(3)]
     );
 }
 
@@ -284,12 +292,7 @@ async fn a_runtime_joining_mid_load_takes_partitions_and_no_step_runs_twice() {
         .filter(|(_, calls)| calls.len() > 1)
         .map(|(key, calls)| (key, calls.len()))
         .collect();
-    assert!(
-        repeated.is_empty(),
-        "{} steps whose call ran more than once, among them {:?}",
-        repeated.len(),
-        &repeated[..repeated.len().min(3)]
-    );
+    assert_none("steps whose call ran more than once", &repeated);
     eprintln!(
         "graceful join: partitions handed over at {handed_over_at} of {NODES} rows; {} registration steps \
          (the nodes answered the joining runtime's request too), none run twice",

@@ -328,6 +328,33 @@ mod tests {
         (status, response.text().await.expect("body"))
     }
 
+    /// Registers `service` with `token`.
+    async fn register(
+        client: &reqwest::Client,
+        consul: &ConsulStandIn,
+        token: Option<&str>,
+        service: &Value,
+    ) -> (u16, String) {
+        let url = format!("{}{REGISTER}", consul.uri());
+        call(
+            client,
+            reqwest::Method::PUT,
+            url,
+            token,
+            Some(service.clone()),
+        )
+        .await
+    }
+
+    async fn get(client: &reqwest::Client, url: String) -> (u16, String) {
+        call(client, reqwest::Method::GET, url, None, None).await
+    }
+
+    /// A `PUT` without a body (a deregistration), its status.
+    async fn put(client: &reqwest::Client, url: String) -> u16 {
+        call(client, reqwest::Method::PUT, url, None, None).await.0
+    }
+
     #[tokio::test]
     async fn registers_lists_checks_and_deregisters_like_the_agent() {
         let consul = ConsulStandIn::start().await;
@@ -335,81 +362,29 @@ mod tests {
         let base = consul.uri();
         let service =
             json!({"ID": "svc-1", "Name": "svc", "Tags": ["a"], "Address": "10.0.0.1", "Port": 80});
-        let register = format!("{base}{REGISTER}");
-        assert_eq!(
-            call(
-                &client,
-                reqwest::Method::PUT,
-                register.clone(),
-                None,
-                Some(service.clone())
-            )
-            .await
-            .0,
-            200
-        );
-        let (status, listed) = call(
-            &client,
-            reqwest::Method::GET,
-            format!("{base}/v1/agent/services"),
-            None,
-            None,
-        )
-        .await;
+        assert_eq!(register(&client, &consul, None, &service).await.0, 200);
+        let (status, listed) = get(&client, format!("{base}/v1/agent/services")).await;
         assert_eq!(status, 200);
         let listed: Value = serde_json::from_str(&listed).expect("JSON");
         assert_eq!(listed["svc-1"]["Service"], "svc");
         assert_eq!(listed["svc-1"]["Port"], 80);
 
         let health = format!("{base}{HEALTH}svc-1");
-        assert_eq!(
-            call(&client, reqwest::Method::GET, health.clone(), None, None)
-                .await
-                .0,
-            200
-        );
+        assert_eq!(get(&client, health.clone()).await.0, 200);
         consul.set_health("svc-1", Health::Critical);
-        let (status, body) = call(&client, reqwest::Method::GET, health.clone(), None, None).await;
+        let (status, body) = get(&client, health.clone()).await;
         assert_eq!((status, body.contains("critical")), (503, true));
 
+        let nameless = json!({"ID": "x"});
         assert_eq!(
-            call(
-                &client,
-                reqwest::Method::PUT,
-                register,
-                None,
-                Some(json!({"ID": "x"}))
-            )
-            .await
-            .0,
+            register(&client, &consul, None, &nameless).await.0,
             400,
             "a service without a name"
         );
         let deregister = format!("{base}{DEREGISTER}svc-1");
-        assert_eq!(
-            call(
-                &client,
-                reqwest::Method::PUT,
-                deregister.clone(),
-                None,
-                None
-            )
-            .await
-            .0,
-            200
-        );
-        assert_eq!(
-            call(&client, reqwest::Method::PUT, deregister, None, None)
-                .await
-                .0,
-            404
-        );
-        assert_eq!(
-            call(&client, reqwest::Method::GET, health, None, None)
-                .await
-                .0,
-            404
-        );
+        assert_eq!(put(&client, deregister.clone()).await, 200);
+        assert_eq!(put(&client, deregister).await, 404);
+        assert_eq!(get(&client, health).await.0, 404);
         assert!(consul.services().is_empty());
 
         let received = consul.received();
@@ -427,31 +402,16 @@ mod tests {
     async fn ids_are_read_as_the_agent_reads_them() {
         let consul = ConsulStandIn::start().await;
         let client = reqwest::Client::new();
-        let register = format!("{}{REGISTER}", consul.uri());
         for service in [
             json!({"ID": "a/b c", "Name": "x"}),
             json!({"ID": "", "Name": "named"}),
         ] {
-            assert_eq!(
-                call(
-                    &client,
-                    reqwest::Method::PUT,
-                    register.clone(),
-                    None,
-                    Some(service)
-                )
-                .await
-                .0,
-                200
-            );
+            assert_eq!(register(&client, &consul, None, &service).await.0, 200);
         }
         let ids: Vec<String> = consul.services().into_keys().collect();
         assert_eq!(ids, ["a/b c", "named"]);
-        let deregister = format!("{}{DEREGISTER}a%2Fb%20c", consul.uri());
         assert_eq!(
-            call(&client, reqwest::Method::PUT, deregister, None, None)
-                .await
-                .0,
+            put(&client, format!("{}{DEREGISTER}a%2Fb%20c", consul.uri())).await,
             200
         );
         assert_eq!(consul.received()[2].service_id(), Some("a/b c"));
@@ -462,16 +422,8 @@ mod tests {
     async fn a_token_is_checked_and_failures_and_hangs_are_injected() {
         let consul = ConsulStandIn::with_token(Some("s3cret")).await;
         let client = reqwest::Client::new();
-        let register = format!("{}{REGISTER}", consul.uri());
         let service = json!({"Name": "svc"});
-        let (status, body) = call(
-            &client,
-            reqwest::Method::PUT,
-            register.clone(),
-            Some("wrong"),
-            Some(service.clone()),
-        )
-        .await;
+        let (status, body) = register(&client, &consul, Some("wrong"), &service).await;
         assert_eq!((status, body.as_str()), (403, "ACL not found"));
         let leader = format!("{}{LEADER}", consul.uri());
         assert_eq!(
@@ -481,32 +433,15 @@ mod tests {
 
         consul.fail_next(2, 500);
         for _ in 0..2 {
-            let (status, _) = call(
-                &client,
-                reqwest::Method::PUT,
-                register.clone(),
-                Some("s3cret"),
-                Some(service.clone()),
-            )
-            .await;
+            let (status, _) = register(&client, &consul, Some("s3cret"), &service).await;
             assert_eq!(status, 500);
         }
         assert!(
             consul.services().is_empty(),
             "a failed call changes nothing"
         );
-        assert_eq!(
-            call(
-                &client,
-                reqwest::Method::PUT,
-                register.clone(),
-                Some("s3cret"),
-                Some(service.clone())
-            )
-            .await
-            .0,
-            200
-        );
+        let (status, _) = register(&client, &consul, Some("s3cret"), &service).await;
+        assert_eq!(status, 200);
         assert!(
             consul.services().contains_key("svc"),
             "registered under its name"
@@ -514,7 +449,7 @@ mod tests {
 
         consul.hang(Some(Duration::from_secs(5)));
         let hung = client
-            .put(&register)
+            .put(format!("{}{REGISTER}", consul.uri()))
             .header("X-Consul-Token", "s3cret")
             .json(&service)
             .timeout(Duration::from_millis(300))
