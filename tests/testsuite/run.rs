@@ -1209,8 +1209,28 @@ pub(crate) fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+/// Whether the count `sql` gives on `file` reaches `want` within 20 s. A file that
+/// exists may not hold its tables yet (its set-up runs after it is created): an error
+/// is waited out, and one that outlasts the wait is the test's failure.
 pub(crate) fn wait_for(file: &Path, sql: &'static str, want: i64) -> bool {
-    eventually(|| file.exists() && count(file, sql) == want)
+    let mut last_error = None;
+    let reached = eventually(|| match try_query(file, sql) {
+        Ok(rows) => {
+            last_error = None;
+            rows.first()
+                .and_then(|row| row.first())
+                .and_then(Value::as_i64)
+                == Some(want)
+        }
+        Err(e) => {
+            last_error = Some(e);
+            false
+        }
+    });
+    if let Some(e) = last_error.filter(|_| !reached) {
+        panic!("{sql}: {e}");
+    }
+    reached
 }
 
 /// Whether `condition` comes true within 20 s.
