@@ -20,15 +20,38 @@ use crate::kafka::{Registry, kafka_args, played_rows, within};
 use crate::postgres::{count, rows};
 use crate::run::Reaper;
 
-/// The partition sets a runtime's log says it was assigned, in order.
-fn assignments(log: &Path) -> Vec<Partitions> {
+/// What a runtime's log says of its partitions, in order: each assignment, and
+/// `None` where they were revoked or lost.
+fn partition_history(log: &Path) -> Vec<Option<Partitions>> {
     std::fs::read_to_string(log)
         .unwrap_or_default()
         .lines()
         .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .filter(|entry| entry["message"] == "Kafka: partitions assigned")
-        .filter_map(|entry| entry["partitions"].as_str().and_then(parse_partitions))
+        .filter_map(
+            |entry| match entry["message"].as_str().unwrap_or_default() {
+                "Kafka: partitions assigned" => {
+                    Some(entry["partitions"].as_str().and_then(parse_partitions))
+                }
+                m if m.starts_with("Kafka: partitions revoked")
+                    || m.starts_with("Kafka: partitions lost") =>
+                {
+                    Some(None)
+                }
+                _ => None,
+            },
+        )
         .collect()
+}
+
+/// The partition sets a runtime's log says it was assigned, in order.
+fn assignments(log: &Path) -> Vec<Partitions> {
+    partition_history(log).into_iter().flatten().collect()
+}
+
+/// The partitions a runtime's log says it holds now: its last assignment, unless
+/// they were revoked or lost since.
+fn held(log: &Path) -> Option<Partitions> {
+    partition_history(log).pop().flatten()
 }
 
 /// `[0,3] of 6`, as `Partitions` shows itself.
@@ -42,26 +65,6 @@ fn parse_partitions(text: &str) -> Option<Partitions> {
             .map(|n| n.parse().ok())
             .collect::<Option<BTreeSet<u32>>>()?,
     })
-}
-
-/// The partitions a runtime's log says it holds now: its last assignment, unless
-/// they were revoked or lost since.
-fn held(log: &Path) -> Option<Partitions> {
-    let mut held = None;
-    for line in std::fs::read_to_string(log).unwrap_or_default().lines() {
-        let Ok(entry) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue;
-        };
-        let message = entry["message"].as_str().unwrap_or_default();
-        if message == "Kafka: partitions assigned" {
-            held = entry["partitions"].as_str().and_then(parse_partitions);
-        } else if message.starts_with("Kafka: partitions revoked")
-            || message.starts_with("Kafka: partitions lost")
-        {
-            held = None;
-        }
-    }
-    held
 }
 
 fn holds_some(log: &Path) -> bool {
@@ -178,6 +181,24 @@ fn until_quiet(consul: &ConsulStandIn, quiet: Duration) {
     );
 }
 
+/// What each group test starts with: a Consul stand-in, a fresh database and a
+/// directory for the runtimes' data and logs.
+struct Fixture {
+    consul: Arc<ConsulStandIn>,
+    database: onex_test_postgres::TestDatabase,
+    dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    async fn new() -> Fixture {
+        Fixture {
+            consul: Arc::new(ConsulStandIn::start().await),
+            database: fresh_database(),
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+}
+
 /// One group test at a time: each runs several runtimes, nodes and a broker of its
 /// own, and two at once leave tansu too little of the machine to keep sessions alive.
 static ONE_GROUP_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -239,10 +260,12 @@ fn registration_steps(
 async fn a_runtime_joining_mid_load_takes_partitions_and_no_step_runs_twice() {
     let _alone = ONE_GROUP_AT_A_TIME.lock().await;
     const NODES: i64 = 1500;
-    let consul = Arc::new(ConsulStandIn::start().await);
-    let database = fresh_database();
+    let Fixture {
+        consul,
+        database,
+        dir,
+    } = Fixture::new().await;
     let url = database.url().to_owned();
-    let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().to_owned();
     let stand_in = Arc::clone(&consul);
     let handed_over_at = tokio::task::spawn_blocking(move || {
@@ -339,10 +362,12 @@ async fn three_runtimes_share_the_nodes_and_the_survivors_take_over_a_killed_one
     const NODES: i64 = 3000;
     const PARTITIONS: i32 = 6;
     const DEAD_LETTERS: &str = "onex.dlq.scale-out.v1";
-    let consul = Arc::new(ConsulStandIn::start().await);
-    let database = fresh_database();
+    let Fixture {
+        consul,
+        database,
+        dir,
+    } = Fixture::new().await;
     let url = database.url().to_owned();
-    let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().to_owned();
     let stand_in = Arc::clone(&consul);
     let (killed_held, before_fourth, report) = tokio::task::spawn_blocking(move || {
